@@ -1,0 +1,1 @@
+"""Backends that lower a checked spec to PyTorch; installed as `nestc.backends`."""

@@ -1,0 +1,1 @@
+"""The .nest grammar, shipped inside the wheel as `nestc.grammars/nest.lark`."""

@@ -1,0 +1,7 @@
+"""nestc: a compiler for nested-learning models.
+
+Importing this package is cheap: nothing here imports torch. The backends import it when a model
+is built.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from nestc.cli import main
+
+main()

@@ -1,0 +1,215 @@
+"""The `nestc` command line.
+
+Exit codes: 0 clean, 1 diagnostics (errors in a spec), 2 usage (bad flags, missing files),
+3 internal compiler error (a bug in nestc: reported as such, never as a bare traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import click
+
+from nestc import __version__
+from nestc.diagnostics import render_all, to_json
+from nestc.source import SourceMap
+
+EXIT_DIAGNOSTICS = 1
+EXIT_INTERNAL = 3
+
+
+def _use_color(choice: str, stream=None) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    stream = stream or sys.stderr
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+_error_format = click.option("--error-format", type=click.Choice(["human", "json"]), default="human",
+                             show_default=True, help="How diagnostics are printed.")
+_color = click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto",
+                      show_default=True, help="Colour diagnostics.")
+
+
+def _report(diagnostics, sources: SourceMap, error_format: str, color: str) -> None:
+    if not diagnostics:
+        return
+    if error_format == "json":
+        click.echo(to_json(diagnostics), err=True)
+    else:
+        click.echo(render_all(diagnostics, sources, _use_color(color)), err=True)
+
+
+def _analyze(path: str):
+    from nestc.sema import analyze_file
+
+    return analyze_file(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nestc")
+def cli() -> None:
+    """nestc: compile nested-learning specs (.nest) into level graphs and PyTorch models."""
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_error_format
+@_color
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing for files that check clean.")
+def check(files, error_format, color, quiet) -> None:
+    """Check spec FILES and report every problem found."""
+    all_diagnostics = []
+    failed = False
+    for path in files:
+        result = _analyze(path)
+        failed |= not result.ok
+        if error_format == "json":
+            all_diagnostics.extend(result.diagnostics)
+        else:
+            _report(result.diagnostics, result.sources, error_format, color)
+        if result.ok and not quiet and error_format == "human":
+            program = result.program
+            summary = f"{len(program.levels)} level{'s' if len(program.levels) != 1 else ''}"
+            click.echo(f"ok: {path} ({summary})")
+    if error_format == "json":
+        click.echo(to_json(all_diagnostics))
+    sys.exit(EXIT_DIAGNOSTICS if failed else 0)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "json", "mermaid", "png"]), default="text",
+              show_default=True, help="Output format.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to this file (required for png).")
+@_error_format
+@_color
+def graph(file, fmt, output, error_format, color) -> None:
+    """Show the level graph of a spec, levels from slowest to fastest."""
+    from nestc import graph as level_graph
+
+    result = _analyze(file)
+    _report(result.diagnostics, result.sources, error_format, color)
+    if not result.ok:
+        sys.exit(EXIT_DIAGNOSTICS)
+    built = level_graph.build(result.program)
+    if fmt == "png":
+        _write_png(level_graph.to_dot(built), output or os.path.splitext(file)[0] + ".png")
+        return
+    render = {"text": level_graph.to_text, "dot": level_graph.to_dot, "json": level_graph.to_json,
+              "mermaid": level_graph.to_mermaid}[fmt]
+    text = render(built)
+    if output:
+        _write_atomically(output, text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _write_png(dot_text: str, output: str) -> None:
+    dot = shutil.which("dot")
+    if dot is None:
+        raise click.ClickException(
+            "rendering png needs Graphviz's `dot` program, which is not installed.\n"
+            "  install it (Debian/Ubuntu: `apt-get install graphviz`; macOS: `brew install graphviz`),\n"
+            "  or use `--format dot` and render the file elsewhere.")
+    completed = subprocess.run([dot, "-Tpng", "-o", output], input=dot_text.encode(), capture_output=True)
+    if completed.returncode != 0:
+        raise click.ClickException(f"graphviz failed: {completed.stderr.decode(errors='replace').strip()}")
+    click.echo(f"wrote {output}", err=True)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".nestc-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        if os.path.exists(path):
+            shutil.copymode(path, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--check", "check_only", is_flag=True, help="Change nothing; exit 1 if a file is not formatted.")
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the formatted text instead of rewriting files.")
+@_error_format
+@_color
+def fmt(files, check_only, to_stdout, error_format, color) -> None:
+    """Format spec FILES in the canonical style (in place by default)."""
+    from nestc import formatter, syntax
+    from nestc.diagnostics import NestError
+    from nestc.source import SourceFile
+
+    status = 0
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                source = SourceFile(path, handle.read())
+        except (OSError, UnicodeDecodeError) as error:
+            raise click.UsageError(f"cannot read `{path}`: {getattr(error, 'strerror', None) or error}")
+        sources = SourceMap()
+        sources.add(source)
+        try:
+            module = syntax.parse(source)
+        except NestError as error:
+            _report(error.diagnostics, sources, error_format, color)
+            status = EXIT_DIAGNOSTICS
+            continue
+        text = formatter.format_module(module)
+        if to_stdout:
+            click.echo(text, nl=False)
+        elif text != source.text:
+            if check_only:
+                click.echo(f"would reformat {path}", err=True)
+                status = EXIT_DIAGNOSTICS
+            else:
+                _write_atomically(path, text)
+                click.echo(f"reformatted {path}", err=True)
+    sys.exit(status)
+
+
+@cli.command()
+@click.argument("code")
+def explain(code) -> None:
+    """Explain a diagnostic code, e.g. `nestc explain N0110`."""
+    from nestc import errors
+
+    page = errors.page(code)
+    if page is None:
+        raise click.UsageError(f"no diagnostic has the code `{code}`; codes look like N0110 "
+                               f"(known: {', '.join(errors.codes())})")
+    click.echo(page)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001 - a last line of defence against tracebacks
+        click.echo(f"internal compiler error: {type(error).__name__}: {error}\n"
+                   "  this is a bug in nestc, not in your spec; please report it with the spec that caused it",
+                   err=True)
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,223 @@
+"""The level graph: a networkx view over a checked program.
+
+Nodes are the levels, plus `outer` (the training optimizer, the slowest level). Edges say how
+knowledge moves between levels:
+- `data`: the output of one level is (part of) the input of the next in the model's block;
+- `generates`: a level produces another's keys, values, queries or gates (self-modifying Titans);
+- `meta_init`: the outer level learns the initial state (`init meta`);
+- `nested_init`: the next slower level learns it (`init nested`);
+- `pretrained_init`: the initial state is copied from another level;
+- `trains`: the outer level updates the level's parameters (projections, gates, weights);
+- `task_gradient`: the level is updated in-sequence with the gradient of the model's own loss,
+  the signal the outer level also follows (shared gradient flow, CMS levels).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import networkx as nx
+
+from nestc import ir
+from nestc.sema import _block_levels, generated_roles
+
+OUTER = "outer"
+
+
+def build(program: ir.Program) -> nx.MultiDiGraph:
+    graph = nx.MultiDiGraph(name=program.file)
+    train = program.train
+    graph.add_node(OUTER, kind="outer", state="the model's parameters and the optimizer's moments",
+                   objective="task", optimizer=ir.format_value(train.optimizer), frequency="every step",
+                   rate=_outer_rate(train), read="-")
+    for level in program.levels:
+        in_sequence = level.every.tokens != 0
+        graph.add_node(level.name, kind="level", state=ir.format_value(level.state),
+                       objective=ir.format_value(level.objective) if level.objective and in_sequence else "-",
+                       optimizer=(ir.format_value(level.optimizer) if level.optimizer else "closed form")
+                       if in_sequence else "outer only",
+                       frequency=_frequency_text(level.every), rate=_rate(level.every, train),
+                       read=level.read if in_sequence and level.read else "-")
+    for level in program.levels:
+        for generator, roles in generated_roles(level).items():
+            label = ", ".join(sorted(roles))
+            if generator == level.name:
+                graph.add_edge(generator, level.name, kind="generates", label=f"generates own {label}")
+            else:
+                graph.add_edge(generator, level.name, kind="generates", label=f"generates {label}")
+        init = level.init
+        if isinstance(init, ir.Op):
+            if init.name == "meta" and level.every.tokens != 0:
+                graph.add_edge(OUTER, level.name, kind="meta_init", label="learns initial state")
+            elif init.name == "pretrained":
+                graph.add_edge(init.arg("source"), level.name, kind="pretrained_init", label="initial state")
+        if isinstance(level.objective, ir.Op) and level.objective.name == "task" and level.every.tokens != 0:
+            graph.add_edge(OUTER, level.name, kind="task_gradient", label="shares the task gradient")
+        graph.add_edge(OUTER, level.name, kind="trains",
+                       label="trains" if level.every.steps == 1 else f"trains every {ir.format_value(level.every.steps)} steps")
+    if program.model is not None:
+        _data_edges(graph, program.model.block, [])
+    for level in program.levels:
+        if isinstance(level.init, ir.Op) and level.init.name == "nested":
+            slower = _next_slower(graph, level.name)
+            if slower is not None:
+                graph.add_edge(slower, level.name, kind="nested_init", label="learns initial state")
+    return graph
+
+
+def _data_edges(graph: nx.MultiDiGraph, block, upstream: list[str]) -> list[str]:
+    """Add `data` edges along the block; returns the levels whose output leaves the block."""
+    if isinstance(block, ir.UseLevel):
+        for source in upstream:
+            graph.add_edge(source, block.level, kind="data", label="data")
+        return [block.level]
+    if isinstance(block, ir.MemoryAsContext):
+        for source in upstream:
+            graph.add_edge(source, block.memory, kind="data", label="data")
+            graph.add_edge(source, block.attention, kind="data", label="data")
+        graph.add_edge(block.memory, block.attention, kind="data", label="retrieved context")
+        graph.add_edge(block.attention, block.memory, kind="data", label="attention output (next segment)")
+        return [block.attention, block.memory]
+    if isinstance(block, ir.Sequence):
+        current = upstream
+        for item in block.items:
+            produced = _data_edges(graph, item, current)
+            current = produced or current
+        return current
+    if isinstance(block, ir.Residual):
+        return _data_edges(graph, block.body, upstream) + upstream
+    if isinstance(block, (ir.Parallel, ir.Choice)):
+        branches = block.branches if isinstance(block, ir.Parallel) else block.options
+        return [n for branch in branches for n in _data_edges(graph, branch, upstream)]
+    if isinstance(block, ir.Gated):
+        return _data_edges(graph, block.main, upstream) + _data_edges(graph, block.gate, upstream)
+    return []
+
+
+def _frequency_text(every: ir.Frequency) -> str:
+    if every.tokens == 0:
+        return "frozen in-sequence" if every.steps == 1 else f"every {ir.format_value(every.steps)} steps"
+    return f"every {ir.format_value(every.tokens)} tokens" if every.tokens != 1 else "every token"
+
+
+def _outer_rate(train: ir.Train) -> Fraction:
+    """Outer updates per token: one per step of batch x context tokens."""
+    batch = train.batch if isinstance(train.batch, int) else 1
+    context = train.context if isinstance(train.context, int) else 1
+    return Fraction(1, batch * context)
+
+
+def _rate(every: ir.Frequency, train: ir.Train) -> Fraction:
+    """Updates per token, the paper's measure of a level's frequency (choices: the fastest option)."""
+    tokens = [t for t in (every.tokens.options if isinstance(every.tokens, ir.Choice) else (every.tokens,))]
+    steps = [s for s in (every.steps.options if isinstance(every.steps, ir.Choice) else (every.steps,))]
+    if all(isinstance(t, int) for t in tokens) and max(tokens) > 0:
+        return Fraction(1, min(t for t in tokens if t > 0))
+    step = min(s for s in steps if isinstance(s, int)) if any(isinstance(s, int) for s in steps) else 1
+    return _outer_rate(train) / step
+
+
+def frequency_order(graph: nx.MultiDiGraph) -> list[str]:
+    """Levels from slowest to fastest; ties broken by dependency (upstream first), then by name."""
+    dependency = nx.DiGraph()
+    dependency.add_nodes_from(graph.nodes)
+    dependency.add_edges_from((s, t) for s, t in graph.edges() if s != t)
+    condensed = nx.condensation(dependency)
+    position = {}
+    for index, component in enumerate(nx.lexicographical_topological_sort(
+            condensed, key=lambda c: min(condensed.nodes[c]["members"]))):
+        for member in condensed.nodes[component]["members"]:
+            position[member] = index
+    return sorted(graph.nodes, key=lambda n: (graph.nodes[n]["rate"], position[n], n))
+
+
+def _next_slower(graph: nx.MultiDiGraph, name: str) -> str | None:
+    order = frequency_order(graph)
+    index = order.index(name)
+    rate = graph.nodes[name]["rate"]
+    slower = [n for n in order[:index] if graph.nodes[n]["rate"] < rate and n != OUTER]
+    return slower[-1] if slower else OUTER
+
+
+# --- renderings ----------------------------------------------------------------------------------
+
+def to_text(graph: nx.MultiDiGraph) -> str:
+    order = frequency_order(graph)
+    width = max(len(n) for n in order)
+    lines = [f"level graph of {graph.graph['name']} (slowest first)", ""]
+    for name in order:
+        node = graph.nodes[name]
+        rate = node["rate"]
+        lines.append(f"  {name:<{width}}  {node['frequency']:<20} state {node['state']}")
+        details = f"optimizer {node['optimizer']}"
+        if node["objective"] != "-":
+            details = f"objective {node['objective']}, " + details
+        if node["read"] != "-":
+            details += f", read {node['read']}"
+        lines.append(f"  {'':<{width}}  {'':<20} {details}  [{_rate_text(rate)}]")
+    lines += ["", "edges:"]
+    for source, target, data in _sorted_edges(graph):
+        lines.append(f"  {source} -> {target}: {data['label']}")
+    return "\n".join(lines) + "\n"
+
+
+def _rate_text(rate: Fraction) -> str:
+    if rate == 0:
+        return "0 updates/token"
+    if rate.numerator == 1:
+        return f"1 update / {rate.denominator} tokens" if rate.denominator != 1 else "1 update/token"
+    return f"{float(rate):.3g} updates/token"
+
+
+def _sorted_edges(graph: nx.MultiDiGraph):
+    kinds = ["generates", "data", "meta_init", "nested_init", "pretrained_init", "task_gradient", "trains"]
+    return sorted(graph.edges(data=True), key=lambda e: (kinds.index(e[2]["kind"]), e[0], e[1], e[2]["label"]))
+
+
+def _dot_id(name: str) -> str:
+    return '"' + name.replace('"', '\\"') + '"'
+
+
+_DOT_STYLES = {
+    "data": 'color="black"', "generates": 'color="firebrick", penwidth=2', "meta_init": 'color="royalblue", style=dashed',
+    "nested_init": 'color="royalblue", style=dashed', "pretrained_init": 'color="gray40", style=dashed',
+    "task_gradient": 'color="darkgreen", style=dotted', "trains": 'color="gray70", style=dotted',
+}
+
+
+def to_dot(graph: nx.MultiDiGraph) -> str:
+    lines = [f"digraph {_dot_id(graph.graph['name'])} {{", "  rankdir=TB;", '  node [shape=box, fontname="Helvetica"];']
+    for name in frequency_order(graph):
+        node = graph.nodes[name]
+        label = f"{name}\\n{node['state']}\\n{node['frequency']}"
+        shape = ', shape=doubleoctagon' if name == OUTER else ""
+        lines.append(f'  {_dot_id(name)} [label="{label}"{shape}];')
+    for source, target, data in _sorted_edges(graph):
+        lines.append(f'  {_dot_id(source)} -> {_dot_id(target)} [label="{data["label"]}", {_DOT_STYLES[data["kind"]]}];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_mermaid(graph: nx.MultiDiGraph) -> str:
+    lines = ["flowchart TB"]
+    ids = {name: f"n{index}" for index, name in enumerate(frequency_order(graph))}
+    for name, node_id in ids.items():
+        node = graph.nodes[name]
+        lines.append(f'  {node_id}["{name}<br/>{node["state"]}<br/>{node["frequency"]}"]')
+    arrows = {"data": "-->", "generates": "==>", "trains": "-.->", "task_gradient": "-.->"}
+    for source, target, data in _sorted_edges(graph):
+        lines.append(f'  {ids[source]} {arrows.get(data["kind"], "-.->")}|{data["label"]}| {ids[target]}')
+    return "\n".join(lines) + "\n"
+
+
+def to_json(graph: nx.MultiDiGraph) -> str:
+    order = frequency_order(graph)
+    nodes = []
+    for name in order:
+        node = dict(graph.nodes[name])
+        rate = node.pop("rate")
+        node["updates_per_token"] = str(rate)
+        nodes.append({"id": name, **node})
+    edges = [{"source": s, "target": t, "kind": d["kind"], "label": d["label"]} for s, t, d in _sorted_edges(graph)]
+    return json.dumps({"name": graph.graph["name"], "order": order, "nodes": nodes, "edges": edges}, indent=2) + "\n"

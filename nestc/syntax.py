@@ -1,0 +1,462 @@
+"""Text -> AST. The only module that imports lark.
+
+Lark's exceptions never escape: every syntax error becomes a `Diagnostic` with the expected
+tokens named in words, and the most common mistakes get a message of their own.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from typing import Iterator
+
+import lark
+from lark import Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from nestc import ast
+from nestc.diagnostics import Diagnostic, NestError
+from nestc.source import SourceFile, Span
+
+# Tokens after which a newline never ends a field, and the brackets inside which newlines vanish.
+_CONTINUES_LINE = {"_PIPE", "COMMA", "EQUAL", "LBRACE", "PLUS", "MINUS", "STAR", "SLASH", "COLON"}
+_OPENERS = {"LPAR", "LSQB"}
+_CLOSERS = {"RPAR", "RSQB"}
+
+
+def grammar_text() -> str:
+    return resources.files("nestc.grammars").joinpath("nest.lark").read_text(encoding="utf-8")
+
+
+class _NewlinePostLexer:
+    """Makes newlines significant only where they can end a field or an item.
+
+    It never holds a token back: lark's contextual lexer lexes each token in the parser state the
+    previous one left, so a buffering post-lexer would lex in the wrong state.
+    """
+
+    always_accept = ("_NL",)
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        depth = 0
+        previous: Token | None = None
+        for token in stream:
+            if token.type == "_NL" and (
+                depth > 0 or previous is None or previous.type in _CONTINUES_LINE or previous.type == "_NL"
+            ):
+                continue
+            if token.type in _OPENERS:
+                depth += 1
+            elif token.type in _CLOSERS:
+                depth = max(depth - 1, 0)
+            previous = token
+            yield token
+
+
+@lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    return lark.Lark(
+        grammar_text(),
+        parser="lalr",
+        lexer="contextual",
+        strict=True,
+        propagate_positions=True,
+        maybe_placeholders=True,
+        postlex=_NewlinePostLexer(),
+    )
+
+
+def _span(file: str, meta_or_token) -> Span:
+    return Span(file, meta_or_token.line, meta_or_token.column, meta_or_token.end_line, meta_or_token.end_column)
+
+
+def _number(text: str) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)
+    return int(text)
+
+
+def _unquote(token: Token) -> str:
+    return bytes(token[1:-1], "utf-8").decode("unicode_escape")
+
+
+class _Builder(Transformer):
+    """Lark parse tree -> frozen AST nodes with spans."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _s(self, meta_or_token) -> Span:
+        return _span(self.file, meta_or_token)
+
+    @v_args(meta=True)
+    def start(self, meta, items):
+        return tuple(i for i in items if i is not None)
+
+    @v_args(meta=True)
+    def import_stmt(self, meta, children):
+        (path,) = children
+        return ast.Import(path=_unquote(path), path_span=self._s(path), span=self._s(meta))
+
+    @v_args(meta=True)
+    def const_def(self, meta, children):
+        name, value = children
+        return ast.ConstDef(name=str(name), value=value, name_span=self._s(name), span=self._s(meta))
+
+    @v_args(meta=True)
+    def level_def(self, meta, children):
+        name, state, body = children
+        return ast.LevelDef(
+            name=str(name), state=state, base=None, fields=body or (), has_body=body is not None,
+            name_span=self._s(name), span=self._s(meta),
+        )
+
+    @v_args(meta=True)
+    def level_extends(self, meta, children):
+        name, base, body = children
+        return ast.LevelDef(
+            name=str(name), state=None, base=str(base), fields=body or (), has_body=body is not None,
+            name_span=self._s(name), base_span=self._s(base), span=self._s(meta),
+        )
+
+    @v_args(meta=True)
+    def block_def(self, meta, children):
+        name, value = children
+        return ast.BlockDef(name=str(name), value=value, name_span=self._s(name), span=self._s(meta))
+
+    @v_args(meta=True)
+    def section(self, meta, children):
+        name, body = children
+        return ast.Section(name=str(name), fields=body, name_span=self._s(name), span=self._s(meta))
+
+    def body(self, children):
+        return tuple(c for c in children if c is not None)
+
+    @v_args(meta=True)
+    def assign(self, meta, children):
+        key, value = children
+        return ast.Field(key=str(key), value=value, assign=True, key_span=self._s(key), span=self._s(meta))
+
+    @v_args(meta=True)
+    def setting(self, meta, children):
+        key, value, unit = children
+        return ast.Field(
+            key=str(key), value=value, unit=str(unit) if unit is not None else None,
+            key_span=self._s(key), unit_span=self._s(unit) if unit is not None else None, span=self._s(meta),
+        )
+
+    @v_args(meta=True)
+    def flag(self, meta, children):
+        (key,) = children
+        return ast.Field(key=str(key), value=None, key_span=self._s(key), span=self._s(meta))
+
+    @v_args(meta=True)
+    def pipe(self, meta, children):
+        left, right = children
+        stages = left.stages if isinstance(left, ast.Pipe) else (left,)
+        return ast.Pipe(stages=stages + (right,), span=self._s(meta))
+
+    def _binop(op):  # noqa: N805 - a small factory used only while the class body runs
+        @v_args(meta=True)
+        def build(self, meta, children):
+            left, right = children
+            return ast.BinOp(op=op, left=left, right=right, span=self._s(meta))
+
+        return build
+
+    add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        (operand,) = children
+        if isinstance(operand, ast.Number):
+            return ast.Number(value=-operand.value, text="-" + operand.text, span=self._s(meta))
+        return ast.Neg(operand=operand, span=self._s(meta))
+
+    def number(self, children):
+        (token,) = children
+        return ast.Number(value=_number(token), text=str(token), span=self._s(token))
+
+    def string(self, children):
+        (token,) = children
+        return ast.String(value=_unquote(token), span=self._s(token))
+
+    def name(self, children):
+        (token,) = children
+        return ast.Name(id=str(token), span=self._s(token))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        func, args = children
+        return ast.Call(func=str(func), args=args or (), func_span=self._s(func), span=self._s(meta))
+
+    def args(self, children):
+        return tuple(
+            c if isinstance(c, ast.Arg) else ast.Arg(name=None, value=c, span=c.span)
+            for c in children
+            if c is not None
+        )
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        name, value = children
+        return ast.Arg(name=str(name), value=value, name_span=self._s(name), span=self._s(meta))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return ast.ListExpr(items=tuple(c for c in children if c is not None), span=self._s(meta))
+
+
+def parse(source: SourceFile) -> ast.Module:
+    """Parse one file. Raises `NestError` with a single syntax diagnostic on bad input."""
+    try:
+        tree = _parser().parse(source.text)
+        items = _Builder(source.name).transform(tree)
+    except UnexpectedInput as error:
+        raise NestError([syntax_diagnostic(error, source)]) from None
+    except VisitError as error:  # a bug in the builder, not in the user's input
+        raise error.orig_exc from None
+    return ast.Module(file=source.name, items=items, comments=tuple(_scan_comments(source.text)))
+
+
+def _scan_comments(text: str) -> list[ast.Comment]:
+    """Comments the tree drops but the formatter must keep; a `#` inside a string is not one."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        in_string = False
+        escaped = False
+        for index, char in enumerate(line):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char == "#":
+                found.append(ast.Comment(text=line[index:].rstrip(), line=number, column=index + 1))
+                break
+    return found
+
+
+# --- syntax errors -------------------------------------------------------------------------------
+
+_TOKEN_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "_NL": "a new line",
+    "$END": "end of input",
+    "_PIPE": "`|>`",
+    "LPAR": "`(`",
+    "RPAR": "`)`",
+    "LSQB": "`[`",
+    "RSQB": "`]`",
+    "LBRACE": "`{`",
+    "RBRACE": "`}`",
+    "COMMA": "`,`",
+    "COLON": "`:`",
+    "EQUAL": "`=`",
+    "PLUS": "`+`",
+    "MINUS": "`-`",
+    "STAR": "`*`",
+    "SLASH": "`/`",
+    "IMPORT": "`import`",
+    "CONST": "`const`",
+    "LEVEL": "`level`",
+    "BLOCK": "`block`",
+    "EXTENDS": "`extends`",
+}
+
+_EXPRESSION_STARTS = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS"}
+
+
+def _describe_expected(expected: set[str]) -> str:
+    expected = set(expected)
+    words = []
+    if _EXPRESSION_STARTS <= expected:
+        words.append("a value")
+        expected -= _EXPRESSION_STARTS
+    operators = {"PLUS", "MINUS", "STAR", "SLASH"}
+    if operators & expected and "_PIPE" in expected:
+        expected -= operators
+        words.append("an operator")
+    for name in sorted(expected, key=lambda n: (n not in _TOKEN_WORDS, _TOKEN_WORDS.get(n, n))):
+        words.append(_TOKEN_WORDS.get(name, name))
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _describe_token(token: Token) -> str:
+    if token.type == "$END":
+        return "end of input"
+    if token.type == "_NL":
+        return "end of line" if token.value != ";" else "`;`"
+    if token.type in ("NAME", "NUMBER", "STRING"):
+        return f"{_TOKEN_WORDS[token.type][2:] if token.type != 'NAME' else 'name'} `{token.value}`"
+    return f"`{token.value}`"
+
+
+def _token_span(file: str, token: Token, source: SourceFile) -> Span:
+    if token.type == "$END" or getattr(token, "line", None) is None:
+        return source.end_span()
+    if token.type == "_NL":
+        if token.value == ";":
+            return Span(file, token.line, token.column, token.line, token.column + 1)
+        # Point at the end of the line the newline terminates, where the missing piece belongs.
+        column = len(source.line(token.line)) + 1
+        return Span(file, token.line, column, token.line, column + 1)
+    end_line = token.end_line or token.line
+    end_column = token.end_column or token.column + len(token.value)
+    return Span(file, token.line, token.column, end_line, end_column)
+
+
+def syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
+    """Turn a lark error into a diagnostic; tailored messages for the usual mistakes."""
+    file = source.name
+    if isinstance(error, UnexpectedCharacters):
+        line_text = source.line(error.line)
+        char = line_text[error.column - 1] if 0 < error.column <= len(line_text) else "?"
+        span = Span(file, error.line, error.column, error.line, error.column + 1)
+        rest = line_text[error.column - 1:]
+        if rest.startswith("//"):
+            return Diagnostic(code="N0007", message="comments start with `#`", span=span,
+                              label="not a comment", help="write `# ...` instead of `// ...`")
+        if char == '"':
+            return Diagnostic(code="N0003", message="unterminated string", span=span,
+                              label="string starts here", help='close the string with `"` on the same line')
+        if rest.startswith("->") or rest.startswith(">>") or rest.startswith("|"):
+            return Diagnostic(code="N0004", message="pipelines are written with `|>`", span=span,
+                              label="not an operator of the language", help="write `x |> proj |> silu`")
+        if char in ":" and error.allowed and "EQUAL" in error.allowed:
+            return _colon_for_equals(span)
+        expected = _describe_expected(error.allowed or set())
+        return Diagnostic(code="N0001", message=f"unexpected character `{char}`", span=span,
+                          label=f"expected {expected}" if error.allowed else "not part of the language")
+    if isinstance(error, UnexpectedEOF):
+        span = source.end_span()
+        return Diagnostic(code="N0002", message="unexpected end of input", span=span,
+                          label=f"expected {_describe_expected(set(error.expected))}",
+                          help=_unclosed_help(source))
+    assert isinstance(error, UnexpectedToken)
+    token = error.token
+    span = _token_span(file, token, source)
+    expected = set(error.expected)
+    tailored = _tailored(token, expected, error, source, span)
+    if tailored is not None:
+        return tailored
+    if token.type == "$END":
+        return Diagnostic(code="N0002", message="unexpected end of input", span=span,
+                          label=f"expected {_describe_expected(expected)}", help=_unclosed_help(source))
+    return Diagnostic(code="N0001", message=f"unexpected {_describe_token(token)}", span=span,
+                      label=f"expected {_describe_expected(expected)}")
+
+
+def _colon_for_equals(span: Span) -> Diagnostic:
+    return Diagnostic(code="N0005", message="named arguments are written `name=value`", span=span,
+                      label="`:` is not used here", help="write `mlp(depth=2)`, not `mlp(depth: 2)`")
+
+
+def _unclosed_help(source: SourceFile) -> str | None:
+    stripped = _strip_strings_and_comments(source.text)
+    for opener, closer, word in (("{", "}", "brace"), ("(", ")", "parenthesis"), ("[", "]", "bracket")):
+        if stripped.count(opener) > stripped.count(closer):
+            return f"a `{opener}` is never closed: add the matching `{closer}` ({word})"
+    return None
+
+
+def _strip_strings_and_comments(text: str) -> str:
+    out = []
+    for line in text.splitlines():
+        in_string = False
+        for char in line:
+            if char == '"':
+                in_string = not in_string
+            elif char == "#" and not in_string:
+                break
+            elif not in_string:
+                out.append(char)
+        out.append("\n")
+    return "".join(out)
+
+
+_MISPLACED_KEYWORDS = {
+    "let": "const", "var": "const", "def": "const", "val": "const",
+    "layer": "level", "memory": "level", "lvl": "level",
+    "include": "import", "from": "import", "using": "import",
+}
+
+
+def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: SourceFile,
+              span: Span) -> Diagnostic | None:
+    value = token.value
+    previous = _previous_token(error)
+    # 1. `mlp(depth: 2)` or `lr: 0.1` (YAML habits)
+    if token.type == "COLON":
+        if "EQUAL" in expected or "RPAR" in expected or "COMMA" in expected:
+            return _colon_for_equals(span)
+        return Diagnostic(code="N0005", message="fields are written `name value` or `name = value`", span=span,
+                          label="`:` is not used here", help="write `dim 128` or `key = x |> proj`")
+    # 2. `level mem { ... }` without a state
+    if token.type == "LBRACE" and "COLON" in expected and previous is not None:
+        return Diagnostic(code="N0006", message="a level needs a state", span=span,
+                          label="expected `: STATE` before the body",
+                          help="write `level mem : matrix { ... }` (states: matrix, vector, mlp(...), cache(...))")
+    # 3. `let x = 3`, `layer foo : matrix`, `include "x.nest"` at the top level
+    if token.type == "NAME" and value in _MISPLACED_KEYWORDS and "IMPORT" in expected:
+        keyword = _MISPLACED_KEYWORDS[value]
+        return Diagnostic(code="N0008", message=f"`{value}` is not a keyword of the language", span=span,
+                          label=f"did you mean `{keyword}`?",
+                          help="top-level items start with `import`, `const`, `level`, `block`, or a section name")
+    # 4. `import lib/titans.nest` without quotes
+    if "STRING" in expected and previous is not None and previous.type == "IMPORT":
+        return Diagnostic(code="N0009", message="import paths are strings", span=span,
+                          label="expected a quoted path", help='write `import "lib/titans.nest"`')
+    # 5. `vocab 256, dim 128` inside a body
+    if token.type == "COMMA" and "_NL" in expected:
+        return Diagnostic(code="N0010", message="fields are separated by new lines or `;`, not `,`", span=span,
+                          label="unexpected `,`", help="put each field on its own line, or write `vocab 256; dim 128`")
+    # 6. `==` or `:=`
+    if token.type == "EQUAL" and previous is not None and previous.type in ("EQUAL", "COLON"):
+        return Diagnostic(code="N0011", message="assignment is a single `=`", span=span,
+                          label="unexpected `=`", help="write `key = x |> proj`")
+    # 7. a field that ran onto the next one: `dim 128 heads 4`
+    if token.type == "NAME" and "_NL" in expected and "RBRACE" in expected and previous is not None \
+            and previous.type == "NAME":
+        return Diagnostic(code="N0010", message="fields are separated by new lines or `;`", span=span,
+                          label="this looks like the start of another field",
+                          help=f"put `{value}` on a new line, or separate the fields with `;`")
+    # 8. missing `}` at the end of the file, or a `}` too many
+    if token.type == "$END" and "RBRACE" in expected:
+        return Diagnostic(code="N0012", message="unclosed body: expected `}`", span=span,
+                          label="the file ends here", help=_unclosed_help(source) or "add the closing `}`")
+    if token.type == "RBRACE" and "RBRACE" not in expected:
+        return Diagnostic(code="N0013", message="unmatched `}`", span=span, label="no body is open here",
+                          help="remove this `}` or add the `{` it closes")
+    # 9. a missing `)`: the line ended inside a call
+    if token.type == "_NL" and "RPAR" in expected and "_NL" not in expected:
+        return Diagnostic(code="N0014", message="unclosed parenthesis", span=span, label="expected `)`",
+                          help="close the call with `)` before the end of the line")
+    # 10. a missing value: `key =` or `every` at the end of a line
+    if token.type in ("_NL", "RBRACE") and _EXPRESSION_STARTS <= expected:
+        return Diagnostic(code="N0015", message="missing value", span=span, label="expected a value here",
+                          help="every field needs a value, e.g. `every 16` or `key = x |> proj`")
+    return None
+
+
+def _previous_token(error: UnexpectedToken) -> Token | None:
+    parser_state = getattr(error, "interactive_parser", None)
+    if parser_state is None:
+        return None
+    stack = parser_state.parser_state.value_stack
+    for item in reversed(stack):
+        if isinstance(item, Token):
+            return item
+        return None
+    return None

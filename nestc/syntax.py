@@ -6,6 +6,7 @@ tokens named in words, and the most common mistakes get a message of their own.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Iterator
@@ -76,8 +77,12 @@ def _number(text: str) -> int | float:
     return int(text)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"'}
+
+
 def _unquote(token: Token) -> str:
-    return bytes(token[1:-1], "utf-8").decode("unicode_escape")
+    """The value of a string literal; `\\n`, `\\t`, `\\\\` and `\\"` are its only escapes."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), token[1:-1])
 
 
 class _Builder(Transformer):

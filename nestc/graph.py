@@ -157,8 +157,11 @@ def to_text(graph: nx.MultiDiGraph) -> str:
             details += f", read {node['read']}"
         lines.append(f"  {'':<{width}}  {'':<20} {details}  [{_rate_text(rate)}]")
     lines += ["", "edges:"]
+    grouped: dict[tuple[str, str], list[str]] = {}
     for source, target, data in _sorted_edges(graph):
-        lines.append(f"  {source} -> {target}: {data['label']}")
+        grouped.setdefault((source, data["label"]), []).append(target)
+    for (source, label), targets in grouped.items():
+        lines.append(f"  {source} -> {', '.join(targets)}: {label}")
     return "\n".join(lines) + "\n"
 
 

@@ -94,6 +94,7 @@ class _Analyzer:
         self._levels: dict[str, ir.Level | _Invalid] = {}
         self._level_stack: list[str] = []
         self._current_level: str | None = None
+        self._context: int | None = None
         self._extended: set[str] = set()
 
     # --- reporting -------------------------------------------------------------------------------
@@ -119,7 +120,8 @@ class _Analyzer:
             if isinstance(section, ast.Section):
                 self._add_section(section)
         program = self._build_program()
-        self.diagnostics.sort(key=self._position)
+        # A level extended several times re-reports its own mistakes once per child: keep one.
+        self.diagnostics = sorted(dict.fromkeys(self.diagnostics), key=self._position)
         if any(d.is_error for d in self.diagnostics):
             return None
         return program
@@ -265,11 +267,9 @@ class _Analyzer:
             options = args["*"]
             if not options:
                 return self.error("N0119", "a choice needs at least one option", call.span, label="empty choice")
+            # Each option is checked against the field's type, so options of the wrong kind are
+            # reported one by one, each at its own span.
             values = [self.value(option, param, what) for option in options]
-            kinds = {_value_kind(v) for v in values if v is not INVALID}
-            if len(kinds) > 1:
-                self.error("N0119", f"the options of this choice have different types ({', '.join(sorted(kinds))})",
-                           call.span, label="mixed types", help="all options of a choice must be the same kind of value")
             if INVALID in values:
                 return INVALID
             return ir.Choice(options=tuple(values), name=name, span=call.span)
@@ -709,7 +709,7 @@ class _Analyzer:
         own = self._fields(node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
         return state, {**fields, **own}
 
-    def level(self, name: str, context: int | None):
+    def level(self, name: str):
         if name in self._levels:
             return self._levels[name]
         self._levels[name] = INVALID  # guards against re-entry while this level is built
@@ -718,11 +718,11 @@ class _Analyzer:
             return INVALID
         state_expr, fields = resolved
         node: ast.LevelDef = self.definitions[name].node
-        self._current_level = name
+        enclosing, self._current_level = self._current_level, name
         try:
-            level = self._build_level(name, node, state_expr, fields, context)
+            level = self._build_level(name, node, state_expr, fields, self._context)
         finally:
-            self._current_level = None
+            self._current_level = enclosing
         self._levels[name] = level
         return level
 
@@ -893,7 +893,7 @@ class _Analyzer:
         if source == name:
             self.error("N0124", f"level `{name}` cannot be initialised from itself", init_field.value.span)
             return
-        other = self.level(source, None)
+        other = self.level(source)
         if other is not INVALID and isinstance(state, ir.Op) and other.state != state:
             self.error("N0124", f"level `{name}` is initialised from `{source}`, whose state differs",
                        init_field.value.span, label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
@@ -904,7 +904,7 @@ class _Analyzer:
     def _build_program(self) -> ir.Program | None:
         train_values = self._section_values("train")
         context = train_values.get("context")
-        context = None if context is INVALID else context
+        self._context = None if context is INVALID else context
         model = None
         if "model" in self.sections:
             values = self._section_values("model")
@@ -918,7 +918,7 @@ class _Analyzer:
             elif definition.kind == "block":
                 self.block(definition.node.value, f"block `{name}`", (name,))
         level_names = [n for n, d in self.definitions.items() if d.kind == "level"]
-        levels = {n: self.level(n, context) for n in level_names}
+        levels = {n: self.level(n) for n in level_names}
         train = ir.Train(span=self.sections["train"].name_span if "train" in self.sections else None,
                          **train_values) if INVALID not in train_values.values() else None
         if model is None and "model" in self.sections:
@@ -1141,18 +1141,6 @@ def _combine(left, right, op: str):
 
 def _concrete_name(value) -> str | None:
     return value.name if isinstance(value, ir.Op) else None
-
-
-def _value_kind(value) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "name"
-    if isinstance(value, ir.Op):
-        return "operator"
-    return type(value).__name__.lower()
 
 
 def _describe(expr) -> str:

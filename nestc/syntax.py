@@ -336,7 +336,8 @@ def syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
         if char == '"':
             return Diagnostic(code="N0003", message="unterminated string", span=span,
                               label="string starts here", help='close the string with `"` on the same line')
-        if rest.startswith("->") or rest.startswith(">>") or rest.startswith("|"):
+        before = line_text[:error.column - 1].rstrip()
+        if rest.startswith(("->", ">>", "|")) or (rest.startswith(">") and before.endswith(("-", ">"))):
             return Diagnostic(code="N0004", message="pipelines are written with `|>`", span=span,
                               label="not an operator of the language", help="write `x |> proj |> silu`")
         if char in ":" and error.allowed and "EQUAL" in error.allowed:
@@ -352,7 +353,7 @@ def syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
     assert isinstance(error, UnexpectedToken)
     token = error.token
     span = _token_span(file, token, source)
-    expected = set(error.expected)
+    expected = _acceptable(error)
     tailored = _tailored(token, expected, error, source, span)
     if tailored is not None:
         return tailored
@@ -374,6 +375,13 @@ def _unclosed_help(source: SourceFile) -> str | None:
         if stripped.count(opener) > stripped.count(closer):
             return f"a `{opener}` is never closed: add the matching `{closer}` ({word})"
     return None
+
+
+def _closes_nothing(source: SourceFile, token: Token) -> bool:
+    """Whether this `}` has no `{` left open before it."""
+    before = "\n".join(source.lines[:token.line - 1] + (source.line(token.line)[:token.column - 1],))
+    stripped = _strip_strings_and_comments(before)
+    return stripped.count("}") >= stripped.count("{")
 
 
 def _strip_strings_and_comments(text: str) -> str:
@@ -404,7 +412,7 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
     previous = _previous_token(error)
     # 1. `mlp(depth: 2)` or `lr: 0.1` (YAML habits)
     if token.type == "COLON":
-        if "EQUAL" in expected or "RPAR" in expected or "COMMA" in expected:
+        if "RPAR" in expected or "COMMA" in expected:
             return _colon_for_equals(span)
         return Diagnostic(code="N0005", message="fields are written `name value` or `name = value`", span=span,
                           label="`:` is not used here", help="write `dim 128` or `key = x |> proj`")
@@ -413,12 +421,19 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
         return Diagnostic(code="N0006", message="a level needs a state", span=span,
                           label="expected `: STATE` before the body",
                           help="write `level mem : matrix { ... }` (states: matrix, vector, mlp(...), cache(...))")
-    # 3. `let x = 3`, `layer foo : matrix`, `include "x.nest"` at the top level
-    if token.type == "NAME" and value in _MISPLACED_KEYWORDS and "IMPORT" in expected:
-        keyword = _MISPLACED_KEYWORDS[value]
-        return Diagnostic(code="N0008", message=f"`{value}` is not a keyword of the language", span=span,
-                          label=f"did you mean `{keyword}`?",
+    # 3. `let x = 3`, `layer foo : matrix`, `include "x.nest"` at the top level: the parser took
+    # the word for a section name and stumbles on what follows it
+    if previous is not None and previous.type == "NAME" and previous.value in _MISPLACED_KEYWORDS \
+            and "LBRACE" in expected:
+        keyword = _MISPLACED_KEYWORDS[previous.value]
+        return Diagnostic(code="N0008", message=f"`{previous.value}` is not a keyword of the language",
+                          span=_token_span(source.name, previous, source), label=f"did you mean `{keyword}`?",
                           help="top-level items start with `import`, `const`, `level`, `block`, or a section name")
+    # `// comment`: the first `/` parsed as division
+    if token.type == "SLASH" and source.line(token.line)[token.column - 2:token.column] == "//":
+        return Diagnostic(code="N0007", message="comments start with `#`",
+                          span=Span(source.name, token.line, token.column - 1, token.line, token.column + 1),
+                          label="not a comment", help="write `# ...` instead of `// ...`")
     # 4. `import lib/titans.nest` without quotes
     if "STRING" in expected and previous is not None and previous.type == "IMPORT":
         return Diagnostic(code="N0009", message="import paths are strings", span=span,
@@ -431,17 +446,19 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
     if token.type == "EQUAL" and previous is not None and previous.type in ("EQUAL", "COLON"):
         return Diagnostic(code="N0011", message="assignment is a single `=`", span=span,
                           label="unexpected `=`", help="write `key = x |> proj`")
-    # 7. a field that ran onto the next one: `dim 128 heads 4`
-    if token.type == "NAME" and "_NL" in expected and "RBRACE" in expected and previous is not None \
-            and previous.type == "NAME":
-        return Diagnostic(code="N0010", message="fields are separated by new lines or `;`", span=span,
+    # 7. a field that ran onto the next one: in `vocab 256 dim 128` the parser read `dim` as the
+    # unit of `vocab 256` and stumbles on `128`
+    if expected <= {"_NL", "RBRACE"} and previous is not None and previous.type == "NAME" \
+            and token.type not in ("_NL", "RBRACE", "$END"):
+        return Diagnostic(code="N0010", message="fields are separated by new lines or `;`",
+                          span=_token_span(source.name, previous, source),
                           label="this looks like the start of another field",
-                          help=f"put `{value}` on a new line, or separate the fields with `;`")
+                          help=f"put `{previous.value}` on a new line, or separate the fields with `;`")
     # 8. missing `}` at the end of the file, or a `}` too many
     if token.type == "$END" and "RBRACE" in expected:
         return Diagnostic(code="N0012", message="unclosed body: expected `}`", span=span,
                           label="the file ends here", help=_unclosed_help(source) or "add the closing `}`")
-    if token.type == "RBRACE" and "RBRACE" not in expected:
+    if token.type == "RBRACE" and "RBRACE" not in expected and _closes_nothing(source, token):
         return Diagnostic(code="N0013", message="unmatched `}`", span=span, label="no body is open here",
                           help="remove this `}` or add the `{` it closes")
     # 9. a missing `)`: the line ended inside a call
@@ -453,6 +470,18 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
         return Diagnostic(code="N0015", message="missing value", span=span, label="expected a value here",
                           help="every field needs a value, e.g. `every 16` or `key = x |> proj`")
     return None
+
+
+def _acceptable(error: UnexpectedToken) -> set[str]:
+    """The tokens the parser could really take here. LALR merges states, so the table's expected
+    set can list tokens that would fail one step later; the interactive parser tries each one."""
+    parser = getattr(error, "interactive_parser", None)
+    if parser is None:
+        return set(error.expected)
+    try:
+        return set(parser.accepts()) or set(error.expected)
+    except UnexpectedInput:
+        return set(error.expected)
 
 
 def _previous_token(error: UnexpectedToken) -> Token | None:

@@ -56,12 +56,16 @@ class _Printer:
         self.comments = sorted(comments, key=lambda c: (c.line, c.column))
         self.next_comment = 0
         self.lines: list[str] = []
+        self.trailing_comments: dict[int, str] = {}  # output line index -> its end-of-line comment
         self.last_source_line = 0
 
-    def _gap(self, source_line: int, force: bool = False) -> None:
-        """One blank line where the source had one (or `force`), never at the start or doubled."""
-        if self.lines and self.lines[-1] != "" and not self.lines[-1].endswith("{") and (
-                force or source_line > self.last_source_line + 1):
+    def _gap(self, source_line: int) -> None:
+        """One blank line where the source had one, never at the start of a body or doubled."""
+        if source_line > self.last_source_line + 1:
+            self.blank_line()
+
+    def blank_line(self) -> None:
+        if self.lines and self.lines[-1] != "" and not self.lines[-1].endswith("{"):
             self.lines.append("")
 
     def leading(self, before_line: int, indent: str, unit_start: int | None = None) -> None:
@@ -74,19 +78,32 @@ class _Printer:
             self.last_source_line = comment.line
             self.next_comment += 1
 
-    def trailing(self, line: int) -> str:
+    def take_trailing(self, line: int) -> None:
+        """Attach the comment at the end of source `line`, if any, to the last output line."""
         if self.next_comment < len(self.comments) and self.comments[self.next_comment].line == line:
-            comment = self.comments[self.next_comment]
+            self.trailing_comments[len(self.lines) - 1] = self.comments[self.next_comment].text
             self.next_comment += 1
-            return "  " + comment.text
-        return ""
 
-    def emit(self, text: str, start_line: int, end_line: int, force_gap: bool = False) -> None:
-        self._gap(start_line, force_gap)
-        lines = text.split("\n")
-        lines[-1] += self.trailing(end_line)
-        self.lines.extend(lines)
+    def emit(self, text: str, start_line: int, end_line: int) -> None:
+        self._gap(start_line)
+        self.lines.extend(text.split("\n"))
+        self.take_trailing(end_line)
         self.last_source_line = end_line
+
+    def render(self) -> str:
+        """The output, end-of-line comments aligned one column apart within each run of lines."""
+        lines = list(self.lines)
+        run: list[int] = []
+        for index in range(len(lines) + 1):
+            if index < len(lines) and index in self.trailing_comments:
+                run.append(index)
+                continue
+            if run:
+                column = max(len(lines[i]) for i in run) + 2
+                for i in run:
+                    lines[i] = lines[i].ljust(column) + self.trailing_comments[i]
+                run = []
+        return "\n".join(lines).rstrip("\n") + "\n" if lines else ""
 
 
 def format_module(module: ast.Module) -> str:
@@ -94,15 +111,16 @@ def format_module(module: ast.Module) -> str:
     previous_had_body = False
     for item in module.items:
         has_body = _has_body(item)
-        force = bool(printer.lines) and (has_body or previous_had_body)
+        if printer.lines and (has_body or previous_had_body):
+            printer.blank_line()  # before the item's leading comments, which stay attached to it
         if isinstance(item, (ast.LevelDef, ast.Section)) and has_body:
-            _body_item(printer, item, force)
+            _body_item(printer, item)
         else:
             printer.leading(item.span.end_line, "", item.span.line)
-            printer.emit(_single_line_item(item), item.span.line, item.span.end_line, force)
+            printer.emit(_single_line_item(item), item.span.line, item.span.end_line)
         previous_had_body = has_body
     printer.leading(10**9, "")
-    return "\n".join(printer.lines).rstrip("\n") + "\n" if printer.lines else ""
+    return printer.render()
 
 
 def _has_body(item: ast.Item) -> bool:
@@ -127,7 +145,7 @@ def _single_line_item(item: ast.Item) -> str:
     raise TypeError(type(item).__name__)
 
 
-def _body_item(printer: _Printer, item: ast.LevelDef | ast.Section, force: bool) -> None:
+def _body_item(printer: _Printer, item: ast.LevelDef | ast.Section) -> None:
     header = _level_header(item) if isinstance(item, ast.LevelDef) else item.name
     header_end = item.span.line
     if isinstance(item, ast.LevelDef) and item.state is not None:
@@ -135,15 +153,16 @@ def _body_item(printer: _Printer, item: ast.LevelDef | ast.Section, force: bool)
     printer.leading(item.span.line, "")
     if not item.fields:
         printer.leading(item.span.end_line, "")
-        printer.emit(header + " {}", item.span.line, item.span.end_line, force)
+        printer.emit(header + " {}", item.span.line, item.span.end_line)
         return
-    printer.emit(header + " {", item.span.line, header_end, force)
+    printer.emit(header + " {", item.span.line, header_end)
     table = schema.LEVEL_FIELDS if isinstance(item, ast.LevelDef) else schema.SECTIONS.get(item.name, {})
     for f in item.fields:
         printer.leading(f.span.end_line, INDENT, f.span.line)
         printer.emit(_field(f, table), f.span.line, f.span.end_line)
     printer.leading(item.span.end_line, INDENT)
-    printer.lines.append("}" + printer.trailing(item.span.end_line))
+    printer.lines.append("}")
+    printer.take_trailing(item.span.end_line)
     printer.last_source_line = item.span.end_line
 
 

@@ -19,7 +19,17 @@ from nestc.diagnostics import render_all, to_json
 from nestc.source import SourceMap
 
 EXIT_DIAGNOSTICS = 1
+EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+
+
+def _exit_code(result) -> int:
+    """0 clean; 2 when the file itself could not be read (a usage error); 1 for diagnostics."""
+    if result.ok:
+        return 0
+    if any(d.code == "N0100" for d in result.diagnostics):
+        return EXIT_USAGE
+    return EXIT_DIAGNOSTICS
 
 
 def _use_color(choice: str, stream=None) -> bool:
@@ -66,10 +76,10 @@ def cli() -> None:
 def check(files, error_format, color, quiet) -> None:
     """Check spec FILES and report every problem found."""
     all_diagnostics = []
-    failed = False
+    status = 0
     for path in files:
         result = _analyze(path)
-        failed |= not result.ok
+        status = max(status, _exit_code(result))
         if error_format == "json":
             all_diagnostics.extend(result.diagnostics)
         else:
@@ -80,7 +90,7 @@ def check(files, error_format, color, quiet) -> None:
             click.echo(f"ok: {path} ({summary})")
     if error_format == "json":
         click.echo(to_json(all_diagnostics))
-    sys.exit(EXIT_DIAGNOSTICS if failed else 0)
+    sys.exit(status)
 
 
 @cli.command()
@@ -97,7 +107,7 @@ def graph(file, fmt, output, error_format, color) -> None:
     result = _analyze(file)
     _report(result.diagnostics, result.sources, error_format, color)
     if not result.ok:
-        sys.exit(EXIT_DIAGNOSTICS)
+        sys.exit(_exit_code(result))
     built = level_graph.build(result.program)
     if fmt == "png":
         _write_png(level_graph.to_dot(built), output or os.path.splitext(file)[0] + ".png")

@@ -53,7 +53,9 @@ def _report(diagnostics, sources: SourceMap, error_format: str, color: str) -> N
     if error_format == "json":
         click.echo(to_json(diagnostics), err=True)
     else:
-        click.echo(render_all(diagnostics, sources, _use_color(color)), err=True)
+        use_color = _use_color(color)
+        # click strips colour codes when stderr is not a terminal unless told otherwise
+        click.echo(render_all(diagnostics, sources, use_color), err=True, color=use_color)
 
 
 def _analyze(path: str):

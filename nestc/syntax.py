@@ -38,9 +38,15 @@ class _NewlinePostLexer:
 
     always_accept = ("_NL",)
 
+    def __init__(self) -> None:
+        # The last two tokens handed to the parser; error messages look back at them.
+        self.previous: Token | None = None
+        self.last: Token | None = None
+
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0
         previous: Token | None = None
+        self.previous = self.last = None
         for token in stream:
             if token.type == "_NL" and (
                 depth > 0 or previous is None or previous.type in _CONTINUES_LINE or previous.type == "_NL"
@@ -50,6 +56,7 @@ class _NewlinePostLexer:
                 depth += 1
             elif token.type in _CLOSERS:
                 depth = max(depth - 1, 0)
+            self.previous, self.last = previous, token
             previous = token
             yield token
 
@@ -336,8 +343,9 @@ def syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
         if char == '"':
             return Diagnostic(code="N0003", message="unterminated string", span=span,
                               label="string starts here", help='close the string with `"` on the same line')
-        before = line_text[:error.column - 1].rstrip()
-        if rest.startswith(("->", ">>", "|")) or (rest.startswith(">") and before.endswith(("-", ">"))):
+        if rest.startswith(">") and line_text[:error.column - 1].endswith(("-", ">")):
+            span = Span(file, error.line, error.column - 1, error.line, error.column + 1)  # the whole `->`
+        if rest.startswith(("->", ">>", "|")) or span.end_column - span.column == 2:
             return Diagnostic(code="N0004", message="pipelines are written with `|>`", span=span,
                               label="not an operator of the language", help="write `x |> proj |> silu`")
         if char in ":" and error.allowed and "EQUAL" in error.allowed:
@@ -409,7 +417,7 @@ _MISPLACED_KEYWORDS = {
 def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: SourceFile,
               span: Span) -> Diagnostic | None:
     value = token.value
-    previous = _previous_token(error)
+    previous = _token_before(error.token)
     # 1. `mlp(depth: 2)` or `lr: 0.1` (YAML habits)
     if token.type == "COLON":
         if "RPAR" in expected or "COMMA" in expected:
@@ -430,10 +438,13 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
                           span=_token_span(source.name, previous, source), label=f"did you mean `{keyword}`?",
                           help="top-level items start with `import`, `const`, `level`, `block`, or a section name")
     # `// comment`: the first `/` parsed as division
-    if token.type == "SLASH" and source.line(token.line)[token.column - 2:token.column] == "//":
-        return Diagnostic(code="N0007", message="comments start with `#`",
-                          span=Span(source.name, token.line, token.column - 1, token.line, token.column + 1),
-                          label="not a comment", help="write `# ...` instead of `// ...`")
+    if token.type == "SLASH":
+        line = source.line(token.line)
+        start = token.column if line[token.column - 1:token.column + 1] == "//" else token.column - 1
+        if line[start - 1:start + 1] == "//":
+            return Diagnostic(code="N0007", message="comments start with `#`",
+                              span=Span(source.name, token.line, start, token.line, start + 2),
+                              label="not a comment", help="write `# ...` instead of `// ...`")
     # 4. `import lib/titans.nest` without quotes
     if "STRING" in expected and previous is not None and previous.type == "IMPORT":
         return Diagnostic(code="N0009", message="import paths are strings", span=span,
@@ -461,8 +472,9 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
     if token.type == "RBRACE" and "RBRACE" not in expected and _closes_nothing(source, token):
         return Diagnostic(code="N0013", message="unmatched `}`", span=span, label="no body is open here",
                           help="remove this `}` or add the `{` it closes")
-    # 9. a missing `)`: the line ended inside a call
-    if token.type == "_NL" and "RPAR" in expected and "_NL" not in expected:
+    # 9. a missing `)`: new lines inside ( ) are ignored, so the call runs on into the next line
+    if "RPAR" in expected and "_NL" not in expected and (
+            token.type == "_NL" or (previous is not None and token.type != "$END" and token.line > previous.line)):
         return Diagnostic(code="N0014", message="unclosed parenthesis", span=span, label="expected `)`",
                           help="close the call with `)` before the end of the line")
     # 10. a missing value: `key =` or `every` at the end of a line
@@ -484,13 +496,10 @@ def _acceptable(error: UnexpectedToken) -> set[str]:
         return set(error.expected)
 
 
-def _previous_token(error: UnexpectedToken) -> Token | None:
-    parser_state = getattr(error, "interactive_parser", None)
-    if parser_state is None:
-        return None
-    stack = parser_state.parser_state.value_stack
-    for item in reversed(stack):
-        if isinstance(item, Token):
-            return item
-        return None
-    return None
+def _token_before(token: Token) -> Token | None:
+    """The token before the offending one. The contextual lexer rejects a token before the
+    post-lexer hands it on, so the offender may or may not be the last token handed on."""
+    history = _parser().options.postlex
+    if history.last is not None and history.last is token:
+        return history.previous
+    return history.last

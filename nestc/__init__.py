@@ -5,3 +5,7 @@ is built.
 """
 
 __version__ = "0.1.0"
+
+from nestc.api import check, load  # noqa: E402  (torch is imported only inside load)
+
+__all__ = ["check", "load", "__version__"]

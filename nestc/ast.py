@@ -97,7 +97,7 @@ class Field:
     key: str
     value: Expr | None
     unit: str | None = None
-    assign: bool = False
+    assign: bool = field(default=False, compare=False)  # `key = v` and `key v` mean the same
     key_span: Span | None = _span_field()
     unit_span: Span | None = _span_field()
     span: Span | None = _span_field()

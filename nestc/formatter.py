@@ -116,11 +116,20 @@ def format_module(module: ast.Module) -> str:
         if isinstance(item, (ast.LevelDef, ast.Section)) and has_body:
             _body_item(printer, item)
         else:
-            printer.leading(item.span.end_line, "", item.span.line)
-            printer.emit(_single_line_item(item), item.span.line, item.span.end_line)
+            printer.leading(_end(item, printer), "", _start(item, printer))
+            printer.emit(_single_line_item(item), _start(item, printer), _end(item, printer))
         previous_had_body = has_body
     printer.leading(10**9, "")
     return printer.render()
+
+
+def _start(node, printer: _Printer) -> int:
+    """The node's first source line; a node built without spans sits where printing has got to."""
+    return node.span.line if node.span is not None else printer.last_source_line
+
+
+def _end(node, printer: _Printer) -> int:
+    return node.span.end_line if node.span is not None else printer.last_source_line
 
 
 def _has_body(item: ast.Item) -> bool:
@@ -147,23 +156,23 @@ def _single_line_item(item: ast.Item) -> str:
 
 def _body_item(printer: _Printer, item: ast.LevelDef | ast.Section) -> None:
     header = _level_header(item) if isinstance(item, ast.LevelDef) else item.name
-    header_end = item.span.line
+    header_end = _start(item, printer)
     if isinstance(item, ast.LevelDef) and item.state is not None:
-        header_end = item.state.span.end_line
-    printer.leading(item.span.line, "")
+        header_end = _end(item.state, printer)
+    printer.leading(_start(item, printer), "")
     if not item.fields:
-        printer.leading(item.span.end_line, "")
-        printer.emit(header + " {}", item.span.line, item.span.end_line)
+        printer.leading(_end(item, printer), "")
+        printer.emit(header + " {}", _start(item, printer), _end(item, printer))
         return
-    printer.emit(header + " {", item.span.line, header_end)
+    printer.emit(header + " {", _start(item, printer), header_end)
     table = schema.LEVEL_FIELDS if isinstance(item, ast.LevelDef) else schema.SECTIONS.get(item.name, {})
     for f in item.fields:
-        printer.leading(f.span.end_line, INDENT, f.span.line)
-        printer.emit(_field(f, table), f.span.line, f.span.end_line)
-    printer.leading(item.span.end_line, INDENT)
+        printer.leading(_end(f, printer), INDENT, _start(f, printer))
+        printer.emit(_field(f, table), _start(f, printer), _end(f, printer))
+    printer.leading(_end(item, printer), INDENT)
     printer.lines.append("}")
-    printer.take_trailing(item.span.end_line)
-    printer.last_source_line = item.span.end_line
+    printer.take_trailing(_end(item, printer))
+    printer.last_source_line = _end(item, printer)
 
 
 def _field(f: ast.Field, table: dict) -> str:
@@ -171,7 +180,7 @@ def _field(f: ast.Field, table: dict) -> str:
         return INDENT + f.key
     param = table.get(f.key)
     assign = param.type in _ASSIGNED_TYPES if param is not None else f.assign
-    if assign:
+    if assign and f.unit is None:  # a unit only exists in the setting form: keep it there
         return _wrap(f"{INDENT}{f.key} = ", f.value, INDENT)
     text = f"{INDENT}{f.key} {format_expr(f.value)}"
     return text + (f" {f.unit}" if f.unit else "")

@@ -38,7 +38,7 @@ def build(program: ir.Program) -> nx.MultiDiGraph:
                        optimizer=(ir.format_value(level.optimizer) if level.optimizer else "closed form")
                        if in_sequence else "outer only",
                        frequency=_frequency_text(level.every), rate=_rate(level.every, train),
-                       read=level.read if in_sequence and level.read else "-")
+                       read=ir.format_value(level.read) if in_sequence and level.read else "-")
     for level in program.levels:
         for generator, roles in generated_roles(level).items():
             label = ", ".join(sorted(roles))

@@ -6,6 +6,7 @@ it finds in one pass (a value that fails a check becomes `INVALID` and analysis 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -341,6 +342,8 @@ class _Analyzer:
             return expr.value
         if isinstance(expr, ast.Neg):
             inner = self._arith(expr.operand, what)
+            if inner is INVALID or self._not_arithmetic(inner, expr):
+                return INVALID
             return _map_choice(inner, lambda v: -v)
         if isinstance(expr, ast.BinOp):
             left, right = self._arith(expr.left, what), self._arith(expr.right, what)
@@ -349,9 +352,8 @@ class _Analyzer:
             if isinstance(left, ir.Choice) and isinstance(right, ir.Choice):
                 return self.error("N0119", "arithmetic between two search-space values", expr.span,
                                   help="combine them in one `choice(...)` instead")
-            if isinstance(left, (ir.Range, ir.LogUniform)) or isinstance(right, (ir.Range, ir.LogUniform)):
-                return self.error("N0119", "arithmetic on a range is not supported", expr.span,
-                                  help="write the range over the final value")
+            if self._not_arithmetic(left, expr) or self._not_arithmetic(right, expr):
+                return INVALID
             if expr.op == "/" and (0 in _options(right)):
                 return self.error("N0106", "division by zero", expr.span)
             return _combine(left, right, expr.op)
@@ -360,6 +362,15 @@ class _Analyzer:
         if isinstance(expr, ast.Name):
             return self._unknown_name(expr, what, "a number")
         return self.error("N0105", f"{what} must be a number", expr.span, label=f"found {_describe(expr)}")
+
+    def _not_arithmetic(self, value, expr: ast.Expr) -> bool:
+        """Ranges (also inside a choice) have no arithmetic; report it and say so."""
+        options = value.options if isinstance(value, ir.Choice) else (value,)
+        if any(isinstance(v, ir.SEARCH_TYPES) for v in options):
+            self.error("N0119", "arithmetic on a range is not supported", expr.span,
+                       help="write the range over the final value, e.g. `range(2, 8, 2)` instead of `range(1, 4) * 2`")
+            return True
+        return False
 
     def boolean(self, expr: ast.Expr, what: str):
         if isinstance(expr, ast.Name) and expr.id in schema.BOOLEANS:
@@ -735,7 +746,8 @@ class _Analyzer:
             self._check_divides(every, context, fields.get("every"))
         if state is INVALID or INVALID in values.values() or every is INVALID:
             return INVALID
-        kind = _concrete_name(state)
+        kinds = _option_names(state)
+        kind = next(iter(kinds)) if len(kinds) == 1 else None
         span = node.name_span
 
         if kind == "cache":
@@ -753,53 +765,54 @@ class _Analyzer:
         if objective is None and kind != "cache":
             objective = ir.Op(name="task" if (kind == "mlp" and not has_io) else "l2",
                               args=()) if kind is not None else None
-        objective_name = _concrete_name(objective)
+        objectives = _option_names(objective)
         optimizer = values.get("optimizer") or (None if kind == "cache" else ir.Op(name="gd"))
-        optimizer_name = _concrete_name(optimizer)
+        optimizers = _option_names(optimizer)
+        task = bool(objectives) and objectives == {"task"}
 
         if every is None:
             every = ir.Frequency(tokens=0 if kind == "mlp" else 1, steps=1)
         if every.tokens == 0 and kind == "cache":
             every = ir.Frequency(tokens=1, steps=1)
 
-        if objective_name == "task":
+        if "task" in objectives:
             for key in ("key", "value", "query"):
                 if key in fields:
                     self.error("N0117", f"`{key}` has no meaning for a level trained on the task loss",
                                fields[key].key_span, label="the level reads its input directly",
                                notes=("with `objective task` the level is a continuum-memory block: y = M(x), "
                                       "updated with the gradient of the model's own loss",))
-        if kind is not None and objective_name is not None:
-            self._check_objective(kind, objective_name, fields, state_expr)
-        if kind is not None and optimizer_name is not None:
-            self._check_optimizer(kind, optimizer_name, objective_name, fields)
+        for state_kind in kinds:
+            for objective_name in objectives:
+                self._check_objective(state_kind, objective_name, fields, state_expr)
+            for optimizer_name in optimizers:
+                self._check_optimizer(state_kind, optimizer_name, objectives, fields)
         read = values.get("read", "after")
-        if objective_name == "task" and read == "after" and "read" in fields:
+        if "task" in objectives and "after" in _options(read) and "read" in fields:
             self.error("N0113", "`read after` has no form for a level trained on the task loss",
                        fields["read"].value.span, label="cannot read after this update",
                        notes=("the update at token t needs the gradient of the loss at t, which needs the output "
                               "at t: the output must be read before the update",),
                        help="remove `read after` (these levels always read before their update)")
-        if objective_name == "task" and "read" not in fields:
+        if task and "read" not in fields:
             read = "before"
 
         momentum = values.get("momentum")
-        if optimizer_name in ("momentum", "muon"):
+        if optimizers & {"momentum", "muon"}:
             momentum = momentum or ir.Constant(value=0.9)
-        elif momentum is not None and optimizer_name is not None:
-            self.error("N0117", f"a momentum gate has no effect with optimizer `{optimizer_name}`",
+        elif momentum is not None and optimizers:
+            self.error("N0117", f"a momentum gate has no effect with optimizer `{' or '.join(sorted(optimizers))}`",
                        fields["momentum"].key_span, label="unused gate",
                        help="use `optimizer momentum` (or `muon`), or remove the gate")
         gamma = values.get("gamma")
-        if objective_name == "omega":
+        if "omega" in objectives:
             gamma = gamma or ir.Constant(value=1.0)
-        elif gamma is not None and objective_name is not None:
+        elif gamma is not None and objectives:
             self.error("N0117", "a gamma gate only weights the pairs of an `omega` objective",
                        fields["gamma"].key_span, label="unused gate", help="use `objective omega(window=...)`")
         order = values.get("order", "grad_first")
 
         default_source = ir.Pipeline(stages=(self._default_op("stage", "proj"),))
-        task = objective_name == "task"
         init = values.get("init") or ir.Op(name="meta" if kind == "mlp" else "zero", args=())
         if isinstance(init, ir.Op) and init.name == "pretrained":
             self._check_pretrained(name, state, init, fields["init"])
@@ -877,13 +890,13 @@ class _Analyzer:
                        label="no such objective for this state",
                        help="use one of: " + ", ".join(sorted(allowed[kind])))
 
-    def _check_optimizer(self, kind: str, optimizer: str, objective: str | None, fields) -> None:
+    def _check_optimizer(self, kind: str, optimizer: str, objectives: set[str], fields) -> None:
         span = fields["optimizer"].value.span if "optimizer" in fields else None
         if optimizer in ("dgd", "muon") and kind not in ("matrix", "mlp"):
             self.error("N0112", f"optimizer `{optimizer}` is not defined for a `{kind}` state", span,
                        label="needs weight matrices",
                        help="dgd and muon act on the linear maps of a matrix or mlp state; use gd or momentum")
-        if objective == "task" and optimizer in ("dgd", "muon"):
+        if "task" in objectives and optimizer in ("dgd", "muon"):
             self.error("N0112", f"optimizer `{optimizer}` is not defined for the task objective", span,
                        label="continuum-memory levels use gd or momentum",
                        help="dgd needs the level's (key, value) pairs, which task-loss levels do not have")
@@ -936,7 +949,23 @@ class _Analyzer:
         if train is None or any(levels[n] is INVALID for n in used):
             return None
         ordered = tuple(levels[n] for n in level_names if n in used)
-        return ir.Program(file=self.main_file, levels=ordered, model=model, train=train)
+        program = ir.Program(file=self.main_file, levels=ordered, model=model, train=train)
+        self._check_named_dimensions(program)
+        return program
+
+    def _check_named_dimensions(self, program: ir.Program) -> None:
+        """Search values that share a `name` are one dimension: their options must be the same."""
+        first: dict[str, object] = {}
+        for value in _search_values(program):
+            if value.name is None:
+                continue
+            seen = first.setdefault(value.name, value)
+            if seen is not value and ir.format_value(seen) != ir.format_value(value):
+                self.error("N0119", f"the search dimension `{value.name}` is given different options",
+                           value.span, label=ir.format_value(value),
+                           secondary=(Label(span=seen.span, message=ir.format_value(seen)),) if seen.span else (),
+                           help="values that share a name are one dimension: give them the same options, "
+                                "or different names")
 
     def _check_const(self, name: str, definition: _Definition) -> None:
         expr = self._deref(ast.Name(id=name, span=definition.span))
@@ -1107,6 +1136,19 @@ def _first_use(block, level: str):
     return next((found for child in children if (found := _first_use(child, level)) is not None), None)
 
 
+def _search_values(value):
+    """Every search-space value inside an IR value, outermost first."""
+    if isinstance(value, ir.SEARCH_TYPES):
+        yield value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _search_values(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            if f.name != "span":
+                yield from _search_values(getattr(value, f.name))
+
+
 def _options(value) -> tuple:
     if isinstance(value, ir.Choice):
         return value.options
@@ -1139,8 +1181,9 @@ def _combine(left, right, op: str):
     return apply(left, right)
 
 
-def _concrete_name(value) -> str | None:
-    return value.name if isinstance(value, ir.Op) else None
+def _option_names(value) -> set[str]:
+    """The operator names a value may take: one for an operator, each option's for a choice."""
+    return {option.name for option in _options(value) if isinstance(option, ir.Op)}
 
 
 def _describe(expr) -> str:

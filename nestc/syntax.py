@@ -235,7 +235,7 @@ def parse(source: SourceFile) -> ast.Module:
 def _scan_comments(text: str) -> list[ast.Comment]:
     """Comments the tree drops but the formatter must keep; a `#` inside a string is not one."""
     found = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         in_string = False
         escaped = False
         for index, char in enumerate(line):
@@ -394,7 +394,7 @@ def _closes_nothing(source: SourceFile, token: Token) -> bool:
 
 def _strip_strings_and_comments(text: str) -> str:
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         in_string = False
         for char in line:
             if char == '"':

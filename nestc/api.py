@@ -1,0 +1,42 @@
+"""The Python API: `nestc.load(spec) -> model`."""
+
+from __future__ import annotations
+
+import os
+
+from nestc.diagnostics import NestError
+from nestc.source import SourceFile
+
+BACKENDS = ("reference",)
+
+
+def check(spec: str):
+    """Parse and check a spec given as a path or as text; returns the IR program.
+
+    Raises `NestError` carrying every diagnostic when the spec has errors.
+    """
+    from nestc.sema import analyze_file, analyze_source
+
+    if "\n" not in spec and spec.endswith(".nest") and os.path.exists(spec):
+        result = analyze_file(spec)
+    elif "\n" not in spec and spec.endswith(".nest"):
+        result = analyze_file(spec)  # reports the missing file as a diagnostic
+    else:
+        result = analyze_source(SourceFile("<spec>", spec))
+    if not result.ok:
+        raise NestError([d for d in result.diagnostics if d.is_error])
+    return result.program
+
+
+def load(spec: str, backend: str = "reference"):
+    """Build a runnable PyTorch model from a spec path (or spec text).
+
+    `model(tokens, state=None) -> (logits, state)`: tokens are [batch, time] integers; `state`
+    holds every level's state and continues a stream when passed back in.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    program = check(spec)
+    from nestc.backends import reference
+
+    return reference.build(program)

@@ -1006,7 +1006,7 @@ class _Analyzer:
 
     def _reachable(self, model: ir.Model, levels: dict) -> set[str]:
         used: set[str] = set()
-        pending = list(_block_levels(model.block))
+        pending = list(block_levels(model.block))
         while pending:
             name = pending.pop()
             if name in used or name not in levels:
@@ -1081,21 +1081,21 @@ def _empty_level() -> dict:
                 every=ir.Frequency(), read="after", init=ir.Op(name="zero"), meta=None, heads=None)
 
 
-def _block_levels(block) -> list[str]:
+def block_levels(block) -> list[str]:
     if isinstance(block, ir.UseLevel):
         return [block.level]
     if isinstance(block, ir.MemoryAsContext):
         return [block.memory, block.attention]
     if isinstance(block, ir.Sequence):
-        return [n for item in block.items for n in _block_levels(item)]
+        return [n for item in block.items for n in block_levels(item)]
     if isinstance(block, ir.Residual):
-        return _block_levels(block.body)
+        return block_levels(block.body)
     if isinstance(block, ir.Parallel):
-        return [n for b in block.branches for n in _block_levels(b)]
+        return [n for b in block.branches for n in block_levels(b)]
     if isinstance(block, ir.Gated):
-        return _block_levels(block.main) + _block_levels(block.gate)
+        return block_levels(block.main) + block_levels(block.gate)
     if isinstance(block, ir.Choice):
-        return [n for option in block.options for n in _block_levels(option)]
+        return [n for option in block.options for n in block_levels(option)]
     return []
 
 
@@ -1114,7 +1114,7 @@ def _level_uses(block) -> Counter:
         return _level_uses(block.body)
     if isinstance(block, ir.Gated):
         return _level_uses(block.main) + _level_uses(block.gate)
-    return Counter(_block_levels(block))
+    return Counter(block_levels(block))
 
 
 def _first_use(block, level: str):

@@ -1,0 +1,898 @@
+"""The reference backend: a token-by-token interpreter of the IR, the oracle for faster backends.
+
+It implements docs/design/SEMANTICS.md literally and is meant to be obviously correct, not fast:
+every memory level takes one optimizer step per token on its declared objective, with the inner
+gradient taken by autograd at the level's anchor state; continuum-memory levels (objective task)
+take a step at each chunk boundary with the gradient of the model's own next-token loss; the
+whole model advances one token at a time so that every level sees exactly the states the
+semantics prescribes. Decisions the design notes leave open are listed in docs/backends.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nestc import ir
+from nestc.backends.common import BackendError, concrete, op_args
+from nestc.sema import block_levels, generators
+
+# --- states ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LevelState:
+    """One level instance's state for a batch: all tensors carry a leading batch dimension."""
+
+    weights: list[Tensor] = field(default_factory=list)  # the memory (M, or an MLP's maps)
+    anchor: list[Tensor] = field(default_factory=list)  # the state at the end of the previous chunk
+    momentum: list[Tensor] = field(default_factory=list)
+    window: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # omega: recent (k, v, gamma)
+    keys: Tensor | None = None  # cache levels
+    values: Tensor | None = None
+    pending: Tensor | None = None  # task levels: loss accumulated since the last update
+    retain_product: Tensor | None = None  # decay-first: product of retain gates since the anchor
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # short-convolution histories
+
+
+@dataclass
+class ModelState:
+    """Everything a model carries across calls: pass it back in to continue a stream."""
+
+    position: int
+    levels: list[dict[str, LevelState]]  # per layer, per level name
+    last_logits: Tensor | None = None  # the prediction whose target is the next call's first token
+    segments: list[dict[str, object]] = field(default_factory=list)  # MAC caches, per layer
+
+    def detach(self) -> "ModelState":
+        """A copy cut from the autograd graph (for truncated backpropagation through time)."""
+        def cut(value):
+            if isinstance(value, Tensor):
+                return value.detach()
+            if isinstance(value, list):
+                return [cut(v) for v in value]
+            if isinstance(value, tuple):
+                return tuple(cut(v) for v in value)
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
+            if isinstance(value, LevelState):
+                return LevelState(**{k: cut(getattr(value, k)) for k in value.__dataclass_fields__})
+            return value
+
+        return ModelState(position=self.position, levels=cut(self.levels),
+                          last_logits=cut(self.last_logits), segments=cut(self.segments))
+
+
+# --- pipelines -------------------------------------------------------------------------------
+
+
+class Stage(nn.Module):
+    """One parametric or elementwise stage of a key/value/query/gate pipeline, on [B, width]."""
+
+    def __init__(self, op: ir.Op, width: int, out_width: int, heads: int, name: str):
+        super().__init__()
+        self.kind = op.name
+        self.args = op_args(op)
+        self.heads = heads
+        self.width = width
+        self.out_width = out_width
+        self.buffer_name = name
+        if self.kind == "proj":
+            self.linear = nn.Linear(width, out_width, bias=bool(self.args["bias"]))
+        elif self.kind == "conv":
+            window = self.args["window"]
+            self.weight = nn.Parameter(torch.zeros(width, window))
+            with torch.no_grad():
+                self.weight[:, -1] = 1.0  # starts as the identity: the current token alone
+                self.weight[:, :-1].normal_(0.0, 0.02)
+        elif self.kind == "poly":
+            degree = self.args["degree"]
+            # Learnable Taylor coefficients, initialised to exp's: phi(x) = sum_i a_i x^i.
+            self.coefficients = nn.Parameter(torch.tensor([1.0 / math.factorial(i) for i in range(degree + 1)]))
+
+    def forward(self, x: Tensor, position: int, state: LevelState) -> Tensor:
+        kind, args = self.kind, self.args
+        if kind == "proj":
+            return self.linear(x)
+        if kind == "conv":
+            window = args["window"]
+            history = state.buffers.get(self.buffer_name)
+            if history is None:
+                history = x.new_zeros(x.shape[0], window - 1, x.shape[1])
+            frames = torch.cat([history, x[:, None, :]], dim=1)  # [B, window, width], oldest first
+            state.buffers[self.buffer_name] = frames[:, 1:, :]
+            return torch.einsum("bwc,cw->bc", frames, self.weight)
+        if kind in ("silu", "gelu", "relu", "tanh", "softplus", "exp"):
+            return getattr(F, kind)(x) if kind not in ("tanh", "exp") else getattr(torch, kind)(x)
+        if kind == "identity":
+            return x
+        if kind == "sigmoid":
+            return args["max"] * torch.sigmoid(x)
+        if kind == "scale":
+            return args["factor"] * x
+        if kind == "elu1":
+            return F.elu(x) + 1.0
+        if kind == "poly":
+            return sum(a * x**i for i, a in enumerate(self.coefficients))
+        per_head = x.reshape(x.shape[0], self.heads, -1)
+        if kind == "l2norm":
+            return F.normalize(per_head, dim=-1).reshape(x.shape)
+        if kind == "layernorm":
+            return F.layer_norm(per_head, per_head.shape[-1:]).reshape(x.shape)
+        if kind == "rmsnorm":
+            return F.rms_norm(per_head, per_head.shape[-1:]).reshape(x.shape)
+        if kind == "rope":
+            return rotate(per_head, position, args["base"]).reshape(x.shape)
+        raise BackendError(f"the reference backend has no stage `{kind}`")
+
+
+def rotate(x: Tensor, position: int, base: float) -> Tensor:
+    """Rotary position embedding of [B, H, d] at one position (pairs of channels (i, i + d/2))."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)
+    angle = position * frequencies
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    first, second = x[..., :half], x[..., half:2 * half]
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return torch.cat([rotated, x[..., 2 * half:]], dim=-1)
+
+
+class Pipeline(nn.Module):
+    """x |> stage |> ... where a stage may be another level, read at its state before the update."""
+
+    def __init__(self, pipeline: ir.Pipeline, width: int, final_width: int, heads: int, role: str,
+                 level_widths: dict[str, int]):
+        super().__init__()
+        self.steps: list[tuple[str, object]] = []
+        self.stages = nn.ModuleList()
+        current = width
+        projections = [i for i, s in enumerate(pipeline.stages) if isinstance(s, ir.Op) and s.name == "proj"]
+        for index, stage in enumerate(pipeline.stages):
+            if isinstance(stage, ir.LevelRef):
+                self.steps.append(("level", stage.level))
+                current = level_widths.get(stage.level, current)
+                continue
+            if isinstance(stage, ir.Choice):
+                raise BackendError("a search-space choice reached the backend: freeze the space first")
+            out = current
+            if stage.name == "proj":
+                requested = op_args(stage)["dim"]
+                out = requested or (final_width if index == projections[-1] else width)
+            module = Stage(stage, current, out, heads, f"{role}.{index}")
+            self.steps.append(("stage", len(self.stages)))
+            self.stages.append(module)
+            current = out
+        self.out_width = current
+
+    def forward(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        for kind, target in self.steps:
+            if kind == "level":
+                x = read_level(target, x)
+            else:
+                x = self.stages[target](x, position, state)
+        return x
+
+
+class Gate(nn.Module):
+    """lr / retain / momentum / gamma: a constant, a learned scalar or a pipeline, as [B, H] or [B, H, d]."""
+
+    def __init__(self, gate, width: int, heads: int, head_dim: int, role: str, level_widths: dict[str, int]):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.constant: float | None = None
+        self.learned: nn.Parameter | None = None
+        self.pipeline: Pipeline | None = None
+        if isinstance(gate, ir.Constant):
+            self.constant = float(concrete(gate.value))
+        elif isinstance(gate, ir.Op) and gate.name == "learned":
+            args = op_args(gate)
+            shape = (heads,) if args["per"] == "head" else (heads, head_dim)
+            self.learned = nn.Parameter(torch.full(shape, float(args["init"])))
+        elif isinstance(gate, ir.Pipeline):
+            per_channel = any(isinstance(s, ir.Op) and s.name == "proj" and op_args(s)["per"] == "channel"
+                              for s in gate.stages)
+            out = heads * head_dim if per_channel else heads
+            self.pipeline = Pipeline(gate, width, out, heads, role, level_widths)
+            if self.pipeline.out_width not in (heads, heads * head_dim):
+                raise BackendError(f"the {role} gate pipeline gives {self.pipeline.out_width} values per token; "
+                                   f"a gate needs one per head ({heads}) or per channel ({heads * head_dim}): "
+                                   f"end it with `proj` or `proj(per=channel)`")
+        else:
+            raise BackendError(f"cannot build the {role} gate from {ir.format_value(gate)}")
+
+    def forward(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        batch = x.shape[0]
+        if self.constant is not None:
+            return x.new_full((batch, self.heads), self.constant)
+        if self.learned is not None:
+            return self.learned.expand(batch, *self.learned.shape)
+        values = self.pipeline(x, position, state, read_level)
+        if values.shape[-1] == self.heads:
+            return values
+        return values.reshape(batch, self.heads, self.head_dim)
+
+
+# --- memory functions ------------------------------------------------------------------------
+
+
+def mlp_apply(weights: list[Tensor], x: Tensor, act: str, residual: bool, norm: str,
+              inputs: list[Tensor] | None = None) -> Tensor:
+    """M(x) for batched per-head weights W_i [B, H, out, in] and x [B, H, in]; records each map's input."""
+    h = x
+    for index, weight in enumerate(weights):
+        if inputs is not None:
+            inputs.append(h)
+        h = torch.einsum("bhoi,bhi->bho", weight, h)
+        if index < len(weights) - 1:
+            h = activation(act, h)
+    if norm == "layernorm":
+        h = F.layer_norm(h, h.shape[-1:])
+    elif norm == "rmsnorm":
+        h = F.rms_norm(h, h.shape[-1:])
+    return x + h if residual and h.shape == x.shape else h
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    return x if name == "identity" else torch.tanh(x) if name == "tanh" else getattr(F, name)(x)
+
+
+def newton_schulz(update: Tensor, steps: int) -> Tensor:
+    """Approximate orthogonalisation of the last two dims (the quintic iteration used by Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    transpose = update.shape[-2] > update.shape[-1]
+    x = update.transpose(-2, -1) if transpose else update
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.transpose(-2, -1)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.transpose(-2, -1) if transpose else x
+
+
+class MemoryKernel(nn.Module):
+    """The update and read rule of one memory level, on per-head tensors.
+
+    k [B, H, dk], v [B, H, dv], q [B, H, dk]; gates [B, H] (per head) or [B, H, dk] (per channel).
+    `step` takes one token; the anchor (the gradient's evaluation point) is refreshed every
+    `every` tokens, counted from the start of the stream.
+    """
+
+    def __init__(self, level: ir.Level, heads: int, key_dim: int, value_dim: int):
+        super().__init__()
+        self.level = level
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.state_kind = level.state.name
+        self.state_args = op_args(level.state)
+        self.objective = level.objective.name
+        self.objective_args = op_args(level.objective)
+        self.optimizer = level.optimizer.name
+        self.optimizer_args = op_args(level.optimizer)
+        self.output = level.output.name
+        self.output_args = op_args(level.output)
+        self.every = concrete(level.every.tokens)
+        self.read = level.read
+        self.order = level.order
+        self.meta = level.meta
+        self.init_kind = level.init.name
+        shapes = self.weight_shapes()
+        if self.init_kind in ("meta", "nested", "pretrained"):
+            self.initial = nn.ParameterList(nn.Parameter(self._initial_value(s, i, len(shapes)))
+                                            for i, s in enumerate(shapes))
+        else:
+            self.initial = None
+        self._shapes = shapes
+        if self.state_kind == "mlp" and self.state_args["residual"] and key_dim != value_dim:
+            raise BackendError(f"level `{level.name}`: a residual mlp memory maps keys to values of the same "
+                               f"width, but keys have {key_dim} channels per head and values {value_dim}")
+
+    def weight_shapes(self) -> list[tuple[int, ...]]:
+        h, dk, dv = self.heads, self.key_dim, self.value_dim
+        if self.state_kind == "matrix":
+            return [(h, dv, dk)]
+        if self.state_kind == "vector":
+            return [(h, dk)]
+        depth, expand = self.state_args["depth"], self.state_args["expand"]
+        hidden = max(1, int(round(expand * dk)))
+        dims = [dk] + [hidden] * (depth - 1) + [dv]
+        return [(h, dims[i + 1], dims[i]) for i in range(depth)]
+
+    def _initial_value(self, shape, index: int, count: int) -> Tensor:
+        if self.state_kind == "mlp":
+            fan_in = shape[-1]
+            # The last map of a residual memory starts small so M starts near the identity.
+            scale = 0.02 if (self.state_args["residual"] and index == count - 1) else 1.0 / math.sqrt(fan_in)
+            return torch.randn(shape) * scale
+        return torch.zeros(shape)
+
+    def initial_state(self, batch: int, like: Tensor) -> LevelState:
+        if self.initial is not None:
+            weights = [w.to(like.dtype).unsqueeze(0).expand(batch, *w.shape) for w in self.initial]
+        else:
+            weights = [like.new_zeros((batch,) + s) for s in self._shapes]
+        state = LevelState(weights=weights, anchor=list(weights))
+        if self.optimizer in ("momentum", "muon"):
+            state.momentum = [torch.zeros_like(w) for w in weights]
+        return state
+
+    # the memory as a function of its weights
+
+    def mapped(self, weights: list[Tensor]) -> list[Tensor]:
+        """The output map (mirror map) applied to the stored weights before any use."""
+        if self.output == "normalize":
+            power = self.output_args["q"]
+            return [w / (w.abs().pow(power).flatten(2).sum(-1).pow(1.0 / power)
+                         .clamp_min(1e-6).pow(power - 2).reshape(w.shape[:2] + (1,) * (w.dim() - 2)))
+                    for w in weights]
+        if self.output == "softmax":
+            return [torch.softmax(w, dim=-1) for w in weights]
+        return weights
+
+    def apply(self, weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+        weights = self.mapped(weights)
+        if self.state_kind == "matrix":
+            if inputs is not None:
+                inputs.append(x)
+            return torch.einsum("bhvk,bhk->bhv", weights[0], x)
+        if self.state_kind == "vector":
+            return weights[0] * x
+        args = self.state_args
+        return mlp_apply(weights, x, args["act"], args["residual"], args["norm"], inputs)
+
+    def loss(self, weights: list[Tensor], k: Tensor, v: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+        """The per-(batch, head) objective, summed: each slice's gradient is its own."""
+        prediction = self.apply(weights, k, inputs)
+        name = self.objective if self.objective != "omega" else self.objective_args["base"]
+        return self._pair_loss(name, prediction, v).sum()
+
+    def _pair_loss(self, name: str, prediction: Tensor, v: Tensor) -> Tensor:
+        residual = prediction - v
+        if name == "dot":
+            return -(prediction * v).sum(-1)
+        if name == "l2":
+            return 0.5 * residual.pow(2).sum(-1)
+        if name == "lp":
+            return residual.abs().pow(self.objective_args["p"]).sum(-1)
+        if name == "huber":
+            return F.huber_loss(prediction, v, reduction="none", delta=self.objective_args["delta"]).sum(-1)
+        raise BackendError(f"no pair loss `{name}`")
+
+    def gradient(self, at: list[Tensor], k: Tensor, v: Tensor, window) -> tuple[list[Tensor], list[Tensor]]:
+        """The inner gradient at `at` and the input of each linear map (for DGD)."""
+        # Under no_grad (inference), tensors may claim requires_grad without a graph behind them:
+        # take the gradient at fresh leaves then; otherwise keep the graph for the outer level.
+        outer = torch.is_grad_enabled()
+        leaves = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in at]
+        inputs: list[Tensor] = []
+        with torch.enable_grad():
+            if self.objective == "omega":
+                total = sum(self._pair_loss(self.objective_args["base"], self.apply(leaves, k_i), v_i)
+                            .mul(gamma_i if gamma_i.dim() == 2 else gamma_i.mean(-1)).sum()
+                            for k_i, v_i, gamma_i in window)
+                self.apply(leaves, k, inputs)
+            else:
+                total = self.loss(leaves, k, v, inputs)
+            grads = torch.autograd.grad(total, leaves, create_graph=self.meta == "full" and outer)
+        if self.meta != "full":
+            grads = [g.detach() for g in grads]
+            inputs = [i.detach() for i in inputs]
+        return list(grads), inputs
+
+    # one token
+
+    def step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
+             position: int) -> Tensor | None:
+        """Update `state` with the pair (k, v) of the token at `position`; return the read of q."""
+        lr, retain = gates["lr"], gates["retain"]
+        anchor_before = state.anchor
+        output_before = self.apply(anchor_before, q) if (q is not None and self.read == "before") else None
+        window = None
+        if self.objective == "omega":
+            state.window = (state.window + [(k, v, gates["gamma"])])[-self.objective_args["window"]:]
+            window = state.window
+        if self.order == "decay_first":
+            # Gradient at the anchor decayed by the retain gates accumulated since the anchor
+            # (a per-channel gate keeps its channels: the product has the gate's own shape).
+            state.retain_product = retain if state.retain_product is None else state.retain_product * retain
+            at = [self._scale(w, state.retain_product, i) for i, w in enumerate(state.anchor)]
+        else:
+            at = state.anchor
+        grads, inputs = self.gradient(at, k, v, window)
+        new = []
+        for index, (weight, grad) in enumerate(zip(state.weights, grads)):
+            step = self._scale(grad, lr, index)
+            kept = self._scale(weight, retain, index)
+            if self.optimizer == "gd":
+                new.append(kept - step)
+            elif self.optimizer == "dgd":
+                u = inputs[index]
+                # W (retain I - lr u u^T) - lr g  =  retain W - lr (W u) u^T - lr g
+                wu = torch.einsum("bhoi,bhi->bho", weight, u)
+                decay = self._scale(torch.einsum("bho,bhi->bhoi", wu, u), lr, index)
+                new.append(kept - decay - step)
+            elif self.optimizer == "momentum":
+                momentum = self._scale(state.momentum[index], gates["momentum"], index) - step
+                state.momentum[index] = momentum
+                new.append(kept + momentum)
+            elif self.optimizer == "muon":
+                momentum = self._scale(state.momentum[index], gates["momentum"], index) + grad
+                state.momentum[index] = momentum
+                new.append(kept - self._scale(newton_schulz(momentum, self.optimizer_args["steps"]), lr, index))
+        if self.meta == "stop":
+            new = [w.detach() for w in new]
+        state.weights = new
+        if (position + 1) % self.every == 0:
+            state.anchor = list(new)
+            state.retain_product = None
+        if q is None:
+            return None
+        return output_before if self.read == "before" else self.apply(state.weights, q)
+
+    def _scale(self, weight: Tensor, gate: Tensor, index: int = 0) -> Tensor:
+        """gate * weight, a per-head gate broadcast, a per-channel gate along the key side."""
+        if gate.dim() == 2:
+            return weight * gate.reshape(gate.shape + (1,) * (weight.dim() - 2))
+        if weight.dim() == 3:  # vector state: [B, H, d]
+            return weight * gate
+        if weight.shape[-1] == gate.shape[-1]:
+            return weight * gate[..., None, :]
+        if weight.shape[-2] == gate.shape[-1]:
+            return weight * gate[..., :, None]
+        return weight * gate.mean(-1).reshape(gate.shape[:2] + (1, 1))
+
+
+
+
+# --- levels ----------------------------------------------------------------------------------
+
+
+def is_feedforward(level: ir.Level) -> bool:
+    """Levels without keys and values act on the full width: y = M(x) (FFN, continuum memory)."""
+    return level.key is None
+
+
+class MemoryLevel(nn.Module):
+    """A matrix / vector / mlp memory with its input pipelines, gates and output projection."""
+
+    def __init__(self, level: ir.Level, dim: int, heads: int, level_widths: dict[str, int], readable: bool = True):
+        super().__init__()
+        self.name = level.name
+        self.read = level.read
+        self.heads = heads
+        # A level that only generates other levels' inputs is never read with a query and has no
+        # output projection: its read-out is the raw M(input).
+        roles = ("key", "value", "query") if readable else ("key", "value")
+        self.pipelines = nn.ModuleDict({
+            role: Pipeline(getattr(level, role), dim, dim, heads, role, level_widths) for role in roles
+        })
+        for role, pipeline in self.pipelines.items():
+            if pipeline.out_width % heads:
+                raise BackendError(f"level `{level.name}`: its {role} has width {pipeline.out_width}, "
+                                   f"which {heads} heads do not divide")
+        key_dim = self.pipelines["key"].out_width // heads
+        value_dim = self.pipelines["value"].out_width // heads
+        if readable and self.pipelines["query"].out_width // heads != key_dim:
+            raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
+        self.gates = nn.ModuleDict({
+            role: Gate(getattr(level, role), dim, heads, key_dim, role, level_widths)
+            for role in ("lr", "retain", "momentum", "gamma") if getattr(level, role) is not None
+        })
+        self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
+        self.out = nn.Linear(heads * value_dim, dim, bias=False) if readable else None
+
+    def initial_state(self, batch: int, like: Tensor) -> LevelState:
+        return self.kernel.initial_state(batch, like)
+
+    def heads_of(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], self.heads, -1)
+
+    def generate(self, x: Tensor, weights: list[Tensor]) -> Tensor:
+        """This level's output on `x` (as another level's pipeline stage), without projection."""
+        return self.kernel.apply(weights, self.heads_of(x)).reshape(x.shape[0], -1)
+
+    def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor | None:
+        inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
+        gates = {role: g(x, position, state, read_level) for role, g in self.gates.items()}
+        query = inputs.get("query")
+        if self.kernel.every == 0:
+            y = self.kernel.apply(state.weights, query) if query is not None else None
+        else:
+            y = self.kernel.step(state, inputs["key"], inputs["value"], query, gates, position)
+        return None if y is None else self.out(y.reshape(x.shape[0], -1))
+
+
+class FeedForwardLevel(nn.Module):
+    """y = M(x) on the full width: frozen (an FFN) or updated from the task loss (continuum memory)."""
+
+    def __init__(self, level: ir.Level, dim: int):
+        super().__init__()
+        self.name = level.name
+        self.kernel = MemoryKernel(level, 1, dim, dim)
+        if self.kernel.initial is None:  # parameters of a feed-forward block always start learned
+            self.kernel.initial = nn.ParameterList(nn.Parameter(self.kernel._initial_value(s, i, len(self.kernel._shapes)))
+                                                   for i, s in enumerate(self.kernel._shapes))
+        self.every = concrete(level.every.tokens)
+        self.meta = level.meta
+        self.optimizer = level.optimizer.name if level.optimizer is not None else "gd"
+        self.gates = {}
+        for role in ("lr", "retain", "momentum"):
+            gate = getattr(level, role)
+            if gate is None:
+                continue
+            if isinstance(gate, ir.Constant):
+                self.gates[role] = float(concrete(gate.value))
+            elif isinstance(gate, ir.Op) and gate.name == "learned":
+                parameter = nn.Parameter(torch.tensor(float(op_args(gate)["init"])))
+                self.register_parameter(f"{role}_gate", parameter)
+                self.gates[role] = parameter
+            elif self.every:
+                raise BackendError(f"level `{level.name}`: a continuum-memory level's {role} must be a constant "
+                                   "or `learned(...)`: it is applied once per chunk, not per token")
+
+    def initial_state(self, batch: int, like: Tensor) -> LevelState:
+        state = self.kernel.initial_state(batch, like)
+        state.anchor = []
+        return state
+
+    def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        if self.every and not all(w.requires_grad for w in state.weights):
+            # Fast weights cut from any graph (inference, or a detached state): the chunk's loss
+            # is still differentiated with respect to them, so they become leaves.
+            state.weights = [w.detach().requires_grad_() for w in state.weights]
+        weights = state.weights if self.every else [w.unsqueeze(0) for w in self.kernel.initial]
+        return self.kernel.apply(weights, x[:, None, :]).reshape(x.shape)
+
+    def update(self, state: LevelState) -> None:
+        """One step on the task loss accumulated over the chunk that just ended."""
+        grads = torch.autograd.grad(state.pending, state.weights, retain_graph=True,
+                                    create_graph=self.meta == "full", allow_unused=True)
+        lr, retain = self.gates.get("lr", 1.0), self.gates.get("retain", 1.0)
+        new = []
+        for index, (weight, grad) in enumerate(zip(state.weights, grads)):
+            grad = torch.zeros_like(weight) if grad is None else grad
+            if self.meta != "full":
+                grad = grad.detach()
+            if self.optimizer == "momentum":
+                state.momentum[index] = self.gates.get("momentum", 0.9) * state.momentum[index] - lr * grad
+                new.append(retain * weight + state.momentum[index])
+            else:
+                new.append(retain * weight - lr * grad)
+        state.weights = [w.detach() if self.meta == "stop" else w for w in new]
+        state.pending = None
+
+
+class CacheLevel(nn.Module):
+    """Softmax attention: the non-parametric level whose state is the (windowed) KV cache."""
+
+    def __init__(self, level: ir.Level, dim: int, heads: int, level_widths: dict[str, int]):
+        super().__init__()
+        self.name = level.name
+        self.heads = heads
+        self.read = level.read
+        self.window = op_args(level.state)["window"]
+        self.pipelines = nn.ModuleDict({
+            role: Pipeline(getattr(level, role), dim, dim, heads, role, level_widths)
+            for role in ("key", "value", "query")
+        })
+        self.out = nn.Linear(self.pipelines["value"].out_width, dim, bias=False)
+
+    def initial_state(self, batch: int, like: Tensor) -> LevelState:
+        return LevelState()
+
+    def append(self, state: LevelState, k: Tensor, v: Tensor) -> None:
+        k, v = k[:, :, None, :], v[:, :, None, :]
+        state.keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
+        state.values = v if state.values is None else torch.cat([state.values, v], dim=2)
+        if self.window:
+            state.keys, state.values = state.keys[:, :, -self.window:], state.values[:, :, -self.window:]
+
+    def attend(self, state: LevelState, q: Tensor) -> Tensor:
+        if state.keys is None:
+            return q.new_zeros(q.shape[0], self.heads, self.pipelines["value"].out_width // self.heads)
+        scores = torch.einsum("bhd,bhnd->bhn", q, state.keys) / math.sqrt(q.shape[-1])
+        return torch.einsum("bhn,bhnd->bhd", torch.softmax(scores, dim=-1), state.values)
+
+    def project(self, role: str, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        return self.pipelines[role](x, position, state, read_level).reshape(x.shape[0], self.heads, -1)
+
+    def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        k, v, q = (self.project(r, x, position, state, read_level) for r in ("key", "value", "query"))
+        if self.read == "before":
+            y = self.attend(state, q)
+            self.append(state, k, v)
+        else:
+            self.append(state, k, v)
+            y = self.attend(state, q)
+        return self.out(y.reshape(x.shape[0], -1))
+
+
+# --- blocks ----------------------------------------------------------------------------------
+
+
+class Norm(nn.Module):
+    def __init__(self, kind: str, dim: int):
+        super().__init__()
+        self.kind = kind
+        self.gain = nn.Parameter(torch.ones(dim)) if kind != "identity" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, x.shape[-1:]) * self.gain
+        if self.kind == "layernorm":
+            return F.layer_norm(x, x.shape[-1:]) * self.gain
+        return x
+
+
+class Layer(nn.Module):
+    """One repetition of the model's block, with its own instance of every level it uses."""
+
+    def __init__(self, program: ir.Program, dim: int, heads: int):
+        super().__init__()
+        self.program = program
+        self.dim = dim
+        used = _used_levels(program)
+        read = set(block_levels(program.model.block))
+        self.levels = nn.ModuleDict({name: _build_level(program.level(name), dim, heads, name in read)
+                                     for name in used})
+        for name in used:
+            for generator in _generators(program.level(name)):
+                if not isinstance(self.levels[generator], MemoryLevel):
+                    raise BackendError(f"level `{generator}` generates inputs of `{name}` but is not a memory "
+                                       "(key/value) level; only memories can be read as a pipeline stage")
+        self.order = _step_order(program, used)
+        self.parts = nn.ModuleDict()
+        self.block = self._build(program.model.block, "b")
+        _copy_pretrained(program, self.levels)
+
+    def _build(self, block, path: str):
+        """Mirror the IR block as nested tuples, registering its parameters under `path`."""
+        if isinstance(block, ir.UseLevel):
+            return ("level", block.level)
+        if isinstance(block, ir.Norm):
+            self.parts[path] = Norm(block.kind, self.dim)
+            return ("norm", path)
+        if isinstance(block, ir.Sequence):
+            return ("seq", [self._build(item, f"{path}_{i}") for i, item in enumerate(block.items)])
+        if isinstance(block, ir.Residual):
+            return ("residual", self._build(block.body, f"{path}_r"))
+        if isinstance(block, ir.Parallel):
+            combine = concrete(block.combine)
+            if combine == "learned":
+                self.parts[path] = _Weights(len(block.branches))
+            branches = [self._build(b, f"{path}_{i}") for i, b in enumerate(block.branches)]
+            return ("parallel", branches, combine, path)
+        if isinstance(block, ir.Gated):
+            self.parts[path] = Norm("rmsnorm", self.dim)
+            return ("gated", self._build(block.main, f"{path}_m"), self._build(block.gate, f"{path}_g"), path)
+        if isinstance(block, ir.MemoryAsContext):
+            persistent = concrete(block.persistent)
+            self.parts[path] = _Persistent(persistent, self.dim)
+            return ("mac", block.memory, block.attention, concrete(block.segment), path)
+        raise BackendError(f"the reference backend cannot build the block {ir.format_value(block)}")
+
+    def initial_state(self, batch: int, like: Tensor) -> dict[str, LevelState]:
+        return {name: level.initial_state(batch, like) for name, level in self.levels.items()}
+
+    def forward(self, x: Tensor, position: int, states: dict[str, LevelState], segment: dict) -> Tensor:
+        snapshot = {name: states[name].anchor for name, level in self.levels.items() if isinstance(level, MemoryLevel)}
+        stepped: dict[str, Tensor] = {}
+
+        def read_level(name: str, value: Tensor) -> Tensor:
+            level = self.levels[name]
+            weights = snapshot[name] if level.read == "before" else states[name].weights
+            return level.generate(value, weights)
+
+        def run_level(name: str, value: Tensor) -> Tensor:
+            for member in self.order[name]:
+                if member not in stepped:
+                    stepped[member] = self.levels[member].step(value, position, states[member], read_level)
+            return stepped[name]
+
+        def run(node, value: Tensor) -> Tensor:
+            kind = node[0]
+            if kind == "level":
+                return run_level(node[1], value)
+            if kind == "norm":
+                return self.parts[node[1]](value)
+            if kind == "seq":
+                for item in node[1]:
+                    value = run(item, value)
+                return value
+            if kind == "residual":
+                return value + run(node[1], value)
+            if kind == "parallel":
+                outputs = [run(branch, value) for branch in node[1]]
+                if node[2] == "sum":
+                    return sum(outputs)
+                if node[2] == "mean":
+                    return sum(outputs) / len(outputs)
+                return sum(w * o for w, o in zip(self.parts[node[3]].weights, outputs))
+            if kind == "gated":
+                main, gate = run(node[1], value), run(node[2], value)
+                return main * torch.sigmoid(self.parts[node[3]](gate))
+            if kind == "mac":
+                return self._memory_as_context(node, value, position, states, segment, read_level, snapshot)
+            raise BackendError(f"unknown block node {kind}")
+
+        return run(self.block, x)
+
+    def _memory_as_context(self, node, x, position, states, segment, read_level, snapshot) -> Tensor:
+        """Titans MAC, one token at a time: attention over the persistent tokens, the memory's
+        read-out of each token of the segment so far and the segment's tokens; then the memory
+        learns from the attention output, which is gated by the memory's read of it."""
+        _, memory_name, attention_name, segment_length, path = node
+        memory, attention = self.levels[memory_name], self.levels[attention_name]
+        cache = segment.setdefault(path, LevelState())
+        if position % segment_length == 0:
+            cache.keys = cache.values = None
+            persistent = self.parts[path].tokens
+            for token in persistent:
+                row = token.expand(x.shape[0], -1)
+                attention.append(cache, attention.project("key", row, position, cache, read_level),
+                                 attention.project("value", row, position, cache, read_level))
+        memory_state = states[memory_name]
+        query = memory.heads_of(memory.pipelines["query"](x, position, memory_state, read_level))
+        retrieved = memory.out(memory.kernel.apply(snapshot[memory_name], query).reshape(x.shape[0], -1))
+        for entry in (retrieved, x):
+            attention.append(cache, attention.project("key", entry, position, cache, read_level),
+                             attention.project("value", entry, position, cache, read_level))
+        y = attention.out(attention.attend(cache, attention.project("query", x, position, cache, read_level))
+                          .reshape(x.shape[0], -1))
+        return y * memory.step(y, position, memory_state, read_level)
+
+
+class _Weights(nn.Module):
+    def __init__(self, count: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.full((count,), 1.0 / count))
+
+
+class _Persistent(nn.Module):
+    def __init__(self, count: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(count, dim) * 0.02)
+
+
+def _build_level(level: ir.Level, dim: int, model_heads: int, readable: bool) -> nn.Module:
+    heads = concrete(level.heads) or model_heads
+    kind = level.state.name
+    if kind == "cache":
+        return CacheLevel(level, dim, heads, {})
+    if is_feedforward(level):
+        return FeedForwardLevel(level, dim)
+    return MemoryLevel(level, dim, heads, {}, readable)
+
+
+def _generators(level: ir.Level) -> set[str]:
+    return generators(level) - {level.name}
+
+
+def _used_levels(program: ir.Program) -> list[str]:
+    return list(program.level_names)
+
+
+def _step_order(program: ir.Program, used: list[str]) -> dict[str, list[str]]:
+    """For each level, the levels to step before reading it, ending with itself: its transitive
+    generators, those read after their update first in dependency order."""
+    order: dict[str, list[str]] = {}
+    for name in used:
+        visited: list[str] = []
+
+        def visit(current: str, trail: tuple[str, ...]) -> None:
+            if current in visited or current in trail:
+                return
+            for generator in sorted(_generators(program.level(current))):
+                visit(generator, trail + (current,))
+            visited.append(current)
+
+        visit(name, ())
+        order[name] = visited
+    return order
+
+
+def _copy_pretrained(program: ir.Program, levels: nn.ModuleDict) -> None:
+    for level in program.levels:
+        if level.init.name != "pretrained":
+            continue
+        source = levels[op_args(level.init)["source"]]
+        target = levels[level.name]
+        with torch.no_grad():
+            for mine, theirs in zip(target.kernel.initial, source.kernel.initial):
+                if mine.shape != theirs.shape:
+                    raise BackendError(f"level `{level.name}` cannot start from `{source.name}`: shapes differ")
+                mine.copy_(theirs)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class ReferenceModel(nn.Module):
+    """`model(tokens, state=None) -> (logits, state)` for a checked, choice-free program."""
+
+    def __init__(self, program: ir.Program):
+        super().__init__()
+        if program.model is None:
+            raise BackendError(f"{program.file} has no `model` section: it is a library of levels")
+        if ir.contains_search(program.model) or any(ir.contains_search(level) for level in program.levels):
+            raise BackendError(f"{program.file} is a search space: freeze it to one variant first")
+        model = program.model
+        self.program = program
+        self.vocab, self.dim = model.vocab, model.dim
+        self.embedding = nn.Embedding(self.vocab, self.dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.layers = nn.ModuleList(Layer(program, self.dim, model.heads) for _ in range(model.layers))
+        self.norm = Norm(model.norm if model.norm != "none" else "identity", self.dim)
+        self.head = None if model.tie_embeddings else nn.Linear(self.dim, self.vocab, bias=False)
+        self.task_levels = [name for name, level in self.layers[0].levels.items()
+                            if isinstance(level, FeedForwardLevel) and level.every]
+
+    def initial_state(self, batch: int) -> ModelState:
+        like = self.embedding.weight
+        return ModelState(position=0, levels=[layer.initial_state(batch, like) for layer in self.layers],
+                          segments=[{} for _ in self.layers])
+
+    def logits(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        return x @ self.embedding.weight.t() if self.head is None else self.head(x)
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        outer_grad = torch.is_grad_enabled()
+        outputs = []
+        # Continuum levels differentiate the task loss even at inference, so they run with grad on.
+        with torch.enable_grad() if self.task_levels else contextlib.nullcontext():
+            state = self.initial_state(tokens.shape[0]) if state is None else state
+            for t in range(tokens.shape[1]):
+                token = tokens[:, t]
+                if self.task_levels:
+                    self._learn_from_task_loss(state, token)
+                x = self.embedding(token)
+                for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
+                    x = layer(x, state.position, level_states, segment)
+                logits = self.logits(x)
+                outputs.append(logits)
+                state.last_logits = logits if self.task_levels else None
+                state.position += 1
+        logits = torch.stack(outputs, dim=1)
+        if not outer_grad:
+            # Continuum levels keep the graph of their unfinished chunk in the state, so the next
+            # call can still differentiate the whole chunk's loss; everything else is cut.
+            return logits.detach(), state if self.task_levels else state.detach()
+        return logits, state
+
+    def _learn_from_task_loss(self, state: ModelState, token: Tensor) -> None:
+        """The prediction made at the previous position meets its target: add its loss to every
+        continuum-memory level, and step the levels whose chunk ended there."""
+        if state.last_logits is None:
+            return
+        # Summed over the batch: each sample's fast weights receive only their own sample's loss.
+        loss = F.cross_entropy(state.last_logits, token, reduction="sum")
+        for layer, level_states in zip(self.layers, state.levels):
+            for name in self.task_levels:
+                level_state = level_states[name]
+                level_state.pending = loss if level_state.pending is None else level_state.pending + loss
+                if state.position % layer.levels[name].every == 0:
+                    layer.levels[name].update(level_state)
+
+
+def build(program: ir.Program) -> ReferenceModel:
+    return ReferenceModel(program)
+
+
+def run_kernel(kernel: MemoryKernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],
+               state: LevelState | None = None, start: int = 0) -> tuple[Tensor, LevelState]:
+    """Run a memory rule over precomputed inputs: k, q [B, T, H, dk], v [B, T, H, dv], each gate
+    [B, T, H] or [B, T, H, dk]. Returns the reads [B, T, H, dv] and the final state. This is the
+    level's recurrence alone, without projections, which is what published references implement."""
+    state = kernel.initial_state(k.shape[0], k) if state is None else state
+    outputs = []
+    for t in range(k.shape[1]):
+        at_t = {role: gate[:, t] for role, gate in gates.items()}
+        at_t.setdefault("lr", k.new_ones(k.shape[0], k.shape[2]))
+        at_t.setdefault("retain", k.new_ones(k.shape[0], k.shape[2]))
+        outputs.append(kernel.step(state, k[:, t], v[:, t], q[:, t], at_t, start + t))
+    return torch.stack(outputs, dim=1), state

@@ -362,10 +362,12 @@ class MemoryKernel(nn.Module):
 
     def gradient(self, at: list[Tensor], k: Tensor, v: Tensor, window) -> tuple[list[Tensor], list[Tensor]]:
         """The inner gradient at `at` and the input of each linear map (for DGD)."""
-        # Under no_grad (inference), tensors may claim requires_grad without a graph behind them:
-        # take the gradient at fresh leaves then; otherwise keep the graph for the outer level.
+        # The gradient is taken with respect to the memory inside M(k) only: keys and values a level
+        # generates from its own state (`self`) are inputs of the objective, so differentiate at
+        # new aliases of the state that they do not depend on. A view keeps the outer graph; under
+        # no_grad, where tensors may claim requires_grad without a graph, use fresh leaves.
         outer = torch.is_grad_enabled()
-        leaves = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in at]
+        leaves = [w.view_as(w) if (outer and w.requires_grad) else w.detach().requires_grad_() for w in at]
         inputs: list[Tensor] = []
         with torch.enable_grad():
             if self.objective == "omega":

@@ -7,7 +7,7 @@ import os
 from nestc.diagnostics import NestError
 from nestc.source import SourceFile
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "compiled")
 
 
 def check(spec: str):
@@ -32,11 +32,16 @@ def load(spec: str, backend: str = "reference"):
     """Build a runnable PyTorch model from a spec path (or spec text).
 
     `model(tokens, state=None) -> (logits, state)`: tokens are [batch, time] integers; `state`
-    holds every level's state and continues a stream when passed back in.
+    holds every level's state and continues a stream when passed back in. `backend="reference"`
+    is the token-by-token oracle; `"compiled"` computes the same function a segment at a time.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     program = check(spec)
+    if backend == "compiled":
+        from nestc.backends import compiled
+
+        return compiled.build(program)
     from nestc.backends import reference
 
     return reference.build(program)

@@ -37,3 +37,12 @@ def at_repo_root(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.chdir(REPO)
     return REPO
+
+
+@pytest.fixture(params=["reference", "compiled"])
+def kernel_backend(request, monkeypatch):
+    """Run a memory-rule test against each backend's kernels."""
+    import oracles
+
+    monkeypatch.setattr(oracles, "backend", request.param)
+    return request.param

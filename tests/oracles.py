@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import nestc
+from nestc.backends.compiled import run_kernel as compiled_run_kernel
 from nestc.backends.reference import MemoryKernel, run_kernel
 
 FLA_VERSION = "0.6.0"
@@ -85,10 +86,16 @@ def kernel(body: str, heads: int, key_dim: int, value_dim: int, state: str = "ma
     return MemoryKernel(level(body, state), heads=heads, key_dim=key_dim, value_dim=value_dim)
 
 
+# Which backend's run_kernel the oracle tests exercise; the `kernel_backend` fixture (conftest)
+# runs every such test once per backend.
+RUN_KERNEL = {"reference": run_kernel, "compiled": compiled_run_kernel}
+backend = "reference"
+
+
 def run(kern: MemoryKernel, k, v, q, gates, state=None, start: int = 0):
     """run_kernel without an outer graph (the tests compare values only)."""
     with torch.no_grad():
-        return run_kernel(kern, k, v, q, gates, state=state, start=start)
+        return RUN_KERNEL[backend](kern, k, v, q, gates, state=state, start=start)
 
 
 # --- inputs ----------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 
 from oracles import assert_close, kernel, qkv, run, uniform
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 B, H = 2, 2
 
 

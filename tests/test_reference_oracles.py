@@ -25,6 +25,8 @@ import torch
 
 from oracles import assert_close, fla_naive, kernel, qkv, run, uniform
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 B, T, H = 2, 13, 2
 SHAPES = [(8, 8), (4, 6)]  # (d_k, d_v)
 SHAPE_IDS = ["dk=dv", "dk!=dv"]

@@ -1,0 +1,660 @@
+"""The compiled backend: the reference's model, evaluated a segment of tokens at a time.
+
+Same parameters and the same `ModelState` as the reference (a state dict and a state move freely
+between the two); what changes is the schedule. The sequence is cut into segments aligned to
+absolute positions and short enough that no level's anchor changes inside one (the segment length
+divides every chunk size that matters). Inside a segment every layer runs on the whole
+`[batch, segment, width]` tensor: projections, convolutions, attention and feed-forward blocks
+as single calls, and each memory level through a closed form of its rule:
+
+- `anchored`: matrix or vector memories whose gradient inside the segment is taken at one state
+  (every C with the segment inside a chunk, or a `dot` objective, whose gradient ignores the
+  state). Every token's gradient is `e_i k_i^T` at that state; retain and momentum are linear
+  recurrences, solved with decay matrices (SEMANTICS section 4, the TTT/Titans dual form).
+- `delta`: the online delta rule (`every 1`, `l2`, `gd`, matrix) with per-head gates in either
+  order: the chunkwise UT transform, a triangular solve per segment (DeltaNet, Gated DeltaNet).
+- `mlp`: MLP memories under `every C`: all gradients of the segment at the anchor at once, then
+  the weights of every position by the same decay matrices.
+- `sequential`: anything else steps token by token with the reference kernel, and says so.
+
+Continuum-memory levels update between segments (the segment length divides their periods).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nestc import ir
+from nestc.backends.common import BackendError, concrete
+from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
+                                      ReferenceModel, Stage, activation, rotate)
+
+MAX_SEGMENT = 64
+
+
+class CompileWarning(UserWarning):
+    """A construct without a parallel form: it runs token by token."""
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    kernel: str  # anchored | delta | mlp | sequential
+    reason: str = ""
+
+
+def plan_level(level: ir.Level, module) -> LevelPlan:
+    if not isinstance(module, MemoryLevel):
+        return LevelPlan("module")
+    gates = [getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None]
+    return plan_kernel(module.kernel, any(_per_channel(g) for g in gates))
+
+
+def plan_kernel(kernel, per_channel: bool) -> LevelPlan:
+    """Which segment form computes this memory rule exactly (or why none does yet)."""
+    every = kernel.every
+    simple = (kernel.output == "none" and not per_channel and kernel.optimizer in ("gd", "momentum", "dgd")
+              and kernel.objective in ("dot", "l2", "lp", "huber"))
+    if every == 0:
+        return LevelPlan("frozen")
+    if not simple:
+        why = ("per-channel gates" if per_channel else f"output map `{kernel.output}`" if kernel.output != "none"
+               else f"objective `{kernel.objective}`" if kernel.objective not in ("dot", "l2", "lp", "huber")
+               else f"optimizer `{kernel.optimizer}`")
+        return LevelPlan("sequential", f"{why} has no parallel form yet")
+    if every == 1 and kernel.read == "before":
+        return LevelPlan("sequential", "`read before` with `every 1` has no parallel form yet")
+    if kernel.state_kind == "mlp" or kernel.optimizer == "dgd":
+        if every == 1 and kernel.objective != "dot":
+            return LevelPlan("sequential", f"a {kernel.state_kind} memory with `{kernel.optimizer}` updated every "
+                                           "token has no parallel form")
+        return LevelPlan("layered")
+    if every == 1 and kernel.objective != "dot":
+        if kernel.objective == "l2" and kernel.optimizer == "gd" and kernel.state_kind == "matrix":
+            return LevelPlan("delta")
+        return LevelPlan("sequential", "this online rule has no parallel form yet")
+    return LevelPlan("anchored")
+
+
+def _per_channel(gate) -> bool:
+    if isinstance(gate, ir.Op) and gate.name == "learned":
+        return dict(gate.args)["per"] == "channel"
+    if isinstance(gate, ir.Pipeline):
+        return any(isinstance(s, ir.Op) and s.name == "proj" and dict(s.args)["per"] == "channel"
+                   for s in gate.stages)
+    return False
+
+
+def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
+    """The longest segment (up to MAX_SEGMENT) inside which no anchor and no continuum level moves."""
+    length = MAX_SEGMENT
+    for level in program.levels:
+        every = concrete(level.every.tokens)
+        plan = plans[level.name]
+        # anchored forms need the anchor fixed inside a segment, and the state keeps the anchor
+        constrained = plan.kernel in ("anchored", "layered")
+        if plan.kernel == "module" and isinstance(level.objective, ir.Op) and level.objective.name == "task":
+            constrained = every > 0
+        if every > 1 and (constrained or _is_generator(program, level.name)):
+            length = math.gcd(length, every)
+        elif every == 1 and _is_generator(program, level.name):
+            length = 1
+    return max(length, 1)
+
+
+def _is_generator(program: ir.Program, name: str) -> bool:
+    from nestc.sema import generators
+
+    return any(name in generators(level) and level.name != name for level in program.levels) or any(
+        name in generators(level) for level in program.levels if level.name == name)
+
+
+# --- sequence versions of the building blocks -------------------------------------------------
+
+
+def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Tensor:
+    """One pipeline stage on [B, S, width], positions start .. start + S - 1."""
+    kind, args = stage.kind, stage.args
+    if kind == "conv":
+        window = args["window"]
+        history = state.buffers.get(stage.buffer_name)
+        if history is None:
+            history = x.new_zeros(x.shape[0], window - 1, x.shape[2])
+        frames = torch.cat([history, x], dim=1)
+        state.buffers[stage.buffer_name] = frames[:, -(window - 1):, :] if window > 1 else frames[:, :0, :]
+        windows = frames.unfold(1, window, 1)  # [B, S, width, window], oldest first
+        return torch.einsum("bscw,cw->bsc", windows, stage.weight)
+    if kind == "rope":
+        heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
+        rotated = torch.stack([rotate(heads[:, s], start + s, args["base"]) for s in range(x.shape[1])], dim=1)
+        return rotated.reshape(x.shape)
+    if kind in ("l2norm", "layernorm", "rmsnorm"):
+        heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
+        if kind == "l2norm":
+            out = F.normalize(heads, dim=-1)
+        elif kind == "layernorm":
+            out = F.layer_norm(heads, heads.shape[-1:])
+        else:
+            out = F.rms_norm(heads, heads.shape[-1:])
+        return out.reshape(x.shape)
+    return stage(x, start, state)  # position-free stages work on any leading shape
+
+
+def apply_sequence(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
+    """M(x) for weights [B, H, ...] (one memory per sample) and x [B, S, H, d]."""
+    weights = kernel.mapped(weights)
+    if kernel.state_kind == "matrix":
+        return torch.einsum("bhvk,bshk->bshv", weights[0], x)
+    if kernel.state_kind == "vector":
+        return weights[0][:, None] * x
+    args = kernel.state_args
+    h = x
+    for index, weight in enumerate(weights):
+        h = torch.einsum("bhoi,bshi->bsho", weight, h)
+        if index < len(weights) - 1:
+            h = activation(args["act"], h)
+    return _finish_mlp(h, x, args)
+
+
+def _finish_mlp(h: Tensor, x: Tensor, args: dict) -> Tensor:
+    if args["norm"] == "layernorm":
+        h = F.layer_norm(h, h.shape[-1:])
+    elif args["norm"] == "rmsnorm":
+        h = F.rms_norm(h, h.shape[-1:])
+    return x + h if args["residual"] and h.shape == x.shape else h
+
+
+def decay_matrix(gates: Tensor) -> Tensor:
+    """P[..., t, i] = prod_{j=i+1..t} gate_j for i <= t, else 0; gates [..., S] (exact for zeros)."""
+    size = gates.shape[-1]
+    logs = torch.log(gates)
+    repeated = logs[..., None, :].expand(*logs.shape, size).transpose(-1, -2)  # [.., t, i] = log g_t
+    strict = torch.ones(size, size, dtype=torch.bool, device=gates.device).tril(-1)
+    summed = torch.cumsum(repeated.masked_fill(~strict, 0.0), dim=-2)
+    lower = torch.ones(size, size, dtype=torch.bool, device=gates.device).tril()
+    return torch.where(lower, torch.exp(summed), torch.zeros((), dtype=gates.dtype, device=gates.device))
+
+
+def pair_error(objective: str, args: dict, prediction: Tensor, v: Tensor) -> Tensor:
+    """d loss / d prediction for one pair, elementwise."""
+    if objective == "dot":
+        return -v
+    residual = prediction - v
+    if objective == "l2":
+        return residual
+    if objective == "lp":
+        p = args["p"]
+        return p * residual.abs().pow(p - 1) * torch.sign(residual)
+    if objective == "huber":
+        delta = args["delta"]
+        return residual.clamp(-delta, delta)
+    raise BackendError(f"no closed-form gradient for objective `{objective}`")
+
+
+# --- memory kernels on a segment --------------------------------------------------------------
+
+
+def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """Matrix/vector memory with every gradient of the segment at one state. k, q [B, H, S, dk],
+    v [B, H, S, dv], gates [B, H, S]. Returns reads [B, H, S, dv] and advances `state`."""
+    lr, retain = gates["lr"], gates["retain"]
+    size = k.shape[2]
+    matrix = kernel.state_kind == "matrix"
+    anchor = state.anchor[0]
+    if kernel.order == "decay_first":
+        previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
+        decayed = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
+    if matrix:
+        at_anchor = torch.einsum("bhvk,bhsk->bhsv", anchor, k)
+    else:
+        at_anchor = anchor[:, :, None, :] * k
+    prediction = decayed[..., None] * at_anchor if kernel.order == "decay_first" else at_anchor
+    error = pair_error(kernel.objective, kernel.objective_args, prediction, v)
+    key = k
+    if kernel.meta != "full":
+        error, key = error.detach(), k.detach()
+    step = -lr[..., None] * error  # u_i = step_i key_i^T
+    decay = decay_matrix(retain)  # D[t, i]
+    start_decay = torch.cumprod(retain, dim=-1)  # b_t
+    weights0 = state.weights[0]
+    if kernel.optimizer == "momentum":
+        momentum = gates["momentum"]
+        inner = decay_matrix(momentum)  # M[t, i]
+        kernel_matrix = decay @ inner  # K = D M
+        momentum_start = torch.cumprod(momentum, dim=-1)
+        carry = decay @ momentum_start[..., None]  # c_t = sum_s D[t, s] m_s
+        momentum0 = state.momentum[0]
+    else:
+        kernel_matrix = decay
+    # Reads after the update at t. With `meta stop` the written state is cut from the graph, so
+    # only the query stays differentiable.
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    if matrix:
+        scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(kernel_matrix)
+        y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(step)
+        if kernel.optimizer == "momentum":
+            y = y + cut(carry) * torch.einsum("bhvk,bhtk->bhtv", cut(momentum0), q)
+    else:
+        y = cut(start_decay)[..., None] * cut(weights0)[:, :, None, :] * q + torch.einsum(
+            "bhti,bhid,bhtd->bhtd", cut(kernel_matrix), cut(step * key), q)
+        if kernel.optimizer == "momentum":
+            y = y + cut(carry) * cut(momentum0)[:, :, None, :] * q
+    # the state after the segment
+    last = kernel_matrix[..., -1, :]  # [B, H, S]
+    if matrix:
+        new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", last, step, key)
+    else:
+        new = start_decay[..., -1, None] * weights0 + torch.einsum("bhi,bhid->bhd", last, step * key)
+    if kernel.optimizer == "momentum":
+        momentum_last = inner[..., -1, :]
+        if matrix:
+            new = new + carry[..., -1, :, None] * momentum0
+            state.momentum = [momentum_start[..., -1, None, None] * momentum0
+                              + torch.einsum("bhi,bhiv,bhik->bhvk", momentum_last, step, key)]
+        else:
+            new = new + carry[..., -1, :] * momentum0
+            state.momentum = [momentum_start[..., -1, None] * momentum0
+                              + torch.einsum("bhi,bhid->bhd", momentum_last, step * key)]
+    if kernel.meta == "stop":
+        new = new.detach()
+        state.momentum = [m.detach() for m in state.momentum]
+    state.weights = [new]
+    _finish_segment(kernel, state, start, size, retain)
+    if kernel.read == "before":
+        before = torch.einsum("bhvk,bhtk->bhtv", anchor, q) if matrix else anchor[:, :, None, :] * q
+        return before
+    return y
+
+
+def _finish_segment(kernel, state: LevelState, start: int, size: int, retain: Tensor) -> None:
+    if kernel.order == "decay_first":
+        previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
+        state.retain_product = previous * torch.prod(retain, dim=-1)
+    if (start + size) % kernel.every == 0:
+        state.anchor = list(state.weights)
+        state.retain_product = None
+
+
+def _ut_solve(weights0: Tensor, keys: Tensor, values: Tensor, lr: Tensor, retain: Tensor, order: str):
+    """The delta rule M_t = retain_t M_{t-1} + lr_t R_t k_t^T, R_t = v_t - M' k_t (M' = M_{t-1}, or
+    retain_t M_{t-1} under decay_first), over a segment: returns delta_t = lr_t R_t.
+
+    Unrolled, M_t = b_t M_0 + sum_{i<=t} D[t, i] delta_i k_i^T, so the R_t solve one unit
+    lower-triangular system (I + A) R = V - c * (K M_0^T), A[t, i] = E[t, i] (k_t . k_i) lr_i for
+    i < t, where E and c are the decay from i (or from the segment start) to t (decay_first) or
+    to t - 1 (grad_first). This is the UT transform of DeltaNet's chunkwise algorithm."""
+    size = keys.shape[2]
+    decay = decay_matrix(retain)
+    start_decay = torch.cumprod(retain, dim=-1)
+    if order == "decay_first":
+        error_decay, error_start = decay, start_decay
+    else:
+        error_decay = torch.cat([torch.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], dim=-2)
+        error_start = torch.cat([torch.ones_like(start_decay[..., :1]), start_decay[..., :-1]], dim=-1)
+    strict = torch.ones(size, size, dtype=torch.bool, device=keys.device).tril(-1)
+    system = torch.where(strict, error_decay * torch.einsum("bhtk,bhik->bhti", keys, keys) * lr[..., None, :],
+                         torch.zeros((), dtype=keys.dtype, device=keys.device))
+    identity = torch.eye(size, dtype=keys.dtype, device=keys.device)
+    right = values - error_start[..., None] * torch.einsum("bhvk,bhtk->bhtv", weights0, keys)
+    residual = torch.linalg.solve_triangular(identity + system, right, upper=False, unitriangular=True)
+    return residual, decay
+
+
+def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """The online delta rule (`every 1`, l2, gd, matrix) exactly, by the UT transform."""
+    lr, retain = gates["lr"], gates["retain"]
+    size = k.shape[2]
+    weights0 = state.weights[0]
+    residual, decay = _ut_solve(weights0, k, v, lr, retain, kernel.order)
+    start_decay = torch.cumprod(retain, dim=-1)
+    key = k
+    if kernel.meta != "full":  # the inner gradient -R k^T is a constant of the outer level
+        residual, key = residual.detach(), k.detach()
+    delta = lr[..., None] * residual
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(decay)
+    y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(delta)
+    new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", decay[..., -1, :], delta, key)
+    state.weights = [new.detach() if kernel.meta == "stop" else new]
+    _finish_segment(kernel, state, start, size, retain)
+    return y
+
+
+def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """Matrix or MLP memories as linear maps W_l with inputs u_l: every token's gradient at the
+    anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by one
+    autograd call. gd and momentum then follow the decay matrices; dgd, whose decay term
+    W (retain I - lr u u^T) makes each map a delta rule with keys u and values -d, the UT solve."""
+    lr, retain = gates["lr"], gates["retain"]
+    size = k.shape[2]
+    inputs, errors = _errors_at_anchor(kernel, state, k, v, retain)
+    decay = decay_matrix(retain)
+    start_decay = torch.cumprod(retain, dim=-1)
+    momentum_gate = gates.get("momentum")
+    positions, finals, momenta = [], [], []
+    for index, (weight0, u, d) in enumerate(zip(state.weights, inputs, errors)):
+        if kernel.optimizer == "dgd":
+            residual, _ = _ut_solve(weight0, u, -d, lr, retain, "grad_first")
+            coefficients, vectors, carried = decay, lr[..., None] * residual, None
+        else:
+            step = -lr[..., None] * d  # u_i = step_i u_i^T
+            if kernel.optimizer == "momentum":
+                inner = decay_matrix(momentum_gate)
+                momentum_start = torch.cumprod(momentum_gate, dim=-1)
+                coefficients = decay @ inner
+                carried = (decay @ momentum_start[..., None])[..., 0]
+                momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
+                               + torch.einsum("bhi,bhio,bhij->bhoj", inner[..., -1, :], step, u))
+            else:
+                coefficients, carried = decay, None
+            vectors = step
+        final = start_decay[..., -1, None, None] * weight0 + torch.einsum(
+            "bhi,bhio,bhij->bhoj", coefficients[..., -1, :], vectors, u)
+        if carried is not None:
+            final = final + carried[..., -1, None, None] * state.momentum[index]
+        finals.append(final)
+        if kernel.read == "after":
+            at = start_decay[..., None, None] * weight0[:, :, None] + torch.einsum(
+                "bhti,bhio,bhij->bhtoj", coefficients, vectors, u)
+            if carried is not None:
+                at = at + carried[..., None, None] * state.momentum[index][:, :, None]
+            positions.append(at)
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    if kernel.read == "after":
+        y = _per_token_read(kernel, [cut(w) for w in positions], q)
+    else:
+        y = apply_sequence(kernel, state.anchor, q.transpose(1, 2)).transpose(1, 2)
+    state.weights = [cut(w) for w in finals]
+    if momenta:
+        state.momentum = [cut(m) for m in momenta]
+    _finish_segment(kernel, state, start, size, retain)
+    return y
+
+
+def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: Tensor):
+    """Inputs u_l and output errors d_l of each linear map, for every token, at the anchor (the
+    anchor times the retain gates since it under `order decay_first`)."""
+    outer = torch.is_grad_enabled()
+    anchor = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in state.anchor]
+    if kernel.order == "decay_first":
+        previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
+        scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
+    else:
+        scale = None
+    args = kernel.state_args
+    inputs, outputs = [], []
+    with torch.enable_grad():
+        h = k
+        for index, weight in enumerate(anchor):
+            inputs.append(h)
+            z = torch.einsum("bhoi,bhsi->bhso", weight, h)
+            if scale is not None:
+                z = scale[..., None] * z
+            outputs.append(z)
+            h = activation(args["act"], z) if (kernel.state_kind == "mlp" and index < len(anchor) - 1) else z
+        prediction = _finish_mlp(h, k, args) if kernel.state_kind == "mlp" else h
+        loss = kernel._pair_loss(kernel.objective, prediction, v).sum()
+        errors = torch.autograd.grad(loss, outputs, create_graph=kernel.meta == "full" and outer)
+    if kernel.meta != "full":
+        errors = [e.detach() for e in errors]
+        inputs = [u.detach() for u in inputs]
+    return inputs, list(errors)
+
+
+def _per_token_read(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
+    """M_t(x_t) with one set of weights per position: weights [B, H, S, o, i], x [B, H, S, d]."""
+    h = x
+    for index, weight in enumerate(weights):
+        h = torch.einsum("bhsoi,bhsi->bhso", weight, h)
+        if kernel.state_kind == "mlp" and index < len(weights) - 1:
+            h = activation(kernel.state_args["act"], h)
+    return _finish_mlp(h, x, kernel.state_args) if kernel.state_kind == "mlp" else h
+
+
+def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    outputs = []
+    for t in range(k.shape[2]):
+        at_t = {role: gate[:, :, t] for role, gate in gates.items()}
+        outputs.append(kernel.step(state, k[:, :, t], v[:, :, t], q[:, :, t] if q is not None else None,
+                                   at_t, start + t))
+    return torch.stack(outputs, dim=2) if q is not None else None
+
+
+KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": layered_segment,
+           "sequential": sequential_segment}
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+class CompiledModel(ReferenceModel):
+    """`model(tokens, state=None) -> (logits, state)`, equal to the reference, a segment at a time."""
+
+    def __init__(self, program: ir.Program):
+        super().__init__(program)
+        self.plans: dict[str, LevelPlan] = {}
+        layer = self.layers[0]
+        for name, module in layer.levels.items():
+            self.plans[name] = plan_level(program.level(name), module)
+        self.fallback = self._whole_model_fallback(program)
+        for name, plan in self.plans.items():
+            if plan.kernel == "sequential":
+                level = program.level(name)
+                warnings.warn(f"{level.span}: level `{name}` runs token by token: {plan.reason}",
+                              CompileWarning, stacklevel=2)
+        if self.fallback:
+            warnings.warn(f"{program.file}: the whole model runs token by token: {self.fallback}",
+                          CompileWarning, stacklevel=2)
+        self.segment = segment_length(program, self.plans)
+
+    def _whole_model_fallback(self, program: ir.Program) -> str:
+        if any(isinstance(node, ir.MemoryAsContext) for node in _block_nodes(program.model.block)):
+            return "memory-as-context (mac) blocks have no segment form yet"
+        from nestc.sema import generators
+
+        for level in program.levels:
+            for generator in generators(level):
+                if program.level(generator).read == "after" and generator != level.name:
+                    return f"level `{generator}` is read after its update by the levels it generates for"
+        return ""
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        if self.fallback:
+            return super().forward(tokens, state)
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        outer_grad = torch.is_grad_enabled()
+        outputs = []
+        with torch.enable_grad() if self.task_levels else contextlib.nullcontext():
+            state = self.initial_state(tokens.shape[0]) if state is None else state
+            t = 0
+            while t < tokens.shape[1]:
+                size = min(tokens.shape[1] - t, self.segment - state.position % self.segment)
+                chunk = tokens[:, t:t + size]
+                if self.task_levels:
+                    self._learn_from_task_loss(state, chunk[:, 0])
+                x = self.embedding(chunk)
+                for layer, level_states in zip(self.layers, state.levels):
+                    x = run_layer(self, layer, x, state.position, level_states)
+                logits = self.logits(x)
+                outputs.append(logits)
+                if self.task_levels:
+                    self._add_segment_loss(state, logits, chunk)
+                    state.last_logits = logits[:, -1]
+                state.position += size
+                t += size
+        logits = torch.cat(outputs, dim=1)
+        if not outer_grad:
+            return logits.detach(), state if self.task_levels else state.detach()
+        return logits, state
+
+    def _add_segment_loss(self, state: ModelState, logits: Tensor, chunk: Tensor) -> None:
+        """The predictions inside the segment whose targets are inside it too."""
+        if chunk.shape[1] < 2:
+            return
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
+                               reduction="sum")
+        for level_states in state.levels:
+            for name in self.task_levels:
+                level_state = level_states[name]
+                level_state.pending = loss if level_state.pending is None else level_state.pending + loss
+
+
+def _block_nodes(block):
+    yield block
+    for child in (getattr(block, "items", None) or getattr(block, "branches", None) or getattr(block, "options", None)
+                  or ()):
+        yield from _block_nodes(child)
+    for attribute in ("body", "main", "gate"):
+        if hasattr(block, attribute):
+            yield from _block_nodes(getattr(block, attribute))
+
+
+def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[str, LevelState]) -> Tensor:
+    """One layer's block on a segment x [B, S, D]."""
+    snapshot = {name: states[name].anchor for name, level in layer.levels.items() if isinstance(level, MemoryLevel)}
+    stepped: dict[str, Tensor] = {}
+
+    def read_level(name: str, value: Tensor) -> Tensor:
+        level = layer.levels[name]
+        heads = value.reshape(value.shape[0], value.shape[1], level.heads, -1)
+        return apply_sequence(level.kernel, snapshot[name], heads).reshape(value.shape[0], value.shape[1], -1)
+
+    def run_level(name: str, value: Tensor) -> Tensor:
+        for member in layer.order[name]:
+            if member not in stepped:
+                stepped[member] = run_module(model, layer.levels[member], model.plans[member], value, start,
+                                             states[member], read_level)
+        return stepped[name]
+
+    def run(node, value: Tensor) -> Tensor:
+        kind = node[0]
+        if kind == "level":
+            return run_level(node[1], value)
+        if kind == "norm":
+            return layer.parts[node[1]](value)
+        if kind == "seq":
+            for item in node[1]:
+                value = run(item, value)
+            return value
+        if kind == "residual":
+            return value + run(node[1], value)
+        if kind == "parallel":
+            outputs = [run(branch, value) for branch in node[1]]
+            if node[2] == "sum":
+                return sum(outputs)
+            if node[2] == "mean":
+                return sum(outputs) / len(outputs)
+            return sum(w * o for w, o in zip(layer.parts[node[3]].weights, outputs))
+        if kind == "gated":
+            main, gate = run(node[1], value), run(node[2], value)
+            return main * torch.sigmoid(layer.parts[node[3]](gate))
+        raise BackendError(f"no segment form for block node {kind}")
+
+    return run(layer.block, x)
+
+
+def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
+    for kind, target in pipeline.steps:
+        x = read_level(target, x) if kind == "level" else stage_sequence(pipeline.stages[target], x, start, state)
+    return x
+
+
+def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: LevelState, read_level):
+    batch, size = x.shape[:2]
+    if isinstance(module, FeedForwardLevel):
+        if module.every and not all(w.requires_grad for w in state.weights):
+            state.weights = [w.detach().requires_grad_() for w in state.weights]
+        weights = state.weights if module.every else [w.unsqueeze(0).expand(batch, *w.shape) for w in module.kernel.initial]
+        return apply_sequence(module.kernel, weights, x[:, :, None, :]).reshape(x.shape)
+    if isinstance(module, CacheLevel):
+        return attend_segment(module, x, start, state, read_level)
+    heads = module.heads
+    inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
+              for role, p in module.pipelines.items()}
+    gates = {role: _gate_sequence(gate, x, start, state, read_level, heads) for role, gate in module.gates.items()}
+    query = inputs.get("query")
+    if plan.kernel == "frozen":
+        if query is None:
+            return None
+        y = apply_sequence(module.kernel, state.weights, query.transpose(1, 2)).transpose(1, 2)
+    else:
+        gates.setdefault("lr", x.new_ones(batch, heads, size))
+        gates.setdefault("retain", x.new_ones(batch, heads, size))
+        kernel = KERNELS[plan.kernel]
+        y = kernel(module.kernel, state, inputs["key"], inputs["value"],
+                   query if (query is not None or plan.kernel == "sequential") else inputs["key"], gates, start)
+        if query is None:
+            return None
+    return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+
+
+def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, heads: int) -> Tensor:
+    """A gate over the segment as [B, H, S] (or [B, H, S, d] per channel)."""
+    batch, size = x.shape[:2]
+    if gate.constant is not None:
+        return x.new_full((batch, heads, size), gate.constant)
+    if gate.learned is not None:
+        values = gate.learned.expand(batch, size, *gate.learned.shape)
+    else:
+        values = run_pipeline(gate.pipeline, x, start, state, read_level)
+        if values.shape[-1] != heads:
+            values = values.reshape(batch, size, heads, -1)
+    return values.transpose(1, 2) if values.dim() == 3 else values.permute(0, 2, 1, 3)
+
+
+def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
+    batch, size = x.shape[:2]
+    k, v, q = (run_pipeline(module.pipelines[r], x, start, state, read_level)
+               .reshape(batch, size, module.heads, -1).transpose(1, 2) for r in ("key", "value", "query"))
+    previous = 0 if state.keys is None else state.keys.shape[2]
+    keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
+    values = v if state.values is None else torch.cat([state.values, v], dim=2)
+    index = torch.arange(previous + size, device=x.device)
+    query_index = previous + torch.arange(size, device=x.device)[:, None]  # each token's own entry
+    newest = query_index if module.read == "after" else query_index - 1
+    allowed = index[None, :] <= newest
+    if module.window:
+        allowed &= index[None, :] > newest - module.window
+    scores = torch.einsum("bhtd,bhnd->bhtn", q, keys) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a read with nothing cached reads zero
+    y = torch.einsum("bhtn,bhnd->bhtd", weights, values)
+    if module.window:
+        keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
+    state.keys, state.values = keys, values
+    return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+
+
+def build(program: ir.Program) -> CompiledModel:
+    return CompiledModel(program)
+
+
+def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],
+               state: LevelState | None = None, start: int = 0) -> tuple[Tensor, LevelState]:
+    """The compiled counterpart of `reference.run_kernel` (same arguments and layout): the rule
+    alone over precomputed inputs, segment by segment."""
+    per_channel = any(g.dim() == 4 for g in gates.values())
+    plan = plan_kernel(kernel, per_channel)
+    length = MAX_SEGMENT if kernel.every <= 1 else math.gcd(MAX_SEGMENT, kernel.every)
+    state = kernel.initial_state(k.shape[0], k) if state is None else state
+    full = {role: gate for role, gate in gates.items()}
+    full.setdefault("lr", k.new_ones(k.shape[:3]))
+    full.setdefault("retain", k.new_ones(k.shape[:3]))
+    outputs, t = [], 0
+    step = KERNELS["sequential" if plan.kernel == "frozen" else plan.kernel]
+    while t < k.shape[1]:
+        size = min(k.shape[1] - t, length - (start + t) % length)
+        part = slice(t, t + size)
+        at = {role: (g[:, part].transpose(1, 2) if g.dim() == 3 else g[:, part].permute(0, 2, 1, 3))
+              for role, g in full.items()}
+        outputs.append(step(kernel, state, k[:, part].transpose(1, 2), v[:, part].transpose(1, 2),
+                            q[:, part].transpose(1, 2), at, start + t))
+        t += size
+    return torch.cat(outputs, dim=2).transpose(1, 2), state

@@ -146,7 +146,7 @@ STAGES = {
         _op("stage", "l2norm", doc="L2 normalisation over each head's channels"),
         _op("stage", "layernorm"), _op("stage", "rmsnorm"),
         _op("stage", "elu1", doc="feature map elu(x) + 1"),
-        _op("stage", "poly", Param("degree", "int", 2, minimum=1), doc="polynomial feature map (ATLAS)"),
+        _op("stage", "poly", Param("degree", "int", 2, minimum=1), doc="polynomial feature map sum_i a_i x^i, learnable a_i (ATLAS)"),
         _op("stage", "rope", Param("base", "number", 10000.0, minimum=1),
             doc="rotary position embedding of each head's channels (queries and keys)"),
     )

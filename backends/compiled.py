@@ -109,10 +109,10 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
 
 
 def _is_generator(program: ir.Program, name: str) -> bool:
+    """Whether any level (itself included, through `self`) reads this level as a pipeline stage."""
     from nestc.sema import generators
 
-    return any(name in generators(level) and level.name != name for level in program.levels) or any(
-        name in generators(level) for level in program.levels if level.name == name)
+    return any(name in generators(level) for level in program.levels)
 
 
 # --- sequence versions of the building blocks -------------------------------------------------
@@ -533,31 +533,10 @@ def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[s
                                              states[member], read_level)
         return stepped[name]
 
-    def run(node, value: Tensor) -> Tensor:
-        kind = node[0]
-        if kind == "level":
-            return run_level(node[1], value)
-        if kind == "norm":
-            return layer.parts[node[1]](value)
-        if kind == "seq":
-            for item in node[1]:
-                value = run(item, value)
-            return value
-        if kind == "residual":
-            return value + run(node[1], value)
-        if kind == "parallel":
-            outputs = [run(branch, value) for branch in node[1]]
-            if node[2] == "sum":
-                return sum(outputs)
-            if node[2] == "mean":
-                return sum(outputs) / len(outputs)
-            return sum(w * o for w, o in zip(layer.parts[node[3]].weights, outputs))
-        if kind == "gated":
-            main, gate = run(node[1], value), run(node[2], value)
-            return main * torch.sigmoid(layer.parts[node[3]](gate))
-        raise BackendError(f"no segment form for block node {kind}")
+    def memory_as_context(node, value: Tensor) -> Tensor:
+        raise BackendError("memory-as-context blocks have no segment form yet")
 
-    return run(layer.block, x)
+    return layer.run_block(layer.block, x, run_level, memory_as_context)
 
 
 def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:

@@ -145,8 +145,7 @@ def rotate(x: Tensor, position: int, base: float) -> Tensor:
 class Pipeline(nn.Module):
     """x |> stage |> ... where a stage may be another level, read at its state before the update."""
 
-    def __init__(self, pipeline: ir.Pipeline, width: int, final_width: int, heads: int, role: str,
-                 level_widths: dict[str, int]):
+    def __init__(self, pipeline: ir.Pipeline, width: int, final_width: int, heads: int, role: str):
         super().__init__()
         self.steps: list[tuple[str, object]] = []
         self.stages = nn.ModuleList()
@@ -154,8 +153,7 @@ class Pipeline(nn.Module):
         projections = [i for i, s in enumerate(pipeline.stages) if isinstance(s, ir.Op) and s.name == "proj"]
         for index, stage in enumerate(pipeline.stages):
             if isinstance(stage, ir.LevelRef):
-                self.steps.append(("level", stage.level))
-                current = level_widths.get(stage.level, current)
+                self.steps.append(("level", stage.level))  # a memory's read-out keeps its input's width
                 continue
             if isinstance(stage, ir.Choice):
                 raise BackendError("a search-space choice reached the backend: freeze the space first")
@@ -181,7 +179,7 @@ class Pipeline(nn.Module):
 class Gate(nn.Module):
     """lr / retain / momentum / gamma: a constant, a learned scalar or a pipeline, as [B, H] or [B, H, d]."""
 
-    def __init__(self, gate, width: int, heads: int, head_dim: int, role: str, level_widths: dict[str, int]):
+    def __init__(self, gate, width: int, heads: int, head_dim: int, role: str):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.constant: float | None = None
@@ -197,7 +195,7 @@ class Gate(nn.Module):
             per_channel = any(isinstance(s, ir.Op) and s.name == "proj" and op_args(s)["per"] == "channel"
                               for s in gate.stages)
             out = heads * head_dim if per_channel else heads
-            self.pipeline = Pipeline(gate, width, out, heads, role, level_widths)
+            self.pipeline = Pipeline(gate, width, out, heads, role)
             if self.pipeline.out_width not in (heads, heads * head_dim):
                 raise BackendError(f"the {role} gate pipeline gives {self.pipeline.out_width} values per token; "
                                    f"a gate needs one per head ({heads}) or per channel ({heads * head_dim}): "
@@ -459,7 +457,7 @@ def is_feedforward(level: ir.Level) -> bool:
 class MemoryLevel(nn.Module):
     """A matrix / vector / mlp memory with its input pipelines, gates and output projection."""
 
-    def __init__(self, level: ir.Level, dim: int, heads: int, level_widths: dict[str, int], readable: bool = True):
+    def __init__(self, level: ir.Level, dim: int, heads: int, readable: bool = True):
         super().__init__()
         self.name = level.name
         self.read = level.read
@@ -468,7 +466,7 @@ class MemoryLevel(nn.Module):
         # output projection: its read-out is the raw M(input).
         roles = ("key", "value", "query") if readable else ("key", "value")
         self.pipelines = nn.ModuleDict({
-            role: Pipeline(getattr(level, role), dim, dim, heads, role, level_widths) for role in roles
+            role: Pipeline(getattr(level, role), dim, dim, heads, role) for role in roles
         })
         for role, pipeline in self.pipelines.items():
             if pipeline.out_width % heads:
@@ -479,7 +477,7 @@ class MemoryLevel(nn.Module):
         if readable and self.pipelines["query"].out_width // heads != key_dim:
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
         self.gates = nn.ModuleDict({
-            role: Gate(getattr(level, role), dim, heads, key_dim, role, level_widths)
+            role: Gate(getattr(level, role), dim, heads, key_dim, role)
             for role in ("lr", "retain", "momentum", "gamma") if getattr(level, role) is not None
         })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
@@ -569,15 +567,14 @@ class FeedForwardLevel(nn.Module):
 class CacheLevel(nn.Module):
     """Softmax attention: the non-parametric level whose state is the (windowed) KV cache."""
 
-    def __init__(self, level: ir.Level, dim: int, heads: int, level_widths: dict[str, int]):
+    def __init__(self, level: ir.Level, dim: int, heads: int):
         super().__init__()
         self.name = level.name
         self.heads = heads
         self.read = level.read
         self.window = op_args(level.state)["window"]
         self.pipelines = nn.ModuleDict({
-            role: Pipeline(getattr(level, role), dim, dim, heads, role, level_widths)
-            for role in ("key", "value", "query")
+            role: Pipeline(getattr(level, role), dim, dim, heads, role) for role in ("key", "value", "query")
         })
         self.out = nn.Linear(self.pipelines["value"].out_width, dim, bias=False)
 
@@ -693,33 +690,39 @@ class Layer(nn.Module):
                     stepped[member] = self.levels[member].step(value, position, states[member], read_level)
             return stepped[name]
 
-        def run(node, value: Tensor) -> Tensor:
-            kind = node[0]
-            if kind == "level":
-                return run_level(node[1], value)
-            if kind == "norm":
-                return self.parts[node[1]](value)
-            if kind == "seq":
-                for item in node[1]:
-                    value = run(item, value)
-                return value
-            if kind == "residual":
-                return value + run(node[1], value)
-            if kind == "parallel":
-                outputs = [run(branch, value) for branch in node[1]]
-                if node[2] == "sum":
-                    return sum(outputs)
-                if node[2] == "mean":
-                    return sum(outputs) / len(outputs)
-                return sum(w * o for w, o in zip(self.parts[node[3]].weights, outputs))
-            if kind == "gated":
-                main, gate = run(node[1], value), run(node[2], value)
-                return main * torch.sigmoid(self.parts[node[3]](gate))
-            if kind == "mac":
-                return self._memory_as_context(node, value, position, states, segment, read_level, snapshot)
-            raise BackendError(f"unknown block node {kind}")
+        def memory_as_context(node, value: Tensor) -> Tensor:
+            return self._memory_as_context(node, value, position, states, segment, read_level, snapshot)
 
-        return run(self.block, x)
+        return self.run_block(self.block, x, run_level, memory_as_context)
+
+    def run_block(self, node, value: Tensor, run_level, memory_as_context) -> Tensor:
+        """Evaluate the block tree on `value`; levels and MAC nodes are the caller's (per token here,
+        per segment in the compiled backend); everything else is elementwise over positions."""
+        kind = node[0]
+        if kind == "level":
+            return run_level(node[1], value)
+        if kind == "norm":
+            return self.parts[node[1]](value)
+        if kind == "seq":
+            for item in node[1]:
+                value = self.run_block(item, value, run_level, memory_as_context)
+            return value
+        if kind == "residual":
+            return value + self.run_block(node[1], value, run_level, memory_as_context)
+        if kind == "parallel":
+            outputs = [self.run_block(branch, value, run_level, memory_as_context) for branch in node[1]]
+            if node[2] == "sum":
+                return sum(outputs)
+            if node[2] == "mean":
+                return sum(outputs) / len(outputs)
+            return sum(w * o for w, o in zip(self.parts[node[3]].weights, outputs))
+        if kind == "gated":
+            main = self.run_block(node[1], value, run_level, memory_as_context)
+            gate = self.run_block(node[2], value, run_level, memory_as_context)
+            return main * torch.sigmoid(self.parts[node[3]](gate))
+        if kind == "mac":
+            return memory_as_context(node, value)
+        raise BackendError(f"unknown block node {kind}")
 
     def _memory_as_context(self, node, x, position, states, segment, read_level, snapshot) -> Tensor:
         """Titans MAC, one token at a time: attention over the persistent tokens, the memory's
@@ -762,10 +765,10 @@ def _build_level(level: ir.Level, dim: int, model_heads: int, readable: bool) ->
     heads = concrete(level.heads) or model_heads
     kind = level.state.name
     if kind == "cache":
-        return CacheLevel(level, dim, heads, {})
+        return CacheLevel(level, dim, heads)
     if is_feedforward(level):
         return FeedForwardLevel(level, dim)
-    return MemoryLevel(level, dim, heads, {}, readable)
+    return MemoryLevel(level, dim, heads, readable)
 
 
 def _generators(level: ir.Level) -> set[str]:

@@ -1046,39 +1046,32 @@ class _Analyzer:
 
 # --- helpers -------------------------------------------------------------------------------------
 
+GENERATED_ROLES = ("key", "value", "query", "lr", "retain", "momentum", "gamma")
+
+
+def _level_refs(value) -> set[str]:
+    """Levels read as pipeline stages inside one key/value/query/gate value."""
+    if isinstance(value, ir.LevelRef):
+        return {value.level}
+    if isinstance(value, ir.Pipeline):
+        return set().union(*(_level_refs(stage) for stage in value.stages))
+    if isinstance(value, ir.Choice):
+        return set().union(*(_level_refs(option) for option in value.options))
+    return set()
+
+
 def generators(level: ir.Level) -> set[str]:
     """Levels whose output this level reads through its key/value/query/gate pipelines."""
-    found: set[str] = set()
-
-    def visit(value) -> None:
-        if isinstance(value, ir.LevelRef):
-            found.add(value.level)
-        elif isinstance(value, ir.Pipeline):
-            for stage in value.stages:
-                visit(stage)
-        elif isinstance(value, ir.Choice):
-            for option in value.options:
-                visit(option)
-
-    for part in (level.key, level.value, level.query, level.lr, level.retain, level.momentum, level.gamma):
-        visit(part)
-    return found
+    return set().union(*(_level_refs(getattr(level, role)) for role in GENERATED_ROLES))
 
 
 def generated_roles(level: ir.Level) -> dict[str, set[str]]:
     """For each generating level, the roles (key, value, lr, ...) it generates for `level`."""
     roles: dict[str, set[str]] = {}
-    for role in ("key", "value", "query", "lr", "retain", "momentum", "gamma"):
-        part = getattr(level, role)
-        for name in generators(ir.Level(**{**_empty_level(), role: part})):
+    for role in GENERATED_ROLES:
+        for name in _level_refs(getattr(level, role)):
             roles.setdefault(name, set()).add(role)
     return roles
-
-
-def _empty_level() -> dict:
-    return dict(name="", state=ir.Op(name="matrix"), key=None, value=None, query=None, lr=None, retain=None,
-                momentum=None, gamma=None, objective=None, optimizer=None, order=None, output=ir.Op(name="none"),
-                every=ir.Frequency(), read="after", init=ir.Op(name="zero"), meta=None, heads=None)
 
 
 def block_levels(block) -> list[str]:

@@ -388,6 +388,8 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
     else:
         scale = None
     args = kernel.state_args
+    if kernel.state_kind == "matrix" or args["norm"] == "none":
+        return _errors_closed_form(kernel, anchor, k, v, scale)
     inputs, outputs = [], []
     with torch.enable_grad():
         h = k
@@ -405,6 +407,49 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
         errors = [e.detach() for e in errors]
         inputs = [u.detach() for u in inputs]
     return inputs, list(errors)
+
+
+def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
+    """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
+    call, so the outer level differentiates plain tensor operations."""
+    mlp = kernel.state_kind == "mlp"
+    act = kernel.state_args["act"] if mlp else "identity"
+    inputs, pre_activations = [], []
+    h = k
+    for index, weight in enumerate(anchor):
+        inputs.append(h)
+        z = torch.einsum("bhoi,bhsi->bhso", weight, h)
+        if scale is not None:
+            z = scale[..., None] * z
+        pre_activations.append(z)
+        h = activation(act, z) if index < len(anchor) - 1 else z
+    prediction = k + h if (mlp and kernel.state_args["residual"] and h.shape == k.shape) else h
+    error = pair_error(kernel.objective, kernel.objective_args, prediction, v)
+    errors = [error]
+    for index in range(len(anchor) - 1, 0, -1):
+        back = torch.einsum("bhoi,bhso->bhsi", anchor[index], errors[0])
+        if scale is not None:
+            back = scale[..., None] * back
+        errors.insert(0, back * activation_derivative(act, pre_activations[index - 1]))
+    if kernel.meta != "full":
+        errors = [e.detach() for e in errors]
+        inputs = [u.detach() for u in inputs]
+    return inputs, errors
+
+
+def activation_derivative(name: str, x: Tensor) -> Tensor:
+    if name == "identity":
+        return torch.ones_like(x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "tanh":
+        return 1 - torch.tanh(x) ** 2
+    if name == "silu":
+        sigmoid = torch.sigmoid(x)
+        return sigmoid * (1 + x * (1 - sigmoid))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    raise BackendError(f"no derivative for activation `{name}`")
 
 
 def _per_token_read(kernel, weights: list[Tensor], x: Tensor) -> Tensor:

@@ -545,10 +545,8 @@ class FeedForwardLevel(nn.Module):
         weights = state.weights if self.every else [w.unsqueeze(0) for w in self.kernel.initial]
         return self.kernel.apply(weights, x[:, None, :]).reshape(x.shape)
 
-    def update(self, state: LevelState) -> None:
+    def apply_gradient(self, state: LevelState, grads) -> None:
         """One step on the task loss accumulated over the chunk that just ended."""
-        grads = torch.autograd.grad(state.pending, state.weights, retain_graph=True,
-                                    create_graph=self.meta == "full", allow_unused=True)
         lr, retain = self.gates.get("lr", 1.0), self.gates.get("retain", 1.0)
         new = []
         for index, (weight, grad) in enumerate(zip(state.weights, grads)):
@@ -562,6 +560,20 @@ class FeedForwardLevel(nn.Module):
                 new.append(retain * weight - lr * grad)
         state.weights = [w.detach() if self.meta == "stop" else w for w in new]
         state.pending = None
+
+
+def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]]) -> None:
+    """Step every layer's copy of one continuum level: they share one pending loss, so a single
+    backward pass gives all their gradients."""
+    weights = [w for _, state in instances for w in state.weights]
+    full = any(level.meta == "full" for level, _ in instances)
+    grads = torch.autograd.grad(instances[0][1].pending, weights, retain_graph=True, create_graph=full,
+                                allow_unused=True)
+    offset = 0
+    for level, state in instances:
+        count = len(state.weights)
+        level.apply_gradient(state, grads[offset:offset + count])
+        offset += count
 
 
 class CacheLevel(nn.Module):
@@ -876,12 +888,13 @@ class ReferenceModel(nn.Module):
             return
         # Summed over the batch: each sample's fast weights receive only their own sample's loss.
         loss = F.cross_entropy(state.last_logits, token, reduction="sum")
-        for layer, level_states in zip(self.layers, state.levels):
-            for name in self.task_levels:
-                level_state = level_states[name]
+        for name in self.task_levels:
+            instances = [(layer.levels[name], level_states[name])
+                         for layer, level_states in zip(self.layers, state.levels)]
+            for _, level_state in instances:
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
-                if state.position % layer.levels[name].every == 0:
-                    layer.levels[name].update(level_state)
+            if state.position % instances[0][0].every == 0:
+                update_continuum_levels(instances)
 
 
 def build(program: ir.Program) -> ReferenceModel:

@@ -193,6 +193,52 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 
 
 @cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="List the variants without training them.")
+@click.option("--sample", type=click.IntRange(min=1), help="List a seeded sample of this many variants.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_color
+def sweep(spec, dry_run, sample, seed, fmt, color) -> None:
+    """The variants of a search space: id, choices, parameters and estimated FLOPs per token."""
+    import json
+
+    from nestc import sweep as sweeping
+    from nestc.diagnostics import NestError
+
+    if not dry_run:
+        raise click.UsageError("training a sweep needs `nestc run`, which is not built yet; use --dry-run "
+                               "to list the variants")
+    if not os.path.isfile(spec):
+        raise click.UsageError(f"cannot read `{spec}`: no such file")
+    try:
+        found = sweeping.variants(spec, sample=sample, seed=seed)
+    except NestError as error:
+        sources = SourceMap()
+        from nestc.sema import read_source
+
+        sources.add(read_source(spec))
+        _report(error.diagnostics, sources, "human", color)
+        sys.exit(EXIT_DIAGNOSTICS)
+    if fmt == "json":
+        click.echo(json.dumps([{"id": v.id, "choices": v.choices, "parameters": v.parameters,
+                                "flops_per_token": v.flops_per_token,
+                                "errors": [d.to_json() for d in v.diagnostics]} for v in found], indent=2))
+        return
+    for variant in found:
+        choices = ", ".join(f"{label}={value}" for label, value in variant.choices.items())
+        if variant.ok:
+            click.echo(f"{variant.id}  {variant.parameters:>10,d} params  {variant.flops_per_token / 1e6:8.2f} "
+                       f"MFLOP/token  {choices}")
+        else:
+            click.echo(f"{'(invalid)':12s}  {choices}")
+            click.echo(render_all(variant.diagnostics, variant.sources, _use_color(color, sys.stdout)))
+    valid = sum(v.ok for v in found)
+    click.echo(f"{len(found)} variant{'s' if len(found) != 1 else ''} listed, {valid} valid, "
+               f"{len(found) - valid} with errors (skipped)")
+
+
+@cli.command()
 @click.argument("code")
 def explain(code) -> None:
     """Explain a diagnostic code, e.g. `nestc explain N0110`."""

@@ -194,6 +194,56 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: the spec's `train { steps }`).")
+@click.option("--set", "assignments", multiple=True, metavar="PATH=VALUE",
+              help="Change a field, e.g. --set train.batch=4 --set level.mixer.every=16 (repeatable).")
+@click.option("--backend", type=click.Choice(["compiled", "reference"]), default="compiled", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last checkpoint.")
+@click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where run directories are created.")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps (default: 5 times a run).")
+@_color
+def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> None:
+    """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
+    import warnings
+
+    from nestc import overrides
+    from nestc.sema import analyze_source, read_source
+
+    try:
+        source = read_source(spec)
+    except (OSError, UnicodeDecodeError) as error:
+        raise click.UsageError(f"cannot read `{spec}`: {getattr(error, 'strerror', None) or error}")
+    try:
+        source = overrides.apply(source, list(assignments))
+    except overrides.OverrideError as error:
+        raise click.UsageError(str(error))
+    result = analyze_source(source)
+    _report(result.diagnostics, result.sources, "human", color)
+    if not result.ok:
+        sys.exit(EXIT_DIAGNOSTICS)
+    if result.program.model is None:
+        raise click.UsageError(f"`{spec}` has no `model` section: nothing to train")
+    from nestc.backends.common import BackendError
+    from nestc.backends.compiled import CompileWarning
+    from nestc.train import train
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileWarning)
+        try:
+            outcome = train(result.program, source.text, steps=steps, backend=backend, runs=runs, resume=resume,
+                            eval_every=eval_every, log=lambda message: click.echo(message, err=True))
+        except BackendError as error:
+            raise click.ClickException(str(error))
+        except OSError as error:  # the run directory: a full disk, no permission ...
+            raise click.ClickException(f"cannot write the run under `{runs}`: {error}")
+    for warning in caught:
+        click.echo(f"note: {warning.message}", err=True)
+    sys.exit(130 if outcome.interrupted else 0)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the variants without training them.")
 @click.option("--sample", type=click.IntRange(min=1), help="List a seeded sample of this many variants.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")

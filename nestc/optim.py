@@ -1,0 +1,133 @@
+"""The outer level's optimizers, built from a spec's `train { optimizer ... }`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nestc import ir
+from nestc.backends.common import op_args
+
+
+def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately orthogonalise a 2-D update (Muon's quintic iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix / (matrix.norm() + 1e-7)
+    transpose = x.shape[0] > x.shape[1]
+    if transpose:
+        x = x.t()
+    for _ in range(steps):
+        gram = x @ x.t()
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.t() if transpose else x
+
+
+def _is_matrix(name: str, parameter: torch.Tensor) -> bool:
+    """Hidden weight matrices get the orthogonalised update; embeddings, gains and biases do not."""
+    return parameter.dim() == 2 and "embedding" not in name
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then Newton-Schulz orthogonalisation of each weight matrix's update; AdamW for the
+    rest (the common Muon recipe)."""
+
+    def __init__(self, named, lr, momentum, ns_steps, adam_lr, weight_decay):
+        named = list(named)
+        self.matrices = [p for n, p in named if _is_matrix(n, p)]
+        others = [p for n, p in named if not _is_matrix(n, p)]
+        super().__init__([{"params": self.matrices, "lr": lr, "kind": "muon"},
+                          {"params": others, "lr": adam_lr, "kind": "adam"}],
+                         dict(momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
+        self.adam = torch.optim.AdamW(others, lr=adam_lr, weight_decay=weight_decay) if others else None
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        for parameter in group["params"]:
+            if parameter.grad is None:
+                continue
+            state = self.state[parameter]
+            buffer = state.setdefault("momentum", torch.zeros_like(parameter))
+            buffer.mul_(group["momentum"]).add_(parameter.grad)
+            update = newton_schulz(buffer, group["ns_steps"])
+            scale = max(1.0, parameter.shape[0] / parameter.shape[1]) ** 0.5
+            parameter.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"] * scale)
+        if self.adam is not None:
+            self.adam.param_groups[0]["lr"] = self.param_groups[1]["lr"]
+            self.adam.step()
+
+
+class M3(torch.optim.Optimizer):
+    """Multi-scale Momentum Muon (Nested Learning, Alg. 1), as printed: a fast momentum M1 and a
+    second moment V accumulated every step, a slow momentum M2 that adds beta3 times the sum of the
+    last `every` gradients once every `every` steps, and the update
+    theta -= lr (NS(M1) + alpha NS(M2)) / (sqrt(V) + eps). Parameters that are not weight matrices
+    take the same step without the orthogonalisation."""
+
+    def __init__(self, named, lr, beta1, beta2, beta3, alpha, every, ns_steps, eps):
+        super().__init__([p for _, p in named], dict(lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
+                                                      every=every, ns_steps=ns_steps, eps=eps))
+        self.matrix_ids = {id(p) for n, p in named if _is_matrix(n, p)}
+        self.steps_taken = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.steps_taken += 1
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                grad = parameter.grad
+                state = self.state[parameter]
+                if not state:
+                    for key in ("fast", "slow", "second", "recent"):
+                        state[key] = torch.zeros_like(parameter)
+                state["fast"].add_(grad, alpha=group["beta1"])
+                state["second"].add_(grad * grad, alpha=group["beta2"])
+                state["recent"].add_(grad)
+                if self.steps_taken % group["every"] == 0:
+                    state["slow"].add_(state["recent"], alpha=group["beta3"])
+                    state["recent"].zero_()
+                orthogonal = id(parameter) in self.matrix_ids
+                fast = newton_schulz(state["fast"], group["ns_steps"]) if orthogonal else state["fast"]
+                slow = newton_schulz(state["slow"], group["ns_steps"]) if orthogonal else state["slow"]
+                update = (fast + group["alpha"] * slow) / (state["second"].sqrt() + group["eps"])
+                parameter.add_(update, alpha=-group["lr"])
+
+
+def build_optimizer(spec: ir.Op, model: nn.Module) -> torch.optim.Optimizer:
+    args = op_args(spec)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec.name == "adamw":
+        return torch.optim.AdamW([p for _, p in named], lr=args["lr"], betas=(args["beta1"], args["beta2"]),
+                                 weight_decay=args["weight_decay"], eps=args["eps"])
+    if spec.name == "sgd":
+        return torch.optim.SGD([p for _, p in named], lr=args["lr"], momentum=args["momentum"],
+                               nesterov=args["nesterov"], weight_decay=args["weight_decay"])
+    if spec.name == "muon":
+        return Muon(named, args["lr"], args["momentum"], args["ns_steps"], args["adam_lr"], args["weight_decay"])
+    if spec.name == "m3":
+        return M3(named, args["lr"], args["beta1"], args["beta2"], args["beta3"], args["alpha"], args["every"],
+                  args["ns_steps"], args["eps"])
+    raise ValueError(f"no outer optimizer `{spec.name}`")
+
+
+def schedule(spec: ir.Op, steps: int):
+    """The learning-rate multiplier at each step: linear warmup, then constant, cosine or linear."""
+    args = op_args(spec)
+    warmup = args["warmup"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        if spec.name == "cosine":
+            floor = args["min_lr"]
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if spec.name == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor

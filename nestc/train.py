@@ -1,0 +1,205 @@
+"""`nestc run`: train a spec's model on the embedded default corpus (byte-level language modelling).
+
+Everything a run writes goes under `runs/<spec>-<variant id>/`: the resolved spec, `metrics.jsonl`,
+the weights (`model.safetensors`) and the trainer's state (`trainer.pt`), both written atomically,
+and `report.md`. `--resume` continues exactly where the last checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nestc import data, ir
+from nestc.backends.outer import MultiRateStepper
+from nestc.optim import build_optimizer, schedule
+
+
+@dataclass
+class RunResult:
+    directory: str
+    steps: int
+    final_bits_per_byte: float
+    unigram_bits_per_byte: float
+    interrupted: bool = False
+
+
+def _atomic_write(path: str, write) -> None:
+    temporary = path + ".tmp"
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(directory: str, model, optimizer, step: int, generator: torch.Generator, rng: random.Random):
+    from safetensors.torch import save_file
+
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    _atomic_write(os.path.join(directory, "model.safetensors"),
+                  lambda path: save_file(weights, path, metadata={"step": str(step)}))
+    trainer = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+               "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+    _atomic_write(os.path.join(directory, "trainer.pt"), lambda path: torch.save(trainer, path))
+
+
+def load_checkpoint(directory: str, model, optimizer, generator: torch.Generator, rng: random.Random) -> int:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+    trainer = torch.load(os.path.join(directory, "trainer.pt"), weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    generator.set_state(trainer["generator"])
+    rng.setstate(trainer["python_rng"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return trainer["step"]
+
+
+def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: int = 4) -> float:
+    """Bits per byte on fixed, evenly spaced windows of the held-out split."""
+    count = batches * batch
+    stride = max(1, (len(validation) - context - 1) // count)
+    windows = [validation[i * stride:i * stride + context] for i in range(count)]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, count, batch):
+            chunk = torch.tensor([list(w) for w in windows[start:start + batch]], dtype=torch.long)
+            logits, _ = model(chunk)
+            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            tokens += chunk[:, 1:].numel()
+    return total / tokens / math.log(2)
+
+
+def generate(model, prompt: bytes, length: int, temperature: float = 0.8, seed: int = 0) -> bytes:
+    """Read the prompt, then write `length` bytes, the memories learning all the while."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long))
+        out = []
+        for _ in range(length):
+            probabilities = torch.softmax(logits[0, -1] / temperature, dim=-1)
+            byte = int(torch.multinomial(probabilities, 1, generator=generator))
+            out.append(byte)
+            logits, state = model(torch.tensor([[byte]]), state)
+    return bytes(out)
+
+
+def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.Tensor:
+    starts = [rng.randrange(0, len(train) - context) for _ in range(batch)]
+    return torch.tensor([list(train[s:s + context]) for s in starts], dtype=torch.long)
+
+
+class Progress:
+    """One status line, rewritten in place on a terminal and printed every few steps otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.start = time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, step: int, loss: float, tokens: int, extra: str = "") -> None:
+        elapsed = time.perf_counter() - self.start
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        width = 24
+        filled = int(width * step / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  train {loss:.3f} bpb  "
+                f"{rate:,.0f} tok/s  eta {eta:.0f}s{extra}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+        elif step == self.total or step % max(1, self.total // 10) == 0 or extra:
+            self.stream.write(line + "\n")
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
+          runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
+          log=print) -> RunResult:
+    """Train `program` on the default corpus; returns where everything was written and the scores."""
+    from nestc.backends import compiled, reference
+
+    settings = program.train
+    steps = steps or settings.steps
+    seed = settings.seed
+    name = os.path.splitext(os.path.basename(program.file))[0]
+    directory = os.path.join(runs, f"{name}-{ir.variant_id(program)}")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
+        handle.write(spec_text)
+    torch.manual_seed(seed)
+    model = (compiled if backend == "compiled" else reference).build(program)
+    optimizer = build_optimizer(settings.optimizer, model)
+    factor = schedule(settings.schedule, steps)
+    base_rates = [group["lr"] for group in optimizer.param_groups]
+    stepper = MultiRateStepper(optimizer, model)
+    corpus = data.default_corpus()
+    train_bytes, validation = data.split(corpus)
+    unigram = data.unigram_bits_per_byte(train_bytes, validation)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    start = 0
+    metrics_path = os.path.join(directory, "metrics.jsonl")
+    if resume and os.path.exists(os.path.join(directory, "trainer.pt")):
+        start = load_checkpoint(directory, model, optimizer, generator, rng)
+        log(f"resuming {directory} at step {start}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    context, batch = settings.context, settings.batch
+    eval_every = eval_every or max(1, steps // 5)
+    parameters = sum(p.numel() for p in model.parameters())
+    log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
+        f"{batch}x{context} bytes; unigram baseline {unigram:.3f} bits/byte")
+    progress = Progress(steps)
+    tokens, interrupted, step = 0, False, start
+    bits = float("nan")
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as metrics:
+            for step in range(start, steps):
+                for group, rate in zip(optimizer.param_groups, base_rates):
+                    group["lr"] = rate * factor(step)
+                tokens_batch = _batch(train_bytes, context, batch, rng)
+                logits, _ = model(tokens_batch)
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens_batch[:, 1:].reshape(-1))
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                if settings.clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+                stepper.step(step)
+                tokens += tokens_batch.numel()
+                record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+                extra = ""
+                if (step + 1) % eval_every == 0 or step + 1 == steps:
+                    bits = evaluate(model, validation, context)
+                    record["eval_bits_per_byte"] = bits
+                    extra = f"  eval {bits:.3f} bpb"
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                progress.update(step + 1, loss.item() / math.log(2), tokens, extra)
+        step = steps
+    except KeyboardInterrupt:
+        interrupted = True
+    progress.done()
+    save_checkpoint(directory, model, optimizer, step, generator, rng)
+    if interrupted:
+        log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
+        return RunResult(directory, step, bits, unigram, interrupted=True)
+    sample = generate(model, validation[:64], sample_bytes, seed=seed)
+    report = (f"# {name}\n\nsteps {step}, final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})\n\n"
+              f"sample after the prompt {validation[:64]!r}:\n\n```\n{sample.decode('utf-8', 'replace')}\n```\n")
+    with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
+        handle.write(report)
+    log(f"final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})")
+    log("sample: " + sample.decode("utf-8", "replace").replace("\n", " ")[:120])
+    log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, report.md)")
+    return RunResult(directory, step, bits, unigram)

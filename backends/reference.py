@@ -794,19 +794,17 @@ def _used_levels(program: ir.Program) -> list[str]:
 def _step_order(program: ir.Program, used: list[str]) -> dict[str, list[str]]:
     """For each level, the levels to step before reading it, ending with itself: its transitive
     generators, those read after their update first in dependency order."""
+    def visit(current: str, trail: tuple[str, ...], visited: list[str]) -> None:
+        if current in visited or current in trail:
+            return
+        for generator in sorted(_generators(program.level(current))):
+            visit(generator, trail + (current,), visited)
+        visited.append(current)
+
     order: dict[str, list[str]] = {}
     for name in used:
-        visited: list[str] = []
-
-        def visit(current: str, trail: tuple[str, ...]) -> None:
-            if current in visited or current in trail:
-                return
-            for generator in sorted(_generators(program.level(current))):
-                visit(generator, trail + (current,))
-            visited.append(current)
-
-        visit(name, ())
-        order[name] = visited
+        order[name] = []
+        visit(name, (), order[name])
     return order
 
 

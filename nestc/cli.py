@@ -133,7 +133,7 @@ def _write_png(dot_text: str, output: str) -> None:
             "  or use `--format dot` and render the file elsewhere.")
     completed = subprocess.run([dot, "-Tpng", "-o", output], input=dot_text.encode(), capture_output=True)
     if completed.returncode != 0:
-        raise click.ClickException(f"graphviz failed: {completed.stderr.decode(errors='replace').strip()}")
+        raise click.ClickException(f"graphviz failed: {completed.stderr.decode(errors='replace').strip()}") from None
     click.echo(f"wrote {output}", err=True)
 
 
@@ -170,7 +170,7 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
             with open(path, encoding="utf-8") as handle:
                 source = SourceFile(path, handle.read())
         except (OSError, UnicodeDecodeError) as error:
-            raise click.UsageError(f"cannot read `{path}`: {getattr(error, 'strerror', None) or error}")
+            raise click.UsageError(f"cannot read `{path}`: {getattr(error, 'strerror', None) or error}") from None
         sources = SourceMap()
         sources.add(source)
         try:
@@ -213,17 +213,17 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> N
     try:
         source = read_source(spec)
     except (OSError, UnicodeDecodeError) as error:
-        raise click.UsageError(f"cannot read `{spec}`: {getattr(error, 'strerror', None) or error}")
+        raise click.UsageError(f"cannot read `{spec}`: {getattr(error, 'strerror', None) or error}") from None
     try:
         source = overrides.apply(source, list(assignments))
     except overrides.OverrideError as error:
-        raise click.UsageError(str(error))
+        raise click.UsageError(str(error)) from None
     result = analyze_source(source)
     _report(result.diagnostics, result.sources, "human", color)
     if not result.ok:
         sys.exit(EXIT_DIAGNOSTICS)
     if result.program.model is None:
-        raise click.UsageError(f"`{spec}` has no `model` section: nothing to train")
+        raise click.UsageError(f"`{spec}` has no `model` section: nothing to train") from None
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
     from nestc.train import train
@@ -234,9 +234,9 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> N
             outcome = train(result.program, source.text, steps=steps, backend=backend, runs=runs, resume=resume,
                             eval_every=eval_every, log=lambda message: click.echo(message, err=True))
         except BackendError as error:
-            raise click.ClickException(str(error))
+            raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
-            raise click.ClickException(f"cannot write the run under `{runs}`: {error}")
+            raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None
     for warning in caught:
         click.echo(f"note: {warning.message}", err=True)
     sys.exit(130 if outcome.interrupted else 0)
@@ -260,7 +260,7 @@ def sweep(spec, dry_run, sample, seed, fmt, color) -> None:
         raise click.UsageError("training a sweep needs `nestc run`, which is not built yet; use --dry-run "
                                "to list the variants")
     if not os.path.isfile(spec):
-        raise click.UsageError(f"cannot read `{spec}`: no such file")
+        raise click.UsageError(f"cannot read `{spec}`: no such file") from None
     try:
         found = sweeping.variants(spec, sample=sample, seed=seed)
     except NestError as error:

@@ -20,7 +20,7 @@ from fractions import Fraction
 import networkx as nx
 
 from nestc import ir
-from nestc.sema import block_levels, generated_roles
+from nestc.sema import generated_roles
 
 OUTER = "outer"
 

@@ -43,7 +43,6 @@ class LogUniform:
     span: Span | None = _span_field()
 
 
-SearchValue = Union[Choice, Range, LogUniform]
 SEARCH_TYPES = (Choice, Range, LogUniform)
 
 

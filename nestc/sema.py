@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from nestc import ast, ir, schema
 from nestc.diagnostics import Diagnostic, Label, NestError, did_you_mean
-from nestc.schema import REQUIRED, Param
+from nestc.schema import Param
 from nestc.source import SourceFile, SourceMap, Span
 
 
@@ -74,14 +74,6 @@ def analyze_source(source: SourceFile, sources: SourceMap | None = None) -> Resu
     analyzer = _Analyzer(sources)
     program = analyzer.run(source)
     return Result(program, analyzer.diagnostics, sources, analyzer.modules)
-
-
-def compile_file(path: str) -> ir.Program:
-    """Check a spec and return its IR; raises `NestError` with all diagnostics on failure."""
-    result = analyze_file(path)
-    if not result.ok:
-        raise NestError([d for d in result.diagnostics if d.is_error])
-    return result.program
 
 
 class _Analyzer:

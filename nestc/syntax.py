@@ -416,7 +416,6 @@ _MISPLACED_KEYWORDS = {
 
 def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: SourceFile,
               span: Span) -> Diagnostic | None:
-    value = token.value
     previous = _token_before(error.token)
     # 1. `mlp(depth: 2)` or `lr: 0.1` (YAML habits)
     if token.type == "COLON":

@@ -226,12 +226,13 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> N
         raise click.UsageError(f"`{spec}` has no `model` section: nothing to train") from None
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
+    from nestc.checkpoint import bundle
     from nestc.train import train
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         try:
-            outcome = train(result.program, source.text, steps=steps, backend=backend, runs=runs, resume=resume,
+            outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
                             eval_every=eval_every, log=lambda message: click.echo(message, err=True))
         except BackendError as error:
             raise click.ClickException(str(error)) from None
@@ -240,6 +241,88 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> N
     for warning in caught:
         click.echo(f"note: {warning.message}", err=True)
     sys.exit(130 if outcome.interrupted else 0)
+
+
+def _load_run(run_directory: str, state_in: str | None):
+    """A trained model and, optionally, a saved memory state; bad files are usage errors."""
+    from nestc.checkpoint import CheckpointError, load_run, load_state
+    from nestc.diagnostics import NestError
+
+    try:
+        model = load_run(run_directory)
+        state = load_state(state_in, model) if state_in else None
+    except CheckpointError as error:
+        raise click.UsageError(str(error)) from None
+    except NestError as error:
+        raise click.ClickException(f"the spec saved in `{run_directory}` does not check: {error}") from None
+    return model, state
+
+
+def _read_text_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise click.UsageError(f"cannot read `{path}`: {error.strerror}") from None
+
+
+def _save_state(state, path: str | None) -> None:
+    if path:
+        from nestc.checkpoint import save_state
+
+        save_state(state, path)
+        click.echo(f"state saved to {path} (position {state.position})", err=True)
+
+
+_run_argument = click.argument("run_directory", metavar="RUN", type=click.Path(file_okay=False))
+_state_in = click.option("--state-in", type=click.Path(dir_okay=False), help="Start from this saved memory state.")
+_state_out = click.option("--state-out", type=click.Path(dir_okay=False), help="Save the memory state here.")
+
+
+@cli.command()
+@_run_argument
+@click.option("--prompt", default="", help="Text to read before writing.")
+@click.option("--length", type=click.IntRange(min=1), default=200, show_default=True, help="Bytes to write.")
+@click.option("--temperature", type=click.FloatRange(min=0.01), default=0.8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_state_in
+@_state_out
+def generate(run_directory, prompt, length, temperature, seed, state_in, state_out) -> None:
+    """Write text with a trained run's model; its memories keep learning while it reads and writes."""
+    from nestc.train import sample
+
+    model, state = _load_run(run_directory, state_in)
+    text, state = sample(model, prompt.encode("utf-8") or b"\n", length, temperature, seed, state)
+    click.echo(text.decode("utf-8", "replace"))
+    _save_state(state, state_out)
+
+
+@cli.command()
+@_run_argument
+@click.argument("file", type=click.Path(dir_okay=False))
+@_state_in
+@_state_out
+def memorize(run_directory, file, state_in, state_out) -> None:
+    """Read FILE with a trained run's model (its memories learn it) and save the state."""
+    from nestc.train import read
+
+    model, state = _load_run(run_directory, state_in)
+    bits, state = read(model, _read_text_file(file), state)
+    click.echo(f"read {file}: {bits:.3f} bits/byte while reading")
+    _save_state(state, state_out)
+
+
+@cli.command(name="eval")
+@_run_argument
+@click.argument("file", type=click.Path(dir_okay=False))
+@_state_in
+def evaluate_file(run_directory, file, state_in) -> None:
+    """Bits per byte of a trained run's model on FILE (from a saved state with --state-in)."""
+    from nestc.train import read
+
+    model, state = _load_run(run_directory, state_in)
+    bits, _ = read(model, _read_text_file(file), state)
+    click.echo(f"{file}: {bits:.3f} bits/byte" + (f" (state from {state_in})" if state_in else ""))
 
 
 @cli.command()

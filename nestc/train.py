@@ -77,18 +77,38 @@ def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: in
     return total / tokens / math.log(2)
 
 
-def generate(model, prompt: bytes, length: int, temperature: float = 0.8, seed: int = 0) -> bytes:
-    """Read the prompt, then write `length` bytes, the memories learning all the while."""
+def sample(model, prompt: bytes, length: int, temperature: float = 0.8, seed: int = 0, state=None):
+    """Read the prompt, then write `length` bytes, the memories learning all the while.
+    Returns the bytes written and the state after them."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long))
+        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long), state)
         out = []
         for _ in range(length):
             probabilities = torch.softmax(logits[0, -1] / temperature, dim=-1)
             byte = int(torch.multinomial(probabilities, 1, generator=generator))
             out.append(byte)
             logits, state = model(torch.tensor([[byte]]), state)
-    return bytes(out)
+    return bytes(out), state
+
+
+def read(model, text: bytes, state=None, window: int = 256):
+    """Bits per byte of `text` read as one stream (in calls of `window` bytes, the state carried),
+    and the state after it: what the memories learned from the text."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        previous = None
+        for start in range(0, len(text), window):
+            chunk = torch.tensor([list(text[start:start + window])], dtype=torch.long)
+            logits, state = model(chunk, state)
+            if previous is not None:  # the last prediction of the previous call meets its target
+                total += F.cross_entropy(previous, chunk[:, 0], reduction="sum").item()
+                count += 1
+            if chunk.shape[1] > 1:
+                total += F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum").item()
+                count += chunk.shape[1] - 1
+            previous = logits[:, -1]
+    return total / max(count, 1) / math.log(2), state
 
 
 def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.Tensor:
@@ -194,12 +214,12 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
         return RunResult(directory, step, bits, unigram, interrupted=True)
-    sample = generate(model, validation[:64], sample_bytes, seed=seed)
+    written, _ = sample(model, validation[:64], sample_bytes, seed=seed)
     report = (f"# {name}\n\nsteps {step}, final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})\n\n"
-              f"sample after the prompt {validation[:64]!r}:\n\n```\n{sample.decode('utf-8', 'replace')}\n```\n")
+              f"sample after the prompt {validation[:64]!r}:\n\n```\n{written.decode('utf-8', 'replace')}\n```\n")
     with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(report)
     log(f"final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})")
-    log("sample: " + sample.decode("utf-8", "replace").replace("\n", " ")[:120])
+    log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
     log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, report.md)")
     return RunResult(directory, step, bits, unigram)

@@ -93,3 +93,67 @@ def test_a_killed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monk
     assert result.exit_code != 0
     assert (directory / "model.safetensors").read_bytes() == before
     load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--steps", "2", "--runs", str(runs), *TINY])
+    assert result.exit_code == 0, result.output
+    (directory,) = list(runs.iterdir())
+    return directory
+
+
+def test_a_run_directory_is_self_contained(trained, tmp_path):
+    spec = (trained / "spec.nest").read_text()
+    assert "import" not in spec and "level ffn" in spec  # lib/transformer.nest's ffn, inlined
+    moved = tmp_path / "moved"
+    os.rename(trained, moved)
+    try:
+        result = CliRunner().invoke(cli, ["eval", str(moved), "README.md"])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.rename(moved, trained)
+
+
+def test_memorized_state_is_what_a_single_stream_would_have(trained, tmp_path):
+    """eval FILE2 from the state saved after FILE1 == reading FILE1 then FILE2 as one stream."""
+    from nestc.checkpoint import load_run
+    from nestc.train import read
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 8)
+    second.write_bytes(b"Pack my box with five dozen liquor jugs. " * 5)
+    state = tmp_path / "state.safetensors"
+    memorized = CliRunner().invoke(cli, ["memorize", str(trained), str(first), "--state-out", str(state)])
+    assert memorized.exit_code == 0 and state.exists(), memorized.output
+    evaluated = CliRunner().invoke(cli, ["eval", str(trained), str(second), "--state-in", str(state)])
+    assert evaluated.exit_code == 0, evaluated.output
+    reported = float(evaluated.output.split(": ")[1].split(" ")[0])
+    model = load_run(str(trained))
+    _, carried = read(model, first.read_bytes(), window=len(first.read_bytes()))
+    expected, _ = read(model, second.read_bytes(), carried)
+    assert abs(reported - expected) < 1e-3
+    cold, _ = read(model, second.read_bytes())
+    assert abs(cold - expected) > 1e-4  # the saved state changed the predictions
+
+
+def test_generate_reads_the_prompt_and_writes(trained):
+    result = CliRunner().invoke(cli, ["generate", str(trained), "--prompt", "def ", "--length", "30"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip("\n").encode("utf-8", "surrogateescape")) > 0
+
+
+def test_corrupt_or_missing_files_are_clear_errors(trained, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    cases = [
+        (["eval", str(tmp_path), "README.md"], "not a run directory"),
+        (["eval", str(trained), "no_such_file.txt"], "cannot read"),
+        (["eval", str(trained), "README.md", "--state-in", str(broken)], "not a state file"),
+        (["eval", str(trained), "README.md", "--state-in", str(tmp_path / "absent")], "no state file"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output

@@ -1,0 +1,166 @@
+"""Run directories as checkpoints, and memory states on disk.
+
+A run directory holds `spec.nest`, self-contained (imported definitions inlined, so it loads
+wherever the directory goes), and `model.safetensors`. A state file holds every level's state
+(memories, anchors, momenta, caches, continuum fast weights, the stream position) in one
+safetensors file, so what a model learned while reading persists across invocations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from nestc import ast, formatter
+from nestc.diagnostics import NestError
+from nestc.sema import Result, analyze_source
+from nestc.source import SourceFile
+
+
+class CheckpointError(Exception):
+    """A checkpoint or state file that is missing, corrupt or does not fit the model."""
+
+
+def bundle(result: Result) -> str:
+    """The checked spec as one file: imported levels, blocks and constants first, then the spec
+    itself without its imports."""
+    main = result.modules[result.program.file]
+    parts = []
+    for name, module in result.modules.items():
+        if name == main.file:
+            continue
+        items = tuple(i for i in module.items if not isinstance(i, (ast.Import, ast.Section)))
+        parts.append(f"# from {name}\n" + formatter.format_module(ast.Module(file=name, items=items)))
+    text = result.sources.get(main.file).text
+    lines = text.split("\n")
+    for item in main.items:
+        if isinstance(item, ast.Import):
+            for line in range(item.span.line - 1, item.span.end_line):
+                lines[line] = ""
+    return "\n".join(parts + ["\n".join(lines)])
+
+
+def load_run(directory: str, backend: str = "compiled"):
+    """The trained model of a run directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from nestc.backends import compiled, reference
+
+    spec_path = os.path.join(directory, "spec.nest")
+    weights_path = os.path.join(directory, "model.safetensors")
+    for path in (spec_path, weights_path):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"`{directory}` is not a run directory: `{os.path.basename(path)}` is missing")
+    with open(spec_path, encoding="utf-8") as handle:
+        result = analyze_source(SourceFile(spec_path, handle.read()))
+    if not result.ok:
+        raise NestError([d for d in result.diagnostics if d.is_error])
+    model = (compiled if backend == "compiled" else reference).build(result.program)
+    try:
+        weights = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"`{weights_path}` is not a readable safetensors file ({error})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"`{weights_path}` does not fit `{spec_path}`: {str(error).splitlines()[0]}") from None
+    return model
+
+
+# --- states ------------------------------------------------------------------------------------
+
+
+def _flatten(level_state, prefix: str, tensors: dict) -> dict:
+    """One LevelState's tensors under `prefix`; returns the layout needed to rebuild it."""
+    fields = {}
+    for field, value in vars(level_state).items():
+        key = f"{prefix}.{field}"
+        if field == "pending" or value is None:
+            continue  # an unfinished chunk's loss is a graph, not a value: it does not persist
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().clone().contiguous()
+            fields[field] = "tensor"
+        elif field == "window":
+            for index, triple in enumerate(value):
+                for part, tensor in zip("kvg", triple):
+                    tensors[f"{key}.{index}.{part}"] = tensor.detach().clone().contiguous()
+            fields[field] = len(value)
+        elif isinstance(value, dict):
+            for buffer, tensor in value.items():
+                tensors[f"{key}.{buffer}"] = tensor.detach().clone().contiguous()
+            fields[field] = sorted(value)
+        else:
+            for index, tensor in enumerate(value):
+                tensors[f"{key}.{index}"] = tensor.detach().clone().contiguous()
+            fields[field] = len(value)
+    return fields
+
+
+def _unflatten(fields: dict, prefix: str, tensors: dict):
+    from nestc.backends.reference import LevelState
+
+    level_state = LevelState()
+    for field, shape in fields.items():
+        key = f"{prefix}.{field}"
+        if shape == "tensor":
+            setattr(level_state, field, tensors[key])
+        elif field == "window":
+            level_state.window = [tuple(tensors[f"{key}.{i}.{p}"] for p in "kvg") for i in range(shape)]
+        elif field == "buffers":
+            level_state.buffers = {b: tensors[f"{key}.{b}"] for b in shape}
+        else:
+            setattr(level_state, field, [tensors[f"{key}.{i}"] for i in range(shape)])
+    return level_state
+
+
+def save_state(state, path: str) -> None:
+    """Write a ModelState (cut from any graph) atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layout = {
+        "position": state.position,
+        "levels": [{name: _flatten(s, f"levels.{i}.{name}", tensors) for name, s in levels.items()}
+                   for i, levels in enumerate(state.levels)],
+        "segments": [{name: _flatten(s, f"segments.{i}.{name}", tensors) for name, s in segment.items()}
+                     for i, segment in enumerate(state.segments)],
+    }
+    if state.last_logits is not None:
+        tensors["last_logits"] = state.last_logits.detach().clone().contiguous()
+    temporary = path + ".tmp"
+    save_file(tensors, temporary, metadata={"nestc_state": json.dumps(layout)})
+    os.replace(temporary, path)
+
+
+def load_state(path: str, model):
+    """Read a state file written by `save_state` for this model."""
+    from safetensors import SafetensorError, safe_open
+
+    from nestc.backends.reference import ModelState
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no state file `{path}`")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            layout = json.loads((handle.metadata() or {}).get("nestc_state", "null"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"`{path}` is not a state file ({error})") from None
+    if not layout or len(layout["levels"]) != len(model.layers):
+        raise CheckpointError(f"`{path}` does not hold a state of this model")
+    for layer_layout, module in zip(layout["levels"], model.layers):
+        if set(layer_layout) != set(module.levels):
+            raise CheckpointError(f"`{path}` holds the levels {sorted(layer_layout)}, the model has "
+                                  f"{sorted(module.levels)}")
+    try:
+        levels = [{name: _unflatten(fields, f"levels.{i}.{name}", tensors) for name, fields in layer.items()}
+                  for i, layer in enumerate(layout["levels"])]
+        segments = [{name: _unflatten(fields, f"segments.{i}.{name}", tensors) for name, fields in segment.items()}
+                    for i, segment in enumerate(layout["segments"])]
+    except KeyError as missing:
+        raise CheckpointError(f"`{path}` is incomplete: no tensor {missing}") from None
+    return ModelState(position=layout["position"], levels=levels, last_logits=tensors.get("last_logits"),
+                      segments=segments)

@@ -202,8 +202,11 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 @click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Where run directories are created.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps (default: 5 times a run).")
+@click.option("--task", type=click.Choice(["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2",
+                                           "niah"]),
+              help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> None:
+def run(spec, steps, assignments, backend, resume, runs, eval_every, task, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -233,7 +236,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, color) -> N
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
-                            eval_every=eval_every, log=lambda message: click.echo(message, err=True))
+                            eval_every=eval_every, task=task, log=lambda message: click.echo(message, err=True))
         except BackendError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...

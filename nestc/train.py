@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nestc import data, ir
+from nestc import data, ir, tasks
 from nestc.backends.outer import MultiRateStepper
 from nestc.optim import build_optimizer, schedule
 
@@ -111,6 +111,27 @@ def read(model, text: bytes, state=None, window: int = 256):
     return total / max(count, 1) / math.log(2), state
 
 
+def task_loss(model, batch) -> torch.Tensor:
+    """Cross-entropy of the scored next tokens only."""
+    logits, _ = model(batch.tokens)
+    targets = batch.tokens[:, 1:][batch.scored[:, :-1]]
+    return F.cross_entropy(logits[:, :-1][batch.scored[:, :-1]], targets)
+
+
+def task_accuracy(model, task, seed: int, batches: int = 4, size: int = 16) -> float:
+    """Exact-match accuracy of the scored tokens on the held-out (longer) split."""
+    rng = random.Random(10_000 + seed)
+    right = total = 0
+    with torch.no_grad():
+        for _ in range(batches):
+            batch = task.batch(rng, size, held_out=True)
+            logits, _ = model(batch.tokens)
+            mask = batch.scored[:, :-1]
+            right += (logits[:, :-1].argmax(-1)[mask] == batch.tokens[:, 1:][mask]).sum().item()
+            total += mask.sum().item()
+    return right / max(total, 1)
+
+
 def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.Tensor:
     starts = [rng.randrange(0, len(train) - context) for _ in range(batch)]
     return torch.tensor([list(train[s:s + context]) for s in starts], dtype=torch.long)
@@ -145,7 +166,7 @@ class Progress:
 
 def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
-          log=print) -> RunResult:
+          task: str | None = None, log=print) -> RunResult:
     """Train `program` on the default corpus; returns where everything was written and the scores."""
     from nestc.backends import compiled, reference
 
@@ -153,7 +174,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     steps = steps or settings.steps
     seed = settings.seed
     name = os.path.splitext(os.path.basename(program.file))[0]
-    directory = os.path.join(runs, f"{name}-{ir.variant_id(program)}")
+    directory = os.path.join(runs, f"{name}-{ir.variant_id(program)}" + (f"-{task}" if task else ""))
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
         handle.write(spec_text)
@@ -178,8 +199,13 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     context, batch = settings.context, settings.batch
     eval_every = eval_every or max(1, steps // 5)
     parameters = sum(p.numel() for p in model.parameters())
-    log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
-        f"{batch}x{context} bytes; unigram baseline {unigram:.3f} bits/byte")
+    problem = tasks.make(task, context) if task else None
+    if problem is None:
+        log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
+            f"{batch}x{context} bytes; unigram baseline {unigram:.3f} bits/byte")
+    else:
+        log(f"training {program.file} ({parameters:,} parameters, {backend} backend) on task `{task}` for "
+            f"{steps} steps of {batch}x{context} tokens; accuracy measured at length {problem.test_length}")
     progress = Progress(steps)
     tokens, interrupted, step = 0, False, start
     bits = float("nan")
@@ -188,9 +214,15 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
             for step in range(start, steps):
                 for group, rate in zip(optimizer.param_groups, base_rates):
                     group["lr"] = rate * factor(step)
-                tokens_batch = _batch(train_bytes, context, batch, rng)
-                logits, _ = model(tokens_batch)
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens_batch[:, 1:].reshape(-1))
+                if problem is None:
+                    tokens_batch = _batch(train_bytes, context, batch, rng)
+                    logits, _ = model(tokens_batch)
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           tokens_batch[:, 1:].reshape(-1))
+                else:
+                    tokens_batch = problem.batch(rng, batch)
+                    loss = task_loss(model, tokens_batch)
+                    tokens_batch = tokens_batch.tokens
                 optimizer.zero_grad(set_to_none=False)
                 loss.backward()
                 if settings.clip:
@@ -199,10 +231,14 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
                 tokens += tokens_batch.numel()
                 record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
                 extra = ""
-                if (step + 1) % eval_every == 0 or step + 1 == steps:
+                if ((step + 1) % eval_every == 0 or step + 1 == steps) and problem is None:
                     bits = evaluate(model, validation, context)
                     record["eval_bits_per_byte"] = bits
                     extra = f"  eval {bits:.3f} bpb"
+                elif (step + 1) % eval_every == 0 or step + 1 == steps:
+                    bits = task_accuracy(model, problem, seed)
+                    record["held_out_accuracy"] = bits
+                    extra = f"  held-out accuracy {bits:.3f}"
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 progress.update(step + 1, loss.item() / math.log(2), tokens, extra)
@@ -214,6 +250,13 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
         return RunResult(directory, step, bits, unigram, interrupted=True)
+    if problem is not None:
+        with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
+            handle.write(f"# {name} on {task}\n\nsteps {step}, held-out accuracy {bits:.3f} "
+                         f"(length {problem.test_length}, trained at {problem.length})\n")
+        log(f"held-out accuracy {bits:.3f} at length {problem.test_length} (trained at {problem.length})")
+        log(f"saved in {directory}/")
+        return RunResult(directory, step, bits, unigram)
     written, _ = sample(model, validation[:64], sample_bytes, seed=seed)
     report = (f"# {name}\n\nsteps {step}, final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})\n\n"
               f"sample after the prompt {validation[:64]!r}:\n\n```\n{written.decode('utf-8', 'replace')}\n```\n")

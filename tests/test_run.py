@@ -157,3 +157,17 @@ def test_corrupt_or_missing_files_are_clear_errors(trained, tmp_path):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("task", ["mqar", "parity", "niah"])
+def test_a_few_steps_on_each_kind_of_task(task, tmp_path):
+    args = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2"]
+    length = "160" if task == "niah" else "32"
+    result = _run("specs/deltanet.nest", "--task", task, "--steps", "2", "--runs", str(tmp_path),
+                  "--set", f"train.context={length}", *args)
+    assert result.exit_code == 0, result.output
+    (directory,) = list(tmp_path.iterdir())
+    assert directory.name.endswith(f"-{task}")
+    last = json.loads((directory / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= last["held_out_accuracy"] <= 1.0
+    assert "held-out accuracy" in result.output

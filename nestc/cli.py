@@ -205,12 +205,23 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 @click.option("--task", type=click.Choice(["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2",
                                            "niah"]),
               help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
+@click.option("--data", "data_paths", multiple=True, metavar="PATH",
+              help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, task, color) -> None:
+def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
-    from nestc import overrides
+    from nestc import data, overrides
+
+    corpus = None
+    if data_paths:
+        if task:
+            raise click.UsageError("--data and --task are alternatives: give one")
+        try:
+            corpus = data.load_paths(list(data_paths))
+        except data.DataError as error:
+            raise click.UsageError(str(error)) from None
     from nestc.sema import analyze_source, read_source
 
     try:
@@ -236,7 +247,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, color
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
-                            eval_every=eval_every, task=task, log=lambda message: click.echo(message, err=True))
+                            eval_every=eval_every, task=task, corpus=corpus,
+                            log=lambda message: click.echo(message, err=True))
         except BackendError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 from collections import Counter
 
 HELD_OUT = 0.1  # the last tenth of the corpus is the validation split, always the same bytes
@@ -27,3 +29,33 @@ def unigram_bits_per_byte(train: bytes, evaluate: bytes) -> float:
     counts = Counter(train)
     total = len(train) + 256
     return -sum(math.log2((counts.get(b, 0) + 1) / total) for b in evaluate) / len(evaluate)
+
+
+class DataError(ValueError):
+    """Paths that name no readable text."""
+
+
+def load_paths(patterns: list[str]) -> bytes:
+    """The bytes of every file named by `patterns` (files, globs, directories, searched
+    recursively), in sorted path order so a run is reproducible, separated by blank lines."""
+    files: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names]
+        else:
+            found = glob.glob(pattern, recursive=True)
+        found = sorted(path for path in found if os.path.isfile(path))
+        if not found:
+            raise DataError(f"--data {pattern}: no such file, directory or matching files")
+        files.extend(found)
+    chunks = []
+    for path in dict.fromkeys(files):
+        try:
+            with open(path, "rb") as handle:
+                chunks.append(handle.read())
+        except OSError as error:
+            raise DataError(f"--data: cannot read `{path}`: {error.strerror}") from None
+    data = b"\n\n".join(chunks)
+    if len(data) < 1024:
+        raise DataError(f"--data: only {len(data)} bytes of text; a run needs at least 1 KB")
+    return data

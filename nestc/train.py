@@ -2,7 +2,7 @@
 
 Everything a run writes goes under `runs/<spec>-<variant id>/`: the resolved spec, `metrics.jsonl`,
 the weights (`model.safetensors`) and the trainer's state (`trainer.pt`), both written atomically,
-and `report.md`. `--resume` continues exactly where the last checkpoint stopped.
+the curves (`curves.png`) and `report.md`. `--resume` continues exactly where the last checkpoint stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nestc import data, ir, tasks
+from nestc import data, ir, plots, tasks
 from nestc.backends.outer import MultiRateStepper
 from nestc.optim import build_optimizer, schedule
 
@@ -166,8 +166,9 @@ class Progress:
 
 def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
-          task: str | None = None, log=print) -> RunResult:
-    """Train `program` on the default corpus; returns where everything was written and the scores."""
+          task: str | None = None, corpus: bytes | None = None, log=print) -> RunResult:
+    """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
+    everything was written and the scores."""
     from nestc.backends import compiled, reference
 
     settings = program.train
@@ -184,8 +185,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     factor = schedule(settings.schedule, steps)
     base_rates = [group["lr"] for group in optimizer.param_groups]
     stepper = MultiRateStepper(optimizer, model)
-    corpus = data.default_corpus()
-    train_bytes, validation = data.split(corpus)
+    train_bytes, validation = data.split(corpus if corpus is not None else data.default_corpus())
     unigram = data.unigram_bits_per_byte(train_bytes, validation)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -247,6 +247,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         interrupted = True
     progress.done()
     save_checkpoint(directory, model, optimizer, step, generator, rng)
+    plots.training_curves(directory)
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
         return RunResult(directory, step, bits, unigram, interrupted=True)
@@ -264,5 +265,5 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         handle.write(report)
     log(f"final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})")
     log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
-    log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, report.md)")
+    log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, curves.png, report.md)")
     return RunResult(directory, step, bits, unigram)

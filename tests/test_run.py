@@ -31,7 +31,9 @@ def test_a_few_steps_write_everything(spec, tmp_path):
     result = _run(spec, "--steps", "3", "--runs", str(tmp_path), *TINY)
     assert result.exit_code == 0, result.output
     (directory,) = list(tmp_path.iterdir())
-    assert {"spec.nest", "metrics.jsonl", "model.safetensors", "trainer.pt", "report.md"} <= set(os.listdir(directory))
+    assert {"spec.nest", "metrics.jsonl", "model.safetensors", "trainer.pt", "report.md", "curves.png"} \
+        <= set(os.listdir(directory))
+    assert (directory / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert "eval_bits_per_byte" in records[-1]
@@ -171,3 +173,18 @@ def test_a_few_steps_on_each_kind_of_task(task, tmp_path):
     last = json.loads((directory / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= last["held_out_accuracy"] <= 1.0
     assert "held-out accuracy" in result.output
+
+
+def test_data_paths_train_on_those_files_and_bad_paths_are_usage_errors(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha beta gamma delta " * 100)
+    (corpus / "b.txt").write_text("one two three four five " * 100)
+    runs = tmp_path / "runs"
+    result = _run("specs/deltanet.nest", "--data", str(corpus), "--steps", "2", "--runs", str(runs), *TINY)
+    assert result.exit_code == 0, result.output
+    missing = _run("specs/deltanet.nest", "--data", str(tmp_path / "nope*.txt"), "--runs", str(runs), *TINY)
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    (tmp_path / "tiny.txt").write_text("too short")
+    short = _run("specs/deltanet.nest", "--data", str(tmp_path / "tiny.txt"), "--runs", str(runs), *TINY)
+    assert short.exit_code == 2 and "at least 1 KB" in short.output

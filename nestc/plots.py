@@ -1,0 +1,37 @@
+"""Training curves as PNG (matplotlib, drawn off-screen)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def training_curves(directory: str) -> str | None:
+    """Plot `metrics.jsonl` of a run directory into `curves.png`; returns its path (None without data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(directory, "metrics.jsonl")
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    if not records:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([r["step"] for r in records], [r["loss"] / math.log(2) for r in records], label="train (bits/byte)",
+              linewidth=1)
+    for key, label in (("eval_bits_per_byte", "held-out (bits/byte)"), ("held_out_accuracy", "held-out accuracy")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label)
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title(os.path.basename(os.path.normpath(directory)))
+    output = os.path.join(directory, "curves.png")
+    figure.savefig(output + ".tmp.png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(output + ".tmp.png", output)
+    return output

@@ -7,8 +7,9 @@ import math
 import os
 
 
-def training_curves(directory: str) -> str | None:
-    """Plot `metrics.jsonl` of a run directory into `curves.png`; returns its path (None without data)."""
+def training_curves(directory: str, baseline: float | None = None) -> str | None:
+    """Plot `metrics.jsonl` of a run directory into `curves.png`, with the unigram `baseline` in
+    bits per byte when given; returns its path (None without data)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,6 +27,8 @@ def training_curves(directory: str) -> str | None:
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
+    if baseline is not None:
+        axis.axhline(baseline, color="gray", linestyle="--", linewidth=1, label=f"unigram baseline {baseline:.2f}")
     axis.set_xlabel("step")
     axis.grid(alpha=0.3)
     axis.legend()

@@ -247,7 +247,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         interrupted = True
     progress.done()
     save_checkpoint(directory, model, optimizer, step, generator, rng)
-    plots.training_curves(directory)
+    plots.training_curves(directory, baseline=None if problem is not None else unigram)
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
         return RunResult(directory, step, bits, unigram, interrupted=True)

@@ -207,8 +207,10 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
               help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
               help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes (torch.distributed, gloo); the batch is split among them.")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, color) -> None:
+def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, nproc, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -237,7 +239,21 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
     if not result.ok:
         sys.exit(EXIT_DIAGNOSTICS)
     if result.program.model is None:
-        raise click.UsageError(f"`{spec}` has no `model` section: nothing to train") from None
+        raise click.UsageError(f"`{spec}` has no `model` section: nothing to train")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if result.program.train.batch % nproc:
+            raise click.UsageError(f"the batch ({result.program.train.batch}) must divide evenly among {nproc} "
+                                   "processes: change --nproc or --set train.batch=...")
+        arguments = [spec, "--backend", backend, "--runs", runs]
+        arguments += [a for assignment in assignments for a in ("--set", assignment)]
+        arguments += [a for path in data_paths for a in ("--data", path)]
+        for flag, value in (("--steps", steps), ("--eval-every", eval_every), ("--task", task)):
+            if value is not None:
+                arguments += [flag, str(value)]
+        arguments += ["--resume"] if resume else []
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                    "-m", "nestc", "run", *arguments]
+        sys.exit(subprocess.run(launcher).returncode)
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
     from nestc.checkpoint import bundle
@@ -253,6 +269,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None
+        except ValueError as error:  # a batch that does not split among the processes
+            raise click.UsageError(str(error)) from None
     for warning in caught:
         click.echo(f"note: {warning.message}", err=True)
     sys.exit(130 if outcome.interrupted else 0)

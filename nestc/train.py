@@ -164,6 +164,33 @@ class Progress:
             self.stream.write("\n")
 
 
+def _quiet(*_args) -> None:
+    """The log of a process that is not the first one."""
+
+
+def _distributed(batch: int) -> tuple[int, int]:
+    """(world size, rank) under torch.distributed's launcher, which sets WORLD_SIZE and RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1, 0
+    if batch % world:
+        raise ValueError(f"the batch ({batch}) must divide evenly among {world} processes")
+    torch.distributed.init_process_group("gloo")
+    return world, torch.distributed.get_rank()
+
+
+def _average_gradients(model, loss: torch.Tensor, world: int) -> torch.Tensor:
+    """Average every gradient (and the loss, for the log) over the processes: the same step as
+    one process on the whole batch, since each process's loss is the mean over an equal slice."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / world
+
+
 def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
           task: str | None = None, corpus: bytes | None = None, log=print) -> RunResult:
@@ -174,11 +201,16 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     settings = program.train
     steps = steps or settings.steps
     seed = settings.seed
+    world, rank = _distributed(settings.batch)
+    lead = rank == 0
+    if not lead:  # only the first process reports and writes
+        log = _quiet
     name = os.path.splitext(os.path.basename(program.file))[0]
     directory = os.path.join(runs, f"{name}-{ir.variant_id(program)}" + (f"-{task}" if task else ""))
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
-        handle.write(spec_text)
+    if lead:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
+            handle.write(spec_text)
     torch.manual_seed(seed)
     model = (compiled if backend == "compiled" else reference).build(program)
     optimizer = build_optimizer(settings.optimizer, model)
@@ -194,7 +226,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     if resume and os.path.exists(os.path.join(directory, "trainer.pt")):
         start = load_checkpoint(directory, model, optimizer, generator, rng)
         log(f"resuming {directory} at step {start}")
-    elif os.path.exists(metrics_path):
+    elif lead and os.path.exists(metrics_path):
         os.remove(metrics_path)
     context, batch = settings.context, settings.batch
     eval_every = eval_every or max(1, steps // 5)
@@ -202,40 +234,46 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     problem = tasks.make(task, context) if task else None
     if problem is None:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
-            f"{batch}x{context} bytes; unigram baseline {unigram:.3f} bits/byte")
+            f"{batch}x{context} bytes; unigram baseline {unigram:.3f} bits/byte"
+            + (f"; {world} processes" if world > 1 else ""))
     else:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) on task `{task}` for "
             f"{steps} steps of {batch}x{context} tokens; accuracy measured at length {problem.test_length}")
-    progress = Progress(steps)
+    progress = Progress(steps, stream=sys.stderr if lead else open(os.devnull, "w"))
     tokens, interrupted, step = 0, False, start
     bits = float("nan")
     try:
-        with open(metrics_path, "a", encoding="utf-8") as metrics:
+        with open(metrics_path if lead else os.devnull, "a", encoding="utf-8") as metrics:
             for step in range(start, steps):
                 for group, rate in zip(optimizer.param_groups, base_rates):
                     group["lr"] = rate * factor(step)
+                # Every process draws the same global batch and trains on its own slice of it.
+                shard = slice(rank * batch // world, (rank + 1) * batch // world)
                 if problem is None:
-                    tokens_batch = _batch(train_bytes, context, batch, rng)
+                    tokens_batch = _batch(train_bytes, context, batch, rng)[shard]
                     logits, _ = model(tokens_batch)
                     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                            tokens_batch[:, 1:].reshape(-1))
                 else:
-                    tokens_batch = problem.batch(rng, batch)
-                    loss = task_loss(model, tokens_batch)
-                    tokens_batch = tokens_batch.tokens
-                optimizer.zero_grad(set_to_none=False)
+                    whole = problem.batch(rng, batch)
+                    loss = task_loss(model, tasks.Batch(whole.tokens[shard], whole.scored[shard]))
+                    tokens_batch = whole.tokens
+                # The stepper clears the gradients it applied and keeps accumulating the others.
                 loss.backward()
+                if world > 1:
+                    loss = _average_gradients(model, loss, world)
                 if settings.clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
                 stepper.step(step)
-                tokens += tokens_batch.numel()
+                tokens += batch * context
                 record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
                 extra = ""
-                if ((step + 1) % eval_every == 0 or step + 1 == steps) and problem is None:
+                due = lead and ((step + 1) % eval_every == 0 or step + 1 == steps)
+                if due and problem is None:
                     bits = evaluate(model, validation, context)
                     record["eval_bits_per_byte"] = bits
                     extra = f"  eval {bits:.3f} bpb"
-                elif (step + 1) % eval_every == 0 or step + 1 == steps:
+                elif due:
                     bits = task_accuracy(model, problem, seed)
                     record["held_out_accuracy"] = bits
                     extra = f"  held-out accuracy {bits:.3f}"
@@ -246,6 +284,10 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     except KeyboardInterrupt:
         interrupted = True
     progress.done()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not lead:
+        return RunResult(directory, step, bits, unigram, interrupted)
     save_checkpoint(directory, model, optimizer, step, generator, rng)
     plots.training_curves(directory, baseline=None if problem is not None else unigram)
     if interrupted:

@@ -188,3 +188,36 @@ def test_data_paths_train_on_those_files_and_bad_paths_are_usage_errors(tmp_path
     (tmp_path / "tiny.txt").write_text("too short")
     short = _run("specs/deltanet.nest", "--data", str(tmp_path / "tiny.txt"), "--runs", str(runs), *TINY)
     assert short.exit_code == 2 and "at least 1 KB" in short.output
+
+
+def test_two_data_parallel_processes_take_the_single_process_step(tmp_path):
+    """`--nproc 2` (torch.distributed with gloo, PyTorch's own launcher) splits each global batch in
+    two and averages the gradients: the weights after it equal one process on the whole batch."""
+    import subprocess
+    import sys
+
+    args = ["specs/deltanet.nest", "--steps", "2", *TINY, "--set", "train.batch=4"]
+    single = _run(*args, "--runs", str(tmp_path / "single"))
+    assert single.exit_code == 0, single.output
+    parallel = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--runs", str(tmp_path / "parallel"),
+                               "--nproc", "2"], capture_output=True, text=True, timeout=240)
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    assert "2 processes" in parallel.stderr
+    (a,), (b,) = list((tmp_path / "single").iterdir()), list((tmp_path / "parallel").iterdir())
+    one, two = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_batch_that_does_not_split_among_the_processes_is_a_usage_error(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "nestc", "run", "specs/deltanet.nest", "--steps", "1", *TINY,
+                             "--set", "train.batch=3", "--nproc", "2", "--runs", str(tmp_path)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "must divide evenly among 2 processes" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -209,13 +209,22 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
               help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (torch.distributed, gloo); the batch is split among them.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (on a GPU).")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, nproc, color) -> None:
+def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, nproc, device, bf16,
+        color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
     from nestc import data, overrides
 
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise click.UsageError(f"--device {device}: " + ("CUDA is not available on this machine"
+                                                             if device.startswith("cuda") else "use cpu or cuda"))
     corpus = None
     if data_paths:
         if task:
@@ -251,6 +260,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
             if value is not None:
                 arguments += [flag, str(value)]
         arguments += ["--resume"] if resume else []
+        arguments += ["--device", device] + (["--bf16"] if bf16 else [])
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     "-m", "nestc", "run", *arguments]
         sys.exit(subprocess.run(launcher).returncode)
@@ -263,7 +273,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
-                            eval_every=eval_every, task=task, corpus=corpus,
+                            eval_every=eval_every, task=task, corpus=corpus, device=device, bf16=bf16,
                             log=lambda message: click.echo(message, err=True))
         except BackendError as error:
             raise click.ClickException(str(error)) from None

@@ -69,7 +69,8 @@ def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: in
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, count, batch):
-            chunk = torch.tensor([list(w) for w in windows[start:start + batch]], dtype=torch.long)
+            chunk = torch.tensor([list(w) for w in windows[start:start + batch]], dtype=torch.long,
+                                 device=model.embedding.weight.device)
             logits, _ = model(chunk)
             total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
                                      reduction="sum").item()
@@ -81,14 +82,15 @@ def sample(model, prompt: bytes, length: int, temperature: float = 0.8, seed: in
     """Read the prompt, then write `length` bytes, the memories learning all the while.
     Returns the bytes written and the state after them."""
     generator = torch.Generator().manual_seed(seed)
+    device = model.embedding.weight.device
     with torch.no_grad():
-        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long), state)
+        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long, device=device), state)
         out = []
         for _ in range(length):
-            probabilities = torch.softmax(logits[0, -1] / temperature, dim=-1)
+            probabilities = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
             byte = int(torch.multinomial(probabilities, 1, generator=generator))
             out.append(byte)
-            logits, state = model(torch.tensor([[byte]]), state)
+            logits, state = model(torch.tensor([[byte]], device=device), state)
     return bytes(out), state
 
 
@@ -125,9 +127,10 @@ def task_accuracy(model, task, seed: int, batches: int = 4, size: int = 16) -> f
     with torch.no_grad():
         for _ in range(batches):
             batch = task.batch(rng, size, held_out=True)
-            logits, _ = model(batch.tokens)
-            mask = batch.scored[:, :-1]
-            right += (logits[:, :-1].argmax(-1)[mask] == batch.tokens[:, 1:][mask]).sum().item()
+            tokens = batch.tokens.to(model.embedding.weight.device)
+            mask = batch.scored[:, :-1].to(tokens.device)
+            logits, _ = model(tokens)
+            right += (logits[:, :-1].argmax(-1)[mask] == tokens[:, 1:][mask]).sum().item()
             total += mask.sum().item()
     return right / max(total, 1)
 
@@ -168,14 +171,17 @@ def _quiet(*_args) -> None:
     """The log of a process that is not the first one."""
 
 
-def _distributed(batch: int) -> tuple[int, int]:
-    """(world size, rank) under torch.distributed's launcher, which sets WORLD_SIZE and RANK."""
+def _distributed(batch: int, device: str) -> tuple[int, int]:
+    """(world size, rank) under torch.distributed's launcher, which sets WORLD_SIZE and RANK;
+    gloo on the CPU, nccl on GPUs (each process on the GPU of its local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 1, 0
     if batch % world:
         raise ValueError(f"the batch ({batch}) must divide evenly among {world} processes")
-    torch.distributed.init_process_group("gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return world, torch.distributed.get_rank()
 
 
@@ -193,7 +199,8 @@ def _average_gradients(model, loss: torch.Tensor, world: int) -> torch.Tensor:
 
 def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
-          task: str | None = None, corpus: bytes | None = None, log=print) -> RunResult:
+          task: str | None = None, corpus: bytes | None = None, device: str = "cpu", bf16: bool = False,
+          log=print) -> RunResult:
     """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
     everything was written and the scores."""
     from nestc.backends import compiled, reference
@@ -201,7 +208,9 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     settings = program.train
     steps = steps or settings.steps
     seed = settings.seed
-    world, rank = _distributed(settings.batch)
+    world, rank = _distributed(settings.batch, device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
     lead = rank == 0
     if not lead:  # only the first process reports and writes
         log = _quiet
@@ -212,8 +221,9 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
             handle.write(spec_text)
     torch.manual_seed(seed)
-    model = (compiled if backend == "compiled" else reference).build(program)
+    model = (compiled if backend == "compiled" else reference).build(program).to(device)
     optimizer = build_optimizer(settings.optimizer, model)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     factor = schedule(settings.schedule, steps)
     base_rates = [group["lr"] for group in optimizer.param_groups]
     stepper = MultiRateStepper(optimizer, model)
@@ -249,15 +259,16 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
                     group["lr"] = rate * factor(step)
                 # Every process draws the same global batch and trains on its own slice of it.
                 shard = slice(rank * batch // world, (rank + 1) * batch // world)
-                if problem is None:
-                    tokens_batch = _batch(train_bytes, context, batch, rng)[shard]
-                    logits, _ = model(tokens_batch)
-                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                           tokens_batch[:, 1:].reshape(-1))
-                else:
-                    whole = problem.batch(rng, batch)
-                    loss = task_loss(model, tasks.Batch(whole.tokens[shard], whole.scored[shard]))
-                    tokens_batch = whole.tokens
+                with autocast:
+                    if problem is None:
+                        tokens_batch = _batch(train_bytes, context, batch, rng)[shard].to(device)
+                        logits, _ = model(tokens_batch)
+                        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                               tokens_batch[:, 1:].reshape(-1))
+                    else:
+                        whole = problem.batch(rng, batch)
+                        loss = task_loss(model, tasks.Batch(whole.tokens[shard].to(device),
+                                                            whole.scored[shard].to(device)))
                 # The stepper clears the gradients it applied and keeps accumulating the others.
                 loss.backward()
                 if world > 1:

@@ -27,7 +27,7 @@ from nestc.optim import build_optimizer, schedule
 class RunResult:
     directory: str
     steps: int
-    final_bits_per_byte: float
+    final_score: float  # held-out bits per byte on a corpus, held-out accuracy on a task
     unigram_bits_per_byte: float
     interrupted: bool = False
 
@@ -251,7 +251,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
             f"{steps} steps of {batch}x{context} tokens; accuracy measured at length {problem.test_length}")
     progress = Progress(steps, stream=sys.stderr if lead else open(os.devnull, "w"))
     tokens, interrupted, step = 0, False, start
-    bits = float("nan")
+    score = float("nan")
     try:
         with open(metrics_path if lead else os.devnull, "a", encoding="utf-8") as metrics:
             for step in range(start, steps):
@@ -281,13 +281,13 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
                 extra = ""
                 due = lead and ((step + 1) % eval_every == 0 or step + 1 == steps)
                 if due and problem is None:
-                    bits = evaluate(model, validation, context)
-                    record["eval_bits_per_byte"] = bits
-                    extra = f"  eval {bits:.3f} bpb"
+                    score = evaluate(model, validation, context)
+                    record["eval_bits_per_byte"] = score
+                    extra = f"  eval {score:.3f} bpb"
                 elif due:
-                    bits = task_accuracy(model, problem, seed)
-                    record["held_out_accuracy"] = bits
-                    extra = f"  held-out accuracy {bits:.3f}"
+                    score = task_accuracy(model, problem, seed)
+                    record["held_out_accuracy"] = score
+                    extra = f"  held-out accuracy {score:.3f}"
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 progress.update(step + 1, loss.item() / math.log(2), tokens, extra)
@@ -298,25 +298,25 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     if world > 1:
         torch.distributed.destroy_process_group()
     if not lead:
-        return RunResult(directory, step, bits, unigram, interrupted)
+        return RunResult(directory, step, score, unigram, interrupted)
     save_checkpoint(directory, model, optimizer, step, generator, rng)
     plots.training_curves(directory, baseline=None if problem is not None else unigram)
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
-        return RunResult(directory, step, bits, unigram, interrupted=True)
+        return RunResult(directory, step, score, unigram, interrupted=True)
     if problem is not None:
         with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
-            handle.write(f"# {name} on {task}\n\nsteps {step}, held-out accuracy {bits:.3f} "
+            handle.write(f"# {name} on {task}\n\nsteps {step}, held-out accuracy {score:.3f} "
                          f"(length {problem.test_length}, trained at {problem.length})\n")
-        log(f"held-out accuracy {bits:.3f} at length {problem.test_length} (trained at {problem.length})")
+        log(f"held-out accuracy {score:.3f} at length {problem.test_length} (trained at {problem.length})")
         log(f"saved in {directory}/")
-        return RunResult(directory, step, bits, unigram)
+        return RunResult(directory, step, score, unigram)
     written, _ = sample(model, validation[:64], sample_bytes, seed=seed)
-    report = (f"# {name}\n\nsteps {step}, final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})\n\n"
+    report = (f"# {name}\n\nsteps {step}, final eval {score:.3f} bits/byte (unigram baseline {unigram:.3f})\n\n"
               f"sample after the prompt {validation[:64]!r}:\n\n```\n{written.decode('utf-8', 'replace')}\n```\n")
     with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(report)
-    log(f"final eval {bits:.3f} bits/byte (unigram baseline {unigram:.3f})")
+    log(f"final eval {score:.3f} bits/byte (unigram baseline {unigram:.3f})")
     log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
     log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, curves.png, report.md)")
-    return RunResult(directory, step, bits, unigram)
+    return RunResult(directory, step, score, unigram)

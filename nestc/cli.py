@@ -209,11 +209,14 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
               help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes (torch.distributed, gloo); the batch is split among them.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False),
+              help="A `tokenizers` JSON file: train on its token ids instead of bytes.")
+@click.option("--seed", type=int, help="Seed of initialisation and data order (default: the spec's train seed).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (on a GPU).")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, nproc, device, bf16,
-        color) -> None:
+def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, nproc, tokenizer, seed,
+        device, bf16, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -239,6 +242,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
         source = read_source(spec)
     except (OSError, UnicodeDecodeError) as error:
         raise click.UsageError(f"cannot read `{spec}`: {getattr(error, 'strerror', None) or error}") from None
+    if seed is not None:
+        assignments = (*assignments, f"train.seed={seed}")
     try:
         source = overrides.apply(source, list(assignments))
     except overrides.OverrideError as error:
@@ -261,6 +266,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
                 arguments += [flag, str(value)]
         arguments += ["--resume"] if resume else []
         arguments += ["--device", device] + (["--bf16"] if bf16 else [])
+        arguments += ["--tokenizer", tokenizer] if tokenizer else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     "-m", "nestc", "run", *arguments]
         sys.exit(subprocess.run(launcher).returncode)
@@ -273,13 +279,14 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
-                            eval_every=eval_every, task=task, corpus=corpus, device=device, bf16=bf16,
+                            eval_every=eval_every, task=task, corpus=corpus, tokenizer=tokenizer,
+                            device=device, bf16=bf16,
                             log=lambda message: click.echo(message, err=True))
         except BackendError as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None
-        except ValueError as error:  # a batch that does not split among the processes
+        except ValueError as error:  # a batch that does not split, a tokenizer that does not fit
             raise click.UsageError(str(error)) from None
     for warning in caught:
         click.echo(f"note: {warning.message}", err=True)

@@ -23,12 +23,26 @@ def split(data: bytes, held_out: float = HELD_OUT) -> tuple[bytes, bytes]:
     return data[:cut], data[cut:]
 
 
-def unigram_bits_per_byte(train: bytes, evaluate: bytes) -> float:
-    """Cross-entropy of the evaluation bytes under the training bytes' frequencies (add-one
-    smoothed): the score a model must beat to have learned anything beyond byte counts."""
+def unigram_bits(train, evaluate, vocab: int = 256) -> float:
+    """Cross-entropy (bits per symbol) of the evaluation symbols under the training symbols'
+    frequencies (add-one smoothed): the score a model must beat to have learned anything beyond
+    symbol counts. Symbols are bytes, or token ids with a tokenizer."""
     counts = Counter(train)
-    total = len(train) + 256
+    total = len(train) + vocab
     return -sum(math.log2((counts.get(b, 0) + 1) / total) for b in evaluate) / len(evaluate)
+
+
+def tokenize(text: bytes, path: str) -> tuple[list[int], object]:
+    """Token ids of `text` under a `tokenizers` tokenizer file, and the tokenizer."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError("--tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as error:  # tokenizers raises its own exception types for unreadable files
+        raise DataError(f"--tokenizer {path}: not a tokenizer file ({error})") from None
+    return tokenizer.encode(text.decode("utf-8", "replace")).ids, tokenizer
 
 
 class DataError(ValueError):

@@ -28,7 +28,7 @@ class RunResult:
     directory: str
     steps: int
     final_score: float  # held-out bits per byte on a corpus, held-out accuracy on a task
-    unigram_bits_per_byte: float
+    unigram_bits: float  # per byte, or per token with a tokenizer
     interrupted: bool = False
 
 
@@ -78,9 +78,9 @@ def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: in
     return total / tokens / math.log(2)
 
 
-def sample(model, prompt: bytes, length: int, temperature: float = 0.8, seed: int = 0, state=None):
-    """Read the prompt, then write `length` bytes, the memories learning all the while.
-    Returns the bytes written and the state after them."""
+def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None):
+    """Read the prompt (bytes or token ids), then write `length` symbols, the memories learning all
+    the while. Returns the symbols written (as bytes when they fit) and the state after them."""
     generator = torch.Generator().manual_seed(seed)
     device = model.embedding.weight.device
     with torch.no_grad():
@@ -91,7 +91,7 @@ def sample(model, prompt: bytes, length: int, temperature: float = 0.8, seed: in
             byte = int(torch.multinomial(probabilities, 1, generator=generator))
             out.append(byte)
             logits, state = model(torch.tensor([[byte]], device=device), state)
-    return bytes(out), state
+    return (bytes(out) if max(out, default=0) < 256 else out), state
 
 
 def read(model, text: bytes, state=None, window: int = 256):
@@ -154,7 +154,7 @@ class Progress:
         eta = elapsed / step * (self.total - step) if step else 0.0
         width = 24
         filled = int(width * step / self.total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  train {loss:.3f} bpb  "
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  train {loss:.3f} bits  "
                 f"{rate:,.0f} tok/s  eta {eta:.0f}s{extra}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
@@ -199,8 +199,8 @@ def _average_gradients(model, loss: torch.Tensor, world: int) -> torch.Tensor:
 
 def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
-          task: str | None = None, corpus: bytes | None = None, device: str = "cpu", bf16: bool = False,
-          log=print) -> RunResult:
+          task: str | None = None, corpus: bytes | None = None, tokenizer: str | None = None,
+          device: str = "cpu", bf16: bool = False, log=print) -> RunResult:
     """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
     everything was written and the scores."""
     from nestc.backends import compiled, reference
@@ -227,8 +227,17 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     factor = schedule(settings.schedule, steps)
     base_rates = [group["lr"] for group in optimizer.param_groups]
     stepper = MultiRateStepper(optimizer, model)
-    train_bytes, validation = data.split(corpus if corpus is not None else data.default_corpus())
-    unigram = data.unigram_bits_per_byte(train_bytes, validation)
+    text = corpus if corpus is not None else data.default_corpus()
+    unit, decode = "byte", bytes
+    if tokenizer is not None:
+        ids, encoder = data.tokenize(text, tokenizer)
+        if max(ids) >= model.vocab:
+            raise data.DataError(f"--tokenizer {tokenizer}: token ids reach {max(ids)}, but the model's vocab is "
+                                 f"{model.vocab}: --set model.vocab={encoder.get_vocab_size()}")
+        text, unit = ids, "token"
+        decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
+    train_bytes, validation = data.split(text)
+    unigram = data.unigram_bits(train_bytes, validation, model.vocab)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     start = 0
@@ -244,7 +253,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     problem = tasks.make(task, context) if task else None
     if problem is None:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
-            f"{batch}x{context} bytes; unigram baseline {unigram:.3f} bits/byte"
+            f"{batch}x{context} {unit}s; unigram baseline {unigram:.3f} bits/{unit}"
             + (f"; {world} processes" if world > 1 else ""))
     else:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) on task `{task}` for "
@@ -283,7 +292,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
                 if due and problem is None:
                     score = evaluate(model, validation, context)
                     record["eval_bits_per_byte"] = score
-                    extra = f"  eval {score:.3f} bpb"
+                    extra = f"  eval {score:.3f} bits/{unit}"
                 elif due:
                     score = task_accuracy(model, problem, seed)
                     record["held_out_accuracy"] = score
@@ -311,12 +320,14 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         log(f"held-out accuracy {score:.3f} at length {problem.test_length} (trained at {problem.length})")
         log(f"saved in {directory}/")
         return RunResult(directory, step, score, unigram)
+    prompt = decode(validation[:64])
     written, _ = sample(model, validation[:64], sample_bytes, seed=seed)
-    report = (f"# {name}\n\nsteps {step}, final eval {score:.3f} bits/byte (unigram baseline {unigram:.3f})\n\n"
-              f"sample after the prompt {validation[:64]!r}:\n\n```\n{written.decode('utf-8', 'replace')}\n```\n")
+    written = decode(written)
+    report = (f"# {name}\n\nsteps {step}, final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})\n\n"
+              f"sample after the prompt {prompt!r}:\n\n```\n{written.decode('utf-8', 'replace')}\n```\n")
     with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(report)
-    log(f"final eval {score:.3f} bits/byte (unigram baseline {unigram:.3f})")
+    log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
     log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
     log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, curves.png, report.md)")
     return RunResult(directory, step, score, unigram)

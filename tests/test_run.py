@@ -221,3 +221,30 @@ def test_a_batch_that_does_not_split_among_the_processes_is_a_usage_error(tmp_pa
     assert result.returncode != 0
     assert "must divide evenly among 2 processes" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _tokenizer_file(path) -> int:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"])
+    from nestc.data import default_corpus
+
+    tokenizer.train_from_iterator([default_corpus()[:20000].decode()], trainer)
+    tokenizer.save(str(path))
+    return tokenizer.get_vocab_size()
+
+
+def test_a_tokenizer_file_trains_on_token_ids(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    vocab = _tokenizer_file(path)
+    result = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs", str(tmp_path / "runs"),
+                  *TINY, "--set", f"model.vocab={vocab}", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert "bits/token" in result.output
+    too_small = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs",
+                     str(tmp_path / "runs"), *TINY, "--set", "model.vocab=16")
+    assert too_small.exit_code == 2 and f"--set model.vocab={vocab}" in too_small.output
+    not_a_file = _run("specs/deltanet.nest", "--tokenizer", "README.md", "--runs", str(tmp_path / "runs"), *TINY)
+    assert not_a_file.exit_code == 2 and "not a tokenizer file" in not_a_file.output

@@ -523,7 +523,7 @@ class CompiledModel(ReferenceModel):
                 size = min(tokens.shape[1] - t, self.segment - state.position % self.segment)
                 chunk = tokens[:, t:t + size]
                 if self.task_levels:
-                    self._learn_from_task_loss(state, chunk[:, 0])
+                    self._learn_from_task_loss(state, chunk[:, 0], outer_grad)
                 x = self.embedding(chunk)
                 for layer, level_states in zip(self.layers, state.levels):
                     x = run_layer(self, layer, x, state.position, level_states)

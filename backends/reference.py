@@ -562,17 +562,25 @@ class FeedForwardLevel(nn.Module):
         state.pending = None
 
 
-def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]]) -> None:
+def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]], keep_graph: bool) -> None:
     """Step every layer's copy of one continuum level: they share one pending loss, so a single
-    backward pass gives all their gradients."""
+    backward pass gives all their gradients. Without an outer level to differentiate the stream
+    (`keep_graph` false, inference) the new weights start the next chunk cut from the old ones, so
+    the graph never grows beyond one chunk however long the stream."""
     weights = [w for _, state in instances for w in state.weights]
     full = any(level.meta == "full" for level, _ in instances)
-    grads = torch.autograd.grad(instances[0][1].pending, weights, retain_graph=True, create_graph=full,
-                                allow_unused=True)
+    pending = instances[0][1].pending
+    if pending.requires_grad:
+        grads = torch.autograd.grad(pending, weights, retain_graph=True, create_graph=full, allow_unused=True)
+    else:  # the chunk's predictions were made before the state was saved and reloaded: no gradient left
+        grads = (None,) * len(weights)
     offset = 0
     for level, state in instances:
         count = len(state.weights)
         level.apply_gradient(state, grads[offset:offset + count])
+        if not keep_graph:
+            state.weights = [w.detach() for w in state.weights]
+            state.momentum = [m.detach() for m in state.momentum]
         offset += count
 
 
@@ -843,6 +851,8 @@ class ReferenceModel(nn.Module):
         self.head = None if model.tie_embeddings else nn.Linear(self.dim, self.vocab, bias=False)
         self.task_levels = [name for name, level in self.layers[0].levels.items()
                             if isinstance(level, FeedForwardLevel) and level.every]
+        self.task_cycle = math.lcm(*(self.layers[0].levels[name].every for name in self.task_levels)) \
+            if self.task_levels else 1
 
     def initial_state(self, batch: int) -> ModelState:
         like = self.embedding.weight
@@ -864,7 +874,7 @@ class ReferenceModel(nn.Module):
             for t in range(tokens.shape[1]):
                 token = tokens[:, t]
                 if self.task_levels:
-                    self._learn_from_task_loss(state, token)
+                    self._learn_from_task_loss(state, token, outer_grad)
                 x = self.embedding(token)
                 for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
                     x = layer(x, state.position, level_states, segment)
@@ -879,7 +889,7 @@ class ReferenceModel(nn.Module):
             return logits.detach(), state if self.task_levels else state.detach()
         return logits, state
 
-    def _learn_from_task_loss(self, state: ModelState, token: Tensor) -> None:
+    def _learn_from_task_loss(self, state: ModelState, token: Tensor, keep_graph: bool) -> None:
         """The prediction made at the previous position meets its target: add its loss to every
         continuum-memory level, and step the levels whose chunk ended there."""
         if state.last_logits is None:
@@ -892,7 +902,12 @@ class ReferenceModel(nn.Module):
             for _, level_state in instances:
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
             if state.position % instances[0][0].every == 0:
-                update_continuum_levels(instances)
+                update_continuum_levels(instances, keep_graph)
+        if not keep_graph and state.position % self.task_cycle == 0:
+            # Every continuum level has just stepped, so no pending loss reaches further back:
+            # at inference the whole state can start afresh from here, bounding the graph.
+            cut = state.detach()
+            state.levels, state.segments, state.last_logits = cut.levels, cut.segments, cut.last_logits
 
 
 def build(program: ir.Program) -> ReferenceModel:

@@ -248,3 +248,35 @@ def test_a_tokenizer_file_trains_on_token_ids(tmp_path):
     assert too_small.exit_code == 2 and f"--set model.vocab={vocab}" in too_small.output
     not_a_file = _run("specs/deltanet.nest", "--tokenizer", "README.md", "--runs", str(tmp_path / "runs"), *TINY)
     assert not_a_file.exit_code == 2 and "not a tokenizer file" in not_a_file.output
+
+
+CONTINUUM = """
+level fast : mlp(expand=2) {
+    objective task
+    lr = 0.01
+    every 4
+}
+model {
+    vocab 256
+    dim 16
+    heads 2
+    block = residual(rmsnorm |> fast)
+}
+train {
+    context 32
+    batch 2
+}
+"""
+
+
+def test_memory_states_of_continuum_levels_survive_a_save_and_reload(tmp_path):
+    spec = tmp_path / "continuum.nest"
+    spec.write_text(CONTINUUM)
+    assert _run(str(spec), "--steps", "1", "--runs", str(tmp_path / "runs")).exit_code == 0
+    (run,) = list((tmp_path / "runs").iterdir())
+    document = tmp_path / "document.txt"
+    document.write_bytes(b"abcdefgh" * 8)  # 64 bytes: the reload lands on a chunk boundary
+    state = tmp_path / "state.safetensors"
+    assert CliRunner().invoke(cli, ["memorize", str(run), str(document), "--state-out", str(state)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["eval", str(run), str(document), "--state-in", str(state)])
+    assert result.exit_code == 0, result.output

@@ -2,9 +2,9 @@
 
     python benchmarks/compare_models.py [--steps 50] [--batch 2] [--runs /tmp/nestc-compare]
 
-Every model trains with the same outer level (AdamW, lr 3e-3, cosine with 10 warm-up steps), batch,
-context (256: Hope's slowest continuum level updates every 256 tokens) and number of steps, through
-`nestc run`. Prints a Markdown table: held-out bits per byte on the corpus (lower is better) and
+Every model trains with its own spec's outer level (optimizer, learning rate, schedule) and the
+same batch, context (256: Hope's slowest continuum level updates every 256 tokens) and number of
+steps, through `nestc run`. Prints a Markdown table: held-out bits per byte on the corpus (lower is better) and
 held-out accuracy on the tasks (sequences twice the training length for parity).
 """
 
@@ -20,21 +20,37 @@ SPECS = ["specs/hope.nest", "specs/titans.nest", "specs/deltanet.nest", "specs/t
 TASKS = [None, "mqar", "parity"]
 
 
+def _finished(runs: str, spec: str, task: str | None, steps: int) -> dict | None:
+    """The last metrics record of an earlier run of the same variant that reached `steps`."""
+    name = os.path.splitext(os.path.basename(spec))[0]
+    suffix = f"-{task}" if task else ""
+    if not os.path.isdir(runs):
+        return None
+    for directory in os.listdir(runs):
+        if directory.startswith(name + "-") and directory.endswith(suffix) and \
+                (task or not any(directory.endswith(f"-{t}") for t in TASKS if t)):
+            path = os.path.join(runs, directory, "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as handle:
+                    lines = handle.read().splitlines()
+                if lines and json.loads(lines[-1])["step"] == steps:
+                    return json.loads(lines[-1])
+    return None
+
+
 def final_score(runs: str, spec: str, task: str | None, steps: int, batch: int) -> float:
-    sets = ["--set", f"train.batch={batch}", "--set", "train.context=256", "--set",
-            "train.optimizer=adamw(lr=3e-3, weight_decay=0.1)", "--set", "train.schedule=cosine(warmup=10)"]
+    """Train (or reuse a finished run of the same variant) and return its last held-out score."""
+    last = _finished(runs, spec, task, steps)
+    if last is not None:
+        return last["held_out_accuracy" if task else "eval_bits_per_byte"]
+    sets = ["--set", f"train.batch={batch}", "--set", "train.context=256"]
     command = [sys.executable, "-m", "nestc", "run", spec, "--steps", str(steps), "--runs", runs, *sets]
     if task:
         command += ["--task", task]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    name = os.path.splitext(os.path.basename(spec))[0]
-    suffix = f"-{task}" if task else ""
-    (directory,) = [d for d in os.listdir(runs) if d.startswith(name + "-") and d.endswith(suffix)
-                    and (task or not any(d.endswith(f"-{t}") for t in TASKS if t))]
-    with open(os.path.join(runs, directory, "metrics.jsonl"), encoding="utf-8") as handle:
-        last = json.loads(handle.read().splitlines()[-1])
+    last = _finished(runs, spec, task, steps)
     return last["held_out_accuracy" if task else "eval_bits_per_byte"]
 
 

@@ -273,7 +273,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
     from nestc.checkpoint import bundle
-    from nestc.train import train
+    from nestc.train import TrainingDiverged, train
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
@@ -282,7 +282,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
                             eval_every=eval_every, task=task, corpus=corpus, tokenizer=tokenizer,
                             device=device, bf16=bf16,
                             log=lambda message: click.echo(message, err=True))
-        except BackendError as error:
+        except (BackendError, TrainingDiverged) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None

@@ -23,6 +23,10 @@ from nestc.backends.outer import MultiRateStepper
 from nestc.optim import build_optimizer, schedule
 
 
+class TrainingDiverged(Exception):
+    """The loss stopped being a finite number; nothing after it is worth saving."""
+
+
 @dataclass
 class RunResult:
     directory: str
@@ -278,6 +282,10 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
                         whole = problem.batch(rng, batch)
                         loss = task_loss(model, tasks.Batch(whole.tokens[shard].to(device),
                                                             whole.scored[shard].to(device)))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
+                                           "lower the learning rate (--set train.optimizer=adamw(lr=...)), the "
+                                           "memories' lr gates, or raise train.clip")
                 # The stepper clears the gradients it applied and keeps accumulating the others.
                 loss.backward()
                 if world > 1:

@@ -280,3 +280,10 @@ def test_memory_states_of_continuum_levels_survive_a_save_and_reload(tmp_path):
     assert CliRunner().invoke(cli, ["memorize", str(run), str(document), "--state-out", str(state)]).exit_code == 0
     result = CliRunner().invoke(cli, ["eval", str(run), str(document), "--state-in", str(state)])
     assert result.exit_code == 0, result.output
+
+
+def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
+    result = _run("specs/deltanet.nest", "--steps", "3", "--runs", str(tmp_path), *TINY,
+                  "--set", "train.optimizer=sgd(lr=1e30)", "--set", "train.clip=0")
+    assert result.exit_code == 1
+    assert "training diverged" in result.output and "Traceback" not in result.output

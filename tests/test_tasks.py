@@ -85,3 +85,10 @@ def test_the_pass_key_answer_is_the_hidden_key():
         hidden = re.search(r"The pass key is (\d{5})\. Remember", text).group(1)
         answer = "".join(chr(row[i + 1]) for i, s in enumerate(mask) if s)
         assert answer == hidden
+
+
+def test_the_command_line_offers_every_task():
+    from nestc.cli import run
+
+    option = next(p for p in run.params if p.name == "task")
+    assert set(option.type.choices) == set(tasks.TASKS)

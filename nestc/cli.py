@@ -205,6 +205,8 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 @click.option("--task", type=click.Choice(["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2",
                                            "niah"]),
               help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
+@click.option("--task-option", "task_options", multiple=True, metavar="KEY=N",
+              help="A task setting, e.g. --task-option pairs=16 (mqar: pairs, keys, values).")
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
               help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -215,8 +217,8 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (on a GPU).")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_paths, nproc, tokenizer, seed,
-        device, bf16, color) -> None:
+def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_options, data_paths, nproc,
+        tokenizer, seed, device, bf16, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -228,6 +230,12 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise click.UsageError(f"--device {device}: " + ("CUDA is not available on this machine"
                                                              if device.startswith("cuda") else "use cpu or cuda"))
+    options = {}
+    for option in task_options:
+        key, _, value = option.partition("=")
+        if not task or not value.strip().isdigit():
+            raise click.UsageError(f"--task-option {option}: expected KEY=N after a --task")
+        options[key.strip()] = int(value)
     corpus = None
     if data_paths:
         if task:
@@ -264,6 +272,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
         for flag, value in (("--steps", steps), ("--eval-every", eval_every), ("--task", task)):
             if value is not None:
                 arguments += [flag, str(value)]
+        arguments += [a for option in task_options for a in ("--task-option", option)]
         arguments += ["--resume"] if resume else []
         arguments += ["--device", device] + (["--bf16"] if bf16 else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
@@ -279,7 +288,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, data_
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
-                            eval_every=eval_every, task=task, corpus=corpus, tokenizer=tokenizer,
+                            eval_every=eval_every, task=task, task_options=options, corpus=corpus,
+                            tokenizer=tokenizer,
                             device=device, bf16=bf16,
                             log=lambda message: click.echo(message, err=True))
         except (BackendError, TrainingDiverged) as error:

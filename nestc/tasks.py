@@ -215,9 +215,20 @@ class Passkey(Task):
 TASKS = {task.name: task for task in (AssociativeRecall, Parity, EvenA, Abab, AnBn, AnBnCn, Shuffle2, Passkey)}
 
 
-def make(name: str, length: int) -> Task:
+OPTIONS = {"mqar": ("pairs", "keys", "values")}  # the Zoology settings; the length is the context
+
+
+def make(name: str, length: int, options: dict[str, int] | None = None) -> Task:
     """A task at training length `length`, tested at twice that length where lengths generalise."""
+    options = dict(options or {})
+    unknown = set(options) - set(OPTIONS.get(name, ()))
+    if unknown:
+        allowed = ", ".join(OPTIONS.get(name, ())) or "none"
+        raise ValueError(f"task `{name}` has no option {', '.join(sorted(unknown))} (options: {allowed})")
     cls = TASKS[name]
     if cls is AssociativeRecall:
-        return AssociativeRecall(length=length)
+        task = AssociativeRecall(length=length, **options)
+        if task.keys + task.values > ACCEPT:
+            raise ValueError(f"mqar: keys + values ({task.keys + task.values}) must stay below {ACCEPT}")
+        return task
     return cls(length=length, test_length=2 * length)

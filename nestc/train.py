@@ -203,7 +203,8 @@ def _average_gradients(model, loss: torch.Tensor, world: int) -> torch.Tensor:
 
 def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
-          task: str | None = None, corpus: bytes | None = None, tokenizer: str | None = None,
+          task: str | None = None, task_options: dict | None = None, corpus: bytes | None = None,
+          tokenizer: str | None = None,
           device: str = "cpu", bf16: bool = False, log=print) -> RunResult:
     """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
     everything was written and the scores."""
@@ -254,7 +255,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     context, batch = settings.context, settings.batch
     eval_every = eval_every or max(1, steps // 5)
     parameters = sum(p.numel() for p in model.parameters())
-    problem = tasks.make(task, context) if task else None
+    problem = tasks.make(task, context, task_options) if task else None
     if problem is None:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
             f"{batch}x{context} {unit}s; unigram baseline {unigram:.3f} bits/{unit}"

@@ -161,8 +161,8 @@ def test_corrupt_or_missing_files_are_clear_errors(trained, tmp_path):
         assert message in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("task", ["mqar", "parity", "niah"])
-def test_a_few_steps_on_each_kind_of_task(task, tmp_path):
+@pytest.mark.parametrize("task", ["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2", "niah"])
+def test_a_few_steps_on_each_task(task, tmp_path):
     args = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2"]
     length = "160" if task == "niah" else "32"
     result = _run("specs/deltanet.nest", "--task", task, "--steps", "2", "--runs", str(tmp_path),
@@ -190,13 +190,20 @@ def test_data_paths_train_on_those_files_and_bad_paths_are_usage_errors(tmp_path
     assert short.exit_code == 2 and "at least 1 KB" in short.output
 
 
-def test_two_data_parallel_processes_take_the_single_process_step(tmp_path):
+@pytest.mark.parametrize("spec", ["specs/deltanet.nest", "continuum"])
+def test_two_data_parallel_processes_take_the_single_process_step(spec, tmp_path):
     """`--nproc 2` (torch.distributed with gloo, PyTorch's own launcher) splits each global batch in
-    two and averages the gradients: the weights after it equal one process on the whole batch."""
+    two and averages the gradients: the weights after it equal one process on the whole batch,
+    for memories and for continuum levels, whose states are per sample."""
     import subprocess
     import sys
 
-    args = ["specs/deltanet.nest", "--steps", "2", *TINY, "--set", "train.batch=4"]
+    if spec == "continuum":
+        spec = str(tmp_path / "continuum.nest")
+        (tmp_path / "continuum.nest").write_text(CONTINUUM)
+        args = [spec, "--steps", "2", "--set", "train.batch=4"]
+    else:
+        args = [spec, "--steps", "2", *TINY, "--set", "train.batch=4"]
     single = _run(*args, "--runs", str(tmp_path / "single"))
     assert single.exit_code == 0, single.output
     parallel = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--runs", str(tmp_path / "parallel"),
@@ -287,3 +294,13 @@ def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
                   "--set", "train.optimizer=sgd(lr=1e30)", "--set", "train.clip=0")
     assert result.exit_code == 1
     assert "training diverged" in result.output and "Traceback" not in result.output
+
+
+def test_task_options_set_the_recall_problem_and_bad_ones_are_usage_errors(tmp_path):
+    ok = _run("specs/deltanet.nest", "--task", "mqar", "--task-option", "pairs=4", "--task-option", "keys=16",
+              "--steps", "1", "--runs", str(tmp_path), *TINY)
+    assert ok.exit_code == 0, ok.output
+    unknown = _run("specs/deltanet.nest", "--task", "mqar", "--task-option", "pears=4", "--runs", str(tmp_path), *TINY)
+    assert unknown.exit_code == 2 and "no option pears" in unknown.output
+    orphan = _run("specs/deltanet.nest", "--task-option", "pairs=4", "--runs", str(tmp_path), *TINY)
+    assert orphan.exit_code == 2 and "after a --task" in orphan.output

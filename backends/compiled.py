@@ -387,20 +387,10 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
         scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
     else:
         scale = None
-    args = kernel.state_args
-    if kernel.state_kind == "matrix" or args["norm"] == "none":
+    if kernel.state_kind == "matrix" or kernel.state_args["norm"] == "none":
         return _errors_closed_form(kernel, anchor, k, v, scale)
-    inputs, outputs = [], []
-    with torch.enable_grad():
-        h = k
-        for index, weight in enumerate(anchor):
-            inputs.append(h)
-            z = torch.einsum("bhoi,bhsi->bhso", weight, h)
-            if scale is not None:
-                z = scale[..., None] * z
-            outputs.append(z)
-            h = activation(args["act"], z) if (kernel.state_kind == "mlp" and index < len(anchor) - 1) else z
-        prediction = _finish_mlp(h, k, args) if kernel.state_kind == "mlp" else h
+    with torch.enable_grad():  # a normalised MLP: let autograd differentiate the normalisation
+        inputs, outputs, prediction = _forward_maps(kernel, anchor, k, scale)
         loss = kernel._pair_loss(kernel.objective, prediction, v).sum()
         errors = torch.autograd.grad(loss, outputs, create_graph=kernel.meta == "full" and outer)
     if kernel.meta != "full":
@@ -409,11 +399,9 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
     return inputs, list(errors)
 
 
-def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
-    """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
-    call, so the outer level differentiates plain tensor operations."""
+def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None):
+    """The memory's forward on every token's key: each map's input and pre-activation, and M(k)."""
     mlp = kernel.state_kind == "mlp"
-    act = kernel.state_args["act"] if mlp else "identity"
     inputs, pre_activations = [], []
     h = k
     for index, weight in enumerate(anchor):
@@ -422,8 +410,15 @@ def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scal
         if scale is not None:
             z = scale[..., None] * z
         pre_activations.append(z)
-        h = activation(act, z) if index < len(anchor) - 1 else z
-    prediction = k + h if (mlp and kernel.state_args["residual"] and h.shape == k.shape) else h
+        h = activation(kernel.state_args["act"], z) if (mlp and index < len(anchor) - 1) else z
+    return inputs, pre_activations, (_finish_mlp(h, k, kernel.state_args) if mlp else h)
+
+
+def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
+    """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
+    call, so the outer level differentiates plain tensor operations."""
+    act = kernel.state_args["act"] if kernel.state_kind == "mlp" else "identity"
+    inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
     error = pair_error(kernel.objective, kernel.objective_args, prediction, v)
     errors = [error]
     for index in range(len(anchor) - 1, 0, -1):

@@ -13,8 +13,9 @@ as single calls, and each memory level through a closed form of its rule:
   recurrences, solved with decay matrices (SEMANTICS section 4, the TTT/Titans dual form).
 - `delta`: the online delta rule (`every 1`, `l2`, `gd`, matrix) with per-head gates in either
   order: the chunkwise UT transform, a triangular solve per segment (DeltaNet, Gated DeltaNet).
-- `mlp`: MLP memories under `every C`: all gradients of the segment at the anchor at once, then
-  the weights of every position by the same decay matrices.
+- `layered`: MLP memories (and DGD on a matrix) under `every C`: each map's gradient is d u^T,
+  with every token's error d found at the anchor at once by backpropagation written out by hand;
+  gd and momentum then use the same decay matrices, DGD the UT solve per map.
 - `sequential`: anything else steps token by token with the reference kernel, and says so.
 
 Continuum-memory levels update between segments (the segment length divides their periods).

@@ -23,7 +23,6 @@ class Batch:
 
 class Task:
     name = ""
-    metric = "accuracy"
 
     def __init__(self, length: int, test_length: int | None = None):
         self.length = length
@@ -114,10 +113,7 @@ class EvenA(Language):
     name = "aa_star"
     alphabet = "a"
 
-    def member(self, rng, size):
-        return "a" * (2 * (size // 2))
-
-    def example(self, rng, length):
+    def example(self, rng, length):  # every length is equally likely: half the strings belong
         size = rng.randrange(0, max(1, length - 2))
         text = "a" * size
         tokens = [ord(c) for c in text] + [QUERY, ACCEPT if self.accepts(text) else REJECT]

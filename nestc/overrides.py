@@ -43,7 +43,10 @@ def apply(source: SourceFile, assignments: list[str]) -> SourceFile:
     text = source.text
     for assignment in assignments:
         parts, value = parse_assignment(assignment)
-        module = syntax.parse(SourceFile(source.name, text))
+        try:
+            module = syntax.parse(SourceFile(source.name, text))
+        except NestError:  # the spec itself does not parse: checking it will say where
+            return source
         text = _splice(text, module, parts, value, assignment)
     return SourceFile(source.name, text)
 

@@ -304,3 +304,10 @@ def test_task_options_set_the_recall_problem_and_bad_ones_are_usage_errors(tmp_p
     assert unknown.exit_code == 2 and "no option pears" in unknown.output
     orphan = _run("specs/deltanet.nest", "--task-option", "pairs=4", "--runs", str(tmp_path), *TINY)
     assert orphan.exit_code == 2 and "after a --task" in orphan.output
+
+
+def test_a_spec_that_does_not_parse_reports_its_syntax_error_even_with_set(tmp_path):
+    spec = tmp_path / "broken.nest"
+    spec.write_text("model {\n    dim 3 4\n}\n")
+    result = _run(str(spec), "--set", "train.steps=3", "--runs", str(tmp_path))
+    assert result.exit_code == 1 and "error[N0001]" in result.output and "Traceback" not in result.output

@@ -840,7 +840,8 @@ class ReferenceModel(nn.Module):
         if program.model is None:
             raise BackendError(f"{program.file} has no `model` section: it is a library of levels")
         if ir.contains_search(program.model) or any(ir.contains_search(level) for level in program.levels):
-            raise BackendError(f"{program.file} is a search space: freeze it to one variant first")
+            raise BackendError(f"{program.file} is a search space: freeze it to one variant first "
+                               "(`nestc sweep SPEC --dry-run` lists the variants)")
         model = program.model
         self.program = program
         self.vocab, self.dim = model.vocab, model.dim

@@ -68,7 +68,7 @@ def plan_kernel(kernel, per_channel: bool) -> LevelPlan:
         why = ("per-channel gates" if per_channel else f"output map `{kernel.output}`" if kernel.output != "none"
                else f"objective `{kernel.objective}`" if kernel.objective not in ("dot", "l2", "lp", "huber")
                else f"optimizer `{kernel.optimizer}`")
-        return LevelPlan("sequential", f"{why} has no parallel form yet")
+        return LevelPlan("sequential", f"no parallel form yet for {why}")
     if every == 1 and kernel.read == "before":
         return LevelPlan("sequential", "`read before` with `every 1` has no parallel form yet")
     if kernel.state_kind == "mlp" or kernel.optimizer == "dgd":

@@ -303,6 +303,56 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
     sys.exit(130 if outcome.interrupted else 0)
 
 
+@cli.command(name="compile")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--emit", type=click.Choice(["ast", "ir", "graph", "plan"]), default="plan", show_default=True,
+              help="The stage to print: the syntax tree, the checked IR, the level graph, or the compiled "
+                   "backend's plan (each memory's kernel and the segment length).")
+@_color
+def compile_spec(spec, emit, color) -> None:
+    """Show what a spec compiles to, stage by stage."""
+    import warnings
+
+    result = _analyze(spec)
+    _report(result.diagnostics, result.sources, "human", color)
+    if not result.ok:
+        sys.exit(_exit_code(result))
+    program = result.program
+    if emit == "ast":
+        for item in result.modules[program.file].items:
+            click.echo(repr(item))
+    elif emit == "ir":
+        from nestc import ir
+
+        click.echo(ir.dump(program), nl=False)
+    elif emit == "graph":
+        from nestc import graph as level_graph
+
+        click.echo(level_graph.to_text(level_graph.build(program)), nl=False)
+    else:
+        if program.model is None:
+            raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
+        from nestc.backends import compiled
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", compiled.CompileWarning)
+            model = compiled.build(program)
+        click.echo(f"segment length {model.segment} tokens" + (f"; {model.fallback}" if model.fallback else ""))
+        from nestc.backends.reference import CacheLevel
+
+        for name, plan in model.plans.items():
+            level = model.layers[0].levels[name]
+            if plan.kernel != "module":
+                kind = f"memory, {plan.kernel} form"
+            elif isinstance(level, CacheLevel):
+                kind = "attention, one masked softmax per segment"
+            else:
+                kind = "continuum memory, steps between segments" if level.every else "feed-forward block"
+            click.echo(f"  {name:12s} {kind}" + (f" ({plan.reason})" if plan.reason else ""))
+        for warning in caught:
+            click.echo(f"note: {warning.message}", err=True)
+
+
 def _load_run(run_directory: str, state_in: str | None):
     """A trained model and, optionally, a saved memory state; bad files are usage errors."""
     from nestc.checkpoint import CheckpointError, load_run, load_state

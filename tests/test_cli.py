@@ -351,3 +351,17 @@ def test_internal_errors_are_reported_not_raised(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "internal compiler error: RuntimeError: boom" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_compile_shows_every_stage(at_repo_root):
+    plan = invoke("compile", "specs/hope.nest")
+    assert plan.exit_code == 0
+    assert "segment length 16 tokens" in plan.stdout
+    assert "mem          memory, layered form" in plan.stdout
+    assert "cms_slow     continuum memory" in plan.stdout
+    moneta = invoke("compile", "specs/moneta.nest")
+    assert "memory, sequential form (no parallel form yet for per-channel gates)" in moneta.stdout
+    assert invoke("compile", "specs/deltanet.nest", "--emit", "ir").stdout.startswith("program specs/deltanet.nest")
+    assert "LevelDef(name='mixer'" in invoke("compile", "specs/deltanet.nest", "--emit", "ast").stdout
+    assert "edges:" in invoke("compile", "specs/deltanet.nest", "--emit", "graph").stdout
+    assert invoke("compile", "specs/lib/hope.nest").exit_code == 2

@@ -135,7 +135,7 @@ def test_constructs_without_a_parallel_form_say_so_with_their_span():
                         value="x |> proj")
     program = analyze_source(SourceFile("memo.nest", text)).program
     with pytest.warns(compiled.CompileWarning, match=r"memo\.nest:2:7: level `mem` runs token by token: "
-                                                     r"output map `softmax`"):
+                                                     r"no parallel form yet for output map `softmax`"):
         compiled.build(program)
 
 

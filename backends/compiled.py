@@ -23,7 +23,6 @@ Continuum-memory levels update between segments (the segment length divides thei
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -505,35 +504,27 @@ class CompiledModel(ReferenceModel):
                     return f"level `{generator}` is read after its update by the levels it generates for"
         return ""
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+    def advance(self, tokens: Tensor, state: ModelState, outer_grad: bool) -> list[Tensor]:
+        """Read `tokens` a segment at a time (token by token where the model has no segment form)."""
         if self.fallback:
-            return super().forward(tokens, state)
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
-        outer_grad = torch.is_grad_enabled()
-        outputs = []
-        with torch.enable_grad() if self.task_levels else contextlib.nullcontext():
-            state = self.initial_state(tokens.shape[0]) if state is None else state
-            t = 0
-            while t < tokens.shape[1]:
-                size = min(tokens.shape[1] - t, self.segment - state.position % self.segment)
-                chunk = tokens[:, t:t + size]
-                if self.task_levels:
-                    self._learn_from_task_loss(state, chunk[:, 0], outer_grad)
-                x = self.embedding(chunk)
-                for layer, level_states in zip(self.layers, state.levels):
-                    x = run_layer(self, layer, x, state.position, level_states)
-                logits = self.logits(x)
-                outputs.append(logits)
-                if self.task_levels:
-                    self._add_segment_loss(state, logits, chunk)
-                    state.last_logits = logits[:, -1]
-                state.position += size
-                t += size
-        logits = torch.cat(outputs, dim=1)
-        if not outer_grad:
-            return logits.detach(), state if self.task_levels else state.detach()
-        return logits, state
+            return super().advance(tokens, state, outer_grad)
+        outputs, t = [], 0
+        while t < tokens.shape[1]:
+            size = min(tokens.shape[1] - t, self.segment - state.position % self.segment)
+            chunk = tokens[:, t:t + size]
+            if self.task_levels:
+                self._learn_from_task_loss(state, chunk[:, 0], outer_grad)
+            x = self.embedding(chunk)
+            for layer, level_states in zip(self.layers, state.levels):
+                x = run_layer(self, layer, x, state.position, level_states)
+            logits = self.logits(x)
+            outputs.append(logits)
+            if self.task_levels:
+                self._add_segment_loss(state, logits, chunk)
+                state.last_logits = logits[:, -1]
+            state.position += size
+            t += size
+        return outputs
 
     def _add_segment_loss(self, state: ModelState, logits: Tensor, chunk: Tensor) -> None:
         """The predictions inside the segment whose targets are inside it too."""

@@ -868,27 +868,32 @@ class ReferenceModel(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         outer_grad = torch.is_grad_enabled()
-        outputs = []
         # Continuum levels differentiate the task loss even at inference, so they run with grad on.
         with torch.enable_grad() if self.task_levels else contextlib.nullcontext():
             state = self.initial_state(tokens.shape[0]) if state is None else state
-            for t in range(tokens.shape[1]):
-                token = tokens[:, t]
-                if self.task_levels:
-                    self._learn_from_task_loss(state, token, outer_grad)
-                x = self.embedding(token)
-                for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
-                    x = layer(x, state.position, level_states, segment)
-                logits = self.logits(x)
-                outputs.append(logits)
-                state.last_logits = logits if self.task_levels else None
-                state.position += 1
-        logits = torch.stack(outputs, dim=1)
+            logits = torch.cat(self.advance(tokens, state, outer_grad), dim=1)
         if not outer_grad:
             # Continuum levels keep the graph of their unfinished chunk in the state, so the next
             # call can still differentiate the whole chunk's loss; everything else is cut.
             return logits.detach(), state if self.task_levels else state.detach()
         return logits, state
+
+    def advance(self, tokens: Tensor, state: ModelState, outer_grad: bool) -> list[Tensor]:
+        """Read `tokens`, updating `state`; the logits of each step ([B, steps, vocab]). Here one
+        token per step: the schedule the semantics is written in."""
+        outputs = []
+        for t in range(tokens.shape[1]):
+            token = tokens[:, t]
+            if self.task_levels:
+                self._learn_from_task_loss(state, token, outer_grad)
+            x = self.embedding(token)
+            for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
+                x = layer(x, state.position, level_states, segment)
+            logits = self.logits(x)
+            outputs.append(logits[:, None])
+            state.last_logits = logits if self.task_levels else None
+            state.position += 1
+        return outputs
 
     def _learn_from_task_loss(self, state: ModelState, token: Tensor, keep_graph: bool) -> None:
         """The prediction made at the previous position meets its target: add its loss to every

@@ -132,8 +132,8 @@ def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Te
         return torch.einsum("bscw,cw->bsc", windows, stage.weight)
     if kind == "rope":
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
-        rotated = torch.stack([rotate(heads[:, s], start + s, args["base"]) for s in range(x.shape[1])], dim=1)
-        return rotated.reshape(x.shape)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)[:, None]  # [S, 1]: over heads
+        return rotate(heads, positions, args["base"]).reshape(x.shape)
     if kind in ("l2norm", "layernorm", "rmsnorm"):
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
         if kind == "l2norm":

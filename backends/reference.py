@@ -131,11 +131,12 @@ class Stage(nn.Module):
         raise BackendError(f"the reference backend has no stage `{kind}`")
 
 
-def rotate(x: Tensor, position: int, base: float) -> Tensor:
-    """Rotary position embedding of [B, H, d] at one position (pairs of channels (i, i + d/2))."""
+def rotate(x: Tensor, position, base: float) -> Tensor:
+    """Rotary position embedding (pairs of channels (i, i + d/2)) of x [..., d]: at one position
+    (an int), or at positions broadcast against x's leading dimensions (a tensor)."""
     half = x.shape[-1] // 2
     frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)
-    angle = position * frequencies
+    angle = torch.as_tensor(position, dtype=x.dtype, device=x.device)[..., None] * frequencies
     cos, sin = torch.cos(angle), torch.sin(angle)
     first, second = x[..., :half], x[..., half:2 * half]
     rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)

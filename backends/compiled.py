@@ -132,7 +132,8 @@ def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Te
         return torch.einsum("bscw,cw->bsc", windows, stage.weight)
     if kind == "rope":
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
-        positions = torch.arange(start, start + x.shape[1], device=x.device)[:, None]  # [S, 1]: over heads
+        # start is an int, or a 0-dim tensor in the torch.compile step (one graph for all positions)
+        positions = (start + torch.arange(x.shape[1], device=x.device))[:, None]  # [S, 1]: over heads
         return rotate(heads, positions, args["base"]).reshape(x.shape)
     if kind in ("l2norm", "layernorm", "rmsnorm"):
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
@@ -272,11 +273,19 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     return y
 
 
-def _finish_segment(kernel, state: LevelState, start: int, size: int, retain: Tensor) -> None:
+def _finish_segment(kernel, state: LevelState, start: int | Tensor, size: int, retain: Tensor) -> None:
     if kernel.order == "decay_first":
         previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
         state.retain_product = previous * torch.prod(retain, dim=-1)
-    if (start + size) % kernel.every == 0:
+    if isinstance(start, Tensor):
+        # The torch.compile step sees the position as a tensor: whether the segment closes a chunk
+        # is a select, not a Python branch, so every segment shares one graph. The retain product
+        # restarts from ones, which is what None stands for.
+        closes = (start + size) % kernel.every == 0
+        state.anchor = [torch.where(closes, new, old) for new, old in zip(state.weights, state.anchor)]
+        if state.retain_product is not None:
+            state.retain_product = torch.where(closes, torch.ones_like(state.retain_product), state.retain_product)
+    elif (start + size) % kernel.every == 0:
         state.anchor = list(state.weights)
         state.retain_product = None
 
@@ -380,15 +389,15 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
 def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: Tensor):
     """Inputs u_l and output errors d_l of each linear map, for every token, at the anchor (the
     anchor times the retain gates since it under `order decay_first`)."""
-    outer = torch.is_grad_enabled()
-    anchor = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in state.anchor]
     if kernel.order == "decay_first":
         previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
         scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
     else:
         scale = None
     if kernel.state_kind == "matrix" or kernel.state_args["norm"] == "none":
-        return _errors_closed_form(kernel, anchor, k, v, scale)
+        return _errors_closed_form(kernel, state.anchor, k, v, scale)
+    outer = torch.is_grad_enabled()
+    anchor = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in state.anchor]
     with torch.enable_grad():  # a normalised MLP: let autograd differentiate the normalisation
         inputs, outputs, prediction = _forward_maps(kernel, anchor, k, scale)
         loss = kernel._pair_loss(kernel.objective, prediction, v).sum()
@@ -476,7 +485,7 @@ KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": laye
 class CompiledModel(ReferenceModel):
     """`model(tokens, state=None) -> (logits, state)`, equal to the reference, a segment at a time."""
 
-    def __init__(self, program: ir.Program):
+    def __init__(self, program: ir.Program, torch_compile: bool | str = False):
         super().__init__(program)
         self.plans: dict[str, LevelPlan] = {}
         layer = self.layers[0]
@@ -492,6 +501,31 @@ class CompiledModel(ReferenceModel):
             warnings.warn(f"{program.file}: the whole model runs token by token: {self.fallback}",
                           CompileWarning, stacklevel=2)
         self.segment = segment_length(program, self.plans)
+        # torch.compile's backend for the segment step (True: the default, inductor), or None
+        self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
+        self._compiled_step = None  # made on first use
+        if self.compile_backend:
+            obstacle = self._torch_compile_obstacle()
+            if obstacle:
+                warnings.warn(f"{program.file}: torch.compile is not used: {obstacle}", CompileWarning, stacklevel=2)
+                self.compile_backend = None
+
+    def _torch_compile_obstacle(self) -> str:
+        """Why the segment step cannot be traced as one graph, or "" when it can."""
+        if self.fallback:
+            return self.fallback
+        for name, module in self.layers[0].levels.items():
+            plan = self.plans[name]
+            if plan.kernel == "sequential":
+                return f"level `{name}` runs token by token"
+            if isinstance(module, CacheLevel):
+                return f"the attention cache of `{name}` changes length from segment to segment"
+            if plan.kernel == "layered" and module.kernel.state_kind == "mlp" and module.kernel.state_args["norm"] != "none":
+                return f"level `{name}` takes its inner gradient with an autograd call (a normalised mlp memory)"
+            if isinstance(module, FeedForwardLevel) and module.every and module.meta == "full":
+                return (f"differentiating through the updates of continuum level `{name}` (`meta full`) needs "
+                        "double backward through compiled graphs, which torch.compile does not support")
+        return ""
 
     def _whole_model_fallback(self, program: ir.Program) -> str:
         if any(isinstance(node, ir.MemoryAsContext) for node in _block_nodes(program.model.block)):
@@ -514,10 +548,8 @@ class CompiledModel(ReferenceModel):
             chunk = tokens[:, t:t + size]
             if self.task_levels:
                 self._learn_from_task_loss(state, chunk[:, 0], outer_grad)
-            x = self.embedding(chunk)
-            for layer, level_states in zip(self.layers, state.levels):
-                x = run_layer(self, layer, x, state.position, level_states)
-            logits = self.logits(x)
+                self._make_fast_weights_leaves(state)
+            logits = self._compiled_segment(chunk, state) if self.compile_backend else self._segment(chunk, state)
             outputs.append(logits)
             if self.task_levels:
                 self._add_segment_loss(state, logits, chunk)
@@ -525,6 +557,50 @@ class CompiledModel(ReferenceModel):
             state.position += size
             t += size
         return outputs
+
+    def _segment(self, chunk: Tensor, state: ModelState) -> Tensor:
+        """The logits of one segment, advancing every level's state in place."""
+        x = self.embedding(chunk)
+        for layer, level_states in zip(self.layers, state.levels):
+            x = run_layer(self, layer, x, state.position, level_states)
+        return self.logits(x)
+
+    def _make_fast_weights_leaves(self, state: ModelState) -> None:
+        """Continuum levels differentiate their chunk's loss with respect to their fast weights,
+        so weights cut from any graph (inference, a detached state) become leaves."""
+        for level_states in state.levels:
+            for name in self.task_levels:
+                level_state = level_states[name]
+                if not all(w.requires_grad for w in level_state.weights):
+                    level_state.weights = [w.detach().requires_grad_() for w in level_state.weights]
+
+    def _compiled_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
+        """`_segment` through torch.compile: the state goes in and comes out as a flat list of
+        tensors, with the same structure, strides and requires_grad at every segment, and the
+        position goes in as a tensor, so that one graph serves every segment of a given length."""
+        _complete_state(self, state, chunk.shape[0])
+        layout, tensors = _flatten_state(state.levels)
+        tensors = [_as_step_input(t) for t in tensors]
+        position = torch.tensor(state.position, device=chunk.device)
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._segment_from_tensors, backend=self.compile_backend,
+                                                fullgraph=True, dynamic=False)
+        logits, tensors = self._compiled_step(layout, _as_step_input(chunk), position, tensors)
+        _write_back_state(self, state, layout, tensors, state.position + chunk.shape[1])
+        return logits
+
+    def _segment_from_tensors(self, layout: tuple, chunk: Tensor, position: Tensor,
+                              tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The segment step as a pure function of tensors (what torch.compile traces): the state
+        rebuilt from `tensors` by `layout`, advanced by `_segment`'s code, flattened again."""
+        levels = [{name: LevelState() for name in layer.levels} for layer in self.layers]
+        for (layer_index, name, field, key), tensor in zip(layout, tensors):
+            _set_slot(levels[layer_index][name], field, key, tensor)
+        x = self.embedding(chunk)
+        for layer, level_states in zip(self.layers, levels):
+            x = run_layer(self, layer, x, position, level_states)
+        return self.logits(x), [_get_slot(levels[layer_index][name], field, key)
+                                for layer_index, name, field, key in layout]
 
     def _add_segment_loss(self, state: ModelState, logits: Tensor, chunk: Tensor) -> None:
         """The predictions inside the segment whose targets are inside it too."""
@@ -536,6 +612,94 @@ class CompiledModel(ReferenceModel):
             for name in self.task_levels:
                 level_state = level_states[name]
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
+
+
+# --- the state as the torch.compile step's inputs --------------------------------------------
+
+LIST_FIELDS = ("weights", "anchor", "momentum")
+TENSOR_FIELDS = ("retain_product", "keys", "values")
+
+
+def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None:
+    """Fill in what a stream's first segment creates on the fly (zero convolution histories, a
+    retain product of ones), so the state has the same tensors before every segment."""
+    like = model.embedding.weight
+    for layer, level_states in zip(model.layers, state.levels):
+        for name, module in layer.levels.items():
+            level_state = level_states[name]
+            if not isinstance(module, MemoryLevel):
+                continue
+            pipelines = list(module.pipelines.values()) + [g.pipeline for g in module.gates.values() if g.pipeline]
+            for stage in (stage for pipeline in pipelines for stage in pipeline.stages):
+                if stage.kind == "conv" and stage.buffer_name not in level_state.buffers:
+                    level_state.buffers[stage.buffer_name] = like.new_zeros(batch, stage.args["window"] - 1,
+                                                                            stage.width)
+            if module.kernel.every and module.kernel.order == "decay_first" and level_state.retain_product is None:
+                level_state.retain_product = like.new_ones(batch, module.heads)
+
+
+def _flatten_state(levels: list[dict[str, LevelState]]) -> tuple[tuple, list[Tensor]]:
+    """The state's tensors and where each belongs: (layer, level, field, index or buffer name)."""
+    layout, tensors = [], []
+    for layer_index, level_states in enumerate(levels):
+        for name, level_state in level_states.items():
+            slots = [(field, index, tensor) for field in LIST_FIELDS
+                     for index, tensor in enumerate(getattr(level_state, field))]
+            slots += [(field, None, getattr(level_state, field)) for field in TENSOR_FIELDS
+                      if getattr(level_state, field) is not None]
+            slots += [("buffers", key, tensor) for key, tensor in sorted(level_state.buffers.items())]
+            for field, key, tensor in slots:
+                layout.append((layer_index, name, field, key))
+                tensors.append(tensor)
+    return tuple(layout), tensors
+
+
+def _as_step_input(tensor: Tensor) -> Tensor:
+    """Dynamo guards on strides and requires_grad: give every input the contiguous strides, and
+    make it require grad exactly when grad mode is on (a zero initial state becomes a leaf), so
+    the first segment of a stream and the ones after it pass the same guards."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.insert(0, step)
+        step *= size
+    if tensor.stride() != tuple(strides):
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    if torch.is_grad_enabled() and not tensor.requires_grad and tensor.is_floating_point():
+        return tensor.detach().requires_grad_()
+    return tensor if torch.is_grad_enabled() else tensor.detach()
+
+
+def _set_slot(level_state: LevelState, field: str, key, tensor: Tensor) -> None:
+    if field in LIST_FIELDS:
+        getattr(level_state, field).append(tensor)  # the layout lists each field's indices in order
+    elif field == "buffers":
+        level_state.buffers[key] = tensor
+    else:
+        setattr(level_state, field, tensor)
+
+
+def _get_slot(level_state: LevelState, field: str, key) -> Tensor:
+    if field in LIST_FIELDS:
+        return getattr(level_state, field)[key]
+    if field == "buffers":
+        return level_state.buffers[key]
+    return getattr(level_state, field)
+
+
+def _write_back_state(model: CompiledModel, state: ModelState, layout: tuple, tensors: list[Tensor],
+                      position: int) -> None:
+    """Store the step's outputs in the caller's state, in the reference's form: no retain product
+    (None) where a chunk has just closed."""
+    for level_states in state.levels:
+        for level_state in level_states.values():
+            for field in LIST_FIELDS:
+                setattr(level_state, field, [])
+    for (layer_index, name, field, key), tensor in zip(layout, tensors):
+        _set_slot(state.levels[layer_index][name], field, key, tensor)
+    for layer, level_states in zip(model.layers, state.levels):
+        for name, module in layer.levels.items():
+            if isinstance(module, MemoryLevel) and module.kernel.every and position % module.kernel.every == 0:
+                level_states[name].retain_product = None
 
 
 def _block_nodes(block):
@@ -580,8 +744,6 @@ def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level)
 def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: LevelState, read_level):
     batch, size = x.shape[:2]
     if isinstance(module, FeedForwardLevel):
-        if module.every and not all(w.requires_grad for w in state.weights):
-            state.weights = [w.detach().requires_grad_() for w in state.weights]
         weights = state.weights if module.every else [w.unsqueeze(0).expand(batch, *w.shape) for w in module.kernel.initial]
         return apply_sequence(module.kernel, weights, x[:, :, None, :]).reshape(x.shape)
     if isinstance(module, CacheLevel):
@@ -643,8 +805,8 @@ def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState,
     return module.out(y.transpose(1, 2).reshape(batch, size, -1))
 
 
-def build(program: ir.Program) -> CompiledModel:
-    return CompiledModel(program)
+def build(program: ir.Program, torch_compile: bool | str = False) -> CompiledModel:
+    return CompiledModel(program, torch_compile)
 
 
 def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],

@@ -28,20 +28,29 @@ def check(spec: str):
     return result.program
 
 
-def load(spec: str, backend: str = "reference"):
+def load(spec: str, backend: str = "reference", compile: bool | str = False):
     """Build a runnable PyTorch model from a spec path (or spec text).
 
     `model(tokens, state=None) -> (logits, state)`: tokens are [batch, time] integers; `state`
     holds every level's state and continues a stream when passed back in. `backend="reference"`
     is the token-by-token oracle; `"compiled"` computes the same function a segment at a time.
+
+    `compile=True` (compiled backend only) runs each segment through `torch.compile` (one graph
+    per segment length, compiled on first use: the first call is slow); a string names another
+    torch.compile backend instead of inductor (`"aot_eager"` traces without generating code). A
+    model that cannot be traced as one graph (token-by-token levels, attention caches) warns
+    with `CompileWarning` and runs without it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if compile and backend != "compiled":
+        raise ValueError(f"compile={compile!r} needs backend='compiled', not {backend!r}: the reference backend "
+                         "is the token-by-token oracle and is never compiled")
     program = check(spec)
     if backend == "compiled":
         from nestc.backends import compiled
 
-        return compiled.build(program)
+        return compiled.build(program, torch_compile=compile)
     from nestc.backends import reference
 
     return reference.build(program)

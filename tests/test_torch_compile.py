@@ -1,0 +1,165 @@
+"""`nestc.load(..., backend="compiled", compile=True)`: the segment step through torch.compile.
+
+The numerical checks use inductor, the backend users get. The graph-break and recompile checks
+are properties of Dynamo's tracing and guards, the same whatever generates the code, so they use
+`aot_eager` (Dynamo and AOTAutograd without code generation), which keeps this file fast.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import nestc
+from nestc.backends.compiled import CompileWarning
+
+pytestmark = pytest.mark.compile
+
+DELTANET = """
+level mixer : matrix {
+    key = x |> proj |> conv(4) |> silu |> l2norm
+    value = x |> proj |> conv(4) |> silu
+    query = x |> proj |> conv(4) |> silu |> l2norm
+    lr = x |> proj |> sigmoid
+    objective l2
+    optimizer gd
+    every 1
+    read after
+}
+level ffn : mlp(expand=2, residual=false)
+model {
+    vocab 32
+    dim 16
+    heads 2
+    layers 1
+    block = residual(rmsnorm |> mixer) |> residual(rmsnorm |> ffn)
+}
+"""
+
+TITANS = """
+level lmm : mlp(depth=2, expand=2) {
+    key = x |> proj |> conv(4) |> silu |> l2norm
+    value = x |> proj |> conv(4) |> silu
+    query = x |> proj |> conv(4) |> silu |> l2norm
+    lr = x |> proj |> sigmoid(max=0.1)
+    momentum = x |> proj |> sigmoid
+    retain = x |> proj |> sigmoid
+    objective l2
+    optimizer momentum
+    every 4
+    read before
+    init meta
+}
+model {
+    vocab 32
+    dim 16
+    heads 2
+    layers 1
+    block = residual(rmsnorm |> lmm)
+}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _pair(spec: str, compile):
+    torch.manual_seed(0)
+    eager = nestc.load(spec, backend="compiled")
+    compiled = nestc.load(spec, backend="compiled", compile=compile)
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _logits_and_gradients(model, tokens, split):
+    """Two calls with the state carried, then the gradients of every parameter."""
+    first, state = model(tokens[:, :split])
+    second, _ = model(tokens[:, split:], state)
+    logits = torch.cat([first, second], dim=1)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1))
+    return logits, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+# Lengths whose segments all have one length (deltanet: 64, titans: 4), so inductor compiles one
+# graph per spec; the second call continues the stream at a segment boundary.
+@pytest.mark.parametrize("spec,length,split", [(DELTANET, 128, 64), (TITANS, 16, 8)], ids=["deltanet", "titans"])
+def test_inductor_equals_the_eager_compiled_backend(spec, length, split):
+    eager, compiled = _pair(spec, compile=True)
+    tokens = torch.randint(0, eager.vocab, (2, length), generator=torch.Generator().manual_seed(1))
+    expected, expected_grads = _logits_and_gradients(eager, tokens, split)
+    actual, actual_grads = _logits_and_gradients(compiled, tokens, split)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(eager.named_parameters(), actual_grads, expected_grads, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("spec", [DELTANET, TITANS], ids=["deltanet", "titans"])
+def test_the_segment_step_is_one_graph_without_breaks(spec):
+    _, compiled = _pair(spec, compile="aot_eager")  # the model compiles with fullgraph=True
+    tokens = torch.randint(0, compiled.vocab, (2, 2 * compiled.segment))
+    logits, _ = compiled(tokens)
+    logits.sum().backward()
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+    explanation = torch._dynamo.explain(compiled._segment_from_tensors)(
+        *_step_arguments(compiled, tokens[:, :compiled.segment]))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def _step_arguments(model, chunk):
+    """The compiled step's arguments at the start of a stream, as `_compiled_segment` makes them."""
+    from nestc.backends import compiled
+
+    state = model.initial_state(chunk.shape[0])
+    compiled._complete_state(model, state, chunk.shape[0])
+    layout, tensors = compiled._flatten_state(state.levels)
+    return layout, chunk, torch.tensor(0), [compiled._as_step_input(t) for t in tensors]
+
+
+def test_training_steps_do_not_recompile():
+    _, model = _pair(TITANS, compile="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # 18 tokens: four segments of 4, then a last one of 2, which is one more graph
+    tokens = torch.randint(0, model.vocab, (2, 18), generator=torch.Generator().manual_seed(2))
+
+    def train_step():
+        logits, _ = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    train_step()
+    assert counters["stats"]["unique_graphs"] == 2
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train_step()
+        train_step()
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compile_needs_the_compiled_backend():
+    with pytest.raises(ValueError, match="compile=True needs backend='compiled'"):
+        nestc.load(DELTANET, backend="reference", compile=True)
+
+
+def test_a_model_that_cannot_be_one_graph_warns_and_runs_without_torch_compile():
+    spec = DELTANET.replace("level ffn : mlp(expand=2, residual=false)", "level ffn : cache(window=8)")
+    spec = spec.replace("rmsnorm |> ffn", "rmsnorm |> attn").replace("level ffn", "level attn")
+    with pytest.warns(CompileWarning, match="torch.compile is not used: the attention cache of `attn`"):
+        model = nestc.load(spec, backend="compiled", compile=True)
+    assert model.compile_backend is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randint(0, model.vocab, (1, 5)))

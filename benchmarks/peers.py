@@ -310,13 +310,13 @@ JOBS = {"nestc_model": job_nestc_model, "titans_pytorch": job_titans_pytorch,
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def run_job(job: dict, timeout: int) -> dict | str:
+def run_job(job: dict, args) -> dict | str:
     """One measurement in a fresh interpreter: its result, or why there is none."""
-    command = [sys.executable, __file__, "--job", json.dumps(job)]
+    command = [sys.executable, __file__, "--job", json.dumps({**job, "threads": args.threads, "flush_denormal": args.flush_denormal})]
     try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=args.job_timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return f"timed out after {timeout} s"
+        return f"timed out after {args.job_timeout} s"
     if out.returncode != 0:
         lines = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()
         return f"failed: {lines[-1]}"
@@ -367,7 +367,7 @@ def section_titans(args) -> None:
         common = {"device": args.device, "batch": batch, "time": length, "repeats": args.repeats}
         if installed("titans-pytorch"):
             peer = run_job({"kind": "titans_pytorch", "dim": dim, "heads": heads, "chunk": chunk, **common},
-                           args.job_timeout)
+                           args)
         else:
             peer = NOT_INSTALLED
         rows.append(speed_row(f"titans-pytorch NeuralMemory, chunk {chunk}", tokens, peer))
@@ -375,7 +375,7 @@ def section_titans(args) -> None:
         for layernorm in (False, True):
             text = titans_layer_spec(dim, heads, length, chunk, layernorm)
             result = run_job({"kind": "nestc_model", "name": "titans", "text": text, "warmup": True, **common},
-                             args.job_timeout)
+                             args)
             label = f"nestc titans lmm, every {chunk}" + (" +layernorm" if layernorm else "")
             rows.append(speed_row(label, tokens, result, baseline))
     print_table(SPEED_HEADER, rows)
@@ -396,7 +396,7 @@ def section_gated_deltanet(args) -> None:
         if impl.startswith("fla") and not installed("fla-core"):
             results[impl] = NOT_INSTALLED
         else:
-            results[impl] = run_job({**common, "impl": impl}, args.job_timeout)
+            results[impl] = run_job({**common, "impl": impl}, args)
     chunk = results["fla_chunk"]
     baseline = rate(tokens, chunk) if isinstance(chunk, dict) else None
     print_table(SPEED_HEADER, [
@@ -420,11 +420,11 @@ def section_hope(args) -> None:
     common = {"device": args.device, "batch": batch, "time": length, "repeats": args.repeats}
     if installed("nested-learning"):
         peer = run_job({"kind": "nested_learning", "dim": dim, "heads": heads, "layers": 2, **common},
-                       args.job_timeout)
+                       args)
     else:
         peer = NOT_INSTALLED
     nestc = run_job({"kind": "nestc_model", "name": "hope", "text": sized_spec("hope", dim, heads, length),
-                     "warmup": True, "online": True, "flops": True, **common}, args.job_timeout)
+                     "warmup": True, "online": True, "flops": True, **common}, args)
     header = ["implementation", "parameters", "fwd+bwd tok/s", "peak MiB", "online pass tok/s", "online peak MiB"]
     rows = []
     for label, result in (("nested-learning HOPEModel (hope_selfmod)", peer), ("nestc hope (compiled)", nestc)):
@@ -447,14 +447,14 @@ def section_gflops(args) -> None:
           "about 6 per memory state entry, attention over half the context), times 3 for forward+backward; "
           "work the compiled form adds on top (decay matrices, triangular solves, per-token errors) is "
           "not counted.\n")
-    peak = run_job({"kind": "matmul", "size": args.mm_size, "device": args.device, "repeats": 5}, args.job_timeout)
+    peak = run_job({"kind": "matmul", "size": args.mm_size, "device": args.device, "repeats": 5}, args)
     peak_gflops = peak["gflops"] if isinstance(peak, dict) else None
     rows = [[f"torch.mm {args.mm_size}x{args.mm_size} fp32", "", "", "",
              f"{peak_gflops:.1f}" if peak_gflops else peak, "100%" if peak_gflops else ""]]
     for name in GFLOPS_SPECS:
         text = sized_spec(name, args.dim, args.heads, length)
         result = run_job({"kind": "nestc_model", "name": name, "text": text, "device": args.device, "batch": batch,
-                          "time": length, "repeats": args.repeats, "warmup": True, "flops": True}, args.job_timeout)
+                          "time": length, "repeats": args.repeats, "warmup": True, "flops": True}, args)
         if isinstance(result, str):
             rows.append([name, result, "", "", "", ""])
             continue
@@ -498,7 +498,7 @@ def section_memory(args) -> None:
         for length in lengths:
             result = run_job({"kind": "nestc_model", "name": name, "device": args.device, "batch": batch,
                               "time": length, "repeats": 1, "warmup": False,
-                              "text": sized_spec(name, args.dim, args.heads, length)}, args.job_timeout)
+                              "text": sized_spec(name, args.dim, args.heads, length)}, args)
             if isinstance(result, str):
                 cells.append(result)
                 break
@@ -514,7 +514,7 @@ def section_memory(args) -> None:
     print_table(["spec"] + [f"T={t}" for t in args.memory_times], slope_rows)
 
 
-def describe_machine(device: str) -> str:
+def describe_machine(device: str, threads: int) -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -524,8 +524,10 @@ def describe_machine(device: str) -> str:
     except (OSError, StopIteration):
         pass
     accelerator = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
-            f"python {platform.python_version()}, device {device} ({accelerator})")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores ({threads or torch.get_num_threads()} torch threads), "
+            f"torch {torch.__version__}, python {platform.python_version()}, device {device} ({accelerator}); "
+            f"load average {load}")
 
 
 def main() -> None:
@@ -547,11 +549,21 @@ def main() -> None:
     parser.add_argument("--memory-batch", type=int, default=1)
     parser.add_argument("--hope-memory-max", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed iterations per row (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in every measurement; 0 keeps torch's default (one per core)")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) in every measurement: subnormal floats slow CPU "
+                             "arithmetic many times over, and decaying memories produce them")
     parser.add_argument("--job-timeout", type=int, default=900, help="seconds before a row gives up")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         job = json.loads(args.job)
+        import torch
+
+        if job["threads"]:
+            torch.set_num_threads(job["threads"])
+        torch.set_flush_denormal(job["flush_denormal"])
         print(json.dumps(JOBS[job["kind"]](job)))
         return
     if args.quick:
@@ -562,7 +574,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to this torch")
     print(f"# nestc vs peers; command: python {shlex.join(sys.argv)}")
-    print(f"# machine: {describe_machine(args.device)}")
+    print(f"# machine: {describe_machine(args.device, args.threads)}"
+          f"{', subnormals flushed to zero' if args.flush_denormal else ''}")
     versions = []
     for package in PEER_MODULES:
         try:
@@ -576,7 +589,8 @@ def main() -> None:
         if name in args.only:
             started = time.perf_counter()
             sections[name](args)
-            print(f"({name}: {time.perf_counter() - started:.0f} s)\n", flush=True)
+            print(f"({name}: {time.perf_counter() - started:.0f} s; load average now "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -413,9 +413,12 @@ def section_hope(args) -> None:
           "updated every 16 / 64 / 256 tokens, self-modifying memories with hidden width 4x, chunks 64 for the "
           "generating memories and 16 for the read memory. Not matched: nestc's memories are per head "
           f"({heads} heads of {dim // heads}); the peer's are one full-width memory (its selfmod block has no "
-          "heads). The online pass is, for the peer, its teach signal from the logits and the explicit "
-          "in-place update forward under no_grad (as its trainer does after backward); for nestc, the "
-          "forward under no_grad, in which every memory and CMS level still learns in context.\n")
+          "heads). Not the same computation in training: the peer's differentiable forward reads its memories "
+          "at their current weights and learns nothing in context (its updates come in the online pass), "
+          "while nestc's forward learns in context and the backward differentiates through those updates. "
+          "The online pass is the comparable one: for the peer, its teach signal from the logits and the "
+          "explicit in-place update forward under no_grad (as its trainer does after backward); for nestc, "
+          "the forward under no_grad, in which every memory and CMS level still learns in context.\n")
     tokens = batch * length
     common = {"device": args.device, "batch": batch, "time": length, "repeats": args.repeats}
     if installed("nested-learning"):
@@ -460,7 +463,7 @@ def section_gflops(args) -> None:
             continue
         speed = rate(batch * length, result)
         gflops = 3 * result["forward_flops_per_token"] * speed / 1e9
-        share = f"{100 * gflops / peak_gflops:.1f}%" if peak_gflops else ""
+        share = f"{100 * gflops / peak_gflops:.2f}%" if peak_gflops else ""
         rows.append([name, f"{result['parameters']:,}", f"{3 * result['forward_flops_per_token'] / 1e6:.2f}",
                      f"{speed:,.0f}", f"{gflops:.2f}", share])
     print_table(["spec", "parameters", "fwd+bwd MFLOP/token", "tok/s", "GFLOP/s", "of mm peak"], rows)
@@ -547,7 +550,8 @@ def main() -> None:
     parser.add_argument("--mm-size", type=int, default=2048)
     parser.add_argument("--memory-times", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--memory-batch", type=int, default=1)
-    parser.add_argument("--hope-memory-max", type=int, default=4096)
+    parser.add_argument("--hope-memory-max", type=int, default=2048,
+                        help="hope's forward time grows faster than T (about 5 minutes at T=4096)")
     parser.add_argument("--repeats", type=int, default=2, help="timed iterations per row (after one warm-up)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in every measurement; 0 keeps torch's default (one per core)")

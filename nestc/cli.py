@@ -192,6 +192,23 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
     sys.exit(status)
 
 
+_task = click.option("--task", type=click.Choice(["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn",
+                                                   "shuffle2", "niah"]),
+                     help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
+_task_options = click.option("--task-option", "task_options", multiple=True, metavar="KEY=N",
+                             help="A task setting, e.g. --task-option pairs=16 (mqar: pairs, keys, values).")
+
+
+def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict[str, int]:
+    options = {}
+    for option in task_options:
+        key, _, value = option.partition("=")
+        if not task or not value.strip().isdigit():
+            raise click.UsageError(f"--task-option {option}: expected KEY=N after a --task")
+        options[key.strip()] = int(value)
+    return options
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: the spec's `train { steps }`).")
@@ -202,11 +219,8 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 @click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Where run directories are created.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps (default: 5 times a run).")
-@click.option("--task", type=click.Choice(["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn", "shuffle2",
-                                           "niah"]),
-              help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
-@click.option("--task-option", "task_options", multiple=True, metavar="KEY=N",
-              help="A task setting, e.g. --task-option pairs=16 (mqar: pairs, keys, values).")
+@_task
+@_task_options
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
               help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -230,12 +244,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise click.UsageError(f"--device {device}: " + ("CUDA is not available on this machine"
                                                              if device.startswith("cuda") else "use cpu or cuda"))
-    options = {}
-    for option in task_options:
-        key, _, value = option.partition("=")
-        if not task or not value.strip().isdigit():
-            raise click.UsageError(f"--task-option {option}: expected KEY=N after a --task")
-        options[key.strip()] = int(value)
+    options = _parse_task_options(task, task_options)
     corpus = None
     if data_paths:
         if task:
@@ -438,30 +447,49 @@ def evaluate_file(run_directory, file, state_in) -> None:
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the variants without training them.")
-@click.option("--sample", type=click.IntRange(min=1), help="List a seeded sample of this many variants.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--sample", type=click.IntRange(min=1), help="With --dry-run: list a seeded sample of this many variants.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample, or of the sampler.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--trials", type=click.IntRange(min=1), help="Variants to train (the study's total: a rerun resumes).")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps per variant (default: the spec's).")
+@_task
+@_task_options
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default="tpe", show_default=True,
+              help="How variants are drawn: Optuna's TPE, uniformly at random, or the grid in order.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes sharing the study (the cores are divided among them).")
+@click.option("--storage", metavar="URL", help="An SQLAlchemy database URL shared by workers on several machines "
+                                               "(default: SQLite under the sweep's directory).")
+@click.option("--study", "study_name", help="The study's name (default: SPEC's name and the task).")
+@click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where the sweep's directory is created.")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate (and maybe prune) every N steps.")
+@click.option("--no-prune", is_flag=True, help="Train every variant to the end (no median pruning).")
 @_color
-def sweep(spec, dry_run, sample, seed, fmt, color) -> None:
-    """The variants of a search space: id, choices, parameters and estimated FLOPs per token."""
+def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, sampler, workers, storage, study_name,
+          runs, eval_every, no_prune, color) -> None:
+    """Train and rank the variants of a search space, or list them with --dry-run."""
     import json
 
     from nestc import sweep as sweeping
     from nestc.diagnostics import NestError
 
-    if not dry_run:
-        raise click.UsageError("training a sweep needs `nestc run`, which is not built yet; use --dry-run "
-                               "to list the variants")
     if not os.path.isfile(spec):
         raise click.UsageError(f"cannot read `{spec}`: no such file") from None
+    if not dry_run:
+        if trials is None:
+            raise click.UsageError("say how many variants to train with --trials N, or list them with --dry-run")
+        if sample is not None:
+            raise click.UsageError("--sample lists variants with --dry-run; a training sweep draws --trials of them")
+        config_fields = dict(spec=spec, trials=trials, task=task, task_options=_parse_task_options(task, task_options),
+                             steps=steps, sampler=sampler, seed=seed, workers=workers, storage=storage,
+                             study=study_name, runs=runs, prune=not no_prune, eval_every=eval_every)
+        _train_sweep(config_fields, fmt, color)
+        return
     try:
         found = sweeping.variants(spec, sample=sample, seed=seed)
     except NestError as error:
-        sources = SourceMap()
-        from nestc.sema import read_source
-
-        sources.add(read_source(spec))
-        _report(error.diagnostics, sources, "human", color)
+        _report(error.diagnostics, _sources_of(spec), "human", color)
         sys.exit(EXIT_DIAGNOSTICS)
     if fmt == "json":
         click.echo(json.dumps([{"id": v.id, "choices": v.choices, "parameters": v.parameters,
@@ -479,6 +507,52 @@ def sweep(spec, dry_run, sample, seed, fmt, color) -> None:
     valid = sum(v.ok for v in found)
     click.echo(f"{len(found)} variant{'s' if len(found) != 1 else ''} listed, {valid} valid, "
                f"{len(found) - valid} with errors (skipped)")
+
+
+def _train_sweep(config_fields: dict, fmt: str, color) -> None:
+    import json
+    import warnings
+
+    from nestc import study, tasks
+    from nestc.backends.compiled import CompileWarning
+    from nestc.diagnostics import NestError
+
+    config = study.SweepConfig(**config_fields)
+    if config.task:  # an unknown task option fails here, not in every trial
+        try:
+            tasks.make(config.task, 64, config.task_options)
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+    click.echo(f"sweep `{config.name}`: {config.trials} trials of {config.spec}; study in {config.storage_url}",
+               err=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompileWarning)
+            entries = study.run(config, log=lambda line: click.echo(line, err=True))
+        written = study.write_results(config, entries)
+    except NestError as error:
+        _report(error.diagnostics, _sources_of(config.spec), "human", color)
+        sys.exit(EXIT_DIAGNOSTICS)
+    except study.SweepError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot write the sweep under `{config.runs}`: {error}") from None
+    if fmt == "json":
+        click.echo(json.dumps([entry.__dict__ for entry in entries], indent=2))
+    else:
+        study.format_table(entries, task=config.task is not None)
+    for kind, path in written.items():
+        click.echo(f"{kind}: {path}", err=True)
+    if "best" in written:
+        click.echo(f"train the best variant further: nestc run {written['best']}", err=True)
+
+
+def _sources_of(path: str) -> SourceMap:
+    from nestc.sema import read_source
+
+    sources = SourceMap()
+    sources.add(read_source(path))
+    return sources
 
 
 @cli.command()

@@ -85,6 +85,7 @@ class _Analyzer:
         self.sections: dict[str, ast.Section] = {}
         self.main_file = ""
         self._levels: dict[str, ir.Level | _Invalid] = {}
+        self._chunked_levels: list[tuple] = []  # (level, every, context, field) checked once usage is known
         self._level_stack: list[str] = []
         self._current_level: str | None = None
         self._context: int | None = None
@@ -735,7 +736,7 @@ class _Analyzer:
                   for key, f in fields.items() if key != "every"}
         every = self._frequency(fields.get("every"), values.pop("frozen", False), fields.get("frozen"), name)
         if every not in (None, INVALID) and every.tokens not in (0, 1) and context is not None:
-            self._check_divides(every, context, fields.get("every"))
+            self._chunked_levels.append((name, every, context, fields.get("every")))
         if state is INVALID or INVALID in values.values() or every is INVALID:
             return INVALID
         kinds = _option_names(state)
@@ -929,6 +930,10 @@ class _Analyzer:
         if model is None and "model" in self.sections:
             return None
         used = self._reachable(model, levels) if model is not None else set(level_names)
+        # Only the levels the model runs must fit its context: a library may define others.
+        for name, every, context, field in self._chunked_levels:
+            if name in used:
+                self._check_divides(every, context, field)
         self._check_generation_cycles({n: levels[n] for n in used if levels.get(n) not in (None, INVALID)})
         if model is not None:
             self._check_heads(model, [levels[n] for n in used if levels[n] is not INVALID])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 ACCEPT, REJECT, QUERY, PAD = 250, 251, 252, 253  # special tokens: answers and separators
+VOCAB_NEEDED = PAD + 1  # every task's token ids stay below this
 
 
 @dataclass

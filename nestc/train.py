@@ -34,6 +34,9 @@ class RunResult:
     final_score: float  # held-out bits per byte on a corpus, held-out accuracy on a task
     unigram_bits: float  # per byte, or per token with a tokenizer
     interrupted: bool = False
+    held_out_bits: float = float("nan")  # per byte on a corpus, per scored token on a task
+    parameters: int = 0
+    tokens_per_second: float = 0.0  # training throughput, evaluations excluded
 
 
 def _atomic_write(path: str, write) -> None:
@@ -124,10 +127,12 @@ def task_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][batch.scored[:, :-1]], targets)
 
 
-def task_accuracy(model, task, seed: int, batches: int = 4, size: int = 16) -> float:
-    """Exact-match accuracy of the scored tokens on the held-out (longer) split."""
+def task_scores(model, task, seed: int, batches: int = 4, size: int = 16) -> tuple[float, float]:
+    """Exact-match accuracy of the scored tokens on the held-out (longer) split, and their
+    cross-entropy in bits per scored token (which ranks models long before accuracy moves)."""
     rng = random.Random(10_000 + seed)
     right = total = 0
+    nats = 0.0
     with torch.no_grad():
         for _ in range(batches):
             batch = task.batch(rng, size, held_out=True)
@@ -136,7 +141,8 @@ def task_accuracy(model, task, seed: int, batches: int = 4, size: int = 16) -> f
             logits, _ = model(tokens)
             right += (logits[:, :-1].argmax(-1)[mask] == tokens[:, 1:][mask]).sum().item()
             total += mask.sum().item()
-    return right / max(total, 1)
+            nats += F.cross_entropy(logits[:, :-1][mask].float(), tokens[:, 1:][mask], reduction="sum").item()
+    return right / max(total, 1), nats / max(total, 1) / math.log(2)
 
 
 def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.Tensor:
@@ -205,9 +211,14 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
           runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
           task: str | None = None, task_options: dict | None = None, corpus: bytes | None = None,
           tokenizer: str | None = None,
-          device: str = "cpu", bf16: bool = False, log=print) -> RunResult:
+          device: str = "cpu", bf16: bool = False, log=print, quiet: bool = False,
+          on_eval=None) -> RunResult:
     """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
-    everything was written and the scores."""
+    everything was written and the scores.
+
+    `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
+    sweep's pruning) ends the run there, without a checkpoint. `quiet` silences the log and the
+    progress line."""
     from nestc.backends import compiled, reference
 
     settings = program.train
@@ -217,7 +228,7 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{torch.cuda.current_device()}"
     lead = rank == 0
-    if not lead:  # only the first process reports and writes
+    if not lead or quiet:  # only the first process reports and writes
         log = _quiet
     name = os.path.splitext(os.path.basename(program.file))[0]
     directory = os.path.join(runs, f"{name}-{ir.variant_id(program)}" + (f"-{task}" if task else ""))
@@ -256,6 +267,9 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     eval_every = eval_every or max(1, steps // 5)
     parameters = sum(p.numel() for p in model.parameters())
     problem = tasks.make(task, context, task_options) if task else None
+    if problem is not None and model.vocab < tasks.VOCAB_NEEDED:
+        raise ValueError(f"task `{task}` uses token ids up to {tasks.VOCAB_NEEDED - 1}, but the model's vocab is "
+                         f"{model.vocab}: --set model.vocab={tasks.VOCAB_NEEDED} or more")
     if problem is None:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
             f"{batch}x{context} {unit}s; unigram baseline {unigram:.3f} bits/{unit}"
@@ -263,12 +277,14 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     else:
         log(f"training {program.file} ({parameters:,} parameters, {backend} backend) on task `{task}` for "
             f"{steps} steps of {batch}x{context} tokens; accuracy measured at length {problem.test_length}")
-    progress = Progress(steps, stream=sys.stderr if lead else open(os.devnull, "w"))
+    progress = Progress(steps, stream=sys.stderr if lead and not quiet else open(os.devnull, "w"))
     tokens, interrupted, step = 0, False, start
-    score = float("nan")
+    score = held_out = float("nan")
+    training_seconds = 0.0
     try:
         with open(metrics_path if lead else os.devnull, "a", encoding="utf-8") as metrics:
             for step in range(start, steps):
+                step_start = time.perf_counter()
                 for group, rate in zip(optimizer.param_groups, base_rates):
                     group["lr"] = rate * factor(step)
                 # Every process draws the same global batch and trains on its own slice of it.
@@ -295,40 +311,46 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
                     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
                 stepper.step(step)
                 tokens += batch * context
+                training_seconds += time.perf_counter() - step_start
                 record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
                 extra = ""
                 due = lead and ((step + 1) % eval_every == 0 or step + 1 == steps)
                 if due and problem is None:
-                    score = evaluate(model, validation, context)
+                    score = held_out = evaluate(model, validation, context)
                     record["eval_bits_per_byte"] = score
                     extra = f"  eval {score:.3f} bits/{unit}"
                 elif due:
-                    score = task_accuracy(model, problem, seed)
+                    score, held_out = task_scores(model, problem, seed)
                     record["held_out_accuracy"] = score
+                    record["held_out_bits"] = held_out
                     extra = f"  held-out accuracy {score:.3f}"
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 progress.update(step + 1, loss.item() / math.log(2), tokens, extra)
+                if due and on_eval is not None:
+                    on_eval(step + 1, held_out)
         step = steps
     except KeyboardInterrupt:
         interrupted = True
     progress.done()
     if world > 1:
         torch.distributed.destroy_process_group()
+    measured = {"held_out_bits": held_out, "parameters": parameters,
+                "tokens_per_second": tokens / training_seconds if training_seconds else 0.0}
     if not lead:
-        return RunResult(directory, step, score, unigram, interrupted)
+        return RunResult(directory, step, score, unigram, interrupted, **measured)
     save_checkpoint(directory, model, optimizer, step, generator, rng)
     plots.training_curves(directory, baseline=None if problem is not None else unigram)
     if interrupted:
         log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
-        return RunResult(directory, step, score, unigram, interrupted=True)
+        return RunResult(directory, step, score, unigram, interrupted=True, **measured)
     if problem is not None:
         with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
             handle.write(f"# {name} on {task}\n\nsteps {step}, held-out accuracy {score:.3f} "
                          f"(length {problem.test_length}, trained at {problem.length})\n")
         log(f"held-out accuracy {score:.3f} at length {problem.test_length} (trained at {problem.length})")
         log(f"saved in {directory}/")
-        return RunResult(directory, step, score, unigram)
+        return RunResult(directory, step, score, unigram, **measured)
     prompt = decode(validation[:64])
     written, _ = sample(model, validation[:64], sample_bytes, seed=seed)
     written = decode(written)
@@ -339,4 +361,4 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
     log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
     log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, curves.png, report.md)")
-    return RunResult(directory, step, score, unigram)
+    return RunResult(directory, step, score, unigram, **measured)

@@ -1,0 +1,452 @@
+"""`nestc sweep --trials N`: train variants of a search space with Optuna and rank them.
+
+A sweep is an Optuna study kept in a database (SQLite under `runs/sweep-<name>/` by default), so
+a killed sweep resumes where it stopped and several workers, local processes or other machines
+pointed at one `--storage`, share its trials. Each trial freezes one variant of the space, trains
+it with `nestc run`'s loop and scores it by held-out bits (per scored token on a task, per byte on
+the corpus): lower is better. The bits are reported at every evaluation, so the median pruner
+stops variants that trail the others early. A trial whose worker died is noticed by its missing
+heartbeat, marked failed and run again.
+
+Outcomes kept in each trial's user attributes (`outcome`): `complete`, `pruned`, `duplicate`
+(a variant already trained: its score is reused, nothing is trained twice), `invalid` (the frozen
+variant has errors: reported and skipped) and `diverged`. All of them count toward `--trials`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from nestc import ir, space
+from nestc.diagnostics import render_all
+from nestc.sema import analyze_source
+from nestc.source import SourceFile
+
+SAMPLERS = ("tpe", "random", "grid")
+OUTCOMES_COUNTED = ("complete", "pruned", "duplicate", "invalid", "diverged")
+
+
+class SweepError(Exception):
+    """A sweep that cannot start: the message says what and how to fix it."""
+
+
+@dataclass
+class SweepConfig:
+    spec: str
+    trials: int
+    task: str | None = None
+    task_options: dict = field(default_factory=dict)
+    steps: int | None = None  # default: the spec's train { steps }
+    sampler: str = "tpe"
+    seed: int = 0
+    workers: int = 1
+    storage: str | None = None  # an SQLAlchemy URL; default: SQLite in the sweep's directory
+    study: str | None = None  # default: <spec name>-<task or corpus>
+    runs: str = "runs"
+    prune: bool = True
+    eval_every: int | None = None
+    heartbeat_seconds: int = 10  # a trial silent for 3 heartbeats belongs to a dead worker
+
+    @property
+    def name(self) -> str:
+        stem = os.path.splitext(os.path.basename(self.spec))[0]
+        return self.study or f"{stem}-{self.task or 'corpus'}"
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(self.runs, f"sweep-{self.name}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{os.path.abspath(os.path.join(self.directory, 'study.db'))}"
+
+
+@dataclass
+class Entry:
+    """One row of the leaderboard."""
+    trial: int
+    outcome: str
+    variant: str | None
+    bits: float | None
+    accuracy: float | None
+    parameters: int | None
+    tokens_per_second: float | None
+    choices: dict
+    error: str | None = None
+
+
+def _optuna():
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # nestc prints its own line per trial
+    # Heartbeats and their retry are "experimental" in Optuna, and have been since 2.8.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _storage(config: SweepConfig):
+    optuna = _optuna()
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    if config.storage is None:
+        os.makedirs(config.directory, exist_ok=True)
+    try:
+        return RDBStorage(config.storage_url,
+                          engine_kwargs={"connect_args": {"timeout": 60}} if config.storage_url.startswith("sqlite")
+                          else None,
+                          heartbeat_interval=config.heartbeat_seconds, grace_period=3 * config.heartbeat_seconds,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except (optuna.exceptions.StorageInternalError, ValueError, ImportError) as error:
+        raise SweepError(f"--storage {config.storage_url}: cannot open it: {error}") from None
+
+
+def _sampler(config: SweepConfig):
+    optuna = _optuna()
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=config.seed)
+    # Grid trials are enqueued with every value fixed, so their sampler never draws.
+    return optuna.samplers.RandomSampler(seed=config.seed)
+
+
+def open_study(config: SweepConfig):
+    """Create the study, or load it to resume; a study run with other settings is an error."""
+    optuna = _optuna()
+    search = space.load(config.spec)
+    if config.sampler == "grid" and search.size == math.inf:
+        raise SweepError(f"{config.spec}: --sampler grid needs a finite space, but it has a loguniform "
+                         "dimension; use --sampler tpe or random")
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if config.prune \
+        else optuna.pruners.NopPruner()
+    study = optuna.create_study(study_name=config.name, storage=_storage(config), direction="minimize",
+                                sampler=_sampler(config), pruner=pruner, load_if_exists=True)
+    settings = {"spec": os.path.abspath(config.spec), "task": config.task, "steps": config.steps,
+                "task_options": config.task_options, "sampler": config.sampler}
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        study.set_user_attr("settings", settings)
+    elif recorded != settings:
+        different = ", ".join(f"{key} {recorded.get(key)!r} (now {value!r})" for key, value in settings.items()
+                              if recorded.get(key) != value)
+        raise SweepError(f"study `{config.name}` in {config.storage_url} was run with {different}; "
+                         "run it with the same settings to resume it, or give --study a new name")
+    if config.sampler == "grid" and not study.user_attrs.get("grid_enqueued"):
+        for assignment in list(search.grid())[:config.trials]:
+            study.enqueue_trial(_params(search, assignment), skip_if_exists=True)
+        study.set_user_attr("grid_enqueued", True)
+    return study, search
+
+
+def _params(search: space.Space, assignment: dict) -> dict:
+    """Optuna's parameters for an assignment: a choice by its option's text, numbers as numbers."""
+    return {label: search.dimensions[label].describe(value) if search.dimensions[label].kind == "choice" else value
+            for label, value in assignment.items()}
+
+
+def _suggest(trial, search: space.Space) -> dict:
+    """Draw an assignment through the trial, dimension by dimension, so a conditional dimension is
+    drawn only when the option containing it is."""
+    assignment: dict = {}
+    while True:
+        pending = [d for d in search.active(assignment) if d.label not in assignment]
+        if not pending:
+            return assignment
+        dimension = pending[0]
+        if dimension.kind == "choice":
+            texts = [dimension.describe(index) for index in range(len(dimension.options))]
+            assignment[dimension.label] = texts.index(trial.suggest_categorical(dimension.label, texts))
+        elif dimension.kind == "range":
+            assignment[dimension.label] = trial.suggest_categorical(dimension.label, list(dimension.options))
+        else:
+            low, high = dimension.options
+            assignment[dimension.label] = trial.suggest_float(dimension.label, low, high, log=True)
+
+
+def _counted(study) -> tuple[int, int, int]:
+    """(finished trials that count toward --trials, running ones, waiting ones)."""
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.user_attrs.get("outcome") in OUTCOMES_COUNTED for t in trials if t.state.is_finished())
+    running = sum(t.state == states.RUNNING for t in trials)
+    waiting = sum(t.state == states.WAITING for t in trials)
+    return finished, running, waiting
+
+
+def work(config: SweepConfig, worker: int = 0, log=print, start_together=None) -> None:
+    """One worker: run trials until the study has `config.trials` of them. Local workers wait at
+    `start_together` (a barrier) once they are ready, so the first does not take every trial
+    while the others are still importing torch."""
+    import threading
+
+    import torch
+
+    _optuna()
+    from optuna.storages import fail_stale_trials
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
+    study, search = open_study(config)
+    if start_together is not None:
+        try:
+            start_together.wait(timeout=120)
+        except threading.BrokenBarrierError:  # a worker died while starting: the others go on
+            pass
+    objective = _Objective(config, search, worker, log)
+    while True:
+        fail_stale_trials(study)
+        _fail_stillborn_trials(study, 3 * config.heartbeat_seconds)
+        finished, running, waiting = _counted(study)
+        if waiting or finished + running < config.trials:
+            study.optimize(objective, n_trials=1, catch=())
+        elif running:
+            time.sleep(config.heartbeat_seconds)  # another worker's trial, or a dead one's, not yet stale
+        else:
+            return
+
+
+def _fail_stillborn_trials(study, grace_seconds: float) -> None:
+    """Fail (and enqueue again) the trials whose worker died between creating them and starting
+    their heartbeat: they have neither, and Optuna's stale-trial check never sees them. A live
+    trial records its worker within milliseconds of starting."""
+    optuna = _optuna()
+    from datetime import datetime
+
+    now = datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if "worker" in trial.user_attrs or (now - trial.datetime_start).total_seconds() < grace_seconds:
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker got to it first
+            continue
+        if trial.system_attrs.get("fixed_params"):
+            study.enqueue_trial(trial.system_attrs["fixed_params"])
+
+
+class _Objective:
+    def __init__(self, config: SweepConfig, search: space.Space, worker: int, log):
+        self.config, self.search, self.worker, self.log = config, search, worker, log
+
+    def __call__(self, trial) -> float:
+        optuna = _optuna()
+        from nestc.backends.common import BackendError
+        from nestc.checkpoint import bundle
+        from nestc.train import TrainingDiverged, train
+
+        assignment = _suggest(trial, self.search)
+        choices = self.search.describe(assignment)
+        trial.set_user_attr("assignment", assignment)
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("choices", choices)
+        prefix = f"trial {trial.number}" + (f" (worker {self.worker})" if self.config.workers > 1 else "")
+        result = analyze_source(SourceFile(self.config.spec, self.search.freeze(assignment)))
+        if not result.ok:
+            errors = [d for d in result.diagnostics if d.is_error]
+            trial.set_user_attr("outcome", "invalid")
+            trial.set_user_attr("error", errors[0].message)
+            self.log(f"{prefix}: invalid variant, skipped: {errors[0].message}")
+            self.log(render_all(errors, result.sources, color=False))
+            return math.nan
+        variant = ir.variant_id(result.program)
+        trial.set_user_attr("variant", variant)
+        trained = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                   if t.user_attrs.get("variant") == variant and t.user_attrs.get("outcome") == "complete"]
+        if trained:
+            for key in ("held_out_bits", "accuracy", "parameters", "tokens_per_second"):
+                trial.set_user_attr(key, trained[0].user_attrs.get(key))
+            trial.set_user_attr("outcome", "duplicate")
+            trial.set_user_attr("duplicate_of", trained[0].number)
+            self.log(f"{prefix}: variant {variant} was trained in trial {trained[0].number}; its score is reused")
+            return trained[0].value
+
+        def report(step: int, bits: float) -> None:
+            trial.report(bits, step)
+            if trial.should_prune():
+                trial.set_user_attr("held_out_bits", bits)
+                raise optuna.TrialPruned(f"held-out {bits:.3f} bits at step {step} trails the median")
+
+        self.log(f"{prefix}: training {variant}  " + ", ".join(f"{k}={v}" for k, v in choices.items()))
+        try:
+            run = train(result.program, bundle(result), steps=self.config.steps,
+                        runs=os.path.join(self.config.directory, "trials"), task=self.config.task,
+                        task_options=self.config.task_options, eval_every=self.config.eval_every,
+                        quiet=True, on_eval=report)
+        except optuna.TrialPruned as pruned:
+            trial.set_user_attr("outcome", "pruned")
+            self.log(f"{prefix}: pruned: {pruned}")
+            raise
+        except (BackendError, ValueError) as error:  # a model the backend cannot build, or the task cannot feed
+            trial.set_user_attr("outcome", "invalid")
+            trial.set_user_attr("error", str(error))
+            self.log(f"{prefix}: cannot train it, skipped: {error}")
+            return math.nan
+        except TrainingDiverged as error:
+            trial.set_user_attr("outcome", "diverged")
+            trial.set_user_attr("error", str(error))
+            self.log(f"{prefix}: {error}")
+            return math.nan
+        trial.set_user_attr("held_out_bits", run.held_out_bits)
+        trial.set_user_attr("accuracy", run.final_score if self.config.task else None)
+        trial.set_user_attr("parameters", run.parameters)
+        trial.set_user_attr("tokens_per_second", run.tokens_per_second)
+        trial.set_user_attr("directory", run.directory)
+        trial.set_user_attr("outcome", "complete")
+        accuracy = f", accuracy {run.final_score:.3f}" if self.config.task else ""
+        self.log(f"{prefix}: held-out {run.held_out_bits:.3f} bits{accuracy}, {run.parameters:,} params, "
+                 f"{run.tokens_per_second:,.0f} tok/s")
+        return run.held_out_bits
+
+
+def _spawned_worker(config: SweepConfig, worker: int, start_together) -> None:
+    import sys
+    import warnings
+
+    from nestc.backends.compiled import CompileWarning
+
+    warnings.simplefilter("ignore", CompileWarning)  # the first worker's log already has them
+    work(config, worker, log=lambda line: print(line, file=sys.stderr, flush=True), start_together=start_together)
+
+
+def run(config: SweepConfig, log=print) -> list[Entry]:
+    """Run the sweep with `config.workers` local processes (this one included); returns the
+    leaderboard, best first."""
+    import multiprocessing
+
+    open_study(config)  # creates the study (and its grid) once, before the workers race to it
+    context = multiprocessing.get_context("spawn")
+    start_together = context.Barrier(config.workers) if config.workers > 1 else None
+    helpers = [context.Process(target=_spawned_worker, args=(config, worker, start_together))
+               for worker in range(1, config.workers)]
+    for helper in helpers:
+        helper.start()
+    try:
+        work(config, 0, log, start_together)
+    finally:
+        for helper in helpers:
+            helper.join()
+    return leaderboard(config)
+
+
+def leaderboard(config: SweepConfig) -> list[Entry]:
+    """Every trial that counts, best first: trained variants by held-out bits, then pruned ones by
+    their last evaluation, then those that failed."""
+    study, _ = open_study(config)
+    entries = []
+    for trial in study.get_trials(deepcopy=False):
+        attributes = trial.user_attrs
+        outcome = attributes.get("outcome")
+        if outcome not in OUTCOMES_COUNTED or outcome == "duplicate":
+            continue
+        entries.append(Entry(trial=trial.number, outcome=outcome, variant=attributes.get("variant"),
+                             bits=attributes.get("held_out_bits"), accuracy=attributes.get("accuracy"),
+                             parameters=attributes.get("parameters"),
+                             tokens_per_second=attributes.get("tokens_per_second"),
+                             choices=attributes.get("choices", {}), error=attributes.get("error")))
+    rank = {"complete": 0, "pruned": 1, "diverged": 2, "invalid": 3}
+    entries.sort(key=lambda e: (rank[e.outcome], e.bits if e.bits is not None else math.inf, e.trial))
+    return entries
+
+
+def write_results(config: SweepConfig, entries: list[Entry]) -> dict[str, str]:
+    """leaderboard.csv, leaderboard.json, pareto.png and best.nest in the sweep's directory;
+    returns the paths written."""
+    os.makedirs(config.directory, exist_ok=True)
+    written = {}
+    labels = sorted({label for entry in entries for label in entry.choices})
+    path = os.path.join(config.directory, "leaderboard.csv")
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["rank", "trial", "outcome", "variant", "held_out_bits", "accuracy", "parameters",
+                         "tokens_per_second", *labels, "error"])
+        for rank, entry in enumerate(entries, 1):
+            writer.writerow([rank, entry.trial, entry.outcome, entry.variant, entry.bits, entry.accuracy,
+                             entry.parameters, entry.tokens_per_second,
+                             *(entry.choices.get(label, "") for label in labels), entry.error or ""])
+    written["csv"] = path
+    path = os.path.join(config.directory, "leaderboard.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump([entry.__dict__ for entry in entries], handle, indent=2)
+    written["json"] = path
+    trained = [e for e in entries if e.outcome == "complete"]
+    if trained:
+        written["pareto"] = pareto_plot(trained, os.path.join(config.directory, "pareto.png"),
+                                        "task" if config.task else "corpus")
+        written["best"] = write_best(config, trained[0])
+    return written
+
+
+def write_best(config: SweepConfig, best: Entry) -> str:
+    """The best variant as one self-contained, choice-free spec that `nestc run` accepts."""
+    from nestc.checkpoint import bundle
+
+    study, search = open_study(config)
+    assignment = study.trials[best.trial].user_attrs["assignment"]
+    result = analyze_source(SourceFile(config.spec, search.freeze(assignment)))
+    header = (f"# The best variant of {config.spec} in sweep `{config.name}`: trial {best.trial}, variant "
+              f"{best.variant},\n# held-out {best.bits:.4f} bits after {config.steps or result.program.train.steps} "
+              "training steps. "
+              "Its choices:\n" + "".join(f"#   {label} = {value}\n" for label, value in best.choices.items()))
+    path = os.path.join(config.directory, "best.nest")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(header + bundle(result))
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (both minimised)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(ox <= x and oy <= y and (ox, oy) != (x, y) for ox, oy in points)]
+
+
+def pareto_plot(entries: list[Entry], path: str, measure: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = [e.bits for e in entries]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, values, label, sign in ((axes[0], [e.parameters for e in entries], "parameters", 1),
+                                      (axes[1], [e.tokens_per_second for e in entries], "training tokens/s", -1)):
+        front = sorted(pareto_front([(sign * v, b) for v, b in zip(values, bits)]), key=lambda i: values[i])
+        axis.scatter(values, bits, color="0.6", label="variants")
+        axis.plot([values[i] for i in front], [bits[i] for i in front], "o-", color="C3", label="Pareto front")
+        for entry, x, y in zip(entries, values, bits):
+            axis.annotate(str(entry.trial), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        axis.set_xlabel(label + (" (fewer is better)" if sign > 0 else " (more is better)"))
+        axis.set_ylabel(f"held-out bits per {'scored token' if measure == 'task' else 'byte'} (lower is better)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("sweep: quality against size and speed (labels are trial numbers)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def format_table(entries: list[Entry], task: bool, stream=None) -> None:
+    """The leaderboard as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sweep leaderboard (held-out bits, lower is better)")
+    for column, justify in (("#", "right"), ("trial", "right"), ("variant", "left"), ("outcome", "left"),
+                            ("bits", "right"), *((("accuracy", "right"),) if task else ()),
+                            ("params", "right"), ("tok/s", "right"), ("choices", "left")):
+        table.add_column(column, justify=justify)
+    for rank, entry in enumerate(entries, 1):
+        cells = [str(rank), str(entry.trial), entry.variant or "-", entry.outcome,
+                 f"{entry.bits:.4f}" if entry.bits is not None else "-"]
+        if task:
+            cells.append(f"{entry.accuracy:.3f}" if entry.accuracy is not None else "-")
+        cells += [f"{entry.parameters:,}" if entry.parameters else "-",
+                  f"{entry.tokens_per_second:,.0f}" if entry.tokens_per_second else "-",
+                  entry.error or ", ".join(f"{k}={v}" for k, v in entry.choices.items())]
+        table.add_row(*cells)
+    Console(file=stream, width=200).print(table)

@@ -19,6 +19,10 @@ as single calls, and each memory level through a closed form of its rule:
 - `sequential`: anything else steps token by token with the reference kernel, and says so.
 
 Continuum-memory levels update between segments (the segment length divides their periods).
+
+With `torch_compile` (`nestc.load(..., compile=True)`) each segment step runs through
+torch.compile as one graph, a pure function of the state's tensors (`_segment_from_tensors`;
+docs/backends.md says how it avoids graph breaks and recompiles).
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
-"""Reference vs compiled backend, forward + backward, side by side in one run.
+"""Reference vs compiled backend (eager and through torch.compile), forward + backward, side by side.
 
     python benchmarks/backends_speed.py [--batch 2] [--dim 128] [--heads 4] [--time 256 1024]
                                         [--reference-max 256] [SPEC ...]
 
 Each measurement runs in a fresh subprocess, so the peak resident memory it reports belongs to
-that configuration alone. The reference is measured only up to --reference-max tokens (it is
-the slow oracle); ratios are printed where both backends ran the same configuration.
+that configuration alone: the peak during the measured call, restarted from the resident size
+just before it (Linux; elsewhere the process's peak). The reference is measured only up to
+--reference-max tokens (it is the slow oracle); speed-ups are against the reference where it
+ran the same configuration. Both compiled columns are timed on their second call; for
+`compiled+torch.compile` the first one (a warm-up of the same shape, which pays Dynamo's tracing
+and inductor's code generation) is printed separately as the compile time.
 """
 
 from __future__ import annotations
@@ -22,6 +26,29 @@ import time
 
 DEFAULT_SPECS = ["specs/deltanet.nest", "specs/gated_deltanet.nest", "specs/titans.nest", "specs/ttt_mlp.nest",
                  "specs/hope.nest"]
+
+
+BACKENDS = ("reference", "compiled", "compiled+torch.compile")
+
+
+def restart_peak_memory() -> None:
+    """Make the resident-set peak (VmHWM) start again from the current resident size."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib() -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(path: str, backend: str, batch: int, length: int, dim: int, heads: int) -> dict:
@@ -44,14 +71,23 @@ def measure(path: str, backend: str, batch: int, length: int, dim: int, heads: i
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = (compiled if backend == "compiled" else reference).build(result.program)
+        if backend == "reference":
+            model = reference.build(result.program)
+        else:
+            model = compiled.build(result.program, torch_compile=backend == "compiled+torch.compile")
     tokens = torch.randint(0, model.vocab, (batch, length))
-    start = time.perf_counter()
-    logits, _ = model(tokens)
-    F.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1)).backward()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens_per_second": batch * length / seconds, "seconds": seconds, "peak_mib": peak}
+
+    def forward_backward() -> float:
+        start = time.perf_counter()
+        logits, _ = model(tokens)
+        F.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1)).backward()
+        return time.perf_counter() - start
+
+    warm_up_seconds = forward_backward() if backend != "reference" else None
+    restart_peak_memory()
+    seconds = forward_backward()
+    return {"tokens_per_second": batch * length / seconds, "seconds": seconds, "peak_mib": peak_mib(),
+            "compile_seconds": warm_up_seconds if backend == "compiled+torch.compile" else None}
 
 
 def main() -> None:
@@ -74,24 +110,27 @@ def main() -> None:
           f"command: python {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"python {sys.version.split()[0]}")
-    print(f"{'spec':28s} {'T':>5s} {'backend':>9s} {'tokens/s':>10s} {'seconds':>8s} {'peak MiB':>9s} {'speed-up':>9s}")
+    print(f"{'spec':28s} {'T':>5s} {'backend':>22s} {'tokens/s':>10s} {'seconds':>8s} {'peak MiB':>9s} "
+          f"{'speed-up':>9s} {'compile s':>9s}")
     for spec in args.specs or DEFAULT_SPECS:
         for length in args.time:
             rates = {}
-            for backend in ("reference", "compiled"):
+            for backend in BACKENDS:
                 if backend == "reference" and length > args.reference_max:
                     continue
                 command = [sys.executable, __file__, "--one", backend, spec, "--time", str(length),
                            "--batch", str(args.batch), "--dim", str(args.dim), "--heads", str(args.heads)]
                 out = subprocess.run(command, capture_output=True, text=True)
                 if out.returncode != 0:
-                    print(f"{spec:28s} {length:5d} {backend:>9s} failed: {out.stderr.strip().splitlines()[-1]}")
+                    print(f"{spec:28s} {length:5d} {backend:>22s} failed: {out.stderr.strip().splitlines()[-1]}")
                     continue
                 row = json.loads(out.stdout)
                 rates[backend] = row["tokens_per_second"]
-                ratio = f"{rates['compiled'] / rates['reference']:8.1f}x" if len(rates) == 2 else ""
-                print(f"{spec:28s} {length:5d} {backend:>9s} {row['tokens_per_second']:10.1f} {row['seconds']:8.2f} "
-                      f"{row['peak_mib']:9.0f} {ratio:>9s}", flush=True)
+                ratio = (f"{rates[backend] / rates['reference']:8.1f}x"
+                         if "reference" in rates and backend != "reference" else "")
+                compile_seconds = f"{row['compile_seconds']:9.1f}" if row["compile_seconds"] is not None else ""
+                print(f"{spec:28s} {length:5d} {backend:>22s} {row['tokens_per_second']:10.1f} {row['seconds']:8.2f} "
+                      f"{row['peak_mib']:9.0f} {ratio:>9s} {compile_seconds:>9s}", flush=True)
 
 
 if __name__ == "__main__":

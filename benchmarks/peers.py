@@ -181,8 +181,10 @@ def job_titans_pytorch(job: dict) -> dict:
             self.embedding = nn.Embedding(LAYER_VOCAB, job["dim"])
             # depth 2, expansion 4 per head (the peer's default memory MLP, wrapped in its
             # ResidualNorm: x + LayerNorm(mlp(x))); pre-RMSNorm on the input is its default too
+            # batch_size None: every token's gradient at the weights the call starts from;
+            # batch_size = chunk: at the weights of the previous chunk's end, as in nestc
             self.memory = NeuralMemory(dim=job["dim"], heads=job["heads"], dim_head=job["dim"] // job["heads"],
-                                       chunk_size=job["chunk"],
+                                       chunk_size=job["chunk"], batch_size=job.get("store_batch"),
                                        default_model_kwargs=dict(depth=2, expansion_factor=4.0))
             self.norm = nn.RMSNorm(job["dim"])
             self.head = nn.Linear(job["dim"], LAYER_VOCAB, bias=False)
@@ -339,12 +341,12 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print(flush=True)
 
 
-def speed_row(label: str, tokens: int, result: dict | str, baseline: float | None = None) -> list[str]:
+def speed_row(label: str, tokens: int, result: dict | str, *baselines: float | None) -> list[str]:
     if isinstance(result, str):
-        return [label, result, "", "", ""]
+        return [label, result, "", ""] + [""] * max(len(baselines), 1)
     speed = rate(tokens, result)
-    ratio = f"{speed / baseline:.2f}x" if baseline else ""
-    return [label, f"{speed:,.0f}", f"{result['peak_mib']:,.0f}", f"{result['above_setup_mib']:,.0f}", ratio]
+    ratios = [f"{speed / baseline:.2f}x" if baseline else "" for baseline in baselines] or [""]
+    return [label, f"{speed:,.0f}", f"{result['peak_mib']:,.0f}", f"{result['above_setup_mib']:,.0f}", *ratios]
 
 
 SPEED_HEADER = ["implementation", "fwd+bwd tok/s", "peak MiB", "MiB above setup", "vs peer"]
@@ -358,6 +360,9 @@ def section_titans(args) -> None:
           f"{LAYER_VOCAB}, so embedding and head cost little), trained on next-token cross-entropy.")
     print("Matched: dim, heads, head dim, a per-head 2-layer MLP memory with hidden width 4x and GELU, the chunk "
           "(nestc `every` = the peer's chunk_size), data-dependent lr, momentum and forgetting, l2 loss.")
+    print("The peer's batch_size (None by default) sets where its gradients are taken: None takes every token's "
+          "at the weights the call starts from, so the whole sequence is one parallel step; batch_size = chunk "
+          "takes them at the previous chunk's end, the Titans rule nestc computes (`every` C).")
     print("Not matched: nestc (lib/titans.nest) has conv(4)+SiLU+l2norm on q/k/v and per-token gates, "
           "x + W1 gelu(W2 x) memory; the peer has pre-RMSNorm, SiLU, gates shared per chunk, a retrieve "
           "gate and x + LayerNorm(mlp(x)). The `+layernorm` rows give nestc's memory that norm too.\n")
@@ -365,20 +370,23 @@ def section_titans(args) -> None:
     rows = []
     for chunk in args.titans_chunks:
         common = {"device": args.device, "batch": batch, "time": length, "repeats": args.repeats}
-        if installed("titans-pytorch"):
-            peer = run_job({"kind": "titans_pytorch", "dim": dim, "heads": heads, "chunk": chunk, **common},
-                           args)
-        else:
-            peer = NOT_INSTALLED
-        rows.append(speed_row(f"titans-pytorch NeuralMemory, chunk {chunk}", tokens, peer))
-        baseline = rate(tokens, peer) if isinstance(peer, dict) else None
+        baselines = []
+        for store_batch in (None, chunk):
+            if installed("titans-pytorch"):
+                peer = run_job({"kind": "titans_pytorch", "dim": dim, "heads": heads, "chunk": chunk,
+                                "store_batch": store_batch, **common}, args)
+            else:
+                peer = NOT_INSTALLED
+            rows.append(speed_row(f"titans-pytorch NeuralMemory, chunk {chunk}, batch_size {store_batch}", tokens,
+                                  peer, None, None))
+            baselines.append(rate(tokens, peer) if isinstance(peer, dict) else None)
         for layernorm in (False, True):
             text = titans_layer_spec(dim, heads, length, chunk, layernorm)
             result = run_job({"kind": "nestc_model", "name": "titans", "text": text, "warmup": True, **common},
                              args)
             label = f"nestc titans lmm, every {chunk}" + (" +layernorm" if layernorm else "")
-            rows.append(speed_row(label, tokens, result, baseline))
-    print_table(SPEED_HEADER, rows)
+            rows.append(speed_row(label, tokens, result, *baselines))
+    print_table(SPEED_HEADER[:-1] + ["vs peer, batch_size None", "vs peer, batch_size = chunk"], rows)
 
 
 def section_gated_deltanet(args) -> None:
@@ -485,36 +493,46 @@ def linearity(lengths: list[int], peaks: list[float]) -> tuple[list[str], str]:
     return cells, f"{verdict} (last slope ratios {', '.join(f'{r:.2f}' for r in tail)})"
 
 
+def memory_lengths(name: str, args) -> list[int]:
+    """The T of each spec's rows; hope stops at --hope-memory-max and, to keep three points for
+    the verdict, goes down by halves below the smallest T instead."""
+    if name != "hope":
+        return list(args.memory_times)
+    lengths = [t for t in args.memory_times if t <= args.hope_memory_max]
+    while len(lengths) < 3 and min(lengths or args.memory_times) >= 512:
+        lengths.insert(0, min(lengths or args.memory_times) // 2)
+    return lengths
+
+
 def section_memory(args) -> None:
     batch = args.memory_batch
     print(f"## memory: peak of one forward+backward vs T (B={batch}, dim={args.dim}, heads={args.heads})\n")
-    print(f"One fresh process per row, no warm-up (only memory is read). hope only up to T={args.hope_memory_max}, "
-          "its time per token being the longest. Slope: MiB per 1k extra tokens between successive T; "
-          "in brackets its ratio to the previous slope (about 1 when memory grows linearly in T, about 2 "
-          "when quadratically).\n")
+    print(f"One fresh process per row, no warm-up (only memory is read). hope only up to T={args.hope_memory_max} "
+          "(its forward time grows faster than T), with shorter T for three points. Slope: MiB per 1k extra "
+          "tokens between successive T; in brackets its ratio to the previous slope (about 1 when memory grows "
+          "linearly in T, about 2 when quadratically).\n")
     unit = "peak MiB (CUDA allocated)" if args.device == "cuda" else "peak RSS MiB"
-    header = ["spec"] + [f"T={t}" for t in args.memory_times] + ["verdict"]
+    columns = sorted({t for name in MEMORY_SPECS for t in memory_lengths(name, args)})
     rows, slope_rows = [], []
     for name in MEMORY_SPECS:
-        lengths = [t for t in args.memory_times if name != "hope" or t <= args.hope_memory_max]
-        peaks, cells = [], []
+        lengths, peaks, cells = memory_lengths(name, args), [], {}
         for length in lengths:
             result = run_job({"kind": "nestc_model", "name": name, "device": args.device, "batch": batch,
                               "time": length, "repeats": 1, "warmup": False,
                               "text": sized_spec(name, args.dim, args.heads, length)}, args)
             if isinstance(result, str):
-                cells.append(result)
+                cells[length] = result
                 break
             peaks.append(result["peak_mib"])
-            cells.append(f"{result['peak_mib']:,.0f}")
+            cells[length] = f"{result['peak_mib']:,.0f}"
         slopes, verdict = linearity(lengths[:len(peaks)], peaks) if len(peaks) >= 3 else ([], "too few points")
-        padding = [""] * (len(args.memory_times) - len(cells))
-        rows.append([name] + cells + padding + [verdict])
-        slope_rows.append([name, ""] + slopes + [""] * (len(args.memory_times) - 1 - len(slopes)))
+        slope_cells = dict(zip(lengths[1:], slopes))
+        rows.append([name] + [cells.get(t, "") for t in columns] + [verdict])
+        slope_rows.append([name] + [slope_cells.get(t, "") for t in columns])
     print(f"{unit}:\n")
-    print_table(header, rows)
+    print_table(["spec"] + [f"T={t}" for t in columns] + ["verdict"], rows)
     print("slope, MiB per 1k tokens (ratio to the previous slope):\n")
-    print_table(["spec"] + [f"T={t}" for t in args.memory_times], slope_rows)
+    print_table(["spec"] + [f"T={t}" for t in columns], slope_rows)
 
 
 def describe_machine(device: str, threads: int) -> str:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from nestc import ir
 from nestc.backends.common import BackendError, concrete
+from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
                                       ReferenceModel, Stage, activation, rotate)
 
@@ -489,8 +490,9 @@ KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": laye
 class CompiledModel(ReferenceModel):
     """`model(tokens, state=None) -> (logits, state)`, equal to the reference, a segment at a time."""
 
-    def __init__(self, program: ir.Program, torch_compile: bool | str = False):
+    def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None):
         super().__init__(program)
+        self.level_spans = {level.name: level.span for level in program.levels}
         self.plans: dict[str, LevelPlan] = {}
         layer = self.layers[0]
         for name, module in layer.levels.items():
@@ -508,6 +510,10 @@ class CompiledModel(ReferenceModel):
         # torch.compile's backend for the segment step (True: the default, inductor), or None
         self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
         self._compiled_step = None  # made on first use
+        # With graph passes (a list, maybe empty), each segment runs as a traced fx graph
+        # (backends/fx.py), one per batch size and segment length, traced on first use.
+        self.graph_passes = None if graph_passes is None else list(graph_passes)
+        self._graphs: dict[tuple[int, int], object] = {}
         if self.compile_backend:
             obstacle = self._torch_compile_obstacle()
             if obstacle:
@@ -553,7 +559,12 @@ class CompiledModel(ReferenceModel):
             if self.task_levels:
                 self._learn_from_task_loss(state, chunk[:, 0], outer_grad)
                 self._make_fast_weights_leaves(state)
-            logits = self._compiled_segment(chunk, state) if self.compile_backend else self._segment(chunk, state)
+            if self.compile_backend:
+                logits = self._compiled_segment(chunk, state)
+            elif self.graph_passes is not None:
+                logits = self._graph_segment(chunk, state)
+            else:
+                logits = self._segment(chunk, state)
             outputs.append(logits)
             if self.task_levels:
                 self._add_segment_loss(state, logits, chunk)
@@ -590,6 +601,23 @@ class CompiledModel(ReferenceModel):
             self._compiled_step = torch.compile(self._segment_from_tensors, backend=self.compile_backend,
                                                 fullgraph=True, dynamic=False)
         logits, tensors = self._compiled_step(layout, _as_step_input(chunk), position, tensors)
+        _write_back_state(self, state, layout, tensors, state.position + chunk.shape[1])
+        return logits
+
+    def _graph_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
+        """`_segment` through the traced fx graph for this batch size and segment length."""
+        from nestc.backends import fx
+
+        _complete_state(self, state, chunk.shape[0])
+        layout, tensors = _flatten_state(state.levels)
+        key = tuple(chunk.shape)
+        if key not in self._graphs:
+            graph = fx.trace_segment(self, *key)
+            fx.run_passes(graph, self.graph_passes)
+            self._graphs[key] = graph
+        parameters = [parameter for _, parameter in self.named_parameters()]
+        logits, tensors = self._graphs[key](parameters, chunk, torch.tensor(state.position, device=chunk.device),
+                                            tensors)
         _write_back_state(self, state, layout, tensors, state.position + chunk.shape[1])
         return logits
 
@@ -729,8 +757,9 @@ def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[s
     def run_level(name: str, value: Tensor) -> Tensor:
         for member in layer.order[name]:
             if member not in stepped:
-                stepped[member] = run_module(model, layer.levels[member], model.plans[member], value, start,
-                                             states[member], read_level)
+                with fx_provenance(member, model.level_spans.get(member)):
+                    stepped[member] = run_module(model, layer.levels[member], model.plans[member], value, start,
+                                                 states[member], read_level)
         return stepped[name]
 
     def memory_as_context(node, value: Tensor) -> Tensor:
@@ -809,8 +838,8 @@ def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState,
     return module.out(y.transpose(1, 2).reshape(batch, size, -1))
 
 
-def build(program: ir.Program, torch_compile: bool | str = False) -> CompiledModel:
-    return CompiledModel(program, torch_compile)
+def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None) -> CompiledModel:
+    return CompiledModel(program, torch_compile, graph_passes)
 
 
 def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],

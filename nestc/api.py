@@ -28,7 +28,7 @@ def check(spec: str):
     return result.program
 
 
-def load(spec: str, backend: str = "reference", compile: bool | str = False):
+def load(spec: str, backend: str = "reference", compile: bool | str = False, graph: bool | list[str] = False):
     """Build a runnable PyTorch model from a spec path (or spec text).
 
     `model(tokens, state=None) -> (logits, state)`: tokens are [batch, time] integers; `state`
@@ -40,9 +40,14 @@ def load(spec: str, backend: str = "reference", compile: bool | str = False):
     torch.compile backend instead of inductor (`"aot_eager"` traces without generating code). A
     model that cannot be traced as one graph (token-by-token levels, attention caches) warns
     with `CompileWarning` and runs without it.
+
+    `graph=True` (compiled backend only) runs each segment as a torch.fx graph traced from the
+    backend and rewritten by the default passes (backends/fx.py); a list names the passes to run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if graph is not False and backend != "compiled":
+        raise ValueError(f"graph={graph!r} needs backend='compiled', not {backend!r}")
     if compile and backend != "compiled":
         raise ValueError(f"compile={compile!r} needs backend='compiled', not {backend!r}: the reference backend "
                          "is the token-by-token oracle and is never compiled")
@@ -50,7 +55,10 @@ def load(spec: str, backend: str = "reference", compile: bool | str = False):
     if backend == "compiled":
         from nestc.backends import compiled
 
-        return compiled.build(program, torch_compile=compile)
+        from nestc.backends.fx import DEFAULT_PASSES
+
+        passes = None if graph is False else (DEFAULT_PASSES if graph is True else list(graph))
+        return compiled.build(program, torch_compile=compile, graph_passes=passes)
     from nestc.backends import reference
 
     return reference.build(program)

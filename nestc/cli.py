@@ -314,12 +314,22 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
 
 @cli.command(name="compile")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--emit", type=click.Choice(["ast", "ir", "graph", "plan"]), default="plan", show_default=True,
-              help="The stage to print: the syntax tree, the checked IR, the level graph, or the compiled "
-                   "backend's plan (each memory's kernel and the segment length).")
+@click.option("--emit", type=click.Choice(["ast", "ir", "graph", "plan", "fx", "py"]), default=None,
+              help="The stage to print: the syntax tree, the checked IR, the level graph, the compiled backend's "
+                   "plan (each memory's kernel and the segment length), the traced segment step after the passes "
+                   "(fx), or the standalone module (py). Default: plan, or nothing with -o.")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Write a standalone model (model.py and weights.pt, needing only torch) to this directory.")
+@click.option("--passes", default=",".join(("drop_dead", "fold_constants", "fuse_projections")), show_default=True,
+              help="The graph passes to run, in order, comma-separated (empty: none).")
+@click.option("--print-after", "print_after", multiple=True, metavar="PASS",
+              help="Print the fx graph after this pass (repeatable).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The batch size the fx graph and the standalone model are traced for.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the standalone model's initial weights.")
 @_color
-def compile_spec(spec, emit, color) -> None:
-    """Show what a spec compiles to, stage by stage."""
+def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) -> None:
+    """Show what a spec compiles to, stage by stage, or write it as standalone PyTorch (-o DIR)."""
     import warnings
 
     result = _analyze(spec)
@@ -327,6 +337,16 @@ def compile_spec(spec, emit, color) -> None:
     if not result.ok:
         sys.exit(_exit_code(result))
     program = result.program
+    from nestc.backends.fx import PASSES  # only torch.fx's names: the backend is not imported
+
+    unknown = [p.strip() for p in [*passes.split(","), *print_after] if p.strip() and p.strip() not in PASSES]
+    if unknown:
+        raise click.UsageError(f"unknown pass `{unknown[0]}`; passes: {', '.join(PASSES)}")
+    emit = emit or ("plan" if output is None and not print_after else None)
+    if output or print_after or emit in ("fx", "py"):
+        _emit_traced(program, spec, emit, output, [p for p in passes.split(",") if p.strip()], print_after, batch,
+                     seed)
+        return
     if emit == "ast":
         for item in result.modules[program.file].items:
             click.echo(repr(item))
@@ -360,6 +380,44 @@ def compile_spec(spec, emit, color) -> None:
             click.echo(f"  {name:12s} {kind}" + (f" ({plan.reason})" if plan.reason else ""))
         for warning in caught:
             click.echo(f"note: {warning.message}", err=True)
+
+
+def _emit_traced(program, spec: str, emit: str | None, output: str | None, passes: list[str], print_after, batch: int,
+                 seed: int) -> None:
+    """The fx stages of `nestc compile`: trace the segment step, run the passes, print or write."""
+    import warnings
+
+    import torch
+
+    from nestc import ir
+    from nestc.backends import compiled, fx
+    from nestc.backends.common import BackendError
+
+    if program.model is None:
+        raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
+    skipped = [p for p in print_after if p not in passes]
+    if skipped:
+        raise click.UsageError(f"--print-after {skipped[0]}: that pass is not in --passes")
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", compiled.CompileWarning)
+            model = compiled.build(program)
+            graph = fx.trace_segment(model, batch, model.segment)
+        changes = fx.run_passes(graph, [p.strip() for p in passes], print_after, out=click.echo)
+        click.echo("passes: " + (", ".join(f"{name} {count}" for name, count in changes.items()) or "none")
+                   + f"; {graph.op_count()} operations", err=True)
+        if emit == "fx":
+            click.echo(fx.readable(graph))
+        if emit == "py":
+            click.echo(fx.standalone(model, graph, spec, ir.variant_id(program))[0])
+        if output:
+            for path in fx.write_standalone(model, graph, spec, ir.variant_id(program), output):
+                click.echo(f"wrote {path}", err=True)
+    except BackendError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot write `{output}`: {error}") from None
 
 
 def _load_run(run_directory: str, state_in: str | None):

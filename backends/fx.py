@@ -1,0 +1,363 @@
+"""The compiled backend's segment step as a torch.fx graph, rewritten by passes, and emitted as
+standalone Python.
+
+`trace_segment` traces `CompiledModel._segment_from_tensors` (embedding, every layer's levels on
+one segment, logits; the whole state in and out as tensors) at one batch size and segment length
+into an `fx.GraphModule` of ATen operations whose inputs are the parameters, the segment's tokens,
+its position and the state. Each node made while a level ran carries that level's name and its
+definition's `file:line` (`node.meta["nest_level"]`, `["nest_source"]`), printed as a comment with
+the spec's line above the operations it made, so any op of the generated code leads back to it.
+
+Passes are graph rewrites, each switchable (`--passes`) and inspectable (`--print-after`):
+- `drop_dead`: remove nodes whose values nothing uses (a level's output no one reads);
+- `fold_constants`: evaluate at compile time what depends on no input, or only on input shapes:
+  causal masks, constant gates (`lr = 1e-3` becomes a stored tensor, not a `full` per segment);
+- `fuse_projections`: the projections that read the same tensor (a level's key, value, query
+  and gate projections) become one matmul on the concatenated weights, and a split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import operator
+import os
+import re
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from nestc.backends.common import BackendError
+
+aten = torch.ops.aten
+
+# Ops whose value depends only on their inputs' shapes and dtypes, which a traced graph fixes.
+SHAPE_ONLY = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.empty_like.default,
+              aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default,
+              aten.sym_size.int}
+RANDOM = {aten.rand.default, aten.randn.default, aten.randint.default, aten.rand_like.default,
+          aten.randn_like.default, aten.bernoulli.default, aten.dropout.default, aten.native_dropout.default}
+FOLD_LIMIT = 1 << 20  # elements: a folded constant is stored with the graph, so keep it small
+
+
+def level_provenance(name: str, span):
+    """A context that tags the nodes traced inside it with a level and its definition's place.
+    Free outside tracing, where node metadata is not being preserved."""
+    if not fx_traceback.has_preserved_node_meta():
+        return contextlib.nullcontext()
+    where = f"{span.file}:{span.line}" if span is not None else "?"
+    return fx_traceback.annotate({"nest_level": name, "nest_source": where})
+
+
+class _Step(nn.Module):
+    """The segment step with the model as a submodule, so functional_call can swap its parameters."""
+
+    def __init__(self, model, layout: tuple):
+        super().__init__()
+        self.model, self.layout = model, layout
+
+    def forward(self, chunk: Tensor, position: Tensor, tensors: list[Tensor]):
+        return self.model._segment_from_tensors(self.layout, chunk, position, tensors)
+
+
+@dataclass
+class SegmentGraph:
+    """A traced segment step: call it as `graph(params, chunk, position, state_tensors)`."""
+    module: fx.GraphModule
+    layout: tuple  # where each state tensor belongs (the compiled backend's state layout)
+    parameter_names: list[str]
+    batch: int
+    length: int
+    applied: list[str] = field(default_factory=list)  # passes run so far, in order
+
+    def __call__(self, params, chunk, position, tensors):
+        return self.module(params, chunk, position, tensors)
+
+    def op_count(self, *targets) -> int:
+        return sum(1 for n in self.module.graph.nodes if n.op == "call_function" and (not targets or n.target in targets))
+
+
+def trace_segment(model, batch: int, length: int) -> SegmentGraph:
+    """Trace `model`'s segment step for `batch` sequences and segments of `length` tokens."""
+    from nestc.backends.compiled import _complete_state, _flatten_state
+
+    obstacle = model._torch_compile_obstacle()
+    if obstacle:
+        raise BackendError(f"the segment step cannot be traced as one graph: {obstacle}")
+    state = model.initial_state(batch)
+    _complete_state(model, state, batch)
+    layout, tensors = _flatten_state(state.levels)
+    names = [name for name, _ in model.named_parameters()]
+    params = [parameter.detach() for _, parameter in model.named_parameters()]
+    step = _Step(model, layout)
+    chunk = torch.zeros(batch, length, dtype=torch.long, device=params[0].device)
+    position = torch.tensor(0, device=params[0].device)
+
+    def segment(params, chunk, position, tensors):
+        return torch.func.functional_call(step, {f"model.{n}": p for n, p in zip(names, params)},
+                                          (chunk, position, tensors))
+
+    # Traced with grad on and inputs requiring it, so the graph is the training step; at
+    # inference the same operations simply record nothing.
+    inputs = [p.requires_grad_() for p in params], chunk, position, [t.detach().requires_grad_()
+                                                                       if t.is_floating_point() else t.detach()
+                                                                       for t in tensors]
+    with fx_traceback.preserve_node_meta(), torch.enable_grad():
+        module = make_fx(segment, pre_dispatch=True)(*inputs)
+    for node in module.graph.nodes:
+        custom = node.meta.pop("custom", None) or {}
+        if "nest_source" in custom:
+            _locate(node, custom["nest_level"], custom["nest_source"])
+    module.recompile()
+    return SegmentGraph(module, layout, names, batch, length)
+
+
+def _locate(node: fx.Node, level: str, source: str) -> None:
+    """Record where a node comes from, and give it the stack trace fx prints as a comment."""
+    node.meta["nest_level"], node.meta["nest_source"] = level, source
+    file, _, line = source.rpartition(":")
+    text = linecache.getline(file, int(line)).strip() if line.isdigit() else ""
+    node.meta["stack_trace"] = f'File "{file}", line {line}, in level {level}\n    {text or "level " + level}\n'
+
+
+# --- passes ------------------------------------------------------------------------------------
+
+def drop_dead(graph: SegmentGraph) -> int:
+    """Remove the nodes nothing uses; returns how many."""
+    before = len(graph.module.graph.nodes)
+    graph.module.graph.eliminate_dead_code()
+    graph.module.recompile()
+    return before - len(graph.module.graph.nodes)
+
+
+def fold_constants(graph: SegmentGraph) -> int:
+    """Replace every value computable without the inputs' contents by a stored constant; returns
+    how many nodes were folded (their now unused inputs are dropped too)."""
+    module = graph.module
+    known: dict[fx.Node, object] = {}
+    folded = 0
+    for node in list(module.graph.nodes):
+        if node.op == "get_attr":
+            known[node] = _attribute(module, node.target)
+            continue
+        if node.op != "call_function" or node.target in RANDOM or _is_impure(node):
+            continue
+        shape_only = node.target in SHAPE_ONLY
+        arguments = [a for a in node.all_input_nodes]
+        if not all(a in known or (shape_only and a is node.args[0]) for a in arguments):
+            continue
+        args = fx.node.map_arg(node.args, lambda a: known[a] if a in known else a.meta["val"])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: known[a] if a in known else a.meta["val"])
+        if shape_only:
+            args = (_concrete_like(args[0]),) + tuple(args[1:])
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+        if isinstance(value, Tensor) and value.numel() > FOLD_LIMIT:
+            continue
+        known[node] = value
+        if not isinstance(value, Tensor):
+            continue
+        name = next(f"_folded_{i}" for i in range(folded, folded + len(module.graph.nodes) + 1)
+                    if not hasattr(module, f"_folded_{i}"))  # a second run of the pass adds to the first's
+        module.register_buffer(name, value.detach().clone())
+        with module.graph.inserting_before(node):
+            constant = module.graph.get_attr(name)
+        constant.meta.update(node.meta)
+        node.replace_all_uses_with(constant)
+        known[constant] = value
+        folded += 1
+    module.graph.eliminate_dead_code()
+    used = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name in [name for name, _ in module.named_buffers() if name.startswith("_folded_") and name not in used]:
+        delattr(module, name)  # a constant only a later fold read
+    module.recompile()
+    return folded
+
+
+def _concrete_like(value):
+    """A real tensor with a fake value's shape, dtype and device (only its metadata is read)."""
+    return torch.empty(tuple(int(s) for s in value.shape), dtype=value.dtype, device="cpu")
+
+
+def _attribute(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _is_impure(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.is_impure() or (schema is not None and schema.is_mutable)
+
+
+def fuse_projections(graph: SegmentGraph) -> int:
+    """One `linear` on concatenated weights for every group of bias-free linears reading the same
+    input; returns how many linears were removed."""
+    module = graph.module
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target == aten.linear.default and len(node.args) == 2 \
+                and not node.kwargs.get("bias"):
+            groups.setdefault(node.args[0], []).append(node)
+    removed = 0
+    for source, linears in groups.items():
+        if len(linears) < 2:
+            continue
+        weights = [n.args[1] for n in linears]
+        sizes = [int(w.meta["val"].shape[0]) for w in weights]
+        first = min(linears, key=lambda n: list(module.graph.nodes).index(n))
+        with module.graph.inserting_before(first):
+            joined = module.graph.call_function(aten.cat.default, (weights, 0))
+            product = module.graph.call_function(aten.linear.default, (source, joined))
+            pieces = module.graph.call_function(aten.split_with_sizes.default, (product, sizes, -1))
+            parts = [module.graph.call_function(operator.getitem, (pieces, index)) for index in range(len(linears))]
+        level = "+".join(sorted({n.meta.get("nest_level", "?") for n in linears}))
+        for node in (joined, product, pieces, *parts):
+            _locate(node, level, first.meta.get("nest_source", "?"))
+        for piece, linear in zip(parts, linears):
+            piece.meta["val"] = linear.meta.get("val")
+            linear.replace_all_uses_with(piece)
+            module.graph.erase_node(linear)
+        removed += len(linears) - 1
+    module.graph.lint()
+    module.recompile()
+    return removed
+
+
+PASSES = {"drop_dead": drop_dead, "fold_constants": fold_constants, "fuse_projections": fuse_projections}
+DEFAULT_PASSES = ("drop_dead", "fold_constants", "fuse_projections")
+
+
+def run_passes(graph: SegmentGraph, names=DEFAULT_PASSES, print_after=(), out=print) -> dict[str, int]:
+    """Run the named passes in order; print the graph after those in `print_after`. Returns what
+    each pass changed (nodes removed, folded or fused)."""
+    unknown = [n for n in list(names) + list(print_after) if n not in PASSES]
+    if unknown:
+        raise BackendError(f"unknown pass {', '.join(unknown)}; passes: {', '.join(PASSES)}")
+    changes = {}
+    for name in names:
+        changes[name] = PASSES[name](graph)
+        graph.applied.append(name)
+        if name in print_after:
+            out(f"# --- after {name} ({changes[name]} changed) ---\n{readable(graph)}")
+    return changes
+
+
+def readable(graph: SegmentGraph) -> str:
+    """The graph as Python, each run of nodes under the spec line it came from."""
+    return _spec_comments(graph.module.print_readable(print_output=False))
+
+
+_NO_TRACE = re.compile(r"\n[ \t]*# No stacktrace found for following nodes[ \t]*(?=\n)")
+
+
+def _spec_comments(code: str) -> str:
+    """fx's code without its notes on nodes that no level made (embedding, norms, logits)."""
+    return _NO_TRACE.sub("", code)
+
+
+# --- standalone Python -------------------------------------------------------------------------
+
+STANDALONE_TEMPLATE = '''"""{title}
+
+Generated by `nestc compile {spec} -o ...` (nestc {version}; variant {variant}). It depends only on
+torch: `Model` loads `weights.pt` beside this file and runs the traced segment step (passes:
+{passes}) over each {length}-token segment, the memories' state carried from one to the next and
+from one call to the next. Each block of operations is under the spec line of the level it
+computes.
+"""
+
+import os
+
+import torch
+
+BATCH = {batch}  # the batch size it was traced for
+SEGMENT = {length}  # tokens per step; a call's length must be a multiple
+VOCAB = {vocab}
+
+
+class SegmentStep(torch.nn.Module):
+    """One segment: (parameters..., tokens [BATCH, SEGMENT], position, state...) -> [logits, state...]."""
+
+    def __init__(self):
+        super().__init__()
+{buffers}
+
+{forward}
+
+
+class Model(torch.nn.Module):
+    """`model(tokens, state=None) -> (logits, state)`; pass the state back in to continue a stream."""
+
+    def __init__(self, directory=os.path.dirname(os.path.abspath(__file__))):
+        super().__init__()
+        saved = torch.load(os.path.join(directory, "weights.pt"), weights_only=True)
+        self.names = list(saved["parameters"])
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(saved["parameters"][n]) for n in self.names)
+        self.step = SegmentStep()
+        self.step.load_state_dict(saved["constants"])
+        self.initial = saved["state"]
+
+    def forward(self, tokens, state=None):
+        if tokens.dim() != 2 or tokens.shape[0] != BATCH or tokens.shape[1] % SEGMENT:
+            raise ValueError(f"tokens must be [{{BATCH}}, a multiple of {{SEGMENT}}], got {{tuple(tokens.shape)}}")
+        position, tensors = state if state is not None else (0, list(self.initial))
+        logits = []
+        for start in range(0, tokens.shape[1], SEGMENT):
+            outputs = self.step(*self.weights, tokens[:, start:start + SEGMENT], torch.tensor(position), *tensors)
+            logits.append(outputs[0])
+            tensors = list(outputs[1:])
+            position += SEGMENT
+        return torch.cat(logits, dim=1), (position, tensors)
+'''
+
+
+def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str, dict]:
+    """The source of a torch-only module running `graph`, and what `weights.pt` must hold."""
+    from nestc import __version__
+    from nestc.backends.compiled import _complete_state, _flatten_state
+
+    if model.task_levels:
+        raise BackendError(f"level{'s' if len(model.task_levels) > 1 else ''} `{'`, `'.join(model.task_levels)}` "
+                           "learn from the model's own next-token loss between segments, which a standalone module "
+                           "does not emit yet; run the spec through nestc.load(...) instead")
+    module = graph.module
+    module.graph._codegen = fx.graph.CodeGen()  # flat arguments and results: no pytree specs to carry
+    module.recompile()
+    constants = {name: buffer for name, buffer in module.named_buffers()}
+    buffers = "\n".join(f"        self.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}))"
+                        for name, b in constants.items()) or "        pass"
+    forward = _forward_method(module)
+    state = model.initial_state(graph.batch)
+    _complete_state(model, state, graph.batch)
+    _, tensors = _flatten_state(state.levels)
+    source = STANDALONE_TEMPLATE.format(
+        title=f"{os.path.basename(spec)} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
+        spec=spec, version=__version__, variant=variant, passes=", ".join(graph.applied) or "none",
+        length=graph.length, batch=graph.batch, vocab=model.vocab, buffers=buffers, forward=forward)
+    weights = {"parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
+               "constants": {n: b.clone() for n, b in constants.items()},
+               "state": [t.detach().clone() for t in tensors]}
+    return source, weights
+
+
+def _forward_method(module: fx.GraphModule) -> str:
+    """fx's generated `forward`, with the spec locations as comments, indented as a method."""
+    code = module.graph.python_code(root_module="self", verbose=True).src
+    return textwrap.indent(_spec_comments(code).strip("\n"), "    ")
+
+
+def write_standalone(model, graph: SegmentGraph, spec: str, variant: str, directory: str) -> list[str]:
+    """`model.py` and `weights.pt` in `directory`; returns their paths."""
+    source, weights = standalone(model, graph, spec, variant)
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, "model.py"), os.path.join(directory, "weights.pt")]
+    with open(paths[0], "w", encoding="utf-8") as handle:
+        handle.write(source)
+    torch.save(weights, paths[1])
+    return paths

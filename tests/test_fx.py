@@ -1,0 +1,184 @@
+"""The segment step as a torch.fx graph: each pass measured by node counts, the rewritten graph
+equal to the eager backend, provenance back to the spec, and the standalone module."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import nestc
+from nestc.backends import compiled, fx
+from nestc.cli import cli
+from test_compiled import _run
+from test_reference_model import _tensors
+
+aten = torch.ops.aten
+
+# Four projections read the same normed input (key, value, query, lr); a constant retain gate.
+GATED = """
+level mixer : matrix {
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> l2norm
+    lr = x |> proj |> sigmoid
+    retain = 0.9
+    objective l2
+    optimizer gd
+    every 1
+}
+level ffn : mlp(expand=2, residual=false)
+model {
+    vocab 32
+    dim 16
+    heads 2
+    layers 2
+    block = residual(rmsnorm |> mixer) |> residual(rmsnorm |> ffn)
+}
+train {
+    context 16
+}
+"""
+
+TITANS = """
+level lmm : mlp(depth=2, expand=2) {
+    key = x |> proj |> conv(4) |> silu |> l2norm
+    value = x |> proj |> conv(4) |> silu
+    query = x |> proj |> conv(4) |> silu |> l2norm
+    lr = x |> proj |> sigmoid(max=0.1)
+    momentum = x |> proj |> sigmoid
+    retain = x |> proj |> sigmoid
+    objective l2
+    optimizer momentum
+    every 8
+}
+model {
+    vocab 32
+    dim 16
+    heads 2
+    layers 1
+    block = residual(rmsnorm |> lmm)
+}
+"""
+
+
+def build(text: str, passes=None):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", compiled.CompileWarning)
+        return compiled.build(nestc.check(text), graph_passes=passes)
+
+
+def traced(text: str, passes=()):
+    model = build(text)
+    graph = fx.trace_segment(model, 2, model.segment)
+    fx.run_passes(graph, passes)
+    return model, graph
+
+
+def test_fuse_projections_makes_one_matmul_of_the_projections_reading_one_input():
+    _, graph = traced(GATED)
+    before = graph.op_count(aten.linear.default)
+    assert fx.fuse_projections(graph) == 2 * 3  # per layer, 4 projections of one input become 1
+    assert graph.op_count(aten.linear.default) == before - 6
+    assert graph.op_count(aten.split_with_sizes.default) == 2
+
+
+def test_fold_constants_stores_masks_and_constant_gates():
+    _, graph = traced(GATED)
+    masks = graph.op_count(aten.tril.default, aten.ones.default, aten.eye.default)
+    assert masks > 0
+    folded = fx.fold_constants(graph)
+    assert folded > 0 and graph.op_count(aten.tril.default, aten.ones.default, aten.eye.default) == 0
+    # The constant retain gate (0.9) is no longer built per segment: no full / fill of it remains.
+    assert graph.op_count(aten.full.default, aten.full_like.default, aten.fill.Scalar) == 0
+    stored = {name for name, _ in graph.module.named_buffers()}
+    assert 0 < len(stored) <= folded
+    assert stored == {n.target for n in graph.module.graph.nodes if n.op == "get_attr"}  # each one used
+
+
+def test_drop_dead_leaves_only_nodes_someone_uses(at_repo_root):
+    _, graph = traced(nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1"))
+    dead = [n for n in graph.module.graph.nodes if n.op == "call_function" and not n.users]
+    assert dead  # the reference-shaped code computes values the segment step never reads
+    assert fx.drop_dead(graph) >= len(dead)
+    assert not [n for n in graph.module.graph.nodes if n.op == "call_function" and not n.users]
+
+
+def nestc_text(path: str) -> str:
+    from nestc.checkpoint import bundle
+    from nestc.sema import analyze_file
+
+    return bundle(analyze_file(path))
+
+
+@pytest.mark.parametrize("text", [GATED, TITANS], ids=["gated_delta", "titans"])
+def test_the_rewritten_graph_equals_the_eager_backend(text):
+    eager, graphed = build(text), build(text, passes=fx.DEFAULT_PASSES)
+    tokens = torch.randint(0, eager.vocab, (2, 37), generator=torch.Generator().manual_seed(1))
+    expected, expected_state, expected_grads = _run(eager, tokens, 20)  # T and the split cut segments
+    actual, actual_state, actual_grads = _run(graphed, tokens, 20)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(_tensors(actual_state), _tensors(expected_state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(graphed._graphs) >= 2  # segments of several lengths, one graph each
+
+
+def test_every_level_node_points_at_its_definition_in_the_spec(tmp_path):
+    path = tmp_path / "gated.nest"
+    path.write_text(GATED)
+    model = compiled.build(nestc.check(str(path)))
+    graph = fx.trace_segment(model, 1, model.segment)
+    lines = GATED.split("\n")
+    sources = {n.meta["nest_source"] for n in graph.module.graph.nodes if "nest_source" in n.meta}
+    assert {s.rsplit(":", 1)[0] for s in sources} == {str(path)}
+    assert {lines[int(s.rsplit(":", 1)[1]) - 1].split(":")[0] for s in sources} == {"level mixer ", "level ffn "}
+    assert f"# File: {path}:2 in level mixer, code: level mixer : matrix {{" in fx.readable(graph)
+
+
+def test_the_standalone_module_needs_only_torch_and_continues_the_stream(tmp_path):
+    spec = tmp_path / "gated.nest"
+    spec.write_text(GATED)
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out"), "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(0)  # the CLI's --seed 0 initialisation
+    model = compiled.build(nestc.check(str(spec)))
+    tokens = torch.randint(0, 32, (2, 192), generator=torch.Generator().manual_seed(3))
+    first, state = model(tokens[:, :128])
+    expected = torch.cat([first, model(tokens[:, 128:], state)[0]], dim=1)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = ("import sys; sys.modules['nestc'] = None  # importing nestc now fails\n"
+              f"sys.path.insert(0, {str(tmp_path / 'out')!r})\n"
+              "import torch; from model import Model\n"
+              f"tokens = torch.load({str(tmp_path / 'tokens.pt')!r}); model = Model()\n"
+              "first, state = model(tokens[:, :128]); second, _ = model(tokens[:, 128:], state)\n"
+              f"torch.save(torch.cat([first, second], dim=1), {str(tmp_path / 'logits.pt')!r})\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected.detach(), rtol=1e-4, atol=1e-5)
+    assert re.search(r"# File: .*gated\.nest:2 in level mixer", (tmp_path / "out" / "model.py").read_text())
+
+
+def test_cli_prints_the_graph_after_a_pass_and_rejects_unknown_ones(tmp_path):
+    spec = tmp_path / "gated.nest"
+    spec.write_text(GATED)
+    shown = CliRunner().invoke(cli, ["compile", str(spec), "--passes", "fold_constants",
+                                     "--print-after", "fold_constants"])
+    assert shown.exit_code == 0 and "after fold_constants" in shown.output and "= self._folded_" in shown.output
+    unknown = CliRunner().invoke(cli, ["compile", str(spec), "--passes", "fold_constants,inline_everything"])
+    assert unknown.exit_code == 2 and "unknown pass `inline_everything`" in unknown.output
+
+
+def test_a_standalone_module_of_a_continuum_memory_is_refused_clearly(at_repo_root, tmp_path):
+    small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
+    spec = tmp_path / "hope.nest"
+    spec.write_text(small)
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "learn from the model's own next-token loss" in result.output

@@ -181,7 +181,7 @@ def fold_constants(graph: SegmentGraph) -> int:
 
 def _concrete_like(value):
     """A real tensor with a fake value's shape, dtype and device (only its metadata is read)."""
-    return torch.empty(tuple(int(s) for s in value.shape), dtype=value.dtype, device="cpu")
+    return torch.empty(tuple(int(s) for s in value.shape), dtype=value.dtype, device=value.device)
 
 
 def _attribute(module: nn.Module, target: str):

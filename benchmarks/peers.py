@@ -14,7 +14,8 @@ configuration alone: on CPU the peak resident set (and the part above the set af
 the model and inputs), on CUDA `torch.cuda.max_memory_allocated`. Timed rows run one warm-up
 iteration first (peers too) and report the median of --repeats timed iterations of
 forward+backward. Peers that are not installed are reported and skipped:
-`pip install -e '.[bench]'` installs them.
+`pip install -e '.[bench]'` installs them. On a machine shared with other jobs, `--threads 1`
+keeps OpenMP's waits out of the numbers (docs/benchmarks.md, "Peers (issue 4)").
 """
 
 from __future__ import annotations

@@ -86,3 +86,28 @@ def run_nestc(*args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.C
     """Run the real entry point (`python -m nestc`, i.e. nestc.cli:main) in a subprocess."""
     return subprocess.run([sys.executable, "-m", "nestc", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# A small Titans: a 2-layer MLP memory with momentum and forgetting, chunks of 4 tokens.
+SMALL_TITANS = """
+level lmm : mlp(depth=2, expand=2) {
+    key = x |> proj |> conv(4) |> silu |> l2norm
+    value = x |> proj |> conv(4) |> silu
+    query = x |> proj |> conv(4) |> silu |> l2norm
+    lr = x |> proj |> sigmoid(max=0.1)
+    momentum = x |> proj |> sigmoid
+    retain = x |> proj |> sigmoid
+    objective l2
+    optimizer momentum
+    every 4
+    read before
+    init meta
+}
+model {
+    vocab 32
+    dim 16
+    heads 2
+    layers 1
+    block = residual(rmsnorm |> lmm)
+}
+"""

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import nestc
 from nestc.backends import compiled, fx
 from nestc.cli import cli
+from nesttest import SMALL_TITANS as TITANS
 from test_compiled import _run
 from test_reference_model import _tensors
 
@@ -45,26 +46,6 @@ train {
 }
 """
 
-TITANS = """
-level lmm : mlp(depth=2, expand=2) {
-    key = x |> proj |> conv(4) |> silu |> l2norm
-    value = x |> proj |> conv(4) |> silu
-    query = x |> proj |> conv(4) |> silu |> l2norm
-    lr = x |> proj |> sigmoid(max=0.1)
-    momentum = x |> proj |> sigmoid
-    retain = x |> proj |> sigmoid
-    objective l2
-    optimizer momentum
-    every 8
-}
-model {
-    vocab 32
-    dim 16
-    heads 2
-    layers 1
-    block = residual(rmsnorm |> lmm)
-}
-"""
 
 
 def build(text: str, passes=None):

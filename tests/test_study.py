@@ -83,6 +83,8 @@ def test_a_grid_sweep_trains_each_variant_once_and_writes_the_results(tmp_path):
     # The best variant is a choice-free, self-contained spec with the winner's identity.
     program = check(written["best"])
     assert not ir.contains_search(program.levels) and ir.variant_id(program) == entries[0].variant
+    trained = CliRunner().invoke(cli, ["run", written["best"], "--steps", "1", "--runs", str(tmp_path / "again")])
+    assert trained.exit_code == 0, trained.output
 
 
 def test_a_rerun_resumes_the_study_without_training_again(tmp_path):

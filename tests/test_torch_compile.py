@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 
 import nestc
 from nestc.backends.compiled import CompileWarning
+from nesttest import SMALL_TITANS as TITANS
 
 pytestmark = pytest.mark.compile
 
@@ -40,28 +41,6 @@ model {
 }
 """
 
-TITANS = """
-level lmm : mlp(depth=2, expand=2) {
-    key = x |> proj |> conv(4) |> silu |> l2norm
-    value = x |> proj |> conv(4) |> silu
-    query = x |> proj |> conv(4) |> silu |> l2norm
-    lr = x |> proj |> sigmoid(max=0.1)
-    momentum = x |> proj |> sigmoid
-    retain = x |> proj |> sigmoid
-    objective l2
-    optimizer momentum
-    every 4
-    read before
-    init meta
-}
-model {
-    vocab 32
-    dim 16
-    heads 2
-    layers 1
-    block = residual(rmsnorm |> lmm)
-}
-"""
 
 
 @pytest.fixture(autouse=True)

@@ -230,9 +230,12 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
 @click.option("--seed", type=int, help="Seed of initialisation and data order (default: the spec's train seed).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (on a GPU).")
+@click.option("--compile", "torch_compile", is_flag=True,
+              help="Run each segment through torch.compile (the first steps pay the compile).")
+@click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")
 @_color
 def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_options, data_paths, nproc,
-        tokenizer, seed, device, bf16, color) -> None:
+        tokenizer, seed, device, bf16, torch_compile, graph, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -245,6 +248,9 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
             raise click.UsageError(f"--device {device}: " + ("CUDA is not available on this machine"
                                                              if device.startswith("cuda") else "use cpu or cuda"))
     options = _parse_task_options(task, task_options)
+    if (torch_compile or graph) and backend != "compiled":
+        raise click.UsageError(f"--{'compile' if torch_compile else 'graph'} needs --backend compiled: the reference "
+                               "backend is the token-by-token oracle")
     corpus = None
     if data_paths:
         if task:
@@ -284,6 +290,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
         arguments += [a for option in task_options for a in ("--task-option", option)]
         arguments += ["--resume"] if resume else []
         arguments += ["--device", device] + (["--bf16"] if bf16 else [])
+        arguments += (["--compile"] if torch_compile else []) + (["--graph"] if graph else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     "-m", "nestc", "run", *arguments]
@@ -298,8 +305,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
         try:
             outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
                             eval_every=eval_every, task=task, task_options=options, corpus=corpus,
-                            tokenizer=tokenizer,
-                            device=device, bf16=bf16,
+                            tokenizer=tokenizer, device=device, bf16=bf16, torch_compile=torch_compile, graph=graph,
                             log=lambda message: click.echo(message, err=True))
         except (BackendError, TrainingDiverged) as error:
             raise click.ClickException(str(error)) from None

@@ -212,13 +212,14 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
           task: str | None = None, task_options: dict | None = None, corpus: bytes | None = None,
           tokenizer: str | None = None,
           device: str = "cpu", bf16: bool = False, log=print, quiet: bool = False,
-          on_eval=None) -> RunResult:
+          on_eval=None, torch_compile: bool = False, graph: bool = False) -> RunResult:
     """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
     everything was written and the scores.
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
     sweep's pruning) ends the run there, without a checkpoint. `quiet` silences the log and the
-    progress line."""
+    progress line. `torch_compile` and `graph` run the compiled backend's segments through
+    torch.compile or the rewritten fx graph (docs/backends.md)."""
     from nestc.backends import compiled, reference
 
     settings = program.train
@@ -237,7 +238,13 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
             handle.write(spec_text)
     torch.manual_seed(seed)
-    model = (compiled if backend == "compiled" else reference).build(program).to(device)
+    if backend == "compiled":
+        from nestc.backends.fx import DEFAULT_PASSES
+
+        model = compiled.build(program, torch_compile=torch_compile,
+                               graph_passes=DEFAULT_PASSES if graph else None).to(device)
+    else:
+        model = reference.build(program).to(device)
     optimizer = build_optimizer(settings.optimizer, model)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     factor = schedule(settings.schedule, steps)

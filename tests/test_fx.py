@@ -163,3 +163,13 @@ def test_a_standalone_module_of_a_continuum_memory_is_refused_clearly(at_repo_ro
     spec.write_text(small)
     result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "learn from the model's own next-token loss" in result.output
+
+
+def test_nestc_run_trains_through_the_graph(tmp_path):
+    spec = tmp_path / "gated.nest"
+    spec.write_text(GATED)
+    result = CliRunner().invoke(cli, ["run", str(spec), "--graph", "--steps", "2", "--set", "model.vocab=256",
+                                      "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(cli, ["run", str(spec), "--graph", "--backend", "reference"])
+    assert refused.exit_code == 2 and "--graph needs --backend compiled" in refused.output

@@ -157,12 +157,32 @@ def test_cli_prints_the_graph_after_a_pass_and_rejects_unknown_ones(tmp_path):
     assert unknown.exit_code == 2 and "unknown pass `inline_everything`" in unknown.output
 
 
-def test_a_standalone_module_of_a_continuum_memory_is_refused_clearly(at_repo_root, tmp_path):
+def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):
     small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
     spec = tmp_path / "hope.nest"
     spec.write_text(small)
-    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "learn from the model's own next-token loss" in result.output
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out"), "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(0)  # the CLI's --seed 0 initialisation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", compiled.CompileWarning)
+        model = compiled.build(nestc.check(str(spec)))
+    tokens = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # test-time learning: the continuum levels step at every 16 and 64 tokens
+        first, state = model(tokens[:, :48])
+        expected = torch.cat([first, model(tokens[:, 48:], state)[0]], dim=1)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = ("import sys; sys.modules['nestc'] = None\n"
+              f"sys.path.insert(0, {str(tmp_path / 'out')!r})\n"
+              "import torch; from model import Model\n"
+              f"tokens = torch.load({str(tmp_path / 'tokens.pt')!r}); model = Model()\n"
+              "with torch.no_grad():\n"
+              "    first, state = model(tokens[:, :48]); second, _ = model(tokens[:, 48:], state)\n"
+              f"torch.save(torch.cat([first, second], dim=1), {str(tmp_path / 'logits.pt')!r})\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-4, atol=1e-5)
+    assert "'name': 'cms_fast'" in (tmp_path / "out" / "model.py").read_text()
 
 
 def test_nestc_run_trains_through_the_graph(tmp_path):

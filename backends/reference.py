@@ -563,6 +563,46 @@ class FeedForwardLevel(nn.Module):
         state.pending = None
 
 
+class _AfterHistory(torch.autograd.Function):
+    """The identity on `weight`, whose autograd node also points at the state's tensors without
+    passing them any gradient. Its topological number then exceeds that of every node before it,
+    and PyTorch's engine skips the nodes numbered below a gradient's inputs: differentiating the
+    next chunk's loss with respect to these weights visits that chunk's graph only, not the whole
+    stream's, which made each continuum step cost time growing with the position."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, *history: Tensor) -> Tensor:
+        ctx.history = len(history)
+        return weight.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad,) + (None,) * ctx.history
+
+
+def _state_tensors(value):
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _state_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _state_tensors(item)
+    elif isinstance(value, LevelState):
+        for name in value.__dataclass_fields__:
+            yield from _state_tensors(getattr(value, name))
+
+
+def _place_after_history(instances: list[tuple["FeedForwardLevel", LevelState]], state: "ModelState") -> None:
+    """Give the continuum level's new weights an autograd node after everything the stream has
+    computed so far (see `_AfterHistory`); values and gradients are unchanged."""
+    history = [t for t in _state_tensors([state.levels, state.last_logits]) if t.requires_grad]
+    for _, level_state in instances:
+        level_state.weights = [_AfterHistory.apply(w, *history) if w.requires_grad else w
+                               for w in level_state.weights]
+
+
 def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]], keep_graph: bool) -> None:
     """Step every layer's copy of one continuum level: they share one pending loss, so a single
     backward pass gives all their gradients. Without an outer level to differentiate the stream
@@ -910,6 +950,8 @@ class ReferenceModel(nn.Module):
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
             if state.position % instances[0][0].every == 0:
                 update_continuum_levels(instances, keep_graph)
+                if keep_graph:
+                    _place_after_history(instances, state)
         if not keep_graph and state.position % self.task_cycle == 0:
             # Every continuum level has just stepped, so no pending loss reaches further back:
             # at inference the whole state can start afresh from here, bounding the graph.

@@ -490,6 +490,8 @@ KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": laye
 class CompiledModel(ReferenceModel):
     """`model(tokens, state=None) -> (logits, state)`, equal to the reference, a segment at a time."""
 
+    prunes_history = True
+
     def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None):
         super().__init__(program)
         self.level_spans = {level.name: level.span for level in program.levels}

@@ -564,8 +564,8 @@ class FeedForwardLevel(nn.Module):
 
 
 class _AfterHistory(torch.autograd.Function):
-    """The identity on `weight`, whose autograd node also points at the state's tensors without
-    passing them any gradient. Its topological number then exceeds that of every node before it,
+    """The identity on `weight`, whose autograd node also points at `history` without passing
+    it any gradient. Its topological number then exceeds that of every node before it,
     and PyTorch's engine skips the nodes numbered below a gradient's inputs: differentiating the
     next chunk's loss with respect to these weights visits that chunk's graph only, not the whole
     stream's, which made each continuum step cost time growing with the position."""
@@ -580,24 +580,14 @@ class _AfterHistory(torch.autograd.Function):
         return (grad,) + (None,) * ctx.history
 
 
-def _state_tensors(value):
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _state_tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _state_tensors(item)
-    elif isinstance(value, LevelState):
-        for name in value.__dataclass_fields__:
-            yield from _state_tensors(getattr(value, name))
-
-
 def _place_after_history(instances: list[tuple["FeedForwardLevel", LevelState]], state: "ModelState") -> None:
-    """Give the continuum level's new weights an autograd node after everything the stream has
-    computed so far (see `_AfterHistory`); values and gradients are unchanged."""
-    history = [t for t in _state_tensors([state.levels, state.last_logits]) if t.requires_grad]
+    """Give the continuum level's new weights an autograd node after the last prediction, which
+    depends on nearly everything the stream has computed so far (see `_AfterHistory`); values
+    and gradients are unchanged. Only the last logits: pointing at the whole state would make
+    more of the history reachable from every later node, slowing other gradient calls."""
+    history = [state.last_logits] if state.last_logits is not None and state.last_logits.requires_grad else []
+    if not history:
+        return
     for _, level_state in instances:
         level_state.weights = [_AfterHistory.apply(w, *history) if w.requires_grad else w
                                for w in level_state.weights]
@@ -876,6 +866,10 @@ def _copy_pretrained(program: ir.Program, levels: nn.ModuleDict) -> None:
 class ReferenceModel(nn.Module):
     """`model(tokens, state=None) -> (logits, state)` for a checked, choice-free program."""
 
+    # Whether continuum updates prune the stream's history from later gradient calls
+    # (`_AfterHistory`): a speed device for the compiled backend; the oracle keeps the plain graph.
+    prunes_history = False
+
     def __init__(self, program: ir.Program):
         super().__init__()
         if program.model is None:
@@ -950,7 +944,7 @@ class ReferenceModel(nn.Module):
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
             if state.position % instances[0][0].every == 0:
                 update_continuum_levels(instances, keep_graph)
-                if keep_graph:
+                if keep_graph and self.prunes_history:
                     _place_after_history(instances, state)
         if not keep_graph and state.position % self.task_cycle == 0:
             # Every continuum level has just stepped, so no pending loss reaches further back:

@@ -39,9 +39,9 @@ from nestc.backends.common import BackendError
 aten = torch.ops.aten
 
 # Ops whose value depends only on their inputs' shapes and dtypes, which a traced graph fixes.
-SHAPE_ONLY = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.empty_like.default,
-              aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default,
-              aten.sym_size.int}
+# (Not `empty_like`: its contents are whatever the op that fills it writes, at run time.)
+SHAPE_ONLY = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.new_ones.default,
+              aten.new_zeros.default, aten.new_full.default, aten.sym_size.int}
 RANDOM = {aten.rand.default, aten.randn.default, aten.randint.default, aten.rand_like.default,
           aten.randn_like.default, aten.bernoulli.default, aten.dropout.default, aten.native_dropout.default}
 FOLD_LIMIT = 1 << 20  # elements: a folded constant is stored with the graph, so keep it small
@@ -72,7 +72,6 @@ class SegmentGraph:
     """A traced segment step: call it as `graph(params, chunk, position, state_tensors)`."""
     module: fx.GraphModule
     layout: tuple  # where each state tensor belongs (the compiled backend's state layout)
-    parameter_names: list[str]
     batch: int
     length: int
     applied: list[str] = field(default_factory=list)  # passes run so far, in order
@@ -106,17 +105,16 @@ def trace_segment(model, batch: int, length: int) -> SegmentGraph:
 
     # Traced with grad on and inputs requiring it, so the graph is the training step; at
     # inference the same operations simply record nothing.
-    inputs = [p.requires_grad_() for p in params], chunk, position, [t.detach().requires_grad_()
-                                                                       if t.is_floating_point() else t.detach()
-                                                                       for t in tensors]
+    state_inputs = [t.detach().requires_grad_() if t.is_floating_point() else t.detach() for t in tensors]
     with fx_traceback.preserve_node_meta(), torch.enable_grad():
-        module = make_fx(segment, pre_dispatch=True)(*inputs)
+        module = make_fx(segment, pre_dispatch=True)([p.requires_grad_() for p in params], chunk, position,
+                                                     state_inputs)
     for node in module.graph.nodes:
         custom = node.meta.pop("custom", None) or {}
         if "nest_source" in custom:
             _locate(node, custom["nest_level"], custom["nest_source"])
     module.recompile()
-    return SegmentGraph(module, layout, names, batch, length)
+    return SegmentGraph(module, layout, batch, length)
 
 
 def _locate(node: fx.Node, level: str, source: str) -> None:

@@ -326,8 +326,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
                    "(fx), or the standalone module (py). Default: plan, or nothing with -o.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Write a standalone model (model.py and weights.pt, needing only torch) to this directory.")
-@click.option("--passes", default=",".join(("drop_dead", "fold_constants", "fuse_projections")), show_default=True,
-              help="The graph passes to run, in order, comma-separated (empty: none).")
+@click.option("--passes", help="The graph passes to run, in order, comma-separated; empty for none (default: "
+                                "drop_dead,fold_constants,fuse_projections).")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="Print the fx graph after this pass (repeatable).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
@@ -343,16 +343,12 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
     if not result.ok:
         sys.exit(_exit_code(result))
     program = result.program
-    from nestc.backends.fx import PASSES  # only torch.fx's names: the backend is not imported
-
-    unknown = [p.strip() for p in [*passes.split(","), *print_after] if p.strip() and p.strip() not in PASSES]
-    if unknown:
-        raise click.UsageError(f"unknown pass `{unknown[0]}`; passes: {', '.join(PASSES)}")
     emit = emit or ("plan" if output is None and not print_after else None)
     if output or print_after or emit in ("fx", "py"):
-        _emit_traced(program, spec, emit, output, [p for p in passes.split(",") if p.strip()], print_after, batch,
-                     seed)
+        _emit_traced(program, spec, emit, output, passes, print_after, batch, seed)
         return
+    if passes is not None:
+        raise click.UsageError("--passes rewrites the traced graph: use it with --emit fx, --emit py or -o")
     if emit == "ast":
         for item in result.modules[program.file].items:
             click.echo(repr(item))
@@ -388,8 +384,8 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
             click.echo(f"note: {warning.message}", err=True)
 
 
-def _emit_traced(program, spec: str, emit: str | None, output: str | None, passes: list[str], print_after, batch: int,
-                 seed: int) -> None:
+def _emit_traced(program, spec: str, emit: str | None, output: str | None, passes: str | None, print_after,
+                 batch: int, seed: int) -> None:
     """The fx stages of `nestc compile`: trace the segment step, run the passes, print or write."""
     import warnings
 
@@ -401,6 +397,10 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
 
     if program.model is None:
         raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
+    passes = list(fx.DEFAULT_PASSES) if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
+    unknown = [p for p in [*passes, *print_after] if p not in fx.PASSES]
+    if unknown:
+        raise click.UsageError(f"unknown pass `{unknown[0]}`; passes: {', '.join(fx.PASSES)}")
     skipped = [p for p in print_after if p not in passes]
     if skipped:
         raise click.UsageError(f"--print-after {skipped[0]}: that pass is not in --passes")
@@ -410,7 +410,7 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
             warnings.simplefilter("ignore", compiled.CompileWarning)
             model = compiled.build(program)
             graph = fx.trace_segment(model, batch, model.segment)
-        changes = fx.run_passes(graph, [p.strip() for p in passes], print_after, out=click.echo)
+        changes = fx.run_passes(graph, passes, print_after, out=click.echo)
         click.echo("passes: " + (", ".join(f"{name} {count}" for name, count in changes.items()) or "none")
                    + f"; {graph.op_count()} operations", err=True)
         if emit == "fx":

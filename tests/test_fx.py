@@ -153,8 +153,10 @@ def test_cli_prints_the_graph_after_a_pass_and_rejects_unknown_ones(tmp_path):
     shown = CliRunner().invoke(cli, ["compile", str(spec), "--passes", "fold_constants",
                                      "--print-after", "fold_constants"])
     assert shown.exit_code == 0 and "after fold_constants" in shown.output and "= self._folded_" in shown.output
-    unknown = CliRunner().invoke(cli, ["compile", str(spec), "--passes", "fold_constants,inline_everything"])
-    assert unknown.exit_code == 2 and "unknown pass `inline_everything`" in unknown.output
+    unknown = CliRunner().invoke(cli, ["compile", str(spec), "--emit", "fx", "--passes", "fold_constants,inline_all"])
+    assert unknown.exit_code == 2 and "unknown pass `inline_all`" in unknown.output
+    misplaced = CliRunner().invoke(cli, ["compile", str(spec), "--emit", "ir", "--passes", "fold_constants"])
+    assert misplaced.exit_code == 2 and "use it with --emit fx" in misplaced.output
 
 
 def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):

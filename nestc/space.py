@@ -136,19 +136,26 @@ class Space:
 
     def sample(self, rng: random.Random) -> dict:
         """One variant drawn uniformly per dimension (log-uniformly for loguniform)."""
+        def draw(dimension: Dimension):
+            if dimension.kind == "choice":
+                return rng.randrange(len(dimension.options))
+            if dimension.kind == "range":
+                return rng.choice(dimension.options)
+            low, high = dimension.options
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+        return self.assign(draw)
+
+    def assign(self, choose) -> dict:
+        """An assignment built one dimension at a time in source order, `choose(dimension)` giving
+        each value (an option's index for a choice): a conditional dimension is asked for only
+        once the option containing it has been chosen."""
         assignment: dict = {}
         while True:
             pending = [d for d in self.active(assignment) if d.label not in assignment]
             if not pending:
                 return assignment
-            dimension = pending[0]
-            if dimension.kind == "choice":
-                assignment[dimension.label] = rng.randrange(len(dimension.options))
-            elif dimension.kind == "range":
-                assignment[dimension.label] = rng.choice(dimension.options)
-            else:
-                low, high = dimension.options
-                assignment[dimension.label] = math.exp(rng.uniform(math.log(low), math.log(high)))
+            assignment[pending[0].label] = choose(pending[0])
 
     def describe(self, assignment: dict) -> dict[str, str]:
         return {label: self.dimensions[label].describe(value) for label, value in assignment.items()}

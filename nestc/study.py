@@ -150,22 +150,17 @@ def _params(search: space.Space, assignment: dict) -> dict:
 
 
 def _suggest(trial, search: space.Space) -> dict:
-    """Draw an assignment through the trial, dimension by dimension, so a conditional dimension is
-    drawn only when the option containing it is."""
-    assignment: dict = {}
-    while True:
-        pending = [d for d in search.active(assignment) if d.label not in assignment]
-        if not pending:
-            return assignment
-        dimension = pending[0]
+    """Draw an assignment through the trial (a choice by its options' texts, which Optuna stores)."""
+    def suggest(dimension: space.Dimension):
         if dimension.kind == "choice":
             texts = [dimension.describe(index) for index in range(len(dimension.options))]
-            assignment[dimension.label] = texts.index(trial.suggest_categorical(dimension.label, texts))
-        elif dimension.kind == "range":
-            assignment[dimension.label] = trial.suggest_categorical(dimension.label, list(dimension.options))
-        else:
-            low, high = dimension.options
-            assignment[dimension.label] = trial.suggest_float(dimension.label, low, high, log=True)
+            return texts.index(trial.suggest_categorical(dimension.label, texts))
+        if dimension.kind == "range":
+            return trial.suggest_categorical(dimension.label, list(dimension.options))
+        low, high = dimension.options
+        return trial.suggest_float(dimension.label, low, high, log=True)
+
+    return search.assign(suggest)
 
 
 def _counted(study) -> tuple[int, int, int]:

@@ -124,27 +124,47 @@ def test_every_level_node_points_at_its_definition_in_the_spec(tmp_path):
     assert f"# File: {path}:2 in level mixer, code: level mixer : matrix {{" in fx.readable(graph)
 
 
-def test_the_standalone_module_needs_only_torch_and_continues_the_stream(tmp_path):
-    spec = tmp_path / "gated.nest"
-    spec.write_text(GATED)
-    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out"), "--batch", "2"])
+def emit_and_compare(spec, text: str, tokens, split: int, **build) -> str:
+    """Write the spec's standalone module, run it in a process where nestc cannot be imported over
+    two calls (the state carried, under no_grad), and compare with the compiled backend built with
+    the same seed; returns the module's source."""
+    spec.write_text(text)
+    out = spec.parent / "out"
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(out), "--batch", str(tokens.shape[0])])
     assert result.exit_code == 0, result.output
     torch.manual_seed(0)  # the CLI's --seed 0 initialisation
-    model = compiled.build(nestc.check(str(spec)))
-    tokens = torch.randint(0, 32, (2, 192), generator=torch.Generator().manual_seed(3))
-    first, state = model(tokens[:, :128])
-    expected = torch.cat([first, model(tokens[:, 128:], state)[0]], dim=1)
-    torch.save(tokens, tmp_path / "tokens.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", compiled.CompileWarning)
+        model = compiled.build(nestc.check(str(spec)))
+    with torch.no_grad():
+        first, state = model(tokens[:, :split])
+        expected = torch.cat([first, model(tokens[:, split:], state)[0]], dim=1)
+    torch.save(tokens, spec.parent / "tokens.pt")
     script = ("import sys; sys.modules['nestc'] = None  # importing nestc now fails\n"
-              f"sys.path.insert(0, {str(tmp_path / 'out')!r})\n"
+              f"sys.path.insert(0, {str(out)!r})\n"
               "import torch; from model import Model\n"
-              f"tokens = torch.load({str(tmp_path / 'tokens.pt')!r}); model = Model()\n"
-              "first, state = model(tokens[:, :128]); second, _ = model(tokens[:, 128:], state)\n"
-              f"torch.save(torch.cat([first, second], dim=1), {str(tmp_path / 'logits.pt')!r})\n")
+              f"tokens = torch.load({str(spec.parent / 'tokens.pt')!r}); model = Model()\n"
+              "with torch.no_grad():\n"
+              f"    first, state = model(tokens[:, :{split}]); second, _ = model(tokens[:, {split}:], state)\n"
+              f"torch.save(torch.cat([first, second], dim=1), {str(spec.parent / 'logits.pt')!r})\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected.detach(), rtol=1e-4, atol=1e-5)
-    assert re.search(r"# File: .*gated\.nest:2 in level mixer", (tmp_path / "out" / "model.py").read_text())
+    torch.testing.assert_close(torch.load(spec.parent / "logits.pt"), expected, rtol=1e-4, atol=1e-5)
+    return (out / "model.py").read_text()
+
+
+def test_the_standalone_module_needs_only_torch_and_continues_the_stream(tmp_path):
+    tokens = torch.randint(0, 32, (2, 192), generator=torch.Generator().manual_seed(3))
+    source = emit_and_compare(tmp_path / "gated.nest", GATED, tokens, 128)
+    assert re.search(r"# File: .*gated\.nest:2 in level mixer", source)
+
+
+def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):
+    small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
+    tokens = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
+    # Test-time learning: the continuum levels step at every 16 and 64 tokens, across the calls.
+    source = emit_and_compare(tmp_path / "hope.nest", small, tokens, 48)
+    assert "'name': 'cms_fast'" in source
 
 
 def test_cli_prints_the_graph_after_a_pass_and_rejects_unknown_ones(tmp_path):
@@ -157,34 +177,6 @@ def test_cli_prints_the_graph_after_a_pass_and_rejects_unknown_ones(tmp_path):
     assert unknown.exit_code == 2 and "unknown pass `inline_all`" in unknown.output
     misplaced = CliRunner().invoke(cli, ["compile", str(spec), "--emit", "ir", "--passes", "fold_constants"])
     assert misplaced.exit_code == 2 and "use it with --emit fx" in misplaced.output
-
-
-def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):
-    small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
-    spec = tmp_path / "hope.nest"
-    spec.write_text(small)
-    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "out"), "--batch", "2"])
-    assert result.exit_code == 0, result.output
-    torch.manual_seed(0)  # the CLI's --seed 0 initialisation
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", compiled.CompileWarning)
-        model = compiled.build(nestc.check(str(spec)))
-    tokens = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():  # test-time learning: the continuum levels step at every 16 and 64 tokens
-        first, state = model(tokens[:, :48])
-        expected = torch.cat([first, model(tokens[:, 48:], state)[0]], dim=1)
-    torch.save(tokens, tmp_path / "tokens.pt")
-    script = ("import sys; sys.modules['nestc'] = None\n"
-              f"sys.path.insert(0, {str(tmp_path / 'out')!r})\n"
-              "import torch; from model import Model\n"
-              f"tokens = torch.load({str(tmp_path / 'tokens.pt')!r}); model = Model()\n"
-              "with torch.no_grad():\n"
-              "    first, state = model(tokens[:, :48]); second, _ = model(tokens[:, 48:], state)\n"
-              f"torch.save(torch.cat([first, second], dim=1), {str(tmp_path / 'logits.pt')!r})\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-4, atol=1e-5)
-    assert "'name': 'cms_fast'" in (tmp_path / "out" / "model.py").read_text()
 
 
 def test_nestc_run_trains_through_the_graph(tmp_path):

@@ -599,6 +599,10 @@ def _train_sweep(config_fields: dict, fmt: str, color) -> None:
         sys.exit(EXIT_DIAGNOSTICS)
     except study.SweepError as error:
         raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the study is kept in {config.storage_url}; run the same command again to resume",
+                   err=True)
+        sys.exit(130)
     except OSError as error:
         raise click.ClickException(f"cannot write the sweep under `{config.runs}`: {error}") from None
     if fmt == "json":

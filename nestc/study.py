@@ -93,6 +93,7 @@ def _optuna():
 
 def _storage(config: SweepConfig):
     optuna = _optuna()
+    import sqlalchemy.exc
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     if config.storage is None:
@@ -103,7 +104,7 @@ def _storage(config: SweepConfig):
                           else None,
                           heartbeat_interval=config.heartbeat_seconds, grace_period=3 * config.heartbeat_seconds,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except (optuna.exceptions.StorageInternalError, ValueError, ImportError) as error:
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as error:
         raise SweepError(f"--storage {config.storage_url}: cannot open it: {error}") from None
 
 
@@ -229,6 +230,13 @@ class _Objective:
         self.config, self.search, self.worker, self.log = config, search, worker, log
 
     def __call__(self, trial) -> float:
+        try:
+            return self._evaluate(trial)
+        except KeyboardInterrupt:  # Ctrl-C: the trial fails, and its variant waits for the resumed sweep
+            trial.study.enqueue_trial(trial.params)
+            raise
+
+    def _evaluate(self, trial) -> float:
         optuna = _optuna()
         from nestc.backends.common import BackendError
         from nestc.checkpoint import bundle
@@ -286,6 +294,8 @@ class _Objective:
             trial.set_user_attr("error", str(error))
             self.log(f"{prefix}: {error}")
             return math.nan
+        if run.interrupted:  # train() caught the Ctrl-C to save its checkpoint: pass it on
+            raise KeyboardInterrupt
         trial.set_user_attr("held_out_bits", run.held_out_bits)
         trial.set_user_attr("accuracy", run.final_score if self.config.task else None)
         trial.set_user_attr("parameters", run.parameters)
@@ -305,7 +315,10 @@ def _spawned_worker(config: SweepConfig, worker: int, start_together) -> None:
     from nestc.backends.compiled import CompileWarning
 
     warnings.simplefilter("ignore", CompileWarning)  # the first worker's log already has them
-    work(config, worker, log=lambda line: print(line, file=sys.stderr, flush=True), start_together=start_together)
+    try:
+        work(config, worker, log=lambda line: print(line, file=sys.stderr, flush=True), start_together=start_together)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker; the first one reports it
+        pass
 
 
 def run(config: SweepConfig, log=print) -> list[Entry]:

@@ -154,6 +154,29 @@ def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
     assert trials[2].params == trials[1].system_attrs["fixed_params"] and trials[2].user_attrs["outcome"] == "complete"
 
 
+def test_ctrl_c_stops_a_sweep_that_a_rerun_then_finishes(tmp_path):
+    spec = tiny_space(tmp_path, steps=200)
+    config = config_for(tmp_path, spec, trials=2, prune=False)
+    command = [sys.executable, "-m", "nestc", "sweep", spec, "--trials", "2", "--task", "mqar", "--task-option",
+               "pairs=2", "--task-option", "keys=8", "--task-option", "values=8", "--sampler", "grid", "--no-prune",
+               "--runs", config.runs]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(config.directory, "trials")
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.isdir(log) and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the first trial's training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    interrupted = trials_of(config)
+    assert [t.state.name for t in interrupted][:1] == ["FAIL"]
+    study.run(config, log=lambda line: None)
+    finished = [t for t in trials_of(config) if t.state.name == "COMPLETE"]
+    assert len(finished) == 2 and interrupted[0].params in [t.params for t in finished]
+
+
 def test_invalid_variants_are_reported_skipped_and_counted(tmp_path):
     spec = tiny_space(tmp_path, replace=("every choice(1, 8)", "every choice(1, 7)"))
     config = config_for(tmp_path, spec)

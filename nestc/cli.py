@@ -21,6 +21,7 @@ from nestc.source import SourceMap
 EXIT_DIAGNOSTICS = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+SEARCH_VALUE_ERRORS = ("N0114", "N0119")  # a search value where none may stand; an invalid choice or range
 
 
 def _exit_code(result) -> int:
@@ -540,6 +541,14 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
 
     if not os.path.isfile(spec):
         raise click.UsageError(f"cannot read `{spec}`: no such file") from None
+    # Errors of the space itself (syntax, unreadable files, an empty choice, a bad range) stop the
+    # sweep here; errors that only some options cause are each variant's, reported when it is frozen.
+    checked = _analyze(spec)
+    space_errors = [d for d in checked.diagnostics
+                    if d.is_error and (d.code in SEARCH_VALUE_ERRORS or d.code <= "N0100")]
+    if space_errors:
+        _report(space_errors, checked.sources, "human", color)
+        sys.exit(EXIT_DIAGNOSTICS)
     if not dry_run:
         if trials is None:
             raise click.UsageError("say how many variants to train with --trials N, or list them with --dry-run")

@@ -219,6 +219,14 @@ def test_cli_sweep_usage_errors(tmp_path, arguments, message):
     assert result.exit_code == 2 and message in result.output
 
 
+@pytest.mark.parametrize("mode", [["--dry-run"], ["--trials", "2"]])
+def test_a_space_with_errors_is_reported_with_spans(tmp_path, mode):
+    spec = tiny_space(tmp_path, replace=("objective choice(l2, dot)", "objective choice()"))
+    result = CliRunner().invoke(cli, ["sweep", spec, *mode, "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and "error[N0119]: a choice needs at least one option" in result.output
+    assert "tiny.nest:7:15" in result.output
+
+
 def test_a_grid_needs_a_finite_space(tmp_path):
     spec = tiny_space(tmp_path, replace=("adamw(lr=3e-3)", "adamw(lr=loguniform(1e-4, 1e-2))"))
     result = CliRunner().invoke(cli, ["sweep", spec, "--trials", "2", "--sampler", "grid",

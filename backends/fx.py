@@ -201,8 +201,10 @@ def fuse_projections(graph: SegmentGraph) -> int:
     module = graph.module
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in module.graph.nodes:
+        # Weights that are inputs or stored constants exist before any use, so the joined
+        # matmul can stand where the first of the group stood.
         if node.op == "call_function" and node.target == aten.linear.default and len(node.args) == 2 \
-                and not node.kwargs.get("bias"):
+                and not node.kwargs.get("bias") and node.args[1].op in ("placeholder", "get_attr"):
             groups.setdefault(node.args[0], []).append(node)
     removed = 0
     for source, linears in groups.items():
@@ -216,9 +218,10 @@ def fuse_projections(graph: SegmentGraph) -> int:
             product = module.graph.call_function(aten.linear.default, (source, joined))
             pieces = module.graph.call_function(aten.split_with_sizes.default, (product, sizes, -1))
             parts = [module.graph.call_function(operator.getitem, (pieces, index)) for index in range(len(linears))]
-        level = "+".join(sorted({n.meta.get("nest_level", "?") for n in linears}))
-        for node in (joined, product, pieces, *parts):
-            _locate(node, level, first.meta.get("nest_source", "?"))
+        if "nest_source" in first.meta:
+            level = "+".join(sorted({n.meta.get("nest_level", "?") for n in linears}))
+            for node in (joined, product, pieces, *parts):
+                _locate(node, level, first.meta["nest_source"])
         for piece, linear in zip(parts, linears):
             piece.meta["val"] = linear.meta.get("val")
             linear.replace_all_uses_with(piece)

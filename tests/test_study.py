@@ -155,18 +155,19 @@ def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
 
 
 def test_ctrl_c_stops_a_sweep_that_a_rerun_then_finishes(tmp_path):
-    spec = tiny_space(tmp_path, steps=200)
+    spec = tiny_space(tmp_path, steps=800)  # seconds per trial: the signal lands inside the first
     config = config_for(tmp_path, spec, trials=2, prune=False)
     command = [sys.executable, "-m", "nestc", "sweep", spec, "--trials", "2", "--task", "mqar", "--task-option",
                "pairs=2", "--task-option", "keys=8", "--task-option", "values=8", "--sampler", "grid", "--no-prune",
                "--runs", config.runs]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = os.path.join(config.directory, "trials")
+    trials = os.path.join(config.directory, "trials")
     deadline = time.time() + 120
-    while time.time() < deadline and not os.path.isdir(log) and process.poll() is None:
-        time.sleep(0.2)
-    time.sleep(1.0)  # inside the first trial's training
-    process.send_signal(signal.SIGINT)
+    while time.time() < deadline and process.poll() is None and not (
+            os.path.isdir(trials) and any("metrics.jsonl" in os.listdir(os.path.join(trials, d))
+                                          for d in os.listdir(trials))):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)  # the first trial is training
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and "run the same command again to resume" in stderr
     assert "Traceback" not in stderr

@@ -122,7 +122,7 @@ def test_two_workers_share_one_study_without_duplicating_trials(tmp_path):
 
 
 def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
-    spec = tiny_space(tmp_path, steps=60)
+    spec = tiny_space(tmp_path, steps=600)  # seconds per trial: the kill lands inside the second
     config = config_for(tmp_path, spec, trials=2, prune=False)
     script = (f"from nestc import study\n"
               f"study.run(study.SweepConfig(spec={spec!r}, trials=2, task='mqar', "

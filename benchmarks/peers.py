@@ -119,7 +119,7 @@ def measure_steps(step, device: str, repeats: int, warmup: bool = True) -> dict:
     return {"seconds": statistics.median(seconds), "peak_mib": peak, "above_setup_mib": peak - baseline}
 
 
-def build_compiled(text: str, path: Path):
+def build_compiled(text: str, path: Path, torch_compile: bool = False):
     import warnings
 
     from nestc.backends import compiled
@@ -132,7 +132,7 @@ def build_compiled(text: str, path: Path):
         raise SystemExit(f"{path}: does not check: {errors}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan (`nestc compile --emit plan`) says what runs token by token
-        return compiled.build(result.program), result.program
+        return compiled.build(result.program, torch_compile=torch_compile), result.program
 
 
 def next_token_loss(logits, tokens):
@@ -147,7 +147,7 @@ def job_nestc_model(job: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
-    model, program = build_compiled(job["text"], SPECS / f"{job['name']}.nest")
+    model, program = build_compiled(job["text"], SPECS / f"{job['name']}.nest", job.get("torch_compile", False))
     model.to(job["device"])
     tokens = torch.randint(0, model.vocab, (job["batch"], job["time"]), device=job["device"])
 
@@ -381,11 +381,13 @@ def section_titans(args) -> None:
             rows.append(speed_row(f"titans-pytorch NeuralMemory, chunk {chunk}, batch_size {store_batch}", tokens,
                                   peer, None, None))
             baselines.append(rate(tokens, peer) if isinstance(peer, dict) else None)
-        for layernorm in (False, True):
+        # The warm-up call pays torch.compile's tracing and code generation; the timed calls reuse it.
+        for layernorm, torch_compile in ((False, False), (True, False), (False, True)):
             text = titans_layer_spec(dim, heads, length, chunk, layernorm)
-            result = run_job({"kind": "nestc_model", "name": "titans", "text": text, "warmup": True, **common},
-                             args)
-            label = f"nestc titans lmm, every {chunk}" + (" +layernorm" if layernorm else "")
+            result = run_job({"kind": "nestc_model", "name": "titans", "text": text, "warmup": True,
+                              "torch_compile": torch_compile, **common}, args)
+            label = (f"nestc titans lmm, every {chunk}" + (" +layernorm" if layernorm else "")
+                     + (", torch.compile" if torch_compile else ""))
             rows.append(speed_row(label, tokens, result, *baselines))
     print_table(SPEED_HEADER[:-1] + ["vs peer, batch_size None", "vs peer, batch_size = chunk"], rows)
 

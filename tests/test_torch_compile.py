@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 import nestc
 from nestc.backends.compiled import CompileWarning
 from nesttest import SMALL_TITANS as TITANS
+from test_compiled import _run
 
 pytestmark = pytest.mark.compile
 
@@ -59,23 +60,14 @@ def _pair(spec: str, compile):
     return eager, compiled
 
 
-def _logits_and_gradients(model, tokens, split):
-    """Two calls with the state carried, then the gradients of every parameter."""
-    first, state = model(tokens[:, :split])
-    second, _ = model(tokens[:, split:], state)
-    logits = torch.cat([first, second], dim=1)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1))
-    return logits, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-
-
 # Lengths whose segments all have one length (deltanet: 64, titans: 4), so inductor compiles one
 # graph per spec; the second call continues the stream at a segment boundary.
 @pytest.mark.parametrize("spec,length,split", [(DELTANET, 128, 64), (TITANS, 16, 8)], ids=["deltanet", "titans"])
 def test_inductor_equals_the_eager_compiled_backend(spec, length, split):
     eager, compiled = _pair(spec, compile=True)
     tokens = torch.randint(0, eager.vocab, (2, length), generator=torch.Generator().manual_seed(1))
-    expected, expected_grads = _logits_and_gradients(eager, tokens, split)
-    actual, actual_grads = _logits_and_gradients(compiled, tokens, split)
+    expected, _, expected_grads = _run(eager, tokens, split)
+    actual, _, actual_grads = _run(compiled, tokens, split)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
     for (name, _), a, b in zip(eager.named_parameters(), actual_grads, expected_grads, strict=True):
         assert (a is None) == (b is None), name

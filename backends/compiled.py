@@ -592,34 +592,34 @@ class CompiledModel(ReferenceModel):
                     level_state.weights = [w.detach().requires_grad_() for w in level_state.weights]
 
     def _compiled_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
-        """`_segment` through torch.compile: the state goes in and comes out as a flat list of
-        tensors, with the same structure, strides and requires_grad at every segment, and the
-        position goes in as a tensor, so that one graph serves every segment of a given length."""
-        _complete_state(self, state, chunk.shape[0])
-        layout, tensors = _flatten_state(state.levels)
-        tensors = [_as_step_input(t) for t in tensors]
-        position = torch.tensor(state.position, device=chunk.device)
+        """`_segment` through torch.compile: the state's tensors go in with the same structure,
+        strides and requires_grad at every segment, and the position as a tensor, so that one
+        graph serves every segment of a given length."""
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self._segment_from_tensors, backend=self.compile_backend,
                                                 fullgraph=True, dynamic=False)
-        logits, tensors = self._compiled_step(layout, _as_step_input(chunk), position, tensors)
-        _write_back_state(self, state, layout, tensors, state.position + chunk.shape[1])
-        return logits
+        return self._segment_on_tensors(chunk, state, lambda layout, position, tensors: self._compiled_step(
+            layout, _as_step_input(chunk), position, [_as_step_input(t) for t in tensors]))
 
     def _graph_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
         """`_segment` through the traced fx graph for this batch size and segment length."""
         from nestc.backends import fx
 
-        _complete_state(self, state, chunk.shape[0])
-        layout, tensors = _flatten_state(state.levels)
         key = tuple(chunk.shape)
         if key not in self._graphs:
             graph = fx.trace_segment(self, *key)
             fx.run_passes(graph, self.graph_passes)
             self._graphs[key] = graph
         parameters = [parameter for _, parameter in self.named_parameters()]
-        logits, tensors = self._graphs[key](parameters, chunk, torch.tensor(state.position, device=chunk.device),
-                                            tensors)
+        return self._segment_on_tensors(chunk, state, lambda layout, position, tensors: self._graphs[key](
+            parameters, chunk, position, tensors))
+
+    def _segment_on_tensors(self, chunk: Tensor, state: ModelState, step) -> Tensor:
+        """Run `step(layout, position, state tensors) -> (logits, state tensors)` on the state
+        made complete and flat, and write its result back in the reference's form."""
+        _complete_state(self, state, chunk.shape[0])
+        layout, tensors = _flatten_state(state.levels)
+        logits, tensors = step(layout, torch.tensor(state.position, device=chunk.device), tensors)
         _write_back_state(self, state, layout, tensors, state.position + chunk.shape[1])
         return logits
 

@@ -16,6 +16,10 @@ as single calls, and each memory level through a closed form of its rule:
 - `layered`: MLP memories (and DGD on a matrix) under `every C`: each map's gradient is d u^T,
   with every token's error d found at the anchor at once by backpropagation written out by hand;
   gd and momentum then use the same decay matrices, DGD the UT solve per map.
+- `trajectory`: matrix or MLP memories with per-channel gates, an output map (Moneta, Memora), an
+  omega window or Muon (ATLAS): the anchor's gradients (pulled back through the output map by
+  hand) give every position's state through per-entry linear recurrences; each token reads its
+  own state.
 - `sequential`: anything else steps token by token with the reference kernel, and says so.
 
 Continuum-memory levels update between segments (the segment length divides their periods).
@@ -39,7 +43,7 @@ from nestc import ir
 from nestc.backends.common import BackendError, concrete
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
-                                      ReferenceModel, Stage, activation, rotate)
+                                      ReferenceModel, Stage, activation, newton_schulz, rotate)
 
 MAX_SEGMENT = 64
 
@@ -50,7 +54,7 @@ class CompileWarning(UserWarning):
 
 @dataclass(frozen=True)
 class LevelPlan:
-    kernel: str  # anchored | delta | mlp | sequential
+    kernel: str  # frozen | anchored | delta | layered | trajectory | sequential | module
     reason: str = ""
 
 
@@ -64,15 +68,14 @@ def plan_level(level: ir.Level, module) -> LevelPlan:
 def plan_kernel(kernel, per_channel: bool) -> LevelPlan:
     """Which segment form computes this memory rule exactly (or why none does yet)."""
     every = kernel.every
-    simple = (kernel.output == "none" and not per_channel and kernel.optimizer in ("gd", "momentum", "dgd")
-              and kernel.objective in ("dot", "l2", "lp", "huber"))
     if every == 0:
         return LevelPlan("frozen")
-    if not simple:
-        why = ("per-channel gates" if per_channel else f"output map `{kernel.output}`" if kernel.output != "none"
-               else f"objective `{kernel.objective}`" if kernel.objective not in ("dot", "l2", "lp", "huber")
-               else f"optimizer `{kernel.optimizer}`")
-        return LevelPlan("sequential", f"no parallel form yet for {why}")
+    objective = kernel.objective_args["base"] if kernel.objective == "omega" else kernel.objective
+    if objective not in ("dot", "l2", "lp", "huber"):
+        return LevelPlan("sequential", f"no parallel form yet for objective `{kernel.objective}`")
+    features = _trajectory_features(kernel, per_channel)
+    if features:
+        return _trajectory_plan(kernel, features)
     if every == 1 and kernel.read == "before":
         return LevelPlan("sequential", "`read before` with `every 1` has no parallel form yet")
     if kernel.state_kind == "mlp" or kernel.optimizer == "dgd":
@@ -85,6 +88,35 @@ def plan_kernel(kernel, per_channel: bool) -> LevelPlan:
             return LevelPlan("delta")
         return LevelPlan("sequential", "this online rule has no parallel form yet")
     return LevelPlan("anchored")
+
+
+def _trajectory_features(kernel, per_channel: bool) -> str:
+    """What, in this rule, only the `trajectory` form computes (empty when the others do)."""
+    features = []
+    if per_channel:
+        features.append("per-channel gates")
+    if kernel.output != "none":
+        features.append(f"output map `{kernel.output}`")
+    if kernel.objective == "omega":
+        features.append("objective `omega`")
+    if kernel.optimizer == "muon":
+        features.append("optimizer `muon`")
+    return " and ".join(features)
+
+
+def _trajectory_plan(kernel, features: str) -> LevelPlan:
+    """The `trajectory` form keeps the anchor's gradients and writes every position's state out;
+    it needs gradients fixed over the segment and an elementwise optimizer on linear maps."""
+    if kernel.state_kind not in ("matrix", "mlp"):
+        return LevelPlan("sequential", f"no parallel form yet for a {kernel.state_kind} memory with {features}")
+    if kernel.optimizer == "dgd":
+        return LevelPlan("sequential", f"no parallel form yet for `dgd` with {features}")
+    if kernel.order == "decay_first":
+        return LevelPlan("sequential", f"no parallel form yet for `order decay_first` with {features}")
+    if kernel.every == 1 and not (kernel.state_kind == "matrix" and kernel.objective == "dot"
+                                  and kernel.output == "none" and kernel.read == "after"):
+        return LevelPlan("sequential", f"a memory updated every token with {features} has no parallel form")
+    return LevelPlan("trajectory")
 
 
 def _per_channel(gate) -> bool:
@@ -103,7 +135,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
         every = concrete(level.every.tokens)
         plan = plans[level.name]
         # anchored forms need the anchor fixed inside a segment, and the state keeps the anchor
-        constrained = plan.kernel in ("anchored", "layered")
+        constrained = plan.kernel in ("anchored", "layered", "trajectory")
         if plan.kernel == "module" and isinstance(level.objective, ir.Op) and level.objective.name == "task":
             constrained = every > 0
         if every > 1 and (constrained or _is_generator(program, level.name)):
@@ -399,18 +431,29 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
         scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
     else:
         scale = None
+    return _errors_at(kernel, state.anchor, k, v, scale)
+
+
+def _errors_at(kernel, weights: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
+    """Inputs u_l and output errors d_l of each linear map of the memory `weights` (already
+    through the output map), for every pair (k, v)."""
     if kernel.state_kind == "matrix" or kernel.state_args["norm"] == "none":
-        return _errors_closed_form(kernel, state.anchor, k, v, scale)
+        return _errors_closed_form(kernel, weights, k, v, scale)
     outer = torch.is_grad_enabled()
-    anchor = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in state.anchor]
+    weights = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in weights]
     with torch.enable_grad():  # a normalised MLP: let autograd differentiate the normalisation
-        inputs, outputs, prediction = _forward_maps(kernel, anchor, k, scale)
-        loss = kernel._pair_loss(kernel.objective, prediction, v).sum()
+        inputs, outputs, prediction = _forward_maps(kernel, weights, k, scale)
+        loss = kernel._pair_loss(_base_objective(kernel), prediction, v).sum()
         errors = torch.autograd.grad(loss, outputs, create_graph=kernel.meta == "full" and outer)
     if kernel.meta != "full":
         errors = [e.detach() for e in errors]
         inputs = [u.detach() for u in inputs]
     return inputs, list(errors)
+
+
+def _base_objective(kernel) -> str:
+    """The per-pair objective (omega weighs a window of pairs of its base objective)."""
+    return kernel.objective_args["base"] if kernel.objective == "omega" else kernel.objective
 
 
 def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None):
@@ -433,7 +476,7 @@ def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scal
     call, so the outer level differentiates plain tensor operations."""
     act = kernel.state_args["act"] if kernel.state_kind == "mlp" else "identity"
     inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
-    error = pair_error(kernel.objective, kernel.objective_args, prediction, v)
+    error = pair_error(_base_objective(kernel), kernel.objective_args, prediction, v)
     errors = [error]
     for index in range(len(anchor) - 1, 0, -1):
         back = torch.einsum("bhoi,bhso->bhsi", anchor[index], errors[0])
@@ -471,6 +514,129 @@ def _per_token_read(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
     return _finish_mlp(h, x, kernel.state_args) if kernel.state_kind == "mlp" else h
 
 
+def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """Matrix or MLP memories whose optimizer is elementwise in the state, with what the other
+    forms leave out: per-channel gates, an output map, an omega window, Muon. Every token's
+    gradient is still taken at the anchor (the segment lies in one chunk), so all of them are
+    known at once; the states of every position of the segment then follow from linear
+    recurrences with per-entry decays (`_linear_scan`), Muon's Newton-Schulz runs on all the
+    momenta at once, and each token reads its own (mapped) state. Memory grows with the segment
+    times the state, so this form is for the small memories these rules are used with."""
+    band = None
+    keys, values = k, v
+    if kernel.objective == "omega":
+        keys, values, band = _omega_pairs(kernel, state, k, v, gates["gamma"])
+    inputs, errors = _errors_at(kernel, kernel.mapped(state.anchor), keys, values, None)
+    grads = []
+    for anchor, u, d in zip(state.anchor, inputs, errors):
+        if band is None:
+            grad = torch.einsum("bhso,bhsi->bhsoi", d, u)
+        else:  # each token's objective sums the weighted pairs of its window
+            grad = torch.einsum("bhtj,bhjo,bhji->bhtoi", band, d, u)
+        grads.append(_output_map_vjp(kernel, anchor, grad))
+    if kernel.meta != "full":
+        grads = [g.detach() for g in grads]
+    dk = k.shape[-1]
+    positions, momenta = [], []
+    for index, (weight0, grad) in enumerate(zip(state.weights, grads)):
+        shape = weight0.shape[-2:]
+        lr = _gate_on_map(gates["lr"], shape, dk)
+        retain = _gate_on_map(gates["retain"], shape, dk)
+        if kernel.optimizer == "gd":
+            drive = -lr * grad
+        else:
+            momentum = _linear_scan(_gate_on_map(gates["momentum"], shape, dk),
+                                    -lr * grad if kernel.optimizer == "momentum" else grad,
+                                    state.momentum[index])
+            momenta.append(momentum[:, :, -1])
+            drive = (momentum if kernel.optimizer == "momentum"
+                     else -lr * newton_schulz(momentum, kernel.optimizer_args["steps"]))
+        positions.append(_linear_scan(retain, drive, weight0))
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    if kernel.read == "after":
+        y = _per_token_read(kernel, _mapped_positions(kernel, [cut(w) for w in positions]), q)
+    else:
+        y = apply_sequence(kernel, state.anchor, q.transpose(1, 2)).transpose(1, 2)
+    state.weights = [cut(w[:, :, -1]) for w in positions]
+    if momenta:
+        state.momentum = [cut(m) for m in momenta]
+    _finish_segment(kernel, state, start, k.shape[2], gates["retain"])
+    return y
+
+
+def _gate_on_map(gate: Tensor, shape: tuple[int, int], channels: int) -> Tensor:
+    """A gate [B, H, S] or per channel [B, H, S, channels] as factors [B, H, S, rows, cols] that
+    broadcast against a map of `shape`: the reference's `_scale` rule (the key side first, then
+    the output side, else the channels' mean)."""
+    if gate.dim() == 3:
+        return gate[..., None, None]
+    rows, cols = shape
+    if cols == channels:
+        return gate[..., None, :]
+    if rows == channels:
+        return gate[..., :, None]
+    return gate.mean(-1)[..., None, None]
+
+
+def _linear_scan(gate: Tensor, drive: Tensor, start: Tensor) -> Tensor:
+    """x_t = gate_t * x_{t-1} + drive_t at every position of the segment, x_0 = `start` [B, H, o, i]:
+    x_t = (prod_{j<=t} gate_j) x_0 + sum_{i<=t} (prod_{j=i+1..t} gate_j) drive_i, with the products
+    taken per entry of the gate's broadcast shape [B, H, S, 1 or o, 1 or i]."""
+    carried = torch.cumprod(gate, dim=2) * start[:, :, None]
+    rows, cols = gate.shape[-2:]
+    if rows == 1 and cols == 1:
+        return carried + torch.einsum("bhts,bhsoi->bhtoi", decay_matrix(gate[..., 0, 0]), drive)
+    if rows == 1:
+        return carried + torch.einsum("bhits,bhsoi->bhtoi", decay_matrix(gate[..., 0, :].transpose(-1, -2)), drive)
+    return carried + torch.einsum("bhots,bhsoi->bhtoi", decay_matrix(gate[..., :, 0].transpose(-1, -2)), drive)
+
+
+def _output_map_vjp(kernel, weight: Tensor, grad: Tensor) -> Tensor:
+    """Gradients with respect to the mapped weights [B, H, S, o, i] pulled back through the output
+    map at the stored `weight` [B, H, o, i] (the reference lets autograd do this, token by token)."""
+    if kernel.output == "softmax":  # rows of W = softmax(A): dA = W * (dW - rowsum(dW * W))
+        mapped = torch.softmax(weight, dim=-1)[:, :, None]
+        return mapped * (grad - (grad * mapped).sum(-1, keepdim=True))
+    if kernel.output == "normalize":
+        # W = A / n^(q-2), n = ||A||_q over the whole map (clamped at 1e-6, where it is constant):
+        # dA = dW / n^(q-2) - (q-2) n^(2-2q) <dW, A> sign(A) |A|^(q-1)
+        power = kernel.output_args["q"]
+        raw = weight.abs().pow(power).flatten(2).sum(-1).pow(1.0 / power)[..., None, None]
+        norm = raw.clamp_min(1e-6)
+        inner = torch.einsum("bhsoi,bhoi->bhs", grad, weight)[..., None, None]
+        tangent = torch.where(raw > 1e-6, (power - 2) * norm.pow(2 - 2 * power), torch.zeros_like(norm))
+        pull = (torch.sign(weight) * weight.abs().pow(power - 1))[:, :, None]
+        return grad / norm.pow(power - 2)[:, :, None] - tangent[:, :, None] * inner * pull
+    return grad
+
+
+def _mapped_positions(kernel, positions: list[Tensor]) -> list[Tensor]:
+    """The output map on each position's weights [B, H, S, o, i] (positions taken as heads)."""
+    if kernel.output == "none":
+        return positions
+    flat = [w.reshape(w.shape[0], -1, *w.shape[-2:]) for w in positions]
+    return [m.reshape(w.shape) for m, w in zip(kernel.mapped(flat), positions)]
+
+
+def _omega_pairs(kernel, state: LevelState, k: Tensor, v: Tensor, gamma: Tensor):
+    """The omega objective's pairs: the window carried from before the segment, then the
+    segment's own, with band[t, j] = gamma_j for the pairs j in token t's window. Stores the
+    last `window` pairs back in the state, as the reference keeps them."""
+    width = kernel.objective_args["window"]
+    carried = state.window[max(0, len(state.window) - (width - 1)):] if width > 1 else []
+    step_gamma = [gamma[:, :, t] for t in range(k.shape[2])]
+    pairs = carried + [(k[:, :, t], v[:, :, t], g) for t, g in enumerate(step_gamma)]
+    state.window = pairs[-width:]
+    keys = torch.stack([pair[0] for pair in pairs], dim=2)
+    values = torch.stack([pair[1] for pair in pairs], dim=2)
+    weights = torch.stack([g if g.dim() == 2 else g.mean(-1) for _, _, g in pairs], dim=-1)  # [B, H, P + S]
+    size, total = k.shape[2], len(pairs)
+    newest = torch.arange(size, device=k.device)[:, None] + len(carried)
+    index = torch.arange(total, device=k.device)[None, :]
+    inside = (index <= newest) & (index > newest - width)
+    return keys, values, weights[:, :, None, :] * inside.to(weights.dtype)
+
+
 def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
     outputs = []
     for t in range(k.shape[2]):
@@ -481,7 +647,7 @@ def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
 
 
 KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": layered_segment,
-           "sequential": sequential_segment}
+           "trajectory": trajectory_segment, "sequential": sequential_segment}
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -532,7 +698,10 @@ class CompiledModel(ReferenceModel):
                 return f"level `{name}` runs token by token"
             if isinstance(module, CacheLevel):
                 return f"the attention cache of `{name}` changes length from segment to segment"
-            if plan.kernel == "layered" and module.kernel.state_kind == "mlp" and module.kernel.state_args["norm"] != "none":
+            if module.kernel.objective == "omega":
+                return f"the omega window of `{name}` is a list of pairs that grows over the first tokens"
+            if plan.kernel in ("layered", "trajectory") and module.kernel.state_kind == "mlp" \
+                    and module.kernel.state_args["norm"] != "none":
                 return f"level `{name}` takes its inner gradient with an autograd call (a normalised mlp memory)"
             if isinstance(module, FeedForwardLevel) and module.every and module.meta == "full":
                 return (f"differentiating through the updates of continuum level `{name}` (`meta full`) needs "

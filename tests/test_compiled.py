@@ -130,19 +130,68 @@ def test_random_small_specs_equal_the_reference(state, objective, optimizer, eve
     assert_equivalent(result.program, length=11, split=5, diverged=lambda: assume(False))
 
 
+TRAJECTORY_LEVEL = """
+level mem : {state} {{
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> l2norm
+    lr = x |> proj{per} |> sigmoid(max=0.5)
+    retain = x |> proj{per} |> sigmoid
+    momentum = {momentum}
+    objective {objective}
+    optimizer {optimizer}
+    output {output}
+    every {every}
+    read {read}
+}}
+model {{
+    vocab 9
+    dim 8
+    heads 2
+    block = residual(rmsnorm |> mem)
+}}
+"""
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    state=st.sampled_from(["matrix", "mlp(depth=2, expand=2)", "mlp(depth=2, expand=1, norm=layernorm)"]),
+    objective=st.sampled_from(["l2", "lp(p=3)", "huber(delta=0.5)", "omega(window=3)", "omega(window=2, base=dot)"]),
+    optimizer=st.sampled_from(["gd", "momentum", "muon(steps=2)"]),
+    output=st.sampled_from(["none", "softmax", "normalize(q=4)"]),
+    per=st.sampled_from(["", "(per=channel)"]),
+    momentum=st.sampled_from(["0.9", "x |> proj(per=channel) |> sigmoid"]),
+    every=st.sampled_from([2, 4]),
+    read=st.sampled_from(["before", "after"]),
+)
+def test_trajectory_form_equals_the_reference(state, objective, optimizer, output, per, momentum, every, read):
+    """Per-channel gates, output maps, omega windows and Muon (the `trajectory` form)."""
+    text = TRAJECTORY_LEVEL.format(state=state, objective=objective, optimizer=optimizer, output=output, per=per,
+                                   momentum=momentum if optimizer != "gd" else "", every=every, read=read)
+    if optimizer == "gd":
+        text = text.replace("    momentum = \n", "")
+    result = analyze_source(SourceFile("<random>", text))
+    assert result.ok, [d.message for d in result.diagnostics]
+    with warnings.catch_warnings():  # a token-by-token fallback would warn: make it fail instead
+        warnings.simplefilter("error", compiled.CompileWarning)
+        assert_equivalent(result.program, length=13, split=6, diverged=lambda: assume(False))
+
+
 def test_constructs_without_a_parallel_form_say_so_with_their_span():
     text = LEVEL.format(state="matrix", fields="objective l2\n    output softmax", retain="1.0",
                         value="x |> proj")
     program = analyze_source(SourceFile("memo.nest", text)).program
-    with pytest.warns(compiled.CompileWarning, match=r"memo\.nest:2:7: level `mem` runs token by token: "
-                                                     r"no parallel form yet for output map `softmax`"):
+    with pytest.warns(compiled.CompileWarning, match=r"memo\.nest:2:7: level `mem` runs token by token: a memory "
+                                                     r"updated every token with output map `softmax` has no parallel "
+                                                     r"form"):
         compiled.build(program)
 
 
 def test_parallel_plans_cover_the_zoo_memories():
     """Which zoo memories run in parallel, so a regression to token-by-token shows up here."""
     expected = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
-                "retnet": "anchored", "titans": "layered", "ttt_linear": "layered", "ttt_mlp": "layered"}
+                "retnet": "anchored", "titans": "layered", "ttt_linear": "layered", "ttt_mlp": "layered",
+                "memora": "trajectory", "moneta": "trajectory", "yaad": "trajectory", "atlas": "trajectory"}
     for name, kernel in expected.items():
         with warnings.catch_warnings():
             warnings.simplefilter("error", compiled.CompileWarning)

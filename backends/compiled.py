@@ -142,6 +142,9 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
             length = math.gcd(length, every)
         elif every == 1 and _is_generator(program, level.name):
             length = 1
+    for node in _block_nodes(program.model.block):
+        if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
+            length = math.gcd(length, concrete(node.segment))
     return max(length, 1)
 
 
@@ -156,7 +159,7 @@ def _is_generator(program: ir.Program, name: str) -> bool:
 
 
 def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Tensor:
-    """One pipeline stage on [B, S, width], positions start .. start + S - 1."""
+    """One pipeline stage on [B, S, width], positions start .. start + S - 1 (or `start`'s own)."""
     kind, args = stage.kind, stage.args
     if kind == "conv":
         window = args["window"]
@@ -169,8 +172,12 @@ def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Te
         return torch.einsum("bscw,cw->bsc", windows, stage.weight)
     if kind == "rope":
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
-        # start is an int, or a 0-dim tensor in the torch.compile step (one graph for all positions)
-        positions = (start + torch.arange(x.shape[1], device=x.device))[:, None]  # [S, 1]: over heads
+        # start is an int, a 0-dim tensor in the torch.compile step (one graph for all positions),
+        # or every element's own position (a memory-as-context block's cache entries)
+        if isinstance(start, Tensor) and start.dim() == 1:
+            positions = start[:, None]
+        else:
+            positions = (start + torch.arange(x.shape[1], device=x.device))[:, None]  # [S, 1]: over heads
         return rotate(heads, positions, args["base"]).reshape(x.shape)
     if kind in ("l2norm", "layernorm", "rmsnorm"):
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
@@ -709,8 +716,6 @@ class CompiledModel(ReferenceModel):
         return ""
 
     def _whole_model_fallback(self, program: ir.Program) -> str:
-        if any(isinstance(node, ir.MemoryAsContext) for node in _block_nodes(program.model.block)):
-            return "memory-as-context (mac) blocks have no segment form yet"
         from nestc.sema import generators
 
         for level in program.levels:
@@ -747,8 +752,8 @@ class CompiledModel(ReferenceModel):
     def _segment(self, chunk: Tensor, state: ModelState) -> Tensor:
         """The logits of one segment, advancing every level's state in place."""
         x = self.embedding(chunk)
-        for layer, level_states in zip(self.layers, state.levels):
-            x = run_layer(self, layer, x, state.position, level_states)
+        for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
+            x = run_layer(self, layer, x, state.position, level_states, segment)
         return self.logits(x)
 
     def _make_fast_weights_leaves(self, state: ModelState) -> None:
@@ -915,8 +920,9 @@ def _block_nodes(block):
             yield from _block_nodes(getattr(block, attribute))
 
 
-def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[str, LevelState]) -> Tensor:
-    """One layer's block on a segment x [B, S, D]."""
+def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[str, LevelState],
+              segment: dict | None = None) -> Tensor:
+    """One layer's block on a segment x [B, S, D]; `segment` holds the layer's MAC caches."""
     snapshot = {name: states[name].anchor for name, level in layer.levels.items() if isinstance(level, MemoryLevel)}
     stepped: dict[str, Tensor] = {}
 
@@ -934,9 +940,60 @@ def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[s
         return stepped[name]
 
     def memory_as_context(node, value: Tensor) -> Tensor:
-        raise BackendError("memory-as-context blocks have no segment form yet")
+        if segment is None:
+            raise BackendError("memory-as-context blocks need the stream's segment caches")
+        return mac_segment(model, layer, node, value, start, states, segment, snapshot, read_level)
 
     return layer.run_block(layer.block, x, run_level, memory_as_context)
+
+
+def mac_segment(model, layer, node, x: Tensor, start: int, states: dict[str, LevelState], segment: dict,
+                snapshot: dict[str, list[Tensor]], read_level) -> Tensor:
+    """Titans MAC on a segment that lies in one MAC window and one chunk of the memory. Every
+    token's retrieval M*(q_t) is read at the memory's anchor at once; the cache entries (the
+    persistent tokens at a window's start, then each token's retrieval followed by the token)
+    form one interleaved sequence through the attention's key and value pipelines; one masked
+    softmax gives every y_t; the memory then learns from the y's with its own segment form."""
+    _, memory_name, attention_name, window_length, path = node
+    memory, attention = layer.levels[memory_name], layer.levels[attention_name]
+    batch, size = x.shape[:2]
+    cache = segment.setdefault(path, LevelState())
+    retrieval = segment.setdefault(f"{path}:retrieval", LevelState())
+    positions = start + torch.arange(size, device=x.device)
+    entries, entry_positions = [], []
+    if start % window_length == 0:
+        cache.keys = cache.values = None
+        persistent = layer.parts[path].tokens
+        entries.append(persistent.expand(batch, -1, -1))
+        entry_positions.append(torch.zeros(persistent.shape[0], dtype=torch.long, device=x.device) + start)
+    query = run_pipeline(memory.pipelines["query"], x, start, retrieval, read_level)
+    query = query.reshape(batch, size, memory.heads, -1)
+    retrieved = memory.out(apply_sequence(memory.kernel, snapshot[memory_name], query).reshape(batch, size, -1))
+    entries.append(torch.stack([retrieved, x], dim=2).reshape(batch, 2 * size, -1))
+    entry_positions.append(positions.repeat_interleave(2))
+    entries, entry_positions = torch.cat(entries, dim=1), torch.cat(entry_positions)
+    k, v = (run_pipeline(attention.pipelines[role], entries, entry_positions, cache, read_level)
+            .reshape(batch, entries.shape[1], attention.heads, -1).transpose(1, 2) for role in ("key", "value"))
+    q = run_pipeline(attention.pipelines["query"], x, start, cache, read_level)
+    q = q.reshape(batch, size, attention.heads, -1).transpose(1, 2)
+    previous = 0 if cache.keys is None else cache.keys.shape[2]
+    keys = k if cache.keys is None else torch.cat([cache.keys, k], dim=2)
+    values = v if cache.values is None else torch.cat([cache.values, v], dim=2)
+    # token t's own entry (the token itself) closes its view of the cache
+    newest = previous + entries.shape[1] - 2 * size + 2 * torch.arange(size, device=x.device)[:, None] + 1
+    index = torch.arange(keys.shape[2], device=x.device)[None, :]
+    allowed = index <= newest
+    if attention.window:
+        allowed &= index > newest - attention.window
+        cache.keys, cache.values = keys[:, :, -attention.window:], values[:, :, -attention.window:]
+    else:
+        cache.keys, cache.values = keys, values
+    scores = torch.einsum("bhtd,bhnd->bhtn", q, keys) / math.sqrt(q.shape[-1])
+    y = torch.einsum("bhtn,bhnd->bhtd", torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), values)
+    y = attention.out(y.transpose(1, 2).reshape(batch, size, -1))
+    with fx_provenance(memory_name, model.level_spans.get(memory_name)):
+        read = run_module(model, memory, model.plans[memory_name], y, start, states[memory_name], read_level)
+    return y * read
 
 
 def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:

@@ -790,7 +790,10 @@ class Layer(nn.Module):
                 attention.append(cache, attention.project("key", row, position, cache, read_level),
                                  attention.project("value", row, position, cache, read_level))
         memory_state = states[memory_name]
-        query = memory.heads_of(memory.pipelines["query"](x, position, memory_state, read_level))
+        # The retrieval query reads the block's input stream; the memory's own step (below) reads
+        # the attention outputs. Each stream keeps its own convolution history.
+        retrieval = segment.setdefault(f"{path}:retrieval", LevelState())
+        query = memory.heads_of(memory.pipelines["query"](x, position, retrieval, read_level))
         retrieved = memory.out(memory.kernel.apply(snapshot[memory_name], query).reshape(x.shape[0], -1))
         for entry in (retrieved, x):
             attention.append(cache, attention.project("key", entry, position, cache, read_level),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import random
 import warnings
 
@@ -175,6 +176,44 @@ def test_trajectory_form_equals_the_reference(state, objective, optimizer, outpu
     with warnings.catch_warnings():  # a token-by-token fallback would warn: make it fail instead
         warnings.simplefilter("error", compiled.CompileWarning)
         assert_equivalent(result.program, length=13, split=6, diverged=lambda: assume(False))
+
+
+MAC = """
+level mem : mlp(depth=2, expand=2) {{
+    key = x |> proj |> conv(3) |> l2norm
+    value = x |> proj
+    query = x |> proj |> conv(3) |> l2norm
+    lr = x |> proj |> sigmoid(max=0.5)
+    retain = x |> proj |> sigmoid
+    objective l2
+    optimizer momentum
+    every {every}
+    read before
+    init meta
+}}
+level attn : cache(window={window}) {{
+    key = x |> proj |> conv(2) |> rope
+    query = x |> proj |> rope
+}}
+model {{
+    vocab 11
+    dim 8
+    heads 2
+    layers 2
+    block = residual(rmsnorm |> mac(memory=mem, attention=attn, segment={segment}, persistent=2))
+}}
+"""
+
+
+@pytest.mark.parametrize("every,window,segment", [(4, 0, 8), (2, 5, 6), (8, 0, 4)])
+def test_memory_as_context_blocks_equal_the_reference(every, window, segment):
+    """Several MAC windows (persistent tokens again at each), chunks inside them or spanning
+    them, a sliding attention window, and convolutions on the interleaved cache entries."""
+    program = analyze_source(SourceFile("<mac>", MAC.format(every=every, window=window, segment=segment))).program
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compiled.CompileWarning)
+        fast = assert_equivalent(program, length=29, split=11)
+    assert fast.segment == math.gcd(every, segment)
 
 
 def test_constructs_without_a_parallel_form_say_so_with_their_span():

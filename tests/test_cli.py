@@ -353,14 +353,20 @@ def test_internal_errors_are_reported_not_raised(monkeypatch, capsys):
     assert "Traceback" not in captured.err
 
 
-def test_compile_shows_every_stage(at_repo_root):
+def test_compile_shows_every_stage(at_repo_root, tmp_path):
     plan = invoke("compile", "specs/hope.nest")
     assert plan.exit_code == 0
     assert "segment length 16 tokens" in plan.stdout
     assert "mem          memory, layered form" in plan.stdout
     assert "cms_slow     continuum memory" in plan.stdout
-    moneta = invoke("compile", "specs/moneta.nest")
-    assert "memory, sequential form (no parallel form yet for per-channel gates)" in moneta.stdout
+    assert "memory       memory, trajectory form" in invoke("compile", "specs/moneta.nest").stdout
+    vector = tmp_path / "vector.nest"
+    vector.write_text("level mem : vector {\n    key = x |> proj\n    value = x |> proj\n    query = x |> proj\n"
+                      "    retain = x |> proj(per=channel) |> sigmoid\n    every 4\n}\n"
+                      "model {\n    vocab 9\n    dim 8\n    heads 2\n    block = residual(rmsnorm |> mem)\n}\n",
+                      encoding="utf-8")
+    assert ("mem          memory, sequential form (no parallel form yet for a vector memory with per-channel gates)"
+            in invoke("compile", str(vector)).stdout)
     assert invoke("compile", "specs/deltanet.nest", "--emit", "ir").stdout.startswith("program specs/deltanet.nest")
     assert "LevelDef(name='mixer'" in invoke("compile", "specs/deltanet.nest", "--emit", "ast").stdout
     assert "edges:" in invoke("compile", "specs/deltanet.nest", "--emit", "graph").stdout

@@ -216,6 +216,26 @@ def test_memory_as_context_blocks_equal_the_reference(every, window, segment):
     assert fast.segment == math.gcd(every, segment)
 
 
+@pytest.mark.parametrize("spec", ["specs/transformer.nest", "specs/titans_mag.nest"])
+def test_layer_by_layer_attention_in_blocks_equals_the_reference(spec, monkeypatch):
+    """A call read layer by layer attends in blocks of queries; blocks smaller than the call and
+    not aligned to it must not change anything."""
+    monkeypatch.setattr(compiled, "ATTENTION_BLOCK", 6)
+    fast = assert_equivalent(nestc.check(spec), length=23, split=9)
+    assert fast.layer_by_layer
+
+
+def test_layer_by_layer_only_where_layers_are_independent_within_a_segment():
+    expected = {"titans": True, "deltanet": True, "transformer": True, "atlas": True,
+                "hope": False,        # continuum levels learn from the last layer's logits
+                "cms": False,
+                "titans_mac": False}  # the retrieval reads the memory's anchor of each chunk
+    for name, layer_by_layer in expected.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", compiled.CompileWarning)
+            assert compiled.build(nestc.check(f"specs/{name}.nest")).layer_by_layer == layer_by_layer, name
+
+
 def test_constructs_without_a_parallel_form_say_so_with_their_span():
     text = LEVEL.format(state="matrix", fields="objective l2\n    output softmax", retain="1.0",
                         value="x |> proj")

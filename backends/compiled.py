@@ -231,6 +231,12 @@ def decay_matrix(gates: Tensor) -> Tensor:
     return torch.where(lower, torch.exp(summed), torch.zeros((), dtype=gates.dtype, device=gates.device))
 
 
+def decay_row(gates: Tensor) -> Tensor:
+    """decay_matrix(gates)[..., -1, :], prod_{j=i+1..S} gate_j, without the matrix."""
+    suffix = torch.flip(torch.cumprod(torch.flip(gates, [-1]), dim=-1), [-1])  # prod_{j=i..S}
+    return torch.cat([suffix[..., 1:], torch.ones_like(suffix[..., :1])], dim=-1)
+
+
 def pair_error(objective: str, args: dict, prediction: Tensor, v: Tensor) -> Tensor:
     """d loss / d prediction for one pair, elementwise."""
     if objective == "dot":
@@ -388,36 +394,38 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     """Matrix or MLP memories as linear maps W_l with inputs u_l: every token's gradient at the
     anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by one
     autograd call. gd and momentum then follow the decay matrices; dgd, whose decay term
-    W (retain I - lr u u^T) makes each map a delta rule with keys u and values -d, the UT solve."""
+    W (retain I - lr u u^T) makes each map a delta rule with keys u and values -d, the UT solve.
+    A memory read before its update needs only the segment's last state, so only the last row of
+    the retain decay matrix: a vector-matrix product where reads after need a matrix product."""
     lr, retain = gates["lr"], gates["retain"]
     size = k.shape[2]
     inputs, errors = _errors_at_anchor(kernel, state, k, v, retain)
-    decay = decay_matrix(retain)
+    every_position = kernel.read == "after"
+    decay = decay_matrix(retain) if every_position else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
     start_decay = torch.cumprod(retain, dim=-1)
-    momentum_gate = gates.get("momentum")
+    if kernel.optimizer == "momentum":
+        inner = decay_matrix(gates["momentum"])
+        momentum_start = torch.cumprod(gates["momentum"], dim=-1)
+        coefficients = decay @ inner
+        carried = (decay @ momentum_start[..., None])[..., 0]
+    else:
+        coefficients, carried = decay, None
     positions, finals, momenta = [], [], []
     for index, (weight0, u, d) in enumerate(zip(state.weights, inputs, errors)):
         if kernel.optimizer == "dgd":
-            residual, _ = _ut_solve(weight0, u, -d, lr, retain, "grad_first")
-            coefficients, vectors, carried = decay, lr[..., None] * residual, None
+            residual, coefficients = _ut_solve(weight0, u, -d, lr, retain, "grad_first")
+            vectors = lr[..., None] * residual
         else:
-            step = -lr[..., None] * d  # u_i = step_i u_i^T
+            vectors = -lr[..., None] * d  # u_i = step_i u_i^T
             if kernel.optimizer == "momentum":
-                inner = decay_matrix(momentum_gate)
-                momentum_start = torch.cumprod(momentum_gate, dim=-1)
-                coefficients = decay @ inner
-                carried = (decay @ momentum_start[..., None])[..., 0]
                 momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
-                               + torch.einsum("bhi,bhio,bhij->bhoj", inner[..., -1, :], step, u))
-            else:
-                coefficients, carried = decay, None
-            vectors = step
+                               + torch.einsum("bhi,bhio,bhij->bhoj", inner[..., -1, :], vectors, u))
         final = start_decay[..., -1, None, None] * weight0 + torch.einsum(
             "bhi,bhio,bhij->bhoj", coefficients[..., -1, :], vectors, u)
         if carried is not None:
             final = final + carried[..., -1, None, None] * state.momentum[index]
         finals.append(final)
-        if kernel.read == "after":
+        if every_position:
             at = start_decay[..., None, None] * weight0[:, :, None] + torch.einsum(
                 "bhti,bhio,bhij->bhtoj", coefficients, vectors, u)
             if carried is not None:
@@ -1046,8 +1054,10 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         return apply_sequence(module.kernel, weights, x[:, :, None, :]).reshape(x.shape)
     if isinstance(module, CacheLevel):
         # a whole sequence (layer by layer) attends in blocks: the scores stay linear in its length
-        return torch.cat([attend_segment(module, x[:, offset:offset + length], start + offset, state, read_level)
-                          for offset, length in _spans(start, size, ATTENTION_BLOCK)], dim=1)
+        spans = _spans(start, size, ATTENTION_BLOCK)
+        blocks = torch.split(x, [length for _, length in spans], dim=1)
+        return torch.cat([attend_segment(module, block, start + offset, state, read_level)
+                          for (offset, _), block in zip(spans, blocks)], dim=1)
     heads = module.heads
     inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
               for role, p in module.pipelines.items()}
@@ -1062,12 +1072,18 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         gates.setdefault("retain", x.new_ones(batch, heads, size))
         kernel = KERNELS[plan.kernel]
         read = query if (query is not None or plan.kernel == "sequential") else inputs["key"]
-        outputs = []
-        for offset, length in _spans(start, size, model.segment):
-            part = slice(offset, offset + length)
-            outputs.append(kernel(module.kernel, state, inputs["key"][:, :, part], inputs["value"][:, :, part],
-                                  None if read is None else read[:, :, part],
-                                  {role: gate[:, :, part] for role, gate in gates.items()}, start + offset))
+        spans = _spans(start, size, model.segment)
+        lengths = [length for _, length in spans]
+
+        def pieces(tensor: Tensor | None) -> list:
+            # one split, not a slice per span: a slice's backward writes into zeros of the whole length
+            return [None] * len(spans) if tensor is None else list(torch.split(tensor, lengths, dim=2))
+
+        gate_pieces = {role: pieces(gate) for role, gate in gates.items()}
+        outputs = [kernel(module.kernel, state, k, v, q, {role: gate_pieces[role][index] for role in gates},
+                          start + offset)
+                   for index, ((offset, _), k, v, q) in enumerate(zip(spans, pieces(inputs["key"]),
+                                                                     pieces(inputs["value"]), pieces(read)))]
         if query is None:
             return None
         y = torch.cat(outputs, dim=2)

@@ -204,12 +204,13 @@ def apply_sequence(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
     if kernel.state_kind == "vector":
         return weights[0][:, None] * x
     args = kernel.state_args
-    h = x
+    per_head = x.transpose(1, 2)  # [B, H, S, d]: every map one batched matmul
+    h = per_head
     for index, weight in enumerate(weights):
-        h = torch.einsum("bhoi,bshi->bsho", weight, h)
+        h = h @ weight.transpose(-1, -2)
         if index < len(weights) - 1:
             h = activation(args["act"], h)
-    return _finish_mlp(h, x, args)
+    return _finish_mlp(h, per_head, args).transpose(1, 2)
 
 
 def _finish_mlp(h: Tensor, x: Tensor, args: dict) -> Tensor:
@@ -229,6 +230,12 @@ def decay_matrix(gates: Tensor) -> Tensor:
     summed = torch.cumsum(repeated.masked_fill(~strict, 0.0), dim=-2)
     lower = torch.ones(size, size, dtype=torch.bool, device=gates.device).tril()
     return torch.where(lower, torch.exp(summed), torch.zeros((), dtype=gates.dtype, device=gates.device))
+
+
+def _weighted_outer(weights: Tensor, vectors: Tensor, inputs: Tensor) -> Tensor:
+    """sum_i weights_i vectors_i inputs_i^T: weights [B, H, S], vectors [B, H, S, o], inputs
+    [B, H, S, j] -> [B, H, o, j], as one batched matmul."""
+    return (weights[..., None] * vectors).transpose(-1, -2) @ inputs
 
 
 def decay_row(gates: Tensor) -> Tensor:
@@ -419,9 +426,8 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
             vectors = -lr[..., None] * d  # u_i = step_i u_i^T
             if kernel.optimizer == "momentum":
                 momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
-                               + torch.einsum("bhi,bhio,bhij->bhoj", inner[..., -1, :], vectors, u))
-        final = start_decay[..., -1, None, None] * weight0 + torch.einsum(
-            "bhi,bhio,bhij->bhoj", coefficients[..., -1, :], vectors, u)
+                               + _weighted_outer(inner[..., -1, :], vectors, u))
+        final = start_decay[..., -1, None, None] * weight0 + _weighted_outer(coefficients[..., -1, :], vectors, u)
         if carried is not None:
             final = final + carried[..., -1, None, None] * state.momentum[index]
         finals.append(final)
@@ -483,7 +489,7 @@ def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None)
     h = k
     for index, weight in enumerate(anchor):
         inputs.append(h)
-        z = torch.einsum("bhoi,bhsi->bhso", weight, h)
+        z = h @ weight.transpose(-1, -2)
         if scale is not None:
             z = scale[..., None] * z
         pre_activations.append(z)
@@ -499,7 +505,7 @@ def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scal
     error = pair_error(_base_objective(kernel), kernel.objective_args, prediction, v)
     errors = [error]
     for index in range(len(anchor) - 1, 0, -1):
-        back = torch.einsum("bhoi,bhso->bhsi", anchor[index], errors[0])
+        back = errors[0] @ anchor[index]
         if scale is not None:
             back = scale[..., None] * back
         errors.insert(0, _through_activation(act, back, pre_activations[index - 1]))
@@ -1055,7 +1061,7 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
     if isinstance(module, CacheLevel):
         # a whole sequence (layer by layer) attends in blocks: the scores stay linear in its length
         spans = _spans(start, size, ATTENTION_BLOCK)
-        blocks = torch.split(x, [length for _, length in spans], dim=1)
+        blocks = torch.split(x, [length for _, length in spans], dim=1) if len(spans) > 1 else [x]
         return torch.cat([attend_segment(module, block, start + offset, state, read_level)
                           for (offset, _), block in zip(spans, blocks)], dim=1)
     heads = module.heads
@@ -1077,7 +1083,9 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
 
         def pieces(tensor: Tensor | None) -> list:
             # one split, not a slice per span: a slice's backward writes into zeros of the whole length
-            return [None] * len(spans) if tensor is None else list(torch.split(tensor, lengths, dim=2))
+            if tensor is None or len(spans) == 1:
+                return [tensor] * len(spans)
+            return list(torch.split(tensor, lengths, dim=2))
 
         gate_pieces = {role: pieces(gate) for role, gate in gates.items()}
         outputs = [kernel(module.kernel, state, k, v, q, {role: gate_pieces[role][index] for role in gates},

@@ -399,8 +399,8 @@ def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tens
 
 def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
     """Matrix or MLP memories as linear maps W_l with inputs u_l: every token's gradient at the
-    anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by one
-    autograd call. gd and momentum then follow the decay matrices; dgd, whose decay term
+    anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by
+    backpropagation written out by hand. gd and momentum then follow the decay matrices; dgd, whose decay term
     W (retain I - lr u u^T) makes each map a delta rule with keys u and values -d, the UT solve.
     A memory read before its update needs only the segment's last state, so only the last row of
     the retain decay matrix: a vector-matrix product where reads after need a matrix product."""
@@ -463,18 +463,7 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
 def _errors_at(kernel, weights: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
     """Inputs u_l and output errors d_l of each linear map of the memory `weights` (already
     through the output map), for every pair (k, v)."""
-    if kernel.state_kind == "matrix" or kernel.state_args["norm"] == "none":
-        return _errors_closed_form(kernel, weights, k, v, scale)
-    outer = torch.is_grad_enabled()
-    weights = [w if (outer and w.requires_grad) else w.detach().requires_grad_() for w in weights]
-    with torch.enable_grad():  # a normalised MLP: let autograd differentiate the normalisation
-        inputs, outputs, prediction = _forward_maps(kernel, weights, k, scale)
-        loss = kernel._pair_loss(_base_objective(kernel), prediction, v).sum()
-        errors = torch.autograd.grad(loss, outputs, create_graph=kernel.meta == "full" and outer)
-    if kernel.meta != "full":
-        errors = [e.detach() for e in errors]
-        inputs = [u.detach() for u in inputs]
-    return inputs, list(errors)
+    return _errors_closed_form(kernel, weights, k, v, scale)
 
 
 def _base_objective(kernel) -> str:
@@ -503,6 +492,8 @@ def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scal
     act = kernel.state_args["act"] if kernel.state_kind == "mlp" else "identity"
     inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
     error = pair_error(_base_objective(kernel), kernel.objective_args, prediction, v)
+    if kernel.state_kind == "mlp":
+        error = _through_norm(kernel.state_args["norm"], error, pre_activations[-1])
     errors = [error]
     for index in range(len(anchor) - 1, 0, -1):
         back = errors[0] @ anchor[index]
@@ -513,6 +504,20 @@ def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scal
         errors = [e.detach() for e in errors]
         inputs = [u.detach() for u in inputs]
     return inputs, errors
+
+
+def _through_norm(name: str, error: Tensor, h: Tensor) -> Tensor:
+    """dL/dh from dL/dy for y = norm(h) over the last dim, without affine parameters, with the
+    epsilons F.layer_norm (1e-5) and F.rms_norm (the dtype's machine epsilon) use."""
+    if name == "layernorm":
+        centred = h - h.mean(-1, keepdim=True)
+        inverse = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = centred * inverse
+        return inverse * (error - error.mean(-1, keepdim=True) - y * (error * y).mean(-1, keepdim=True))
+    if name == "rmsnorm":
+        inverse = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + torch.finfo(h.dtype).eps)
+        return inverse * (error - h * inverse * (error * h * inverse).mean(-1, keepdim=True))
+    return error
 
 
 def _through_activation(name: str, error: Tensor, x: Tensor) -> Tensor:
@@ -735,9 +740,6 @@ class CompiledModel(ReferenceModel):
                 return f"the attention cache of `{name}` changes length from segment to segment"
             if module.kernel.objective == "omega":
                 return f"the omega window of `{name}` is a list of pairs that grows over the first tokens"
-            if plan.kernel in ("layered", "trajectory") and module.kernel.state_kind == "mlp" \
-                    and module.kernel.state_args["norm"] != "none":
-                return f"level `{name}` takes its inner gradient with an autograd call (a normalised mlp memory)"
             if isinstance(module, FeedForwardLevel) and module.every and module.meta == "full":
                 return (f"differentiating through the updates of continuum level `{name}` (`meta full`) needs "
                         "double backward through compiled graphs, which torch.compile does not support")

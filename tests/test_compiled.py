@@ -236,6 +236,23 @@ def test_layer_by_layer_only_where_layers_are_independent_within_a_segment():
             assert compiled.build(nestc.check(f"specs/{name}.nest")).layer_by_layer == layer_by_layer, name
 
 
+@pytest.mark.parametrize("name,norm", [("layernorm", lambda h: torch.nn.functional.layer_norm(h, h.shape[-1:])),
+                                       ("rmsnorm", lambda h: torch.nn.functional.rms_norm(h, h.shape[-1:]))])
+def test_norm_backward_by_hand_equals_autograd(name, norm):
+    """The memory's inner gradient goes through its norm by a closed form; autograd is the oracle,
+    for the values and for the outer level's derivative of them."""
+    generator = torch.Generator().manual_seed(3)
+    h = (torch.randn(3, 5, 16, generator=generator, dtype=torch.float64) * 4).requires_grad_()
+    error = torch.randn(3, 5, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    expected, = torch.autograd.grad(norm(h), h, error, create_graph=True)
+    actual = compiled._through_norm(name, error, h)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    probe = torch.randn(3, 5, 16, generator=generator, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((actual * probe).sum(), (h, error)),
+                    torch.autograd.grad((expected * probe).sum(), (h, error))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_constructs_without_a_parallel_form_say_so_with_their_span():
     text = LEVEL.format(state="matrix", fields="objective l2\n    output softmax", retain="1.0",
                         value="x |> proj")

@@ -31,6 +31,7 @@ docs/backends.md says how it avoids graph breaks and recompiles).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -718,6 +719,7 @@ class CompiledModel(ReferenceModel):
         # torch.compile's backend for the segment step (True: the default, inductor), or None
         self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
         self._compiled_step = None  # made on first use
+        self._compiled_kernel_step = None  # the same, for memory rules under the layer-by-layer schedule
         # With graph passes (a list, maybe empty), each segment runs as a traced fx graph
         # (backends/fx.py), one per batch size and segment length, traced on first use.
         self.graph_passes = None if graph_passes is None else list(graph_passes)
@@ -729,7 +731,17 @@ class CompiledModel(ReferenceModel):
                 self.compile_backend = None
 
     def _torch_compile_obstacle(self) -> str:
-        """Why the segment step cannot be traced as one graph, or "" when it can."""
+        """Why torch.compile has nothing to compile, or "" when it has. Under the layer-by-layer
+        schedule it compiles each memory rule's segment step (the rest already runs on whole
+        calls); otherwise the whole segment step, which must then be one graph."""
+        if self.layer_by_layer and not self.fallback:
+            if any(_compiles_alone(module, self.plans[name]) for name, module in self.layers[0].levels.items()):
+                return ""
+            return "no memory rule has a segment form to compile (the layers already run on whole calls)"
+        return self._segment_obstacle()
+
+    def _segment_obstacle(self) -> str:
+        """Why the whole segment step cannot be traced as one graph, or "" when it can."""
         if self.fallback:
             return self.fallback
         for name, module in self.layers[0].levels.items():
@@ -758,7 +770,7 @@ class CompiledModel(ReferenceModel):
         """Read `tokens` a segment at a time (token by token where the model has no segment form)."""
         if self.fallback:
             return super().advance(tokens, state, outer_grad)
-        if self.layer_by_layer and not self.compile_backend and self.graph_passes is None:
+        if self.layer_by_layer and self.graph_passes is None:
             logits = self._sequence(tokens, state)
             state.position += tokens.shape[1]
             return [logits]
@@ -828,6 +840,30 @@ class CompiledModel(ReferenceModel):
         return self._segment_on_tensors(chunk, state, lambda layout, position, tensors: self._compiled_step(
             layout, _as_step_input(chunk), position, [_as_step_input(t) for t in tensors]))
 
+    def _compiled_kernel(self, plan: str, kernel, state: LevelState, k: Tensor, v: Tensor, q: Tensor,
+                         gates: dict[str, Tensor], start: int) -> Tensor:
+        """A memory rule's segment through torch.compile, as a pure function of tensors like
+        `_compiled_segment`: the same structure, strides and requires_grad at every segment and
+        the position as a tensor, so one graph serves every segment of a given length."""
+        if self._compiled_kernel_step is None:
+            self._compiled_kernel_step = torch.compile(_kernel_from_tensors, backend=self.compile_backend,
+                                                       fullgraph=True, dynamic=False)
+        if kernel.order == "decay_first" and state.retain_product is None:
+            state.retain_product = torch.ones_like(gates["retain"][..., 0])
+        layout, tensors = _flatten_state([{"": state}])
+        roles = tuple(sorted(gates))
+        y, tensors = self._compiled_kernel_step(
+            plan, kernel, layout, roles, _as_step_input(k), _as_step_input(v), _as_step_input(q),
+            [_as_step_input(gates[role]) for role in roles], torch.tensor(start, device=k.device),
+            [_as_step_input(t) for t in tensors])
+        for field in LIST_FIELDS:
+            setattr(state, field, [])
+        for (_, _, field, key), tensor in zip(layout, tensors):
+            _set_slot(state, field, key, tensor)
+        if (start + k.shape[2]) % kernel.every == 0:
+            state.retain_product = None  # the reference's form where a chunk has just closed
+        return y
+
     def _graph_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
         """`_segment` through the traced fx graph for this batch size and segment length."""
         from nestc.backends import fx
@@ -876,6 +912,24 @@ class CompiledModel(ReferenceModel):
 
 
 # --- the state as the torch.compile step's inputs --------------------------------------------
+
+
+def _compiles_alone(module, plan: LevelPlan) -> bool:
+    """Whether this level's memory rule runs through torch.compile on its own (layer by layer):
+    a segment form whose state is fixed tensors (an omega window is a list that grows)."""
+    return (isinstance(module, MemoryLevel) and plan.kernel in ("anchored", "delta", "layered", "trajectory")
+            and module.kernel.objective != "omega" and "query" in module.pipelines)
+
+
+def _kernel_from_tensors(plan: str, kernel, layout: tuple, roles: tuple, k: Tensor, v: Tensor, q: Tensor,
+                         gates: list[Tensor], start: Tensor, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """A memory rule's segment as a pure function of tensors (what torch.compile traces)."""
+    state = LevelState()
+    for (_, _, field, key), tensor in zip(layout, tensors):
+        _set_slot(state, field, key, tensor)
+    y = KERNELS[plan](kernel, state, k, v, q, dict(zip(roles, gates)), start)
+    return y, [_get_slot(state, field, key) for _, _, field, key in layout]
+
 
 LIST_FIELDS = ("weights", "anchor", "momentum")
 TENSOR_FIELDS = ("retain_product", "keys", "values")
@@ -1090,6 +1144,8 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
             return list(torch.split(tensor, lengths, dim=2))
 
         gate_pieces = {role: pieces(gate) for role, gate in gates.items()}
+        if model.compile_backend and model.layer_by_layer and _compiles_alone(module, plan):
+            kernel = functools.partial(model._compiled_kernel, plan.kernel)
         outputs = [kernel(module.kernel, state, k, v, q, {role: gate_pieces[role][index] for role in gates},
                           start + offset)
                    for index, ((offset, _), k, v, q) in enumerate(zip(spans, pieces(inputs["key"]),

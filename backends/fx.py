@@ -87,7 +87,7 @@ def trace_segment(model, batch: int, length: int) -> SegmentGraph:
     """Trace `model`'s segment step for `batch` sequences and segments of `length` tokens."""
     from nestc.backends.compiled import _complete_state, _flatten_state
 
-    obstacle = model._torch_compile_obstacle()
+    obstacle = model._segment_obstacle()
     if obstacle:
         raise BackendError(f"the segment step cannot be traced as one graph: {obstacle}")
     state = model.initial_state(batch)

@@ -76,9 +76,34 @@ def test_inductor_equals_the_eager_compiled_backend(spec, length, split):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+# TITANS followed by a continuum level: its layers are coupled within a segment (the continuum
+# level learns from the logits), so torch.compile takes the whole segment step.
+TITANS_CMS = TITANS.replace("block = residual(rmsnorm |> lmm)",
+                            "block = residual(rmsnorm |> lmm) |> residual(rmsnorm |> cms)") + """
+level cms : mlp(expand=2, residual=false) {
+    objective task
+    lr = 1e-3
+    every 4
+}
+"""
+
+
 @pytest.mark.parametrize("spec", [DELTANET, TITANS], ids=["deltanet", "titans"])
-def test_the_segment_step_is_one_graph_without_breaks(spec):
-    _, compiled = _pair(spec, compile="aot_eager")  # the model compiles with fullgraph=True
+def test_the_memory_rule_is_one_graph_without_breaks(spec):
+    """Layer by layer, torch.compile takes each memory rule's segment step."""
+    _, compiled = _pair(spec, compile="aot_eager")  # the rule compiles with fullgraph=True
+    assert compiled.layer_by_layer
+    tokens = torch.randint(0, compiled.vocab, (2, 2 * compiled.segment))
+    logits, _ = compiled(tokens)
+    logits.sum().backward()
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_segment_step_is_one_graph_without_breaks():
+    """Where the layers are coupled inside a segment, torch.compile takes the whole segment step."""
+    _, compiled = _pair(TITANS_CMS, compile="aot_eager")
+    assert not compiled.layer_by_layer
     tokens = torch.randint(0, compiled.vocab, (2, 2 * compiled.segment))
     logits, _ = compiled(tokens)
     logits.sum().backward()
@@ -125,12 +150,33 @@ def test_compile_needs_the_compiled_backend():
         nestc.load(DELTANET, backend="reference", compile=True)
 
 
-def test_a_model_that_cannot_be_one_graph_warns_and_runs_without_torch_compile():
-    spec = DELTANET.replace("level ffn : mlp(expand=2, residual=false)", "level ffn : cache(window=8)")
-    spec = spec.replace("rmsnorm |> ffn", "rmsnorm |> attn").replace("level ffn", "level attn")
-    with pytest.warns(CompileWarning, match="torch.compile is not used: the attention cache of `attn`"):
+ATTENTION_ONLY = DELTANET.replace("rmsnorm |> mixer", "rmsnorm |> attn") + "level attn : cache(window=8)\n"
+ATTENTION_AND_CMS = TITANS_CMS.replace("rmsnorm |> lmm", "rmsnorm |> attn") + "level attn : cache(window=8)\n"
+
+
+@pytest.mark.parametrize("spec,reason", [
+    (ATTENTION_ONLY, "no memory rule has a segment form to compile"),
+    (ATTENTION_AND_CMS, "the attention cache of `attn` changes length"),
+], ids=["nothing-to-compile", "coupled-layers-with-a-cache"])
+def test_a_model_torch_compile_cannot_help_warns_and_runs_without_it(spec, reason):
+    with pytest.warns(CompileWarning, match=f"torch.compile is not used: {reason}"):
         model = nestc.load(spec, backend="compiled", compile=True)
     assert model.compile_backend is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(torch.randint(0, model.vocab, (1, 5)))
+
+
+def test_layer_by_layer_compiles_memory_rules_beside_an_attention_cache():
+    spec = DELTANET.replace("rmsnorm |> ffn", "rmsnorm |> attn") + "level attn : cache(window=8)\n"
+    eager, compiled = _pair(spec, compile="aot_eager")
+    assert compiled.compile_backend == "aot_eager"
+    tokens = torch.randint(0, eager.vocab, (2, 70), generator=torch.Generator().manual_seed(3))
+    expected, _, expected_grads = _run(eager, tokens, 64)
+    actual, _, actual_grads = _run(compiled, tokens, 64)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(actual_grads, expected_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2  # segments of 64 and of 6

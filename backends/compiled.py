@@ -23,10 +23,13 @@ as single calls, and each memory level through a closed form of its rule:
 - `sequential`: anything else steps token by token with the reference kernel, and says so.
 
 Continuum-memory levels update between segments (the segment length divides their periods).
+Where nothing couples the layers inside a segment, the eager schedule is layer by layer instead:
+each layer reads the whole call, and only the memory rules step through it segment by segment.
 
-With `torch_compile` (`nestc.load(..., compile=True)`) each segment step runs through
-torch.compile as one graph, a pure function of the state's tensors (`_segment_from_tensors`;
-docs/backends.md says how it avoids graph breaks and recompiles).
+With `torch_compile` (`nestc.load(..., compile=True)`) the memory rules' segment steps
+(`_kernel_from_tensors`, layer by layer) or else the whole segment step (`_segment_from_tensors`)
+run through torch.compile as graphs, pure functions of the state's tensors (docs/backends.md says
+how they avoid graph breaks and recompiles).
 """
 
 from __future__ import annotations
@@ -401,10 +404,11 @@ def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tens
 def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
     """Matrix or MLP memories as linear maps W_l with inputs u_l: every token's gradient at the
     anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by
-    backpropagation written out by hand. gd and momentum then follow the decay matrices; dgd, whose decay term
-    W (retain I - lr u u^T) makes each map a delta rule with keys u and values -d, the UT solve.
-    A memory read before its update needs only the segment's last state, so only the last row of
-    the retain decay matrix: a vector-matrix product where reads after need a matrix product."""
+    backpropagation written out by hand. gd and momentum then follow the decay matrices; dgd,
+    whose decay term W (retain I - lr u u^T) makes each map a delta rule with keys u and values
+    -d, the UT solve. A memory read before its update needs only the segment's last state, so
+    only the last row of the retain decay matrix: a vector-matrix product where reads after need
+    a matrix product."""
     lr, retain = gates["lr"], gates["retain"]
     size = k.shape[2]
     inputs, errors = _errors_at_anchor(kernel, state, k, v, retain)
@@ -458,13 +462,7 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
         scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
     else:
         scale = None
-    return _errors_at(kernel, state.anchor, k, v, scale)
-
-
-def _errors_at(kernel, weights: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
-    """Inputs u_l and output errors d_l of each linear map of the memory `weights` (already
-    through the output map), for every pair (k, v)."""
-    return _errors_closed_form(kernel, weights, k, v, scale)
+    return _errors_closed_form(kernel, state.anchor, k, v, scale)
 
 
 def _base_objective(kernel) -> str:
@@ -566,7 +564,7 @@ def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
     keys, values = k, v
     if kernel.objective == "omega":
         keys, values, band = _omega_pairs(kernel, state, k, v, gates["gamma"])
-    inputs, errors = _errors_at(kernel, kernel.mapped(state.anchor), keys, values, None)
+    inputs, errors = _errors_closed_form(kernel, kernel.mapped(state.anchor), keys, values, None)
     grads = []
     for anchor, u, d in zip(state.anchor, inputs, errors):
         if band is None:

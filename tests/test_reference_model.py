@@ -306,3 +306,44 @@ model {
             # one SGD step with the gradient accumulated over the two steps
             torch.testing.assert_close(slow.detach(), before_slow - 0.1 * grads[-1], rtol=1e-6, atol=1e-7)
             before_slow = slow.detach().clone()
+
+
+MAC_WITH_CONVOLVED_QUERY = """
+level mem : mlp(depth=2, expand=2) {
+    key = x |> proj
+    value = x |> proj
+    query = x |> proj |> conv(3)
+    objective l2
+    optimizer gd
+    every 2
+    read before
+}
+level attn : cache
+model {
+    vocab 11
+    dim 8
+    heads 2
+    block = residual(rmsnorm |> mac(memory=mem, attention=attn, segment=4, persistent=1))
+}
+"""
+
+
+def test_mac_read_out_keeps_its_own_convolution_history():
+    """The memory's query pipeline reads two streams in a MAC block: the block's input (the
+    read-out) and the attention outputs (the memory's own step). The read-out's history holds
+    only the input stream: changing the attention, which changes the outputs, leaves it alone."""
+    torch.manual_seed(0)
+    model = nestc.load(MAC_WITH_CONVOLVED_QUERY)
+    tokens = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def histories():
+        with torch.no_grad():
+            _, state = model(tokens)
+        (read_out,) = [s for path, s in state.segments[0].items() if path.endswith(":retrieval")]
+        return list(read_out.buffers.values())[0], list(state.levels[0]["mem"].buffers.values())
+    read_out, own = histories()
+    with torch.no_grad():
+        model.layers[0].levels["attn"].out.weight.mul_(3.0)
+    changed_read_out, changed_own = histories()
+    torch.testing.assert_close(changed_read_out, read_out, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(changed_own, own))

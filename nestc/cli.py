@@ -369,7 +369,8 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", compiled.CompileWarning)
             model = compiled.build(program)
-        click.echo(f"segment length {model.segment} tokens" + (f"; {model.fallback}" if model.fallback else ""))
+        schedule = "; layer by layer (each layer reads a whole call)" if model.layer_by_layer and not model.fallback else ""
+        click.echo(f"segment length {model.segment} tokens" + (f"; {model.fallback}" if model.fallback else schedule))
         from nestc.backends.reference import CacheLevel
 
         for name, plan in model.plans.items():

@@ -356,7 +356,9 @@ def test_internal_errors_are_reported_not_raised(monkeypatch, capsys):
 def test_compile_shows_every_stage(at_repo_root, tmp_path):
     plan = invoke("compile", "specs/hope.nest")
     assert plan.exit_code == 0
-    assert "segment length 16 tokens" in plan.stdout
+    assert "segment length 16 tokens\n" in plan.stdout  # hope's layers are coupled inside a segment
+    assert ("segment length 64 tokens; layer by layer (each layer reads a whole call)"
+            in invoke("compile", "specs/deltanet.nest").stdout)
     assert "mem          memory, layered form" in plan.stdout
     assert "cms_slow     continuum memory" in plan.stdout
     assert "memory       memory, trajectory form" in invoke("compile", "specs/moneta.nest").stdout

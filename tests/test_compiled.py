@@ -87,6 +87,16 @@ def test_space_variants_equal_the_reference(path, count):
         assert_equivalent(result.program, length=21, split=9)
 
 
+# the model around the memory `mem` of the generated specs (doubled braces: a format template)
+ONE_LAYER_MODEL = """
+model {{
+    vocab 9
+    dim 8
+    heads 2
+    block = residual(rmsnorm |> mem)
+}}
+"""
+
 LEVEL = """
 level mem : {state} {{
     key = x |> proj |> l2norm
@@ -96,13 +106,7 @@ level mem : {state} {{
     retain = {retain}
     {fields}
 }}
-model {{
-    vocab 9
-    dim 8
-    heads 2
-    block = residual(rmsnorm |> mem)
-}}
-"""
+""" + ONE_LAYER_MODEL
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -145,13 +149,7 @@ level mem : {state} {{
     every {every}
     read {read}
 }}
-model {{
-    vocab 9
-    dim 8
-    heads 2
-    block = residual(rmsnorm |> mem)
-}}
-"""
+""" + ONE_LAYER_MODEL
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)

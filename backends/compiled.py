@@ -662,15 +662,20 @@ def _omega_pairs(kernel, state: LevelState, k: Tensor, v: Tensor, gamma: Tensor)
     last `window` pairs back in the state, as the reference keeps them."""
     width = kernel.objective_args["window"]
     carried = state.window[max(0, len(state.window) - (width - 1)):] if width > 1 else []
-    step_gamma = [gamma[:, :, t] for t in range(k.shape[2])]
-    pairs = carried + [(k[:, :, t], v[:, :, t], g) for t, g in enumerate(step_gamma)]
-    state.window = pairs[-width:]
-    keys = torch.stack([pair[0] for pair in pairs], dim=2)
-    values = torch.stack([pair[1] for pair in pairs], dim=2)
-    weights = torch.stack([g if g.dim() == 2 else g.mean(-1) for _, _, g in pairs], dim=-1)  # [B, H, P + S]
-    size, total = k.shape[2], len(pairs)
+    size = k.shape[2]
+
+    def with_carried(earlier: list[Tensor], segment: Tensor) -> Tensor:
+        return torch.cat([torch.stack(earlier, dim=2), segment], dim=2) if earlier else segment
+
+    keys = with_carried([key for key, _, _ in carried], k)
+    values = with_carried([value for _, value, _ in carried], v)
+    # a per-channel gamma weighs a pair by its channels' mean, as the reference does
+    weights = with_carried([g if g.dim() == 2 else g.mean(-1) for _, _, g in carried],
+                           gamma if gamma.dim() == 3 else gamma.mean(-1))  # [B, H, P + S]
+    recent = [(k[:, :, t], v[:, :, t], gamma[:, :, t]) for t in range(max(0, size - width), size)]
+    state.window = (carried + recent)[-width:]
     newest = torch.arange(size, device=k.device)[:, None] + len(carried)
-    index = torch.arange(total, device=k.device)[None, :]
+    index = torch.arange(keys.shape[2], device=k.device)[None, :]
     inside = (index <= newest) & (index > newest - width)
     return keys, values, weights[:, :, None, :] * inside.to(weights.dtype)
 
@@ -854,10 +859,7 @@ class CompiledModel(ReferenceModel):
             plan, kernel, layout, roles, _as_step_input(k), _as_step_input(v), _as_step_input(q),
             [_as_step_input(gates[role]) for role in roles], torch.tensor(start, device=k.device),
             [_as_step_input(t) for t in tensors])
-        for field in LIST_FIELDS:
-            setattr(state, field, [])
-        for (_, _, field, key), tensor in zip(layout, tensors):
-            _set_slot(state, field, key, tensor)
+        _unflatten_state([{"": state}], layout, tensors)
         if (start + k.shape[2]) % kernel.every == 0:
             state.retain_product = None  # the reference's form where a chunk has just closed
         return y
@@ -889,13 +891,11 @@ class CompiledModel(ReferenceModel):
         """The segment step as a pure function of tensors (what torch.compile traces): the state
         rebuilt from `tensors` by `layout`, advanced by `_segment`'s code, flattened again."""
         levels = [{name: LevelState() for name in layer.levels} for layer in self.layers]
-        for (layer_index, name, field, key), tensor in zip(layout, tensors):
-            _set_slot(levels[layer_index][name], field, key, tensor)
+        _unflatten_state(levels, layout, tensors)
         x = self.embedding(chunk)
         for layer, level_states in zip(self.layers, levels):
             x = run_layer(self, layer, x, position, level_states)
-        return self.logits(x), [_get_slot(levels[layer_index][name], field, key)
-                                for layer_index, name, field, key in layout]
+        return self.logits(x), _state_tensors(levels, layout)
 
     def _add_segment_loss(self, state: ModelState, logits: Tensor, chunk: Tensor) -> None:
         """The predictions inside the segment whose targets are inside it too."""
@@ -922,11 +922,10 @@ def _compiles_alone(module, plan: LevelPlan) -> bool:
 def _kernel_from_tensors(plan: str, kernel, layout: tuple, roles: tuple, k: Tensor, v: Tensor, q: Tensor,
                          gates: list[Tensor], start: Tensor, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """A memory rule's segment as a pure function of tensors (what torch.compile traces)."""
-    state = LevelState()
-    for (_, _, field, key), tensor in zip(layout, tensors):
-        _set_slot(state, field, key, tensor)
-    y = KERNELS[plan](kernel, state, k, v, q, dict(zip(roles, gates)), start)
-    return y, [_get_slot(state, field, key) for _, _, field, key in layout]
+    levels = [{"": LevelState()}]
+    _unflatten_state(levels, layout, tensors)
+    y = KERNELS[plan](kernel, levels[0][""], k, v, q, dict(zip(roles, gates)), start)
+    return y, _state_tensors(levels, layout)
 
 
 LIST_FIELDS = ("weights", "anchor", "momentum")
@@ -982,6 +981,21 @@ def _as_step_input(tensor: Tensor) -> Tensor:
     return tensor if torch.is_grad_enabled() else tensor.detach()
 
 
+def _unflatten_state(levels: list[dict[str, LevelState]], layout: tuple, tensors: list[Tensor]) -> None:
+    """The inverse of `_flatten_state`: put each tensor where `layout` says (list fields anew)."""
+    for level_states in levels:
+        for level_state in level_states.values():
+            for field in LIST_FIELDS:
+                setattr(level_state, field, [])
+    for (layer_index, name, field, key), tensor in zip(layout, tensors):
+        _set_slot(levels[layer_index][name], field, key, tensor)
+
+
+def _state_tensors(levels: list[dict[str, LevelState]], layout: tuple) -> list[Tensor]:
+    """The tensors at `layout`'s places, in its order (after a step has advanced the state)."""
+    return [_get_slot(levels[layer_index][name], field, key) for layer_index, name, field, key in layout]
+
+
 def _set_slot(level_state: LevelState, field: str, key, tensor: Tensor) -> None:
     if field in LIST_FIELDS:
         getattr(level_state, field).append(tensor)  # the layout lists each field's indices in order
@@ -1003,12 +1017,7 @@ def _write_back_state(model: CompiledModel, state: ModelState, layout: tuple, te
                       position: int) -> None:
     """Store the step's outputs in the caller's state, in the reference's form: no retain product
     (None) where a chunk has just closed."""
-    for level_states in state.levels:
-        for level_state in level_states.values():
-            for field in LIST_FIELDS:
-                setattr(level_state, field, [])
-    for (layer_index, name, field, key), tensor in zip(layout, tensors):
-        _set_slot(state.levels[layer_index][name], field, key, tensor)
+    _unflatten_state(state.levels, layout, tensors)
     for layer, level_states in zip(model.layers, state.levels):
         for name, module in layer.levels.items():
             if isinstance(module, MemoryLevel) and module.kernel.every and position % module.kernel.every == 0:
@@ -1081,20 +1090,9 @@ def mac_segment(model, layer, node, x: Tensor, start: int, states: dict[str, Lev
             .reshape(batch, entries.shape[1], attention.heads, -1).transpose(1, 2) for role in ("key", "value"))
     q = run_pipeline(attention.pipelines["query"], x, start, cache, read_level)
     q = q.reshape(batch, size, attention.heads, -1).transpose(1, 2)
-    previous = 0 if cache.keys is None else cache.keys.shape[2]
-    keys = k if cache.keys is None else torch.cat([cache.keys, k], dim=2)
-    values = v if cache.values is None else torch.cat([cache.values, v], dim=2)
     # token t's own entry (the token itself) closes its view of the cache
-    newest = previous + entries.shape[1] - 2 * size + 2 * torch.arange(size, device=x.device)[:, None] + 1
-    index = torch.arange(keys.shape[2], device=x.device)[None, :]
-    allowed = index <= newest
-    if attention.window:
-        allowed &= index > newest - attention.window
-        cache.keys, cache.values = keys[:, :, -attention.window:], values[:, :, -attention.window:]
-    else:
-        cache.keys, cache.values = keys, values
-    scores = torch.einsum("bhtd,bhnd->bhtn", q, keys) / math.sqrt(q.shape[-1])
-    y = torch.einsum("bhtn,bhnd->bhtd", torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), values)
+    own = entries.shape[1] - 2 * size + 2 * torch.arange(size, device=x.device)[:, None] + 1
+    y = attend_cached(attention, cache, k, v, q, own)
     y = attention.out(y.transpose(1, 2).reshape(batch, size, -1))
     with fx_provenance(memory_name, model.level_spans.get(memory_name)):
         read = run_module(model, memory, model.plans[memory_name], y, start, states[memory_name], read_level)
@@ -1185,15 +1183,23 @@ def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState,
     batch, size = x.shape[:2]
     k, v, q = (run_pipeline(module.pipelines[r], x, start, state, read_level)
                .reshape(batch, size, module.heads, -1).transpose(1, 2) for r in ("key", "value", "query"))
+    own = torch.arange(size, device=x.device)[:, None]  # each token's own entry among the new ones
+    y = attend_cached(module, state, k, v, q, own if module.read == "after" else own - 1)
+    return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+
+
+def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, newest: Tensor) -> Tensor:
+    """Append the entries k, v [B, H, N, d] to the cache, then let query t read the cached entries
+    up to `newest[t]` (an index among the new entries; -1: only older ones), within the window;
+    the cache keeps the last `window` entries. Returns [B, H, S, d]."""
     previous = 0 if state.keys is None else state.keys.shape[2]
     keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
     values = v if state.values is None else torch.cat([state.values, v], dim=2)
-    index = torch.arange(previous + size, device=x.device)
-    query_index = previous + torch.arange(size, device=x.device)[:, None]  # each token's own entry
-    newest = query_index if module.read == "after" else query_index - 1
-    allowed = index[None, :] <= newest
+    newest = previous + newest
+    index = torch.arange(keys.shape[2], device=k.device)[None, :]
+    allowed = index <= newest
     if module.window:
-        allowed &= index[None, :] > newest - module.window
+        allowed &= index > newest - module.window
     scores = torch.einsum("bhtd,bhnd->bhtn", q, keys) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a read with nothing cached reads zero
@@ -1201,7 +1207,7 @@ def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState,
     if module.window:
         keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
     state.keys, state.values = keys, values
-    return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+    return y
 
 
 def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None) -> CompiledModel:

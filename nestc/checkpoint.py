@@ -23,6 +23,80 @@ class CheckpointError(Exception):
     """A checkpoint or state file that is missing, corrupt or does not fit the model."""
 
 
+# --- trees of tensors without pickle -------------------------------------------------------------
+
+
+def encode_tree(value, prefix: str, tensors: dict):
+    """`value` (nested dicts, lists, tuples, numbers, strings, None and tensors) as JSON, its
+    tensors moved into `tensors` under keys below `prefix`: what safetensors holds instead of a
+    pickle, which could run code when loaded."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().clone().contiguous()
+        return {"tensor": prefix}
+    if isinstance(value, dict):
+        return {"dict": [[encode_tree(key, f"{prefix}.key{index}", tensors),
+                          encode_tree(item, f"{prefix}.{index}", tensors)]
+                         for index, (key, item) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return {kind: [encode_tree(item, f"{prefix}.{index}", tensors) for index, item in enumerate(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"cannot save a {type(value).__name__} at `{prefix}`")
+
+
+def decode_tree(encoded, tensors: dict):
+    """The value that `encode_tree` encoded; CheckpointError where the encoding is malformed."""
+    if not isinstance(encoded, dict) or len(encoded) != 1:
+        raise CheckpointError(f"a malformed entry {str(encoded)[:80]!r}")
+    ((kind, body),) = encoded.items()
+    if kind == "tensor":
+        if body not in tensors:
+            raise CheckpointError(f"no tensor `{body}`")
+        return tensors[body]
+    if kind == "value" and (body is None or isinstance(body, (bool, int, float, str))):
+        return body
+    if kind in ("list", "tuple") and isinstance(body, list):
+        items = [decode_tree(item, tensors) for item in body]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "dict" and isinstance(body, list) and all(isinstance(p, list) and len(p) == 2 for p in body):
+        return {decode_tree(key, tensors): decode_tree(item, tensors) for key, item in body}
+    raise CheckpointError(f"a malformed entry {str(encoded)[:80]!r}")
+
+
+def save_tree(value, path: str, metadata_key: str) -> None:
+    """Write `value` as one safetensors file (its structure as JSON in the metadata), atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = encode_tree(value, "tree", tensors)
+    temporary = path + ".tmp"
+    save_file(tensors, temporary, metadata={metadata_key: json.dumps(structure)})
+    os.replace(temporary, path)
+
+
+def load_tree(path: str, metadata_key: str, what: str):
+    """Read a file written by `save_tree`; CheckpointError, saying what and where, on anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no {what} `{path}`")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            structure = json.loads((handle.metadata() or {}).get(metadata_key, "null"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"`{path}` is not a {what} ({type(error).__name__}: {error})") from None
+    if structure is None:
+        raise CheckpointError(f"`{path}` is not a {what}")
+    try:
+        return decode_tree(structure, tensors)
+    except RecursionError:
+        raise CheckpointError(f"`{path}` is a corrupt {what}: nested too deeply") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"`{path}` is a corrupt {what}: {error}") from None
+
+
 def bundle(result: Result) -> str:
     """The checked spec as one file: imported levels, blocks and constants first, then the spec
     itself without its imports."""

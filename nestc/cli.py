@@ -298,7 +298,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
         sys.exit(subprocess.run(launcher).returncode)
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
-    from nestc.checkpoint import bundle
+    from nestc.checkpoint import CheckpointError, bundle
     from nestc.train import TrainingDiverged, train
 
     with warnings.catch_warnings(record=True) as caught:
@@ -308,7 +308,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
                             eval_every=eval_every, task=task, task_options=options, corpus=corpus,
                             tokenizer=tokenizer, device=device, bf16=bf16, torch_compile=torch_compile, graph=graph,
                             log=lambda message: click.echo(message, err=True))
-        except (BackendError, TrainingDiverged) as error:
+        except (BackendError, TrainingDiverged, CheckpointError) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None

@@ -58,6 +58,22 @@ class Muon(torch.optim.Optimizer):
             self.adam.param_groups[0]["lr"] = self.param_groups[1]["lr"]
             self.adam.step()
 
+    def state_dict(self):
+        """The momenta and, beside them, the inner AdamW's moments (which torch's default omits)."""
+        state = super().state_dict()
+        if self.adam is not None:
+            state["adam"] = self.adam.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        adam = state_dict.pop("adam", None)
+        super().load_state_dict(state_dict)
+        if (adam is None) != (self.adam is None):
+            raise ValueError("the saved Muon state and this model disagree on whether an inner AdamW exists")
+        if adam is not None:
+            self.adam.load_state_dict(adam)
+
 
 class M3(torch.optim.Optimizer):
     """Multi-scale Momentum Muon (Nested Learning, Alg. 1), as printed: a fast momentum M1 and a
@@ -95,6 +111,15 @@ class M3(torch.optim.Optimizer):
                 slow = newton_schulz(state["slow"], group["ns_steps"]) if orthogonal else state["slow"]
                 update = (fast + group["alpha"] * slow) / (state["second"].sqrt() + group["eps"])
                 parameter.add_(update, alpha=-group["lr"])
+
+    def state_dict(self):
+        """The moments and the step count, which decides when the slow momentum next takes its sum."""
+        return {**super().state_dict(), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.steps_taken = state_dict.pop("steps_taken")
+        super().load_state_dict(state_dict)
 
 
 def build_optimizer(spec: ir.Op, model: nn.Module) -> torch.optim.Optimizer:

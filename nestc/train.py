@@ -1,7 +1,8 @@
 """`nestc run`: train a spec's model on the embedded default corpus (byte-level language modelling).
 
 Everything a run writes goes under `runs/<spec>-<variant id>/`: the resolved spec, `metrics.jsonl`,
-the weights (`model.safetensors`) and the trainer's state (`trainer.pt`), both written atomically,
+the weights (`model.safetensors`) and the trainer's state (`trainer.safetensors`, no pickle), both
+written atomically,
 the curves (`curves.png`) and `report.md`. `--resume` continues exactly where the last checkpoint stopped.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nestc import data, ir, plots, tasks
+from nestc import checkpoint, data, ir, plots, tasks
 from nestc.backends.outer import MultiRateStepper
 from nestc.optim import build_optimizer, schedule
 
@@ -39,33 +40,58 @@ class RunResult:
     tokens_per_second: float = 0.0  # training throughput, evaluations excluded
 
 
-def _atomic_write(path: str, write) -> None:
-    temporary = path + ".tmp"
-    write(temporary)
-    os.replace(temporary, path)
+TRAINER_FILE = "trainer.safetensors"
 
 
 def save_checkpoint(directory: str, model, optimizer, step: int, generator: torch.Generator, rng: random.Random):
+    """The weights and everything else a resume needs: the optimizer's moments, the RNG states
+    (which fix the data position), the step, and the gradients that `every N steps` levels have
+    accumulated but not yet applied. Safetensors and JSON only: nothing in a run directory is a
+    pickle, so loading one never runs code."""
     from safetensors.torch import save_file
 
     weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    _atomic_write(os.path.join(directory, "model.safetensors"),
-                  lambda path: save_file(weights, path, metadata={"step": str(step)}))
+    temporary = os.path.join(directory, "model.safetensors.tmp")
+    save_file(weights, temporary, metadata={"step": str(step)})
+    os.replace(temporary, os.path.join(directory, "model.safetensors"))
+    held = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     trainer = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-               "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
-    _atomic_write(os.path.join(directory, "trainer.pt"), lambda path: torch.save(trainer, path))
+               "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "held_gradients": held}
+    checkpoint.save_tree(trainer, os.path.join(directory, TRAINER_FILE), "nestc_trainer")
 
 
 def load_checkpoint(directory: str, model, optimizer, generator: torch.Generator, rng: random.Random) -> int:
+    """Restore what `save_checkpoint` wrote; CheckpointError on a missing, corrupt or torn checkpoint."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-    trainer = torch.load(os.path.join(directory, "trainer.pt"), weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    generator.set_state(trainer["generator"])
-    rng.setstate(trainer["python_rng"])
-    torch.set_rng_state(trainer["torch_rng"])
-    return trainer["step"]
+    weights_path = os.path.join(directory, "model.safetensors")
+    trainer = checkpoint.load_tree(os.path.join(directory, TRAINER_FILE), "nestc_trainer", "trainer state")
+    try:
+        with safe_open(weights_path, framework="pt") as handle:
+            weights_step = (handle.metadata() or {}).get("step")
+        model.load_state_dict(load_file(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise checkpoint.CheckpointError(f"`{weights_path}` is not a readable safetensors file ({error})") from None
+    except RuntimeError as error:
+        raise checkpoint.CheckpointError(f"`{weights_path}` does not fit the spec: {str(error).splitlines()[0]}") \
+            from None
+    try:
+        step = trainer["step"]
+        if weights_step != str(step):
+            raise checkpoint.CheckpointError(
+                f"`{directory}` holds weights of step {weights_step} and a trainer state of step {step}: the "
+                "checkpoint is torn; run without --resume to start over")
+        optimizer.load_state_dict(trainer["optimizer"])
+        generator.set_state(trainer["generator"])
+        rng.setstate(trainer["python_rng"])
+        torch.set_rng_state(trainer["torch_rng"])
+        parameters = dict(model.named_parameters())
+        for name, gradient in trainer["held_gradients"].items():
+            parameters[name].grad = gradient.to(parameters[name].device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise checkpoint.CheckpointError(f"`{directory}/{TRAINER_FILE}` does not fit this run ({error})") from None
+    return step
 
 
 def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: int = 4) -> float:
@@ -269,7 +295,12 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
     generator = torch.Generator().manual_seed(seed)
     start = 0
     metrics_path = os.path.join(directory, "metrics.jsonl")
-    if resume and os.path.exists(os.path.join(directory, "trainer.pt")):
+    if resume and os.path.exists(os.path.join(directory, "trainer.pt")) \
+            and not os.path.exists(os.path.join(directory, TRAINER_FILE)):
+        raise checkpoint.CheckpointError(
+            f"`{directory}/trainer.pt` is a pickle, which nestc no longer reads (loading one can run code); "
+            "run without --resume to start over")
+    if resume and os.path.exists(os.path.join(directory, TRAINER_FILE)):
         start = load_checkpoint(directory, model, optimizer, generator, rng)
         log(f"resuming {directory} at step {start}")
     elif lead and os.path.exists(metrics_path):
@@ -345,6 +376,9 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         interrupted = True
     progress.done()
     if world > 1:
+        # A process that tears its group down while another still works (the first process
+        # evaluating) aborts in gloo ("terminate called without an active exception").
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     measured = {"held_out_bits": held_out, "parameters": parameters,
                 "tokens_per_second": tokens / training_seconds if training_seconds else 0.0}
@@ -371,5 +405,5 @@ def train(program: ir.Program, spec_text: str, *, steps: int | None = None, back
         handle.write(report)
     log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
     log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
-    log(f"saved in {directory}/ (model.safetensors, trainer.pt, metrics.jsonl, curves.png, report.md)")
+    log(f"saved in {directory}/ (model.safetensors, trainer.safetensors, metrics.jsonl, curves.png, report.md)")
     return RunResult(directory, step, score, unigram, **measured)

@@ -31,7 +31,7 @@ def test_a_few_steps_write_everything(spec, tmp_path):
     result = _run(spec, "--steps", "3", "--runs", str(tmp_path), *TINY)
     assert result.exit_code == 0, result.output
     (directory,) = list(tmp_path.iterdir())
-    assert {"spec.nest", "metrics.jsonl", "model.safetensors", "trainer.pt", "report.md", "curves.png"} \
+    assert {"spec.nest", "metrics.jsonl", "model.safetensors", "trainer.safetensors", "report.md", "curves.png"} \
         <= set(os.listdir(directory))
     assert (directory / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -42,29 +42,84 @@ def test_a_few_steps_write_everything(spec, tmp_path):
     assert "unigram baseline" in result.output and "saved in" in result.output
 
 
-def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path, monkeypatch):
+# Each outer optimizer's whole state must round-trip: Muon's inner AdamW moments, M3's step count,
+# and (with `every 2 steps` on the ffn) the gradients accumulated between a slow level's updates.
+OPTIMIZERS = ["adamw(lr=1e-3)", "sgd(lr=1e-2, momentum=0.9)", "muon(lr=0.02, adam_lr=1e-3)",
+              "m3(lr=1e-3, every=2)"]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(optimizer, tmp_path, monkeypatch):
+    spec = tmp_path / "slow_ffn.nest"
+    text = open("specs/deltanet.nest").read()
+    assert 'import "lib/transformer.nest"  # ffn\n' in text
+    spec.write_text(text.replace('import "lib/transformer.nest"  # ffn\n',
+                                 "level ffn : mlp(expand=4, residual=false) {\n    every 2 steps\n}\n"))
+    settings = [*TINY, "--set", f"train.optimizer={optimizer}"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert _run("specs/deltanet.nest", "--steps", "4", "--runs", str(whole), *TINY).exit_code == 0
+    first = _run(str(spec), "--steps", "5", "--runs", str(whole), *settings)
+    assert first.exit_code == 0, first.output
     original = nestc.train._batch
     calls = {"count": 0}
 
     def interrupted_batch(*args):
         calls["count"] += 1
-        if calls["count"] == 3:
+        if calls["count"] == 4:  # after step 3: the ffn holds one step's gradient
             raise KeyboardInterrupt
         return original(*args)
 
     monkeypatch.setattr(nestc.train, "_batch", interrupted_batch)
-    stopped = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(parts), *TINY)
-    assert stopped.exit_code == 130 and "interrupted at step 2" in stopped.output
+    stopped = _run(str(spec), "--steps", "5", "--runs", str(parts), *settings)
+    assert stopped.exit_code == 130 and "interrupted at step 3" in stopped.output
     monkeypatch.setattr(nestc.train, "_batch", original)
-    resumed = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(parts), "--resume", *TINY)
+    resumed = _run(str(spec), "--steps", "5", "--runs", str(parts), "--resume", *settings)
     assert resumed.exit_code == 0, resumed.output
     (a,), (b,) = list(whole.iterdir()), list(parts.iterdir())
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
-    assert losses[0] == losses[1]
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
     for name, tensor in load_file(str(a / "model.safetensors")).items():
         assert torch.equal(tensor, load_file(str(b / "model.safetensors"))[name]), name
+
+
+class _CreatesAFile:
+    """Unpickling this runs `open(path, "w")`: what a hostile checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_no_command_unpickles_a_planted_file(trained, tmp_path):
+    """A pickle planted as every file that a command reads (trainer state, weights, memory state)
+    is refused with a clear error, and the code it carries never runs."""
+    import shutil
+
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "runs"
+    shutil.copytree(trained.parent, planted)
+    (run,) = list(planted.iterdir())
+    for name in ("trainer.pt", "trainer.safetensors"):
+        torch.save({"step": _CreatesAFile(marker)}, run / name)
+    resumed = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(planted), "--resume", *TINY)
+    assert resumed.exit_code == 1 and "is not a trainer state" in resumed.output, resumed.output
+    (run / "trainer.safetensors").unlink()
+    old_format = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(planted), "--resume", *TINY)
+    assert old_format.exit_code == 1 and "is a pickle, which nestc no longer reads" in old_format.output
+    state = tmp_path / "state.safetensors"
+    torch.save(_CreatesAFile(marker), state)
+    readers = [["eval", str(run), "README.md", "--state-in", str(state)],
+               ["generate", str(run), "--length", "2", "--state-in", str(state)],
+               ["memorize", str(run), "README.md", "--state-in", str(state)]]
+    for args in readers:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "not a state file" in result.output, (args, result.output)
+    torch.save({"embedding.weight": _CreatesAFile(marker)}, run / "model.safetensors")
+    for args in (["eval", str(run), "README.md"], ["generate", str(run), "--length", "2"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "not a readable safetensors file" in result.output, (args, result.output)
+    assert not marker.exists()
 
 
 def test_bad_set_paths_are_usage_errors_and_bad_values_diagnostics(tmp_path):

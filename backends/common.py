@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nestc import ir
+from nestc.lang import ir
 
 
 class BackendError(Exception):

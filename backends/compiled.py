@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestc import ir
+from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
@@ -155,7 +155,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
 
 def _is_generator(program: ir.Program, name: str) -> bool:
     """Whether any level (itself included, through `self`) reads this level as a pipeline stage."""
-    from nestc.sema import generators
+    from nestc.lang.sema import generators
 
     return any(name in generators(level) for level in program.levels)
 
@@ -761,7 +761,7 @@ class CompiledModel(ReferenceModel):
         return ""
 
     def _whole_model_fallback(self, program: ir.Program) -> str:
-        from nestc.sema import generators
+        from nestc.lang.sema import generators
 
         for level in program.levels:
             for generator in generators(level):

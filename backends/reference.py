@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestc import ir
+from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
-from nestc.sema import block_levels, generators
+from nestc.lang.sema import block_levels, generators
 
 # --- states ----------------------------------------------------------------------------------
 

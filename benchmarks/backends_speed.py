@@ -58,8 +58,8 @@ def measure(path: str, backend: str, batch: int, length: int, dim: int, heads: i
     import torch.nn.functional as F
 
     from nestc.backends import compiled, reference
-    from nestc.sema import analyze_source
-    from nestc.source import SourceFile
+    from nestc.lang.sema import analyze_source
+    from nestc.lang.source import SourceFile
 
     text = open(path, encoding="utf-8").read()
     text = re.sub(r"(?m)^(\s*dim\s+)\d+", rf"\g<1>{dim}", text, count=1)

@@ -123,8 +123,8 @@ def build_compiled(text: str, path: Path, torch_compile: bool = False):
     import warnings
 
     from nestc.backends import compiled
-    from nestc.sema import analyze_source
-    from nestc.source import SourceFile
+    from nestc.lang.sema import analyze_source
+    from nestc.lang.source import SourceFile
 
     result = analyze_source(SourceFile(str(path), text))
     if not result.ok:
@@ -158,7 +158,7 @@ def job_nestc_model(job: dict) -> dict:
 
     result = measure_steps(train_step, job["device"], job["repeats"], job["warmup"])
     if job.get("flops"):
-        from nestc.sweep import measure
+        from nestc.search.sweep import measure
 
         result["parameters"], result["forward_flops_per_token"] = measure(program)
     if job.get("online"):
@@ -457,7 +457,7 @@ def section_gflops(args) -> None:
     batch, length = args.batch, args.gflops_time
     print(f"## gflops: achieved GFLOP/s of the compiled backend (B={batch} T={length} dim={args.dim} "
           f"heads={args.heads})\n")
-    print("Useful FLOPs: `nestc.sweep.measure`'s forward estimate per token (2 per parameter in a matmul, "
+    print("Useful FLOPs: `nestc.search.sweep.measure`'s forward estimate per token (2 per parameter in a matmul, "
           "about 6 per memory state entry, attention over half the context), times 3 for forward+backward; "
           "work the compiled form adds on top (decay matrices, triangular solves, per-token errors) is "
           "not counted.\n")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from nestc.backends.reference import build
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
 
 
 def with_width(path: str, dim: int) -> SourceFile:

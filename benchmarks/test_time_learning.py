@@ -16,9 +16,9 @@ import os
 import statistics
 import tempfile
 
-from nestc import data
-from nestc.checkpoint import load_run, load_state, save_state
-from nestc.train import read
+from nestc.runtime import data
+from nestc.runtime.checkpoint import load_run, load_state, save_state
+from nestc.runtime.train import read
 
 
 def main() -> None:

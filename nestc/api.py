@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from nestc.diagnostics import NestError
-from nestc.source import SourceFile
+from nestc.lang.diagnostics import NestError
+from nestc.lang.source import SourceFile
 
 BACKENDS = ("reference", "compiled")
 
@@ -15,7 +15,7 @@ def check(spec: str):
 
     Raises `NestError` carrying every diagnostic when the spec has errors.
     """
-    from nestc.sema import analyze_file, analyze_source
+    from nestc.lang.sema import analyze_file, analyze_source
 
     if "\n" not in spec and spec.endswith(".nest") and os.path.exists(spec):
         result = analyze_file(spec)

@@ -15,8 +15,8 @@ import tempfile
 import click
 
 from nestc import __version__
-from nestc.diagnostics import render_all, to_json
-from nestc.source import SourceMap
+from nestc.lang.diagnostics import render_all, to_json
+from nestc.lang.source import SourceMap
 
 EXIT_DIAGNOSTICS = 1
 EXIT_USAGE = 2
@@ -60,7 +60,7 @@ def _report(diagnostics, sources: SourceMap, error_format: str, color: str) -> N
 
 
 def _analyze(path: str):
-    from nestc.sema import analyze_file
+    from nestc.lang.sema import analyze_file
 
     return analyze_file(path)
 
@@ -161,9 +161,9 @@ def _write_atomically(path: str, text: str) -> None:
 @_color
 def fmt(files, check_only, to_stdout, error_format, color) -> None:
     """Format spec FILES in the canonical style (in place by default)."""
-    from nestc import formatter, syntax
-    from nestc.diagnostics import NestError
-    from nestc.source import SourceFile
+    from nestc.lang import formatter, syntax
+    from nestc.lang.diagnostics import NestError
+    from nestc.lang.source import SourceFile
 
     status = 0
     for path in files:
@@ -240,7 +240,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
-    from nestc import data, overrides
+    from nestc.runtime import data
+    from nestc.lang import overrides
 
     if device != "cpu":
         import torch
@@ -260,7 +261,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
             corpus = data.load_paths(list(data_paths))
         except data.DataError as error:
             raise click.UsageError(str(error)) from None
-    from nestc.sema import analyze_source, read_source
+    from nestc.lang.sema import analyze_source, read_source
 
     try:
         source = read_source(spec)
@@ -298,8 +299,8 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
         sys.exit(subprocess.run(launcher).returncode)
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
-    from nestc.checkpoint import CheckpointError, bundle
-    from nestc.train import TrainingDiverged, train
+    from nestc.runtime.checkpoint import CheckpointError, bundle
+    from nestc.runtime.train import TrainingDiverged, train
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
@@ -354,7 +355,7 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
         for item in result.modules[program.file].items:
             click.echo(repr(item))
     elif emit == "ir":
-        from nestc import ir
+        from nestc.lang import ir
 
         click.echo(ir.dump(program), nl=False)
     elif emit == "graph":
@@ -393,7 +394,7 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
 
     import torch
 
-    from nestc import ir
+    from nestc.lang import ir
     from nestc.backends import compiled, fx
     from nestc.backends.common import BackendError
 
@@ -430,8 +431,8 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
 
 def _load_run(run_directory: str, state_in: str | None):
     """A trained model and, optionally, a saved memory state; bad files are usage errors."""
-    from nestc.checkpoint import CheckpointError, load_run, load_state
-    from nestc.diagnostics import NestError
+    from nestc.runtime.checkpoint import CheckpointError, load_run, load_state
+    from nestc.lang.diagnostics import NestError
 
     try:
         model = load_run(run_directory)
@@ -453,7 +454,7 @@ def _read_text_file(path: str) -> bytes:
 
 def _save_state(state, path: str | None) -> None:
     if path:
-        from nestc.checkpoint import save_state
+        from nestc.runtime.checkpoint import save_state
 
         save_state(state, path)
         click.echo(f"state saved to {path} (position {state.position})", err=True)
@@ -474,7 +475,7 @@ _state_out = click.option("--state-out", type=click.Path(dir_okay=False), help="
 @_state_out
 def generate(run_directory, prompt, length, temperature, seed, state_in, state_out) -> None:
     """Write text with a trained run's model; its memories keep learning while it reads and writes."""
-    from nestc.train import sample
+    from nestc.runtime.train import sample
 
     model, state = _load_run(run_directory, state_in)
     text, state = sample(model, prompt.encode("utf-8") or b"\n", length, temperature, seed, state)
@@ -489,7 +490,7 @@ def generate(run_directory, prompt, length, temperature, seed, state_in, state_o
 @_state_out
 def memorize(run_directory, file, state_in, state_out) -> None:
     """Read FILE with a trained run's model (its memories learn it) and save the state."""
-    from nestc.train import read
+    from nestc.runtime.train import read
 
     model, state = _load_run(run_directory, state_in)
     bits, state = read(model, _read_text_file(file), state)
@@ -503,7 +504,7 @@ def memorize(run_directory, file, state_in, state_out) -> None:
 @_state_in
 def evaluate_file(run_directory, file, state_in) -> None:
     """Bits per byte of a trained run's model on FILE (from a saved state with --state-in)."""
-    from nestc.train import read
+    from nestc.runtime.train import read
 
     model, state = _load_run(run_directory, state_in)
     bits, _ = read(model, _read_text_file(file), state)
@@ -537,8 +538,8 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
     """Train and rank the variants of a search space, or list them with --dry-run."""
     import json
 
-    from nestc import sweep as sweeping
-    from nestc.diagnostics import NestError
+    from nestc.search import sweep as sweeping
+    from nestc.lang.diagnostics import NestError
 
     if not os.path.isfile(spec):
         raise click.UsageError(f"cannot read `{spec}`: no such file") from None
@@ -587,9 +588,10 @@ def _train_sweep(config_fields: dict, fmt: str, color) -> None:
     import json
     import warnings
 
-    from nestc import study, tasks
+    from nestc.search import study
+    from nestc.runtime import tasks
     from nestc.backends.compiled import CompileWarning
-    from nestc.diagnostics import NestError
+    from nestc.lang.diagnostics import NestError
 
     config = study.SweepConfig(**config_fields)
     if config.task:  # an unknown task option fails here, not in every trial
@@ -626,7 +628,7 @@ def _train_sweep(config_fields: dict, fmt: str, color) -> None:
 
 
 def _sources_of(path: str) -> SourceMap:
-    from nestc.sema import read_source
+    from nestc.lang.sema import read_source
 
     sources = SourceMap()
     sources.add(read_source(path))
@@ -637,7 +639,7 @@ def _sources_of(path: str) -> SourceMap:
 @click.argument("code")
 def explain(code) -> None:
     """Explain a diagnostic code, e.g. `nestc explain N0110`."""
-    from nestc import errors
+    from nestc.lang import errors
 
     page = errors.page(code)
     if page is None:

@@ -19,8 +19,8 @@ from fractions import Fraction
 
 import networkx as nx
 
-from nestc import ir
-from nestc.sema import generated_roles
+from nestc.lang import ir
+from nestc.lang.sema import generated_roles
 
 OUTER = "outer"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from nestc.diagnostics import Diagnostic, render_all
-from nestc.sema import Result, analyze_source
-from nestc.source import SourceFile
+from nestc.lang.diagnostics import Diagnostic, render_all
+from nestc.lang.sema import Result, analyze_source
+from nestc.lang.source import SourceFile
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"

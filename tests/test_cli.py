@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from nestc import errors
+from nestc.lang import errors
 from nestc.cli import cli
 from nesttest import REPO, ZOO, cli_runner, run_nestc
 

@@ -13,10 +13,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import nestc
-from nestc import space
+from nestc.search import space
 from nestc.backends import compiled, reference
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
 from test_reference_model import _tensors
 
 ZOO = sorted(glob.glob("specs/*.nest"))

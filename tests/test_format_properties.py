@@ -14,10 +14,10 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nestc import ast, schema
-from nestc.formatter import format_module
-from nestc.source import SourceFile, Span
-from nestc.syntax import parse
+from nestc.lang import ast, schema
+from nestc.lang.formatter import format_module
+from nestc.lang.source import SourceFile, Span
+from nestc.lang.syntax import parse
 
 FILE = "prop.nest"
 KEYWORDS = ("import", "const", "level", "block")  # cannot name a section (they start items)

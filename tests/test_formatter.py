@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 
-from nestc import ast
-from nestc.formatter import format_module
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
-from nestc.syntax import parse
+from nestc.lang import ast
+from nestc.lang.formatter import format_module
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
+from nestc.lang.syntax import parse
 from nesttest import codes
 
 

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
 from nesttest import REPO, SPECS, ZOO, run_nestc
 
 SEED = 20251126

@@ -92,8 +92,8 @@ def test_drop_dead_leaves_only_nodes_someone_uses(at_repo_root):
 
 
 def nestc_text(path: str) -> str:
-    from nestc.checkpoint import bundle
-    from nestc.sema import analyze_file
+    from nestc.runtime.checkpoint import bundle
+    from nestc.lang.sema import analyze_file
 
     return bundle(analyze_file(path))
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from nestc import graph, ir
-from nestc.diagnostics import render_all
-from nestc.sema import analyze_file
+from nestc import graph
+from nestc.lang import ir
+from nestc.lang.diagnostics import render_all
+from nestc.lang.sema import analyze_file
 from nesttest import REPO
 
 GOLDEN = REPO / "tests" / "golden"

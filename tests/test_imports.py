@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nestc.sema import analyze_file
+from nestc.lang.sema import analyze_file
 from nesttest import MODEL, caret, render
 
 USE_MIXER = MODEL % "mixer"

@@ -10,8 +10,9 @@ import json
 
 import pytest
 
-from nestc import graph, ir
-from nestc.sema import analyze_file, generated_roles
+from nestc import graph
+from nestc.lang import ir
+from nestc.lang.sema import analyze_file, generated_roles
 from nesttest import render
 
 DELTANET = ["specs/deltanet.nest", "tests/golden/deltanet.nest"]

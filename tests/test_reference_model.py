@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import nestc
-from nestc import space
+from nestc.search import space
 from nestc.backends.outer import MultiRateStepper
 from nestc.backends.reference import LevelState, ModelState
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
 
 ZOO = sorted(glob.glob("specs/*.nest"))
 T_ODD = 19  # a multiple of no chunk size used in the zoo

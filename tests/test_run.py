@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import nestc.train
+import nestc.runtime.train
 from nestc.cli import cli
 
 TINY = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
@@ -59,7 +59,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(optimizer, tm
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     first = _run(str(spec), "--steps", "5", "--runs", str(whole), *settings)
     assert first.exit_code == 0, first.output
-    original = nestc.train._batch
+    original = nestc.runtime.train._batch
     calls = {"count": 0}
 
     def interrupted_batch(*args):
@@ -68,10 +68,10 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(optimizer, tm
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(nestc.train, "_batch", interrupted_batch)
+    monkeypatch.setattr(nestc.runtime.train, "_batch", interrupted_batch)
     stopped = _run(str(spec), "--steps", "5", "--runs", str(parts), *settings)
     assert stopped.exit_code == 130 and "interrupted at step 3" in stopped.output
-    monkeypatch.setattr(nestc.train, "_batch", original)
+    monkeypatch.setattr(nestc.runtime.train, "_batch", original)
     resumed = _run(str(spec), "--steps", "5", "--runs", str(parts), "--resume", *settings)
     assert resumed.exit_code == 0, resumed.output
     (a,), (b,) = list(whole.iterdir()), list(parts.iterdir())
@@ -175,8 +175,8 @@ def test_a_run_directory_is_self_contained(trained, tmp_path):
 
 def test_memorized_state_is_what_a_single_stream_would_have(trained, tmp_path):
     """eval FILE2 from the state saved after FILE1 == reading FILE1 then FILE2 as one stream."""
-    from nestc.checkpoint import load_run
-    from nestc.train import read
+    from nestc.runtime.checkpoint import load_run
+    from nestc.runtime.train import read
 
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     first.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 8)
@@ -291,7 +291,7 @@ def _tokenizer_file(path) -> int:
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"])
-    from nestc.data import default_corpus
+    from nestc.runtime.data import default_corpus
 
     tokenizer.train_from_iterator([default_corpus()[:20000].decode()], trainer)
     tokenizer.save(str(path))

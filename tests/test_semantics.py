@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from nestc import graph, ir
+from nestc import graph
+from nestc.lang import ir
 from nesttest import analyze, caret, codes, errors, only, render, spec
 
 # --- a valid baseline, so every failing snippet below fails for the reason it names ---------------

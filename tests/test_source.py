@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from nestc.diagnostics import Diagnostic, Label, render, to_json
-from nestc.sema import analyze_source
-from nestc.source import SourceFile, SourceMap, Span
+from nestc.lang.diagnostics import Diagnostic, Label, render, to_json
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile, SourceMap, Span
 from nesttest import caret
 
 

@@ -6,10 +6,11 @@ import random
 
 import pytest
 
-from nestc import ir, space, syntax
-from nestc.diagnostics import NestError
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
+from nestc.lang import ir, syntax
+from nestc.search import space
+from nestc.lang.diagnostics import NestError
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
 
 SPEC = """
 const D = choice(32, 64)                  # one dimension, used twice below

@@ -13,10 +13,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from nestc import ir, study
+from nestc.lang import ir
+from nestc.search import study
 from nestc.api import check
 from nestc.cli import cli
-from nestc.sema import analyze_file
+from nestc.lang.sema import analyze_file
 
 # Four variants: two objectives x two chunk sizes; trials of a few steps on 16-token sequences.
 TINY_SPACE = """
@@ -124,7 +125,7 @@ def test_two_workers_share_one_study_without_duplicating_trials(tmp_path):
 def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
     spec = tiny_space(tmp_path, steps=600)  # seconds per trial: the kill lands inside the second
     config = config_for(tmp_path, spec, trials=2, prune=False)
-    script = (f"from nestc import study\n"
+    script = (f"from nestc.search import study\n"
               f"study.run(study.SweepConfig(spec={spec!r}, trials=2, task='mqar', "
               f"task_options={config.task_options!r}, sampler='grid', runs={config.runs!r}, "
               f"heartbeat_seconds=1, prune=False), log=lambda line: None)\n")

@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from nestc.cli import cli
-from nestc.sweep import variants
+from nestc.search.sweep import variants
 
 INVALID_HALF = """
 level mem : vector {

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from nestc.diagnostics import NestError, render_all
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
-from nestc.syntax import parse
+from nestc.lang.diagnostics import NestError, render_all
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
+from nestc.lang.syntax import parse
 from nesttest import caret
 
 CASES = [

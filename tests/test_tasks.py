@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from nestc import tasks
-from nestc.tasks import ACCEPT, QUERY, REJECT
+from nestc.runtime import tasks
+from nestc.runtime.tasks import ACCEPT, QUERY, REJECT
 
 
 def _independent_accepts(name: str, text: str) -> bool:

@@ -48,12 +48,12 @@ def test_importtime_shows_no_torch():
     assert completed.returncode == 0, completed.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines()
                 if line.startswith("import time:")]
-    assert "nestc.sema" in imported  # the import log is really there
+    assert "nestc.lang.sema" in imported  # the import log is really there
     assert not [name for name in imported if name == "torch" or name.startswith("torch.")]
 
 
 def test_importing_the_front_end_does_not_import_torch():
-    program = ("import sys, nestc, nestc.cli, nestc.sema, nestc.graph, nestc.formatter, nestc.ir, nestc.errors; "
+    program = ("import sys, nestc, nestc.cli, nestc.lang.sema, nestc.graph, nestc.lang.formatter, nestc.lang.ir, nestc.lang.errors; "
                "print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")
     completed = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert completed.stdout.strip() == "False", completed.stderr

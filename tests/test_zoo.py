@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
-from nestc import ir
-from nestc.formatter import format_module
-from nestc.sema import analyze_file, analyze_source
-from nestc.source import SourceFile
-from nestc.syntax import parse
+from nestc.lang import ir
+from nestc.lang.formatter import format_module
+from nestc.lang.sema import analyze_file, analyze_source
+from nestc.lang.source import SourceFile
+from nestc.lang.syntax import parse
 from nesttest import LIBRARY, REPO, ZOO, render
 
 ALL = ZOO + LIBRARY

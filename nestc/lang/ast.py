@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from nestc.source import Span
+from nestc.lang.source import Span
 
 def _span_field():
     """A span attribute: defaults to None and takes no part in equality or repr."""

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nestc import checkpoint, data, ir, plots, tasks
+from nestc.runtime import checkpoint, data, plots, tasks
+from nestc.lang import ir
 from nestc.backends.outer import MultiRateStepper
-from nestc.optim import build_optimizer, schedule
+from nestc.runtime.optim import build_optimizer, schedule
 
 
 class TrainingDiverged(Exception):

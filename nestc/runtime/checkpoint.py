@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from nestc import ast, formatter
-from nestc.diagnostics import NestError
-from nestc.sema import Result, analyze_source
-from nestc.source import SourceFile
+from nestc.lang import ast, formatter
+from nestc.lang.diagnostics import NestError
+from nestc.lang.sema import Result, analyze_source
+from nestc.lang.source import SourceFile
 
 
 class CheckpointError(Exception):

@@ -10,7 +10,7 @@ the result parses to the same AST.
 
 from __future__ import annotations
 
-from nestc import ast, schema
+from nestc.lang import ast, schema
 
 INDENT = "    "
 MAX_WIDTH = 100

@@ -15,10 +15,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from nestc import ast, schema
-from nestc.diagnostics import Diagnostic, NestError
-from nestc.formatter import format_expr
-from nestc.source import SourceFile, Span
+from nestc.lang import ast, schema
+from nestc.lang.diagnostics import Diagnostic, NestError
+from nestc.lang.formatter import format_expr
+from nestc.lang.source import SourceFile, Span
 
 
 @dataclass
@@ -266,8 +266,8 @@ def _children(expr: ast.Expr) -> list[tuple[str | None, ast.Expr]]:
 
 def load(path: str) -> Space:
     """The search space of a spec file (its own search values; imported files must be fixed)."""
-    from nestc import syntax
-    from nestc.sema import read_source
+    from nestc.lang import syntax
+    from nestc.lang.sema import read_source
 
     source = read_source(path)
     return Space(source, syntax.parse(source))

@@ -15,9 +15,9 @@ import lark
 from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from nestc import ast
-from nestc.diagnostics import Diagnostic, NestError
-from nestc.source import SourceFile, Span
+from nestc.lang import ast
+from nestc.lang.diagnostics import Diagnostic, NestError
+from nestc.lang.source import SourceFile, Span
 
 # Tokens after which a newline never ends a field, and the brackets inside which newlines vanish.
 _CONTINUES_LINE = {"_PIPE", "COMMA", "EQUAL", "LBRACE", "PLUS", "MINUS", "STAR", "SLASH", "COLON"}

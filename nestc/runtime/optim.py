@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from nestc import ir
+from nestc.lang import ir
 from nestc.backends.common import op_args
 
 

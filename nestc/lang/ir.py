@@ -10,14 +10,14 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Union
 
-from nestc.source import Span
+from nestc.lang.source import Span
 
 def _span_field():
     """A span attribute: defaults to None and takes no part in equality or repr."""
     return field(default=None, compare=False, repr=False)
 
 
-# --- search-space values (kept in place; enumeration is nestc.space's job) -----------------------
+# --- search-space values (kept in place; enumeration is nestc.search.space's job) -----------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Choice:

@@ -9,10 +9,11 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from nestc import ir, space
-from nestc.diagnostics import Diagnostic
-from nestc.sema import analyze_source
-from nestc.source import SourceFile, SourceMap
+from nestc.lang import ir
+from nestc.search import space
+from nestc.lang.diagnostics import Diagnostic
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile, SourceMap
 
 
 @dataclass

@@ -7,9 +7,9 @@ diagnostics point at real lines.
 
 from __future__ import annotations
 
-from nestc import ast, schema, syntax
-from nestc.diagnostics import NestError, did_you_mean
-from nestc.source import SourceFile
+from nestc.lang import ast, schema, syntax
+from nestc.lang.diagnostics import NestError, did_you_mean
+from nestc.lang.source import SourceFile
 
 
 class OverrideError(ValueError):

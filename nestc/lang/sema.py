@@ -11,10 +11,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from nestc import ast, ir, schema
-from nestc.diagnostics import Diagnostic, Label, NestError, did_you_mean
-from nestc.schema import Param
-from nestc.source import SourceFile, SourceMap, Span
+from nestc.lang import ast, ir, schema
+from nestc.lang.diagnostics import Diagnostic, Label, NestError, did_you_mean
+from nestc.lang.schema import Param
+from nestc.lang.source import SourceFile, SourceMap, Span
 
 
 class _Invalid:
@@ -128,7 +128,7 @@ class _Analyzer:
         return (0 if span.file == self.main_file else 1, span.file, span.line, span.column)
 
     def _load(self, source: SourceFile, import_stack: tuple[str, ...]) -> ast.Module | None:
-        from nestc import syntax  # lark is only needed once there is text to parse
+        from nestc.lang import syntax  # lark is only needed once there is text to parse
 
         self.sources.add(source)
         try:

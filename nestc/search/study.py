@@ -22,10 +22,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from nestc import ir, space
-from nestc.diagnostics import render_all
-from nestc.sema import analyze_source
-from nestc.source import SourceFile
+from nestc.lang import ir
+from nestc.search import space
+from nestc.lang.diagnostics import render_all
+from nestc.lang.sema import analyze_source
+from nestc.lang.source import SourceFile
 
 SAMPLERS = ("tpe", "random", "grid")
 OUTCOMES_COUNTED = ("complete", "pruned", "duplicate", "invalid", "diverged")
@@ -239,8 +240,8 @@ class _Objective:
     def _evaluate(self, trial) -> float:
         optuna = _optuna()
         from nestc.backends.common import BackendError
-        from nestc.checkpoint import bundle
-        from nestc.train import TrainingDiverged, train
+        from nestc.runtime.checkpoint import bundle
+        from nestc.runtime.train import TrainingDiverged, train
 
         assignment = _suggest(trial, self.search)
         choices = self.search.describe(assignment)
@@ -391,7 +392,7 @@ def write_results(config: SweepConfig, entries: list[Entry]) -> dict[str, str]:
 
 def write_best(config: SweepConfig, best: Entry) -> str:
     """The best variant as one self-contained, choice-free spec that `nestc run` accepts."""
-    from nestc.checkpoint import bundle
+    from nestc.runtime.checkpoint import bundle
 
     study, search = open_study(config)
     assignment = study.trials[best.trial].user_attrs["assignment"]

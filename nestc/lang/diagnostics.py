@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from nestc.source import SourceMap, Span
+from nestc.lang.source import SourceMap, Span
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

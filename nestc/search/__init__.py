@@ -1,0 +1,1 @@
+"""Search spaces over specs: enumerating variants, grid sweeps and Optuna studies."""

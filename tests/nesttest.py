@@ -82,7 +82,7 @@ def cli_runner() -> CliRunner:
         return CliRunner()
 
 
-def run_nestc(*args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_nestc(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real entry point (`python -m nestc`, i.e. nestc.cli:main) in a subprocess."""
     return subprocess.run([sys.executable, "-m", "nestc", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)

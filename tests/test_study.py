@@ -122,6 +122,21 @@ def test_two_workers_share_one_study_without_duplicating_trials(tmp_path):
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}
 
 
+# Only a bound on a hang: each test waits for an event (a trial's state, a file), however slow
+# the machine, and fails on its own terms if the event never comes.
+OUTER_TIMEOUT = 1800
+
+
+def _wait_for(event, process: subprocess.Popen) -> bool:
+    """Poll until `event()` holds while `process` runs; False if it ended first."""
+    deadline = time.monotonic() + OUTER_TIMEOUT
+    while not event():
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
     spec = tiny_space(tmp_path, steps=600)  # seconds per trial: the kill lands inside the second
     config = config_for(tmp_path, spec, trials=2, prune=False)
@@ -131,18 +146,17 @@ def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
               f"heartbeat_seconds=1, prune=False), log=lambda line: None)\n")
     process = subprocess.Popen([sys.executable, "-c", script])
     database = os.path.join(config.directory, "study.db")
-    deadline = time.time() + 120
+
+    def second_trial_running() -> bool:
+        try:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30) as connection:
+                states = [s for (s,) in connection.execute("SELECT state FROM trials ORDER BY number")]
+        except sqlite3.OperationalError:  # the database or its tables are not created yet
+            return False
+        return states == ["COMPLETE", "RUNNING"]
+
     try:
-        while time.time() < deadline and process.poll() is None:
-            try:
-                with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30) as connection:
-                    states = [s for (s,) in connection.execute("SELECT state FROM trials ORDER BY number")]
-            except sqlite3.OperationalError:  # the database or its tables are not created yet
-                states = []
-            if states[:1] == ["COMPLETE"] and states[1:] == ["RUNNING"]:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the sweep ended before it could be killed inside its second trial"
+        assert _wait_for(second_trial_running, process), "the sweep ended before its second trial was running"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -163,13 +177,14 @@ def test_ctrl_c_stops_a_sweep_that_a_rerun_then_finishes(tmp_path):
                "--runs", config.runs]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trials = os.path.join(config.directory, "trials")
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None and not (
-            os.path.isdir(trials) and any("metrics.jsonl" in os.listdir(os.path.join(trials, d))
-                                          for d in os.listdir(trials))):
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)  # the first trial is training
-    _, stderr = process.communicate(timeout=120)
+
+    def first_trial_training() -> bool:
+        return os.path.isdir(trials) and any("metrics.jsonl" in os.listdir(os.path.join(trials, d))
+                                             for d in os.listdir(trials))
+
+    assert _wait_for(first_trial_training, process), "the sweep ended before its first trial was training"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=OUTER_TIMEOUT)
     assert process.returncode == 130 and "run the same command again to resume" in stderr
     assert "Traceback" not in stderr
     interrupted = trials_of(config)

@@ -43,11 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
-                                      ReferenceModel, Stage, activation, newton_schulz, rotate)
+                                      ReferenceModel, Stage, rotate)
+from nestc.rules.states import activation
 
 MAX_SEGMENT = 64
 ATTENTION_BLOCK = 256  # queries per softmax when a layer reads a whole call at once
@@ -71,57 +73,49 @@ def plan_level(level: ir.Level, module) -> LevelPlan:
 
 
 def plan_kernel(kernel, per_channel: bool) -> LevelPlan:
-    """Which segment form computes this memory rule exactly (or why none does yet)."""
-    every = kernel.every
-    if every == 0:
+    """The first segment form (in `rules.FORMS` order) that computes this memory rule exactly.
+    A form is a candidate when the level's state, objective, optimizer and output map all list it
+    (nestc/rules/); `_form_obstacle` holds the conditions of each form beyond its rules. Where no
+    form fits, the rule steps token by token and the plan says why: never another rule."""
+    if kernel.every == 0:
         return LevelPlan("frozen")
-    objective = kernel.objective_args["base"] if kernel.objective == "omega" else kernel.objective
-    if objective not in ("dot", "l2", "lp", "huber"):
-        return LevelPlan("sequential", f"no parallel form yet for objective `{kernel.objective}`")
-    features = _trajectory_features(kernel, per_channel)
-    if features:
-        return _trajectory_plan(kernel, features)
-    if every == 1 and kernel.read == "before":
-        return LevelPlan("sequential", "`read before` with `every 1` has no parallel form yet")
-    if kernel.state_kind == "mlp" or kernel.optimizer == "dgd":
-        if every == 1 and kernel.objective != "dot":
-            return LevelPlan("sequential", f"a {kernel.state_kind} memory with `{kernel.optimizer}` updated every "
-                                           "token has no parallel form")
-        return LevelPlan("layered")
-    if every == 1 and kernel.objective != "dot":
-        if kernel.objective == "l2" and kernel.optimizer == "gd" and kernel.state_kind == "matrix":
-            return LevelPlan("delta")
-        return LevelPlan("sequential", "this online rule has no parallel form yet")
-    return LevelPlan("anchored")
+    parts = (kernel.state, kernel.objective, kernel.optimizer, kernel.output)
+    candidates = [form for form in rules.FORMS if all(form in part.forms for part in parts)]
+    if not candidates:
+        described = ", ".join(f"{part.spec.kind} `{part.name}`" for part in parts[1:])
+        return LevelPlan("sequential", f"no segment form computes state `{kernel.state.name}` with {described} "
+                                       "together")
+    obstacles = []
+    for form in candidates:
+        obstacle = _form_obstacle(form, kernel, per_channel)
+        if not obstacle:
+            return LevelPlan(form)
+        obstacles.append(f"the {form} form {obstacle}")
+    return LevelPlan("sequential", "; ".join(obstacles))
 
 
-def _trajectory_features(kernel, per_channel: bool) -> str:
-    """What, in this rule, only the `trajectory` form computes (empty when the others do)."""
-    features = []
-    if per_channel:
-        features.append("per-channel gates")
-    if kernel.output != "none":
-        features.append(f"output map `{kernel.output}`")
-    if kernel.objective == "omega":
-        features.append("objective `omega`")
-    if kernel.optimizer == "muon":
-        features.append("optimizer `muon`")
-    return " and ".join(features)
-
-
-def _trajectory_plan(kernel, features: str) -> LevelPlan:
-    """The `trajectory` form keeps the anchor's gradients and writes every position's state out;
-    it needs gradients fixed over the segment and an elementwise optimizer on linear maps."""
-    if kernel.state_kind not in ("matrix", "mlp"):
-        return LevelPlan("sequential", f"no parallel form yet for a {kernel.state_kind} memory with {features}")
-    if kernel.optimizer == "dgd":
-        return LevelPlan("sequential", f"no parallel form yet for `dgd` with {features}")
-    if kernel.order == "decay_first":
-        return LevelPlan("sequential", f"no parallel form yet for `order decay_first` with {features}")
-    if kernel.every == 1 and not (kernel.state_kind == "matrix" and kernel.objective == "dot"
-                                  and kernel.output == "none" and kernel.read == "after"):
-        return LevelPlan("sequential", f"a memory updated every token with {features} has no parallel form")
-    return LevelPlan("trajectory")
+def _form_obstacle(form: str, kernel, per_channel: bool) -> str:
+    """Why `form` cannot compute this rule although its rules list the form, or ""."""
+    if per_channel and form != "trajectory":
+        return "takes per-head gates only"
+    if kernel.every == 1:
+        if kernel.read == "before":
+            return "has no `read before` for a memory updated every token"
+        # Every token's gradient is taken at the previous state, which the segment forms know
+        # only at the segment's start: they need gradients that do not depend on the state.
+        state_free = kernel.objective.state_free_error and kernel.state.linear
+        if form == "delta":
+            return ""  # the UT solve is the delta rule's online form
+        if not state_free:
+            return (f"needs `every C > 1` (with objective `{kernel.objective.name}` on state `{kernel.state.name}` "
+                    "the gradient depends on the state)")
+        if form == "trajectory" and not kernel.output.identity:
+            return f"needs `every C > 1` with output map `{kernel.output.name}`"
+    if form == "delta" and kernel.every != 1:
+        return "is the online (`every 1`) rule"
+    if form == "trajectory" and kernel.order == "decay_first":
+        return "has no `order decay_first`"
+    return ""
 
 
 def _per_channel(gate) -> bool:
@@ -141,7 +135,8 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
         plan = plans[level.name]
         # anchored forms need the anchor fixed inside a segment, and the state keeps the anchor
         constrained = plan.kernel in ("anchored", "layered", "trajectory")
-        if plan.kernel == "module" and isinstance(level.objective, ir.Op) and level.objective.name == "task":
+        if plan.kernel == "module" and isinstance(level.objective, ir.Op) \
+                and rules.OBJECTIVES[level.objective.name].continuum:
             constrained = every > 0
         if every > 1 and (constrained or _is_generator(program, level.name)):
             length = math.gcd(length, every)
@@ -202,27 +197,7 @@ def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Te
 
 def apply_sequence(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
     """M(x) for weights [B, H, ...] (one memory per sample) and x [B, S, H, d]."""
-    weights = kernel.mapped(weights)
-    if kernel.state_kind == "matrix":
-        return torch.einsum("bhvk,bshk->bshv", weights[0], x)
-    if kernel.state_kind == "vector":
-        return weights[0][:, None] * x
-    args = kernel.state_args
-    per_head = x.transpose(1, 2)  # [B, H, S, d]: every map one batched matmul
-    h = per_head
-    for index, weight in enumerate(weights):
-        h = h @ weight.transpose(-1, -2)
-        if index < len(weights) - 1:
-            h = activation(args["act"], h)
-    return _finish_mlp(h, per_head, args).transpose(1, 2)
-
-
-def _finish_mlp(h: Tensor, x: Tensor, args: dict) -> Tensor:
-    if args["norm"] == "layernorm":
-        h = F.layer_norm(h, h.shape[-1:])
-    elif args["norm"] == "rmsnorm":
-        h = F.rms_norm(h, h.shape[-1:])
-    return x + h if args["residual"] and h.shape == x.shape else h
+    return kernel.state.apply_sequence(kernel.state_args, kernel.mapped(weights), x)
 
 
 def decay_matrix(gates: Tensor) -> Tensor:
@@ -248,22 +223,6 @@ def decay_row(gates: Tensor) -> Tensor:
     return torch.cat([suffix[..., 1:], torch.ones_like(suffix[..., :1])], dim=-1)
 
 
-def pair_error(objective: str, args: dict, prediction: Tensor, v: Tensor) -> Tensor:
-    """d loss / d prediction for one pair, elementwise."""
-    if objective == "dot":
-        return -v
-    residual = prediction - v
-    if objective == "l2":
-        return residual
-    if objective == "lp":
-        p = args["p"]
-        return p * residual.abs().pow(p - 1) * torch.sign(residual)
-    if objective == "huber":
-        delta = args["delta"]
-        return residual.clamp(-delta, delta)
-    raise BackendError(f"no closed-form gradient for objective `{objective}`")
-
-
 # --- memory kernels on a segment --------------------------------------------------------------
 
 
@@ -272,7 +231,7 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     v [B, H, S, dv], gates [B, H, S]. Returns reads [B, H, S, dv] and advances `state`."""
     lr, retain = gates["lr"], gates["retain"]
     size = k.shape[2]
-    matrix = kernel.state_kind == "matrix"
+    matrix = not kernel.state.diagonal
     anchor = state.anchor[0]
     if kernel.order == "decay_first":
         previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
@@ -282,7 +241,7 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     else:
         at_anchor = anchor[:, :, None, :] * k
     prediction = decayed[..., None] * at_anchor if kernel.order == "decay_first" else at_anchor
-    error = pair_error(kernel.objective, kernel.objective_args, prediction, v)
+    error = kernel.objective.pair_error(kernel.objective_args, prediction, v)
     key = k
     if kernel.meta != "full":
         error, key = error.detach(), k.detach()
@@ -290,7 +249,7 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     decay = decay_matrix(retain)  # D[t, i]
     start_decay = torch.cumprod(retain, dim=-1)  # b_t
     weights0 = state.weights[0]
-    if kernel.optimizer == "momentum":
+    if kernel.optimizer.momentum_of_steps:
         momentum = gates["momentum"]
         inner = decay_matrix(momentum)  # M[t, i]
         kernel_matrix = decay @ inner  # K = D M
@@ -305,12 +264,12 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     if matrix:
         scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(kernel_matrix)
         y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(step)
-        if kernel.optimizer == "momentum":
+        if kernel.optimizer.momentum_of_steps:
             y = y + cut(carry) * torch.einsum("bhvk,bhtk->bhtv", cut(momentum0), q)
     else:
         y = cut(start_decay)[..., None] * cut(weights0)[:, :, None, :] * q + torch.einsum(
             "bhti,bhid,bhtd->bhtd", cut(kernel_matrix), cut(step * key), q)
-        if kernel.optimizer == "momentum":
+        if kernel.optimizer.momentum_of_steps:
             y = y + cut(carry) * cut(momentum0)[:, :, None, :] * q
     # the state after the segment
     last = kernel_matrix[..., -1, :]  # [B, H, S]
@@ -318,7 +277,7 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
         new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", last, step, key)
     else:
         new = start_decay[..., -1, None] * weights0 + torch.einsum("bhi,bhid->bhd", last, step * key)
-    if kernel.optimizer == "momentum":
+    if kernel.optimizer.momentum_of_steps:
         momentum_last = inner[..., -1, :]
         if matrix:
             new = new + carry[..., -1, :, None] * momentum0
@@ -415,7 +374,7 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     every_position = kernel.read == "after"
     decay = decay_matrix(retain) if every_position else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
     start_decay = torch.cumprod(retain, dim=-1)
-    if kernel.optimizer == "momentum":
+    if kernel.optimizer.momentum_of_steps:
         inner = decay_matrix(gates["momentum"])
         momentum_start = torch.cumprod(gates["momentum"], dim=-1)
         coefficients = decay @ inner
@@ -424,12 +383,12 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
         coefficients, carried = decay, None
     positions, finals, momenta = [], [], []
     for index, (weight0, u, d) in enumerate(zip(state.weights, inputs, errors)):
-        if kernel.optimizer == "dgd":
+        if kernel.optimizer.decays_along_input:
             residual, coefficients = _ut_solve(weight0, u, -d, lr, retain, "grad_first")
             vectors = lr[..., None] * residual
         else:
             vectors = -lr[..., None] * d  # u_i = step_i u_i^T
-            if kernel.optimizer == "momentum":
+            if kernel.optimizer.momentum_of_steps:
                 momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
                                + _weighted_outer(inner[..., -1, :], vectors, u))
         final = start_decay[..., -1, None, None] * weight0 + _weighted_outer(coefficients[..., -1, :], vectors, u)
@@ -465,14 +424,9 @@ def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: T
     return _errors_closed_form(kernel, state.anchor, k, v, scale)
 
 
-def _base_objective(kernel) -> str:
-    """The per-pair objective (omega weighs a window of pairs of its base objective)."""
-    return kernel.objective_args["base"] if kernel.objective == "omega" else kernel.objective
-
-
 def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None):
     """The memory's forward on every token's key: each map's input and pre-activation, and M(k)."""
-    mlp = kernel.state_kind == "mlp"
+    act = kernel.state.map_activation(kernel.state_args)
     inputs, pre_activations = [], []
     h = k
     for index, weight in enumerate(anchor):
@@ -481,18 +435,17 @@ def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None)
         if scale is not None:
             z = scale[..., None] * z
         pre_activations.append(z)
-        h = activation(kernel.state_args["act"], z) if (mlp and index < len(anchor) - 1) else z
-    return inputs, pre_activations, (_finish_mlp(h, k, kernel.state_args) if mlp else h)
+        h = activation(act, z) if index < len(anchor) - 1 else z
+    return inputs, pre_activations, kernel.state.finish(kernel.state_args, h, k)
 
 
 def _errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
     """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
     call, so the outer level differentiates plain tensor operations."""
-    act = kernel.state_args["act"] if kernel.state_kind == "mlp" else "identity"
+    act = kernel.state.map_activation(kernel.state_args)
     inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
-    error = pair_error(_base_objective(kernel), kernel.objective_args, prediction, v)
-    if kernel.state_kind == "mlp":
-        error = _through_norm(kernel.state_args["norm"], error, pre_activations[-1])
+    error = kernel.objective.pair_error(kernel.objective_args, prediction, v)
+    error = _through_norm(kernel.state.output_norm(kernel.state_args), error, pre_activations[-1])
     errors = [error]
     for index in range(len(anchor) - 1, 0, -1):
         back = errors[0] @ anchor[index]
@@ -544,12 +497,13 @@ def activation_derivative(name: str, x: Tensor) -> Tensor:
 
 def _per_token_read(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
     """M_t(x_t) with one set of weights per position: weights [B, H, S, o, i], x [B, H, S, d]."""
+    act = kernel.state.map_activation(kernel.state_args)
     h = x
     for index, weight in enumerate(weights):
         h = torch.einsum("bhsoi,bhsi->bhso", weight, h)
-        if kernel.state_kind == "mlp" and index < len(weights) - 1:
-            h = activation(kernel.state_args["act"], h)
-    return _finish_mlp(h, x, kernel.state_args) if kernel.state_kind == "mlp" else h
+        if index < len(weights) - 1:
+            h = activation(act, h)
+    return kernel.state.finish(kernel.state_args, h, x)
 
 
 def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
@@ -562,7 +516,7 @@ def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
     times the state, so this form is for the small memories these rules are used with."""
     band = None
     keys, values = k, v
-    if kernel.objective == "omega":
+    if kernel.objective.windowed:
         keys, values, band = _omega_pairs(kernel, state, k, v, gates["gamma"])
     inputs, errors = _errors_closed_form(kernel, kernel.mapped(state.anchor), keys, values, None)
     grads = []
@@ -571,7 +525,7 @@ def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
             grad = torch.einsum("bhso,bhsi->bhsoi", d, u)
         else:  # each token's objective sums the weighted pairs of its window
             grad = torch.einsum("bhtj,bhjo,bhji->bhtoi", band, d, u)
-        grads.append(_output_map_vjp(kernel, anchor, grad))
+        grads.append(kernel.output.pullback(kernel.output_args, anchor, grad))
     if kernel.meta != "full":
         grads = [g.detach() for g in grads]
     dk = k.shape[-1]
@@ -580,15 +534,14 @@ def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
         shape = weight0.shape[-2:]
         lr = _gate_on_map(gates["lr"], shape, dk)
         retain = _gate_on_map(gates["retain"], shape, dk)
-        if kernel.optimizer == "gd":
+        steps = kernel.optimizer.momentum_of_steps
+        if not kernel.optimizer.keeps_momentum:
             drive = -lr * grad
         else:
-            momentum = _linear_scan(_gate_on_map(gates["momentum"], shape, dk),
-                                    -lr * grad if kernel.optimizer == "momentum" else grad,
+            momentum = _linear_scan(_gate_on_map(gates["momentum"], shape, dk), -lr * grad if steps else grad,
                                     state.momentum[index])
             momenta.append(momentum[:, :, -1])
-            drive = (momentum if kernel.optimizer == "momentum"
-                     else -lr * newton_schulz(momentum, kernel.optimizer_args["steps"]))
+            drive = momentum if steps else -lr * kernel.optimizer.direction(kernel.optimizer_args, momentum)
         positions.append(_linear_scan(retain, drive, weight0))
     cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
     if kernel.read == "after":
@@ -629,28 +582,9 @@ def _linear_scan(gate: Tensor, drive: Tensor, start: Tensor) -> Tensor:
     return carried + torch.einsum("bhots,bhsoi->bhtoi", decay_matrix(gate[..., :, 0].transpose(-1, -2)), drive)
 
 
-def _output_map_vjp(kernel, weight: Tensor, grad: Tensor) -> Tensor:
-    """Gradients with respect to the mapped weights [B, H, S, o, i] pulled back through the output
-    map at the stored `weight` [B, H, o, i] (the reference lets autograd do this, token by token)."""
-    if kernel.output == "softmax":  # rows of W = softmax(A): dA = W * (dW - rowsum(dW * W))
-        mapped = torch.softmax(weight, dim=-1)[:, :, None]
-        return mapped * (grad - (grad * mapped).sum(-1, keepdim=True))
-    if kernel.output == "normalize":
-        # W = A / n^(q-2), n = ||A||_q over the whole map (clamped at 1e-6, where it is constant):
-        # dA = dW / n^(q-2) - (q-2) n^(2-2q) <dW, A> sign(A) |A|^(q-1)
-        power = kernel.output_args["q"]
-        raw = weight.abs().pow(power).flatten(2).sum(-1).pow(1.0 / power)[..., None, None]
-        norm = raw.clamp_min(1e-6)
-        inner = torch.einsum("bhsoi,bhoi->bhs", grad, weight)[..., None, None]
-        tangent = torch.where(raw > 1e-6, (power - 2) * norm.pow(2 - 2 * power), torch.zeros_like(norm))
-        pull = (torch.sign(weight) * weight.abs().pow(power - 1))[:, :, None]
-        return grad / norm.pow(power - 2)[:, :, None] - tangent[:, :, None] * inner * pull
-    return grad
-
-
 def _mapped_positions(kernel, positions: list[Tensor]) -> list[Tensor]:
     """The output map on each position's weights [B, H, S, o, i] (positions taken as heads)."""
-    if kernel.output == "none":
+    if kernel.output.identity:
         return positions
     flat = [w.reshape(w.shape[0], -1, *w.shape[-2:]) for w in positions]
     return [m.reshape(w.shape) for m, w in zip(kernel.mapped(flat), positions)]
@@ -753,7 +687,7 @@ class CompiledModel(ReferenceModel):
                 return f"level `{name}` runs token by token"
             if isinstance(module, CacheLevel):
                 return f"the attention cache of `{name}` changes length from segment to segment"
-            if module.kernel.objective == "omega":
+            if module.kernel.objective.windowed:
                 return f"the omega window of `{name}` is a list of pairs that grows over the first tokens"
             if isinstance(module, FeedForwardLevel) and module.every and module.meta == "full":
                 return (f"differentiating through the updates of continuum level `{name}` (`meta full`) needs "
@@ -916,7 +850,7 @@ def _compiles_alone(module, plan: LevelPlan) -> bool:
     """Whether this level's memory rule runs through torch.compile on its own (layer by layer):
     a segment form whose state is fixed tensors (an omega window is a list that grows)."""
     return (isinstance(module, MemoryLevel) and plan.kernel in ("anchored", "delta", "layered", "trajectory")
-            and module.kernel.objective != "omega" and "query" in module.pipelines)
+            and not module.kernel.objective.windowed and "query" in module.pipelines)
 
 
 def _kernel_from_tensors(plan: str, kernel, layout: tuple, roles: tuple, k: Tensor, v: Tensor, q: Tensor,

@@ -372,7 +372,7 @@ class Model(torch.nn.Module):
             lr, retain = self._gate(level["lr"]), self._gate(level["retain"])
             for number, (slot, grad) in enumerate(zip(level["weights"], grads)):
                 grad = torch.zeros_like(tensors[slot]) if grad is None else grad.detach()
-                if level["optimizer"] == "momentum":
+                if level["momentum_of_steps"]:
                     kept = self._gate(level["momentum"]) * tensors[level["momenta"][number]] - lr * grad
                     tensors[level["momenta"][number]] = kept if outer else kept.detach()
                     new = retain * tensors[slot] + kept
@@ -431,7 +431,8 @@ def _continuum_table(model, graph: SegmentGraph) -> list[dict]:
         gates = {role: names[id(value)] if isinstance(value, Tensor) else value
                  for role, value in (("lr", level.gates.get("lr", 1.0)), ("retain", level.gates.get("retain", 1.0)),
                                      ("momentum", level.gates.get("momentum", 0.9)))}
-        table.append({"name": name, "every": level.every, "optimizer": level.optimizer, **gates,
+        table.append({"name": name, "every": level.every,
+                      "momentum_of_steps": level.optimizer.momentum_of_steps, **gates,
                       "stop": level.meta == "stop", "weights": slots["weights"], "momenta": slots["momentum"]})
     return table
 

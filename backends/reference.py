@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang.sema import block_levels, generators
@@ -219,39 +220,6 @@ class Gate(nn.Module):
 # --- memory functions ------------------------------------------------------------------------
 
 
-def mlp_apply(weights: list[Tensor], x: Tensor, act: str, residual: bool, norm: str,
-              inputs: list[Tensor] | None = None) -> Tensor:
-    """M(x) for batched per-head weights W_i [B, H, out, in] and x [B, H, in]; records each map's input."""
-    h = x
-    for index, weight in enumerate(weights):
-        if inputs is not None:
-            inputs.append(h)
-        h = torch.einsum("bhoi,bhi->bho", weight, h)
-        if index < len(weights) - 1:
-            h = activation(act, h)
-    if norm == "layernorm":
-        h = F.layer_norm(h, h.shape[-1:])
-    elif norm == "rmsnorm":
-        h = F.rms_norm(h, h.shape[-1:])
-    return x + h if residual and h.shape == x.shape else h
-
-
-def activation(name: str, x: Tensor) -> Tensor:
-    return x if name == "identity" else torch.tanh(x) if name == "tanh" else getattr(F, name)(x)
-
-
-def newton_schulz(update: Tensor, steps: int) -> Tensor:
-    """Approximate orthogonalisation of the last two dims (the quintic iteration used by Muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    transpose = update.shape[-2] > update.shape[-1]
-    x = update.transpose(-2, -1) if transpose else update
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.transpose(-2, -1)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.transpose(-2, -1) if transpose else x
-
-
 class MemoryKernel(nn.Module):
     """The update and read rule of one memory level, on per-head tensors.
 
@@ -264,48 +232,29 @@ class MemoryKernel(nn.Module):
         super().__init__()
         self.level = level
         self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
-        self.state_kind = level.state.name
-        self.state_args = op_args(level.state)
-        self.objective = level.objective.name
-        self.objective_args = op_args(level.objective)
-        self.optimizer = level.optimizer.name
-        self.optimizer_args = op_args(level.optimizer)
-        self.output = level.output.name
-        self.output_args = op_args(level.output)
+        # The level's rules, as registry entries (nestc/rules/), each with its arguments.
+        self.state, self.state_args = rules.STATES[level.state.name], op_args(level.state)
+        self.objective, self.objective_args = rules.OBJECTIVES[level.objective.name], op_args(level.objective)
+        self.optimizer, self.optimizer_args = rules.OPTIMIZERS[level.optimizer.name], op_args(level.optimizer)
+        self.output, self.output_args = rules.OUTPUTS[level.output.name], op_args(level.output)
         self.every = concrete(level.every.tokens)
         self.read = level.read
         self.order = level.order
         self.meta = level.meta
         self.init_kind = level.init.name
-        shapes = self.weight_shapes()
+        shapes = self.state.weight_shapes(self.state_args, heads, key_dim, value_dim)
         if self.init_kind in ("meta", "nested", "pretrained"):
             self.initial = nn.ParameterList(nn.Parameter(self._initial_value(s, i, len(shapes)))
                                             for i, s in enumerate(shapes))
         else:
             self.initial = None
         self._shapes = shapes
-        if self.state_kind == "mlp" and self.state_args["residual"] and key_dim != value_dim:
-            raise BackendError(f"level `{level.name}`: a residual mlp memory maps keys to values of the same "
-                               f"width, but keys have {key_dim} channels per head and values {value_dim}")
-
-    def weight_shapes(self) -> list[tuple[int, ...]]:
-        h, dk, dv = self.heads, self.key_dim, self.value_dim
-        if self.state_kind == "matrix":
-            return [(h, dv, dk)]
-        if self.state_kind == "vector":
-            return [(h, dk)]
-        depth, expand = self.state_args["depth"], self.state_args["expand"]
-        hidden = max(1, int(round(expand * dk)))
-        dims = [dk] + [hidden] * (depth - 1) + [dv]
-        return [(h, dims[i + 1], dims[i]) for i in range(depth)]
+        problem = self.state.width_error(self.state_args, key_dim, value_dim)
+        if problem:
+            raise BackendError(f"level `{level.name}`: {problem}")
 
     def _initial_value(self, shape, index: int, count: int) -> Tensor:
-        if self.state_kind == "mlp":
-            fan_in = shape[-1]
-            # The last map of a residual memory starts small so M starts near the identity.
-            scale = 0.02 if (self.state_args["residual"] and index == count - 1) else 1.0 / math.sqrt(fan_in)
-            return torch.randn(shape) * scale
-        return torch.zeros(shape)
+        return self.state.initial_value(self.state_args, shape, index, count)
 
     def initial_state(self, batch: int, like: Tensor) -> LevelState:
         if self.initial is not None:
@@ -313,7 +262,7 @@ class MemoryKernel(nn.Module):
         else:
             weights = [like.new_zeros((batch,) + s) for s in self._shapes]
         state = LevelState(weights=weights, anchor=list(weights))
-        if self.optimizer in ("momentum", "muon"):
+        if self.optimizer.keeps_momentum:
             state.momentum = [torch.zeros_like(w) for w in weights]
         return state
 
@@ -321,43 +270,14 @@ class MemoryKernel(nn.Module):
 
     def mapped(self, weights: list[Tensor]) -> list[Tensor]:
         """The output map (mirror map) applied to the stored weights before any use."""
-        if self.output == "normalize":
-            power = self.output_args["q"]
-            return [w / (w.abs().pow(power).flatten(2).sum(-1).pow(1.0 / power)
-                         .clamp_min(1e-6).pow(power - 2).reshape(w.shape[:2] + (1,) * (w.dim() - 2)))
-                    for w in weights]
-        if self.output == "softmax":
-            return [torch.softmax(w, dim=-1) for w in weights]
-        return weights
+        return self.output.map(self.output_args, weights)
 
     def apply(self, weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
-        weights = self.mapped(weights)
-        if self.state_kind == "matrix":
-            if inputs is not None:
-                inputs.append(x)
-            return torch.einsum("bhvk,bhk->bhv", weights[0], x)
-        if self.state_kind == "vector":
-            return weights[0] * x
-        args = self.state_args
-        return mlp_apply(weights, x, args["act"], args["residual"], args["norm"], inputs)
+        return self.state.apply(self.state_args, self.mapped(weights), x, inputs)
 
     def loss(self, weights: list[Tensor], k: Tensor, v: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
         """The per-(batch, head) objective, summed: each slice's gradient is its own."""
-        prediction = self.apply(weights, k, inputs)
-        name = self.objective if self.objective != "omega" else self.objective_args["base"]
-        return self._pair_loss(name, prediction, v).sum()
-
-    def _pair_loss(self, name: str, prediction: Tensor, v: Tensor) -> Tensor:
-        residual = prediction - v
-        if name == "dot":
-            return -(prediction * v).sum(-1)
-        if name == "l2":
-            return 0.5 * residual.pow(2).sum(-1)
-        if name == "lp":
-            return residual.abs().pow(self.objective_args["p"]).sum(-1)
-        if name == "huber":
-            return F.huber_loss(prediction, v, reduction="none", delta=self.objective_args["delta"]).sum(-1)
-        raise BackendError(f"no pair loss `{name}`")
+        return self.objective.pair_loss(self.objective_args, self.apply(weights, k, inputs), v).sum()
 
     def gradient(self, at: list[Tensor], k: Tensor, v: Tensor, window) -> tuple[list[Tensor], list[Tensor]]:
         """The inner gradient at `at` and the input of each linear map (for DGD)."""
@@ -369,8 +289,9 @@ class MemoryKernel(nn.Module):
         leaves = [w.view_as(w) if (outer and w.requires_grad) else w.detach().requires_grad_() for w in at]
         inputs: list[Tensor] = []
         with torch.enable_grad():
-            if self.objective == "omega":
-                total = sum(self._pair_loss(self.objective_args["base"], self.apply(leaves, k_i), v_i)
+            if self.objective.windowed:
+                pair = self.objective.per_pair(self.objective_args)
+                total = sum(pair.pair_loss({}, self.apply(leaves, k_i), v_i)
                             .mul(gamma_i if gamma_i.dim() == 2 else gamma_i.mean(-1)).sum()
                             for k_i, v_i, gamma_i in window)
                 self.apply(leaves, k, inputs)
@@ -387,41 +308,29 @@ class MemoryKernel(nn.Module):
     def step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
              position: int) -> Tensor | None:
         """Update `state` with the pair (k, v) of the token at `position`; return the read of q."""
-        lr, retain = gates["lr"], gates["retain"]
+        retain = gates["retain"]
         anchor_before = state.anchor
         output_before = self.apply(anchor_before, q) if (q is not None and self.read == "before") else None
         window = None
-        if self.objective == "omega":
+        if self.objective.windowed:
             state.window = (state.window + [(k, v, gates["gamma"])])[-self.objective_args["window"]:]
             window = state.window
         if self.order == "decay_first":
             # Gradient at the anchor decayed by the retain gates accumulated since the anchor
             # (a per-channel gate keeps its channels: the product has the gate's own shape).
             state.retain_product = retain if state.retain_product is None else state.retain_product * retain
-            at = [self._scale(w, state.retain_product, i) for i, w in enumerate(state.anchor)]
+            at = [self._scale(w, state.retain_product) for w in state.anchor]
         else:
             at = state.anchor
         grads, inputs = self.gradient(at, k, v, window)
         new = []
         for index, (weight, grad) in enumerate(zip(state.weights, grads)):
-            step = self._scale(grad, lr, index)
-            kept = self._scale(weight, retain, index)
-            if self.optimizer == "gd":
-                new.append(kept - step)
-            elif self.optimizer == "dgd":
-                u = inputs[index]
-                # W (retain I - lr u u^T) - lr g  =  retain W - lr (W u) u^T - lr g
-                wu = torch.einsum("bhoi,bhi->bho", weight, u)
-                decay = self._scale(torch.einsum("bho,bhi->bhoi", wu, u), lr, index)
-                new.append(kept - decay - step)
-            elif self.optimizer == "momentum":
-                momentum = self._scale(state.momentum[index], gates["momentum"], index) - step
+            weight, momentum = self.optimizer.step(
+                self.optimizer_args, weight, grad, inputs[index] if index < len(inputs) else None,
+                state.momentum[index] if self.optimizer.keeps_momentum else None, gates, self._scale)
+            if momentum is not None:
                 state.momentum[index] = momentum
-                new.append(kept + momentum)
-            elif self.optimizer == "muon":
-                momentum = self._scale(state.momentum[index], gates["momentum"], index) + grad
-                state.momentum[index] = momentum
-                new.append(kept - self._scale(newton_schulz(momentum, self.optimizer_args["steps"]), lr, index))
+            new.append(weight)
         if self.meta == "stop":
             new = [w.detach() for w in new]
         state.weights = new
@@ -432,7 +341,7 @@ class MemoryKernel(nn.Module):
             return None
         return output_before if self.read == "before" else self.apply(state.weights, q)
 
-    def _scale(self, weight: Tensor, gate: Tensor, index: int = 0) -> Tensor:
+    def _scale(self, weight: Tensor, gate: Tensor) -> Tensor:
         """gate * weight, a per-head gate broadcast, a per-channel gate along the key side."""
         if gate.dim() == 2:
             return weight * gate.reshape(gate.shape + (1,) * (weight.dim() - 2))
@@ -517,7 +426,7 @@ class FeedForwardLevel(nn.Module):
                                                    for i, s in enumerate(self.kernel._shapes))
         self.every = concrete(level.every.tokens)
         self.meta = level.meta
-        self.optimizer = level.optimizer.name if level.optimizer is not None else "gd"
+        self.optimizer = rules.OPTIMIZERS[level.optimizer.name]
         self.gates = {}
         for role in ("lr", "retain", "momentum"):
             gate = getattr(level, role)
@@ -554,7 +463,7 @@ class FeedForwardLevel(nn.Module):
             grad = torch.zeros_like(weight) if grad is None else grad
             if self.meta != "full":
                 grad = grad.detach()
-            if self.optimizer == "momentum":
+            if self.optimizer.momentum_of_steps:
                 state.momentum[index] = self.gates.get("momentum", 0.9) * state.momentum[index] - lr * grad
                 new.append(retain * weight + state.momentum[index])
             else:
@@ -817,8 +726,7 @@ class _Persistent(nn.Module):
 
 def _build_level(level: ir.Level, dim: int, model_heads: int, readable: bool) -> nn.Module:
     heads = concrete(level.heads) or model_heads
-    kind = level.state.name
-    if kind == "cache":
+    if not rules.STATES[level.state.name].memory:
         return CacheLevel(level, dim, heads)
     if is_feedforward(level):
         return FeedForwardLevel(level, dim)

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import networkx as nx
 
+from nestc import rules
 from nestc.lang import ir
 from nestc.lang.sema import generated_roles
 
@@ -52,7 +53,8 @@ def build(program: ir.Program) -> nx.MultiDiGraph:
                 graph.add_edge(OUTER, level.name, kind="meta_init", label="learns initial state")
             elif init.name == "pretrained":
                 graph.add_edge(init.arg("source"), level.name, kind="pretrained_init", label="initial state")
-        if isinstance(level.objective, ir.Op) and level.objective.name == "task" and level.every.tokens != 0:
+        if isinstance(level.objective, ir.Op) and rules.OBJECTIVES[level.objective.name].continuum \
+                and level.every.tokens != 0:
             graph.add_edge(OUTER, level.name, kind="task_gradient", label="shares the task gradient")
         graph.add_edge(OUTER, level.name, kind="trains",
                        label="trains" if level.every.steps == 1 else f"trains every {ir.format_value(level.every.steps)} steps")

@@ -367,7 +367,7 @@ def test_compile_shows_every_stage(at_repo_root, tmp_path):
                       "    retain = x |> proj(per=channel) |> sigmoid\n    every 4\n}\n"
                       "model {\n    vocab 9\n    dim 8\n    heads 2\n    block = residual(rmsnorm |> mem)\n}\n",
                       encoding="utf-8")
-    assert ("mem          memory, sequential form (no parallel form yet for a vector memory with per-channel gates)"
+    assert ("mem          memory, sequential form (the anchored form takes per-head gates only)"
             in invoke("compile", str(vector)).stdout)
     assert invoke("compile", "specs/deltanet.nest", "--emit", "ir").stdout.startswith("program specs/deltanet.nest")
     assert "LevelDef(name='mixer'" in invoke("compile", "specs/deltanet.nest", "--emit", "ast").stdout

@@ -255,9 +255,9 @@ def test_constructs_without_a_parallel_form_say_so_with_their_span():
     text = LEVEL.format(state="matrix", fields="objective l2\n    output softmax", retain="1.0",
                         value="x |> proj")
     program = analyze_source(SourceFile("memo.nest", text)).program
-    with pytest.warns(compiled.CompileWarning, match=r"memo\.nest:2:7: level `mem` runs token by token: a memory "
-                                                     r"updated every token with output map `softmax` has no parallel "
-                                                     r"form"):
+    with pytest.warns(compiled.CompileWarning, match=r"memo\.nest:2:7: level `mem` runs token by token: the "
+                                                     r"trajectory form needs `every C > 1` \(with objective `l2` on "
+                                                     r"state `matrix` the gradient depends on the state\)"):
         compiled.build(program)
 
 

@@ -8,120 +8,23 @@ answered with the closest entry of the right table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from nestc import rules
+from nestc.lang.operators import REQUIRED, OpSpec, Param, op_spec  # noqa: F401  (the tables' vocabulary)
+from nestc.rules.states import ACTIVATIONS, NORMS  # noqa: F401  (shared with the state specs)
 
-REQUIRED = object()  # marks a parameter without default
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """One argument of an operator or one field of a section.
-
-    `type` is one of: int, number, bool, string, enum (value in `choices`), level (the name of a
-    level), list (of numbers), or a *kind* of operator ("objective", "stage", ...), or one of the
-    structured kinds: "source" (a key/value/query pipeline), "gate", "block", "frequency".
-    """
-
-    name: str
-    type: str
-    default: object = REQUIRED
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] = ()
-    exclusive_minimum: bool = False
-    fixed: bool = False  # True where a search-space value is not allowed
-    doc: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
-
-
-@dataclass(frozen=True, slots=True)
-class OpSpec:
-    name: str
-    kind: str
-    params: tuple[Param, ...] = ()
-    variadic: str | None = None  # type of extra positional arguments (parallel(...), choice(...))
-    doc: str = ""
-
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
-
-
-def _op(kind: str, name: str, *params: Param, variadic: str | None = None, doc: str = "") -> OpSpec:
-    return OpSpec(name=name, kind=kind, params=tuple(params), variadic=variadic, doc=doc)
-
-
-ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
-NORMS = ("none", "layernorm", "rmsnorm")
-
-STATES = {
-    s.name: s
-    for s in (
-        _op("state", "matrix", doc="a d_v x d_k matrix per head: y = M q"),
-        _op("state", "vector", doc="a diagonal memory per head: y = m * q (elementwise)"),
-        _op(
-            "state", "mlp",
-            Param("depth", "int", 2, minimum=1, doc="number of linear layers"),
-            Param("expand", "number", 4, minimum=0, exclusive_minimum=True, doc="hidden width / input width"),
-            Param("act", "enum", "gelu", choices=ACTIVATIONS, doc="activation between layers"),
-            Param("residual", "bool", True, doc="M(x) = x + f(x)"),
-            Param("norm", "enum", "none", choices=NORMS, doc="normalisation of f(x) before the residual"),
-            doc="a multi-layer perceptron, M(x) = x + norm(W1 act(W2 x)) for depth 2",
-        ),
-        _op(
-            "state", "cache",
-            Param("window", "int", 0, minimum=0, doc="keep the last N pairs; 0 keeps all (global attention)"),
-            doc="the non-parametric KV cache read by softmax attention",
-        ),
-    )
-}
-
-OBJECTIVES = {
-    s.name: s
-    for s in (
-        _op("objective", "dot", doc="l = -<M(k), v> (Hebbian; linear attention)"),
-        _op("objective", "l2", doc="l = 1/2 ||M(k) - v||^2 (the delta rule under gd)"),
-        _op("objective", "lp", Param("p", "number", 3, minimum=1), doc="l = ||M(k) - v||_p^p (MIRAS Moneta)"),
-        _op("objective", "huber", Param("delta", "number", 1.0, minimum=0, exclusive_minimum=True),
-            doc="Huber loss of M(k) - v (MIRAS Yaad)"),
-        _op("objective", "omega",
-            Param("window", "int", 4, minimum=1, doc="number of recent pairs in the objective"),
-            Param("base", "enum", "l2", choices=("l2", "dot"), doc="per-pair loss"),
-            doc="sum of the base loss over the last `window` pairs, weighted by the gamma gate (ATLAS)"),
-        _op("objective", "task", doc="the model's own training loss (continuum memory levels)"),
-    )
-}
-
-INNER_OPTIMIZERS = {
-    s.name: s
-    for s in (
-        _op("optimizer", "gd", doc="M = retain * M - lr * g"),
-        _op("optimizer", "momentum", doc="S = momentum * S - lr * g; M = retain * M + S (Titans)"),
-        _op("optimizer", "dgd", doc="delta gradient descent: W = W (retain I - lr x x^T) - lr dL/dy x^T"),
-        _op("optimizer", "muon", Param("steps", "int", 5, minimum=1, doc="Newton-Schulz iterations"),
-            doc="momentum, then Newton-Schulz orthogonalisation of the update (ATLAS)"),
-    )
-}
-
-OUTPUTS = {
-    s.name: s
-    for s in (
-        _op("output", "none", doc="no output map"),
-        _op("output", "normalize", Param("q", "number", 4, minimum=1),
-            doc="l_q normalisation of the state after each update (MIRAS Moneta)"),
-        _op("output", "softmax", doc="softmax renormalisation of the state (MIRAS Memora)"),
-    )
-}
+# The rules of memory levels are registry entries (nestc/rules/): these tables list their specs.
+STATES = {name: rule.spec for name, rule in rules.STATES.items()}
+OBJECTIVES = {name: rule.spec for name, rule in rules.OBJECTIVES.items()}
+INNER_OPTIMIZERS = {name: rule.spec for name, rule in rules.OPTIMIZERS.items()}
+OUTPUTS = {name: rule.spec for name, rule in rules.OUTPUTS.items()}
 
 INITS = {
     s.name: s
     for s in (
-        _op("init", "zero", doc="the state starts at zero every sequence"),
-        _op("init", "meta", doc="the initial state is a parameter learned by the outer level"),
-        _op("init", "nested", doc="the initial state is learned by the next slower level and reset when it moves"),
-        _op("init", "pretrained", Param("source", "level", REQUIRED, fixed=True),
+        op_spec("init", "zero", doc="the state starts at zero every sequence"),
+        op_spec("init", "meta", doc="the initial state is a parameter learned by the outer level"),
+        op_spec("init", "nested", doc="the initial state is learned by the next slower level and reset when it moves"),
+        op_spec("init", "pretrained", Param("source", "level", REQUIRED, fixed=True),
             doc="the initial state is copied from another level's parameters (ad-hoc level stacking)"),
     )
 }
@@ -130,30 +33,30 @@ INITS = {
 STAGES = {
     s.name: s
     for s in (
-        _op("stage", "proj",
+        op_spec("stage", "proj",
             Param("dim", "int", 0, minimum=0, doc="output width; 0 = the level's width"),
             Param("per", "enum", "head", choices=("head", "channel"), doc="gates: one value per head or per channel"),
             Param("bias", "bool", False),
             doc="a linear projection, trained by the outer level"),
-        _op("stage", "conv", Param("window", "int", 4, minimum=1), doc="short causal depthwise convolution"),
-        _op("stage", "silu"), _op("stage", "gelu"), _op("stage", "relu"), _op("stage", "tanh"),
-        _op("stage", "identity"),
-        _op("stage", "sigmoid", Param("max", "number", 1.0, minimum=0, exclusive_minimum=True),
+        op_spec("stage", "conv", Param("window", "int", 4, minimum=1), doc="short causal depthwise convolution"),
+        op_spec("stage", "silu"), op_spec("stage", "gelu"), op_spec("stage", "relu"), op_spec("stage", "tanh"),
+        op_spec("stage", "identity"),
+        op_spec("stage", "sigmoid", Param("max", "number", 1.0, minimum=0, exclusive_minimum=True),
             doc="max * sigmoid(x)"),
-        _op("stage", "softplus"),
-        _op("stage", "exp"),
-        _op("stage", "scale", Param("factor", "number", REQUIRED), doc="multiply by a constant"),
-        _op("stage", "l2norm", doc="L2 normalisation over each head's channels"),
-        _op("stage", "layernorm"), _op("stage", "rmsnorm"),
-        _op("stage", "elu1", doc="feature map elu(x) + 1"),
-        _op("stage", "poly", Param("degree", "int", 2, minimum=1), doc="polynomial feature map sum_i a_i x^i, learnable a_i (ATLAS)"),
-        _op("stage", "rope", Param("base", "number", 10000.0, minimum=1),
+        op_spec("stage", "softplus"),
+        op_spec("stage", "exp"),
+        op_spec("stage", "scale", Param("factor", "number", REQUIRED), doc="multiply by a constant"),
+        op_spec("stage", "l2norm", doc="L2 normalisation over each head's channels"),
+        op_spec("stage", "layernorm"), op_spec("stage", "rmsnorm"),
+        op_spec("stage", "elu1", doc="feature map elu(x) + 1"),
+        op_spec("stage", "poly", Param("degree", "int", 2, minimum=1), doc="polynomial feature map sum_i a_i x^i, learnable a_i (ATLAS)"),
+        op_spec("stage", "rope", Param("base", "number", 10000.0, minimum=1),
             doc="rotary position embedding of each head's channels (queries and keys)"),
     )
 }
 
 GATE_SOURCES = {
-    "learned": _op("gate", "learned", Param("init", "number", 0.5),
+    "learned": op_spec("gate", "learned", Param("init", "number", 0.5),
                    Param("per", "enum", "head", choices=("head", "channel")),
                    doc="a learned scalar (per head or channel), trained by the outer level"),
 }
@@ -161,28 +64,28 @@ GATE_SOURCES = {
 BLOCKS = {
     s.name: s
     for s in (
-        _op("block", "residual", Param("body", "block", REQUIRED), doc="x + body(x)"),
-        _op("block", "parallel", Param("combine", "enum", "learned", choices=("learned", "sum", "mean")),
+        op_spec("block", "residual", Param("body", "block", REQUIRED), doc="x + body(x)"),
+        op_spec("block", "parallel", Param("combine", "enum", "learned", choices=("learned", "sum", "mean")),
             variadic="block", doc="branches on the same input, combined by a learned weighted sum"),
-        _op("block", "gated", Param("main", "block", REQUIRED), Param("gate", "block", REQUIRED),
+        op_spec("block", "gated", Param("main", "block", REQUIRED), Param("gate", "block", REQUIRED),
             doc="main(x) * sigmoid(norm(gate(x))) (Titans MAG)"),
-        _op("block", "mac",
+        op_spec("block", "mac",
             Param("memory", "level", REQUIRED), Param("attention", "level", REQUIRED),
             Param("segment", "int", 64, minimum=1), Param("persistent", "int", 0, minimum=0),
             doc="memory as context: persistent tokens, the memory's read-out and the segment attended together"),
-        _op("block", "rmsnorm"), _op("block", "layernorm"), _op("block", "identity"),
+        op_spec("block", "rmsnorm"), op_spec("block", "layernorm"), op_spec("block", "identity"),
     )
 }
 
 SEARCH = {
     s.name: s
     for s in (
-        _op("search", "choice", Param("name", "string", None, fixed=True), variadic="any",
+        op_spec("search", "choice", Param("name", "string", None, fixed=True), variadic="any",
             doc="one of the options; `name` ties all choices with that name to one value"),
-        _op("search", "range", Param("low", "number", REQUIRED, fixed=True), Param("high", "number", REQUIRED, fixed=True),
+        op_spec("search", "range", Param("low", "number", REQUIRED, fixed=True), Param("high", "number", REQUIRED, fixed=True),
             Param("step", "number", 1, fixed=True), Param("name", "string", None, fixed=True),
             doc="low, low+step, ... up to high inclusive"),
-        _op("search", "loguniform", Param("low", "number", REQUIRED, fixed=True),
+        op_spec("search", "loguniform", Param("low", "number", REQUIRED, fixed=True),
             Param("high", "number", REQUIRED, fixed=True), Param("name", "string", None, fixed=True),
             doc="a number drawn log-uniformly from [low, high]"),
     )
@@ -191,17 +94,17 @@ SEARCH = {
 OUTER_OPTIMIZERS = {
     s.name: s
     for s in (
-        _op("outer_optimizer", "adamw", Param("lr", "number", 1e-3, minimum=0, exclusive_minimum=True),
+        op_spec("outer_optimizer", "adamw", Param("lr", "number", 1e-3, minimum=0, exclusive_minimum=True),
             Param("beta1", "number", 0.9, minimum=0, maximum=1), Param("beta2", "number", 0.95, minimum=0, maximum=1),
             Param("weight_decay", "number", 0.1, minimum=0), Param("eps", "number", 1e-8, minimum=0)),
-        _op("outer_optimizer", "sgd", Param("lr", "number", 0.1, minimum=0, exclusive_minimum=True),
+        op_spec("outer_optimizer", "sgd", Param("lr", "number", 0.1, minimum=0, exclusive_minimum=True),
             Param("momentum", "number", 0.9, minimum=0, maximum=1), Param("nesterov", "bool", False),
             Param("weight_decay", "number", 0.0, minimum=0)),
-        _op("outer_optimizer", "muon", Param("lr", "number", 0.02, minimum=0, exclusive_minimum=True),
+        op_spec("outer_optimizer", "muon", Param("lr", "number", 0.02, minimum=0, exclusive_minimum=True),
             Param("momentum", "number", 0.95, minimum=0, maximum=1), Param("ns_steps", "int", 5, minimum=1),
             Param("adam_lr", "number", 1e-3, minimum=0, exclusive_minimum=True, doc="for embeddings, gains, biases"),
             Param("weight_decay", "number", 0.0, minimum=0)),
-        _op("outer_optimizer", "m3", Param("lr", "number", 1e-3, minimum=0, exclusive_minimum=True),
+        op_spec("outer_optimizer", "m3", Param("lr", "number", 1e-3, minimum=0, exclusive_minimum=True),
             Param("beta1", "number", 0.9, minimum=0, maximum=1), Param("beta2", "number", 0.999, minimum=0, maximum=1),
             Param("beta3", "number", 0.5, minimum=0, maximum=1, doc="weight of the slow momentum's gradient sum"),
             Param("alpha", "number", 1.0, minimum=0, doc="weight of the slow momentum in the update"),
@@ -214,10 +117,10 @@ OUTER_OPTIMIZERS = {
 SCHEDULES = {
     s.name: s
     for s in (
-        _op("schedule", "constant", Param("warmup", "int", 0, minimum=0)),
-        _op("schedule", "cosine", Param("warmup", "int", 0, minimum=0),
+        op_spec("schedule", "constant", Param("warmup", "int", 0, minimum=0)),
+        op_spec("schedule", "cosine", Param("warmup", "int", 0, minimum=0),
             Param("min_lr", "number", 0.1, minimum=0, maximum=1, doc="final lr as a fraction of the peak")),
-        _op("schedule", "linear", Param("warmup", "int", 0, minimum=0)),
+        op_spec("schedule", "linear", Param("warmup", "int", 0, minimum=0)),
     )
 }
 

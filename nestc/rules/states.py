@@ -1,0 +1,200 @@
+"""States: what a level stores and how it maps a key to a prediction.
+
+A memory state is read through `apply` (per-head tensors, one token) and `apply_sequence` (a
+segment). The layered and trajectory forms see a weight-map state as a chain of linear maps with
+`map_activation` between them and `finish` after the last.
+"""
+
+from __future__ import annotations
+
+import math
+
+from nestc.lang.operators import Param, op_spec
+from nestc.rules.base import Rule, registry
+
+ACTIVATIONS = ("silu", "gelu", "relu", "tanh", "identity")
+NORMS = ("none", "layernorm", "rmsnorm")
+
+
+def activation(name: str, x):
+    import torch.nn.functional as F
+
+    return x if name == "identity" else x.tanh() if name == "tanh" else getattr(F, name)(x)
+
+
+def normalise(name: str, h):
+    """An MLP memory's normalisation of f(x), over the last dim, without affine parameters."""
+    import torch.nn.functional as F
+
+    if name == "layernorm":
+        return F.layer_norm(h, h.shape[-1:])
+    if name == "rmsnorm":
+        return F.rms_norm(h, h.shape[-1:])
+    return h
+
+
+class State(Rule):
+    # A parametric memory that an inner optimizer updates (a cache is appended to instead).
+    memory = True
+    # Its weights are linear maps: optimizers that act on maps (dgd, muon) apply, and so do the
+    # layered and trajectory forms.
+    weight_maps = False
+    # One weight per channel, applied elementwise (a vector memory).
+    diagonal = False
+    # The prediction is linear in the weights with inputs that do not depend on them (matrix,
+    # vector): an objective whose error ignores the prediction (dot) then gives gradients that
+    # ignore the state, and online (`every 1`) rules keep a parallel form.
+    linear = False
+    default_every_tokens = 1  # a level without `every` updates every token...
+    default_init = "zero"
+    fields: frozenset[str] | None = None  # the level fields it takes; None: all of them
+
+    def default_objective(self, reads_pairs: bool) -> str:
+        return "l2"
+
+    def width_error(self, args: dict, key_dim: int, value_dim: int) -> str:
+        """Why keys and values of these widths cannot be stored, or ""."""
+        return ""
+
+    def weight_shapes(self, args: dict, heads: int, key_dim: int, value_dim: int) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def initial_value(self, args: dict, shape: tuple[int, ...], index: int, count: int):
+        import torch
+
+        return torch.zeros(shape)
+
+    def apply(self, args: dict, weights: list, x, inputs: list | None = None):
+        """M(x) for per-head weights [B, H, ...] and x [B, H, d]; records each map's input."""
+        raise NotImplementedError
+
+    def apply_sequence(self, args: dict, weights: list, x):
+        """M(x) for weights [B, H, ...] (one memory per sample) and x [B, S, H, d]."""
+        raise NotImplementedError
+
+    def map_activation(self, args: dict) -> str:
+        return "identity"
+
+    def finish(self, args: dict, h, x):
+        """The prediction from the last map's output h, for the input x."""
+        return h
+
+    def output_norm(self, args: dict) -> str:
+        return "none"
+
+
+class Matrix(State):
+    spec = op_spec("state", "matrix", doc="a d_v x d_k matrix per head: y = M q")
+    forms = frozenset({"anchored", "delta", "layered", "trajectory"})
+    weight_maps = True
+    linear = True
+
+    def weight_shapes(self, args, heads, key_dim, value_dim):
+        return [(heads, value_dim, key_dim)]
+
+    def apply(self, args, weights, x, inputs=None):
+        import torch
+
+        if inputs is not None:
+            inputs.append(x)
+        return torch.einsum("bhvk,bhk->bhv", weights[0], x)
+
+    def apply_sequence(self, args, weights, x):
+        import torch
+
+        return torch.einsum("bhvk,bshk->bshv", weights[0], x)
+
+
+class Vector(State):
+    spec = op_spec("state", "vector", doc="a diagonal memory per head: y = m * q (elementwise)")
+    forms = frozenset({"anchored"})
+    diagonal = True
+    linear = True
+
+    def weight_shapes(self, args, heads, key_dim, value_dim):
+        return [(heads, key_dim)]
+
+    def apply(self, args, weights, x, inputs=None):
+        return weights[0] * x
+
+    def apply_sequence(self, args, weights, x):
+        return weights[0][:, None] * x
+
+
+class Mlp(State):
+    spec = op_spec(
+        "state", "mlp",
+        Param("depth", "int", 2, minimum=1, doc="number of linear layers"),
+        Param("expand", "number", 4, minimum=0, exclusive_minimum=True, doc="hidden width / input width"),
+        Param("act", "enum", "gelu", choices=ACTIVATIONS, doc="activation between layers"),
+        Param("residual", "bool", True, doc="M(x) = x + f(x)"),
+        Param("norm", "enum", "none", choices=NORMS, doc="normalisation of f(x) before the residual"),
+        doc="a multi-layer perceptron, M(x) = x + norm(W1 act(W2 x)) for depth 2",
+    )
+    forms = frozenset({"layered", "trajectory"})
+    weight_maps = True
+    default_every_tokens = 0  # ...but an MLP without `every` is a feed-forward block
+    default_init = "meta"
+
+    def default_objective(self, reads_pairs):
+        return "l2" if reads_pairs else "task"  # without keys and values: a continuum block
+
+    def width_error(self, args, key_dim, value_dim):
+        if args["residual"] and key_dim != value_dim:
+            return (f"a residual mlp memory maps keys to values of the same width, but keys have {key_dim} "
+                    f"channels per head and values {value_dim}")
+        return ""
+
+    def weight_shapes(self, args, heads, key_dim, value_dim):
+        hidden = max(1, int(round(args["expand"] * key_dim)))
+        dims = [key_dim] + [hidden] * (args["depth"] - 1) + [value_dim]
+        return [(heads, dims[i + 1], dims[i]) for i in range(args["depth"])]
+
+    def initial_value(self, args, shape, index, count):
+        import torch
+
+        # The last map of a residual memory starts small so M starts near the identity.
+        scale = 0.02 if (args["residual"] and index == count - 1) else 1.0 / math.sqrt(shape[-1])
+        return torch.randn(shape) * scale
+
+    def apply(self, args, weights, x, inputs=None):
+        import torch
+
+        h = x
+        for index, weight in enumerate(weights):
+            if inputs is not None:
+                inputs.append(h)
+            h = torch.einsum("bhoi,bhi->bho", weight, h)
+            if index < len(weights) - 1:
+                h = activation(args["act"], h)
+        return self.finish(args, h, x)
+
+    def apply_sequence(self, args, weights, x):
+        per_head = x.transpose(1, 2)  # [B, H, S, d]: every map one batched matmul
+        h = per_head
+        for index, weight in enumerate(weights):
+            h = h @ weight.transpose(-1, -2)
+            if index < len(weights) - 1:
+                h = activation(args["act"], h)
+        return self.finish(args, h, per_head).transpose(1, 2)
+
+    def map_activation(self, args):
+        return args["act"]
+
+    def finish(self, args, h, x):
+        h = normalise(args["norm"], h)
+        return x + h if args["residual"] and h.shape == x.shape else h
+
+    def output_norm(self, args):
+        return args["norm"]
+
+
+class Cache(State):
+    spec = op_spec("state", "cache",
+                   Param("window", "int", 0, minimum=0, doc="keep the last N pairs; 0 keeps all (global attention)"),
+                   doc="the non-parametric KV cache read by softmax attention")
+    memory = False
+    fields = frozenset({"key", "value", "query", "heads", "read"})
+
+
+STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Cache())

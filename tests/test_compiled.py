@@ -177,16 +177,16 @@ def test_trajectory_form_equals_the_reference(state, objective, optimizer, outpu
 
 
 MAC = """
-level mem : mlp(depth=2, expand=2) {{
+level mem : {state} {{
     key = x |> proj |> conv(3) |> l2norm
     value = x |> proj
     query = x |> proj |> conv(3) |> l2norm
     lr = x |> proj |> sigmoid(max=0.5)
     retain = x |> proj |> sigmoid
     objective l2
-    optimizer momentum
+    optimizer {optimizer}
     every {every}
-    read before
+    read {read}
     init meta
 }}
 level attn : cache(window={window}) {{
@@ -207,11 +207,35 @@ model {{
 def test_memory_as_context_blocks_equal_the_reference(every, window, segment):
     """Several MAC windows (persistent tokens again at each), chunks inside them or spanning
     them, a sliding attention window, and convolutions on the interleaved cache entries."""
-    program = analyze_source(SourceFile("<mac>", MAC.format(every=every, window=window, segment=segment))).program
+    program = _mac_program(every=every, window=window, segment=segment)
     with warnings.catch_warnings():
         warnings.simplefilter("error", compiled.CompileWarning)
         fast = assert_equivalent(program, length=29, split=11)
     assert fast.segment == math.gcd(every, segment)
+
+
+def _mac_program(state="mlp(depth=2, expand=2)", optimizer="momentum", read="before", every=4, window=0, segment=8):
+    text = MAC.format(state=state, optimizer=optimizer, read=read, every=every, window=window, segment=segment)
+    return analyze_source(SourceFile("<mac>", text)).program
+
+
+@pytest.mark.parametrize("memory,optimizer,read", [("matrix", "gd", "after"),  # the `delta` form
+                                                   ("matrix", "gd", "before"),
+                                                   ("mlp(depth=2, expand=2)", "momentum", "before")])
+def test_a_memory_stepping_every_token_inside_mac_equals_the_reference_and_streams(memory, optimizer, read):
+    """Each token's retrieval reads the memory as the previous token's step left it, and that step
+    learned from the previous token's attention output: nothing in a MAC window is parallel."""
+    program = _mac_program(state=memory, optimizer=optimizer, read=read, every=1, window=5, segment=8)
+    fast = assert_equivalent(program, length=29, split=11, tolerance=(1e-12, 1e-12))
+    tokens = torch.randint(0, fast.vocab, (2, 29), generator=torch.Generator().manual_seed(2))
+    whole, whole_state = fast(tokens)
+    pieces, state = [], None
+    for piece in torch.split(tokens, [3, 10, 16], dim=1):
+        logits, state = fast(piece, state)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(_tensors(state), _tensors(whole_state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("spec", ["specs/transformer.nest", "specs/titans_mag.nest"])

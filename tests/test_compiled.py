@@ -238,6 +238,15 @@ def test_a_memory_stepping_every_token_inside_mac_equals_the_reference_and_strea
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_a_mac_memory_stepping_every_token_says_the_whole_model_runs_token_by_token():
+    program = _mac_program(state="matrix", optimizer="gd", read="after", every=1)
+    with pytest.warns(compiled.CompileWarning, match=r"<mac>:2:7: the whole model runs token by token: the anchor "
+                                                     r"of level `mem`, read by its `mac` block's retrieval, moves "
+                                                     r"every token"):
+        model = compiled.build(program)
+    assert model.plans["mem"].kernel == "delta" and model.segment == 1
+
+
 @pytest.mark.parametrize("spec", ["specs/transformer.nest", "specs/titans_mag.nest"])
 def test_layer_by_layer_attention_in_blocks_equals_the_reference(spec, monkeypatch):
     """A call read layer by layer attends in blocks of queries; blocks smaller than the call and

@@ -143,7 +143,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
         constrained = plan.kernel in ("anchored", "layered", "trajectory")
         if plan.kernel == "module" and isinstance(level.objective, ir.Op) and level.objective.name == "task":
             constrained = every > 0
-        if (every > 1 and constrained) or (every > 0 and anchor_reader(program, level.name)):
+        if (every > 1 and constrained) or (every > 0 and _anchor_reader(program, level.name)):
             length = math.gcd(length, every)
     for node in _block_nodes(program.model.block):
         if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
@@ -151,7 +151,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
     return max(length, 1)
 
 
-def anchor_reader(program: ir.Program, name: str) -> str:
+def _anchor_reader(program: ir.Program, name: str) -> str:
     """What reads this level's anchor for a whole segment at once ("" when nothing does), so that the
     anchor must not move inside a segment: the levels it generates for, or its `mac` block's
     retrieval (each token's M*(q_t) at the anchor, `mac_segment`)."""
@@ -729,7 +729,7 @@ class CompiledModel(ReferenceModel):
         self.segment = segment_length(program, self.plans)
         if self.segment == 1 and not self.fallback:
             for level in program.levels:
-                reader = anchor_reader(program, level.name)
+                reader = _anchor_reader(program, level.name)
                 if reader and concrete(level.every.tokens) == 1:
                     warnings.warn(f"{level.span}: the whole model runs token by token: the anchor of level "
                                   f"`{level.name}`, read by {reader}, moves every token", CompileWarning, stacklevel=2)

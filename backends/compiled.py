@@ -138,14 +138,23 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
         if plan.kernel == "module" and isinstance(level.objective, ir.Op) \
                 and rules.OBJECTIVES[level.objective.name].continuum:
             constrained = every > 0
-        if every > 1 and (constrained or _is_generator(program, level.name)):
+        if (every > 1 and constrained) or (every > 0 and _anchor_reader(program, level.name)):
             length = math.gcd(length, every)
-        elif every == 1 and _is_generator(program, level.name):
-            length = 1
     for node in _block_nodes(program.model.block):
         if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
             length = math.gcd(length, concrete(node.segment))
     return max(length, 1)
+
+
+def _anchor_reader(program: ir.Program, name: str) -> str:
+    """What reads this level's anchor for a whole segment at once ("" when nothing does), so that the
+    anchor must not move inside a segment: the levels it generates for, or its `mac` block's
+    retrieval (each token's M*(q_t) at the anchor, `mac_segment`)."""
+    if _is_generator(program, name):
+        return "the levels it generates for"
+    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in _block_nodes(program.model.block)):
+        return "its `mac` block's retrieval"
+    return ""
 
 
 def _is_generator(program: ir.Program, name: str) -> bool:
@@ -652,6 +661,12 @@ class CompiledModel(ReferenceModel):
             warnings.warn(f"{program.file}: the whole model runs token by token: {self.fallback}",
                           CompileWarning, stacklevel=2)
         self.segment = segment_length(program, self.plans)
+        if self.segment == 1 and not self.fallback:
+            for level in program.levels:
+                reader = _anchor_reader(program, level.name)
+                if reader and concrete(level.every.tokens) == 1:
+                    warnings.warn(f"{level.span}: the whole model runs token by token: the anchor of level "
+                                  f"`{level.name}`, read by {reader}, moves every token", CompileWarning, stacklevel=2)
         self.layer_by_layer = self._layer_by_layer(program)
         # torch.compile's backend for the segment step (True: the default, inductor), or None
         self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None

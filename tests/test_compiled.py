@@ -177,16 +177,16 @@ def test_trajectory_form_equals_the_reference(state, objective, optimizer, outpu
 
 
 MAC = """
-level mem : mlp(depth=2, expand=2) {{
+level mem : {state} {{
     key = x |> proj |> conv(3) |> l2norm
     value = x |> proj
     query = x |> proj |> conv(3) |> l2norm
     lr = x |> proj |> sigmoid(max=0.5)
     retain = x |> proj |> sigmoid
     objective l2
-    optimizer momentum
+    optimizer {optimizer}
     every {every}
-    read before
+    read {read}
     init meta
 }}
 level attn : cache(window={window}) {{
@@ -207,11 +207,131 @@ model {{
 def test_memory_as_context_blocks_equal_the_reference(every, window, segment):
     """Several MAC windows (persistent tokens again at each), chunks inside them or spanning
     them, a sliding attention window, and convolutions on the interleaved cache entries."""
-    program = analyze_source(SourceFile("<mac>", MAC.format(every=every, window=window, segment=segment))).program
+    program = _mac_program(every=every, window=window, segment=segment)
     with warnings.catch_warnings():
         warnings.simplefilter("error", compiled.CompileWarning)
         fast = assert_equivalent(program, length=29, split=11)
     assert fast.segment == math.gcd(every, segment)
+
+
+def _mac_program(state="mlp(depth=2, expand=2)", optimizer="momentum", read="before", every=4, window=0, segment=8):
+    text = MAC.format(state=state, optimizer=optimizer, read=read, every=every, window=window, segment=segment)
+    return analyze_source(SourceFile("<mac>", text)).program
+
+
+@pytest.mark.parametrize("memory,optimizer,read", [("matrix", "gd", "after"),  # the `delta` form
+                                                   ("matrix", "gd", "before"),
+                                                   ("mlp(depth=2, expand=2)", "momentum", "before")])
+def test_a_memory_stepping_every_token_inside_mac_equals_the_reference_and_streams(memory, optimizer, read):
+    """Each token's retrieval reads the memory as the previous token's step left it, and that step
+    learned from the previous token's attention output: nothing in a MAC window is parallel."""
+    program = _mac_program(state=memory, optimizer=optimizer, read=read, every=1, window=5, segment=8)
+    fast = assert_equivalent(program, length=19, split=11, tolerance=(1e-12, 1e-12))
+    tokens = torch.randint(0, fast.vocab, (2, 19), generator=torch.Generator().manual_seed(2))
+    whole, whole_state = fast(tokens)
+    pieces, state = [], None
+    for piece in torch.split(tokens, [3, 7, 9], dim=1):
+        logits, state = fast(piece, state)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(_tensors(state), _tensors(whole_state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+MAC_LEVELS = """
+level mem : {mem_state} {{
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> conv(2) |> l2norm
+    lr = x |> proj |> sigmoid(max=0.5)
+    retain = x |> proj{mem_retain_per} |> sigmoid
+    optimizer {mem_optimizer}
+    every {mem_every}
+    read {mem_read}
+    order {mem_order}
+}}
+level swa : cache(window={window})
+"""
+
+# the levels a random block may use besides its `mac` block's
+UNIT_LEVELS = {
+    "aux": """
+level aux : {aux_state} {{
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> l2norm
+    lr = x |> proj |> sigmoid(max=0.5)
+    every {aux_every}
+}}
+""",
+    "local": "level local : cache(window=3)\n",
+    "ffn": "level ffn : mlp(expand=2, residual=false)\n",
+}
+
+BLOCK_MODEL = """
+model {{
+    vocab 9
+    dim 8
+    heads 2
+    block = {block}
+}}
+"""
+
+# how two blocks combine, and how one is wrapped
+JOINS = ["{} |> {}", "parallel({}, {})", "parallel({}, {}, combine=sum)", "parallel({}, {}, combine=mean)",
+         "gated({}, {})"]
+WRAPS = ["{}", "residual({})", "residual(rmsnorm |> {})"]
+
+
+@st.composite
+def blocks(draw, units: list[str]) -> str:
+    """A block expression that uses each unit once, joined by the combinators."""
+    if len(units) == 1:
+        block = units[0]
+    else:
+        cut = draw(st.integers(1, len(units) - 1))
+        block = draw(st.sampled_from(JOINS)).format(draw(blocks(units[:cut])), draw(blocks(units[cut:])))
+    return draw(st.sampled_from(WRAPS)).format(block)
+
+
+@settings(max_examples=16, deadline=None, derandomize=True)
+@given(
+    mem_state=st.sampled_from(["matrix", "mlp(depth=2, expand=2)"]),
+    mem_optimizer=st.sampled_from(["gd", "momentum"]),
+    mem_every=st.sampled_from([1, 2, 4]),
+    mem_read=st.sampled_from(["before", "after"]),
+    mem_order=st.sampled_from(["grad_first", "decay_first"]),
+    mem_retain_per=st.sampled_from(["", "(per=channel)"]),  # with decay_first: the sequential form at every C
+    aux_state=st.sampled_from(["matrix", "mlp(depth=1)"]),
+    aux_every=st.sampled_from([1, 2]),
+    segment=st.sampled_from([4, 6]),
+    window=st.sampled_from([0, 5]),
+    units=st.lists(st.sampled_from(sorted(UNIT_LEVELS)), unique=True, max_size=2),
+    data=st.data(),
+)
+def test_random_blocks_equal_the_reference(mem_state, mem_optimizer, mem_every, mem_read, mem_order, mem_retain_per,
+                                           aux_state, aux_every, segment, window, units, data):
+    """`mac`, `gated`, `parallel` and `residual` around memories updated every token or every C
+    tokens (C need not divide the MAC segment)."""
+    mac = f"mac(memory=mem, attention=swa, segment={segment}, persistent=2)"
+    block = data.draw(blocks(data.draw(st.permutations([mac, *units]))))
+    fields = dict(mem_state=mem_state, mem_optimizer=mem_optimizer, mem_every=mem_every, mem_read=mem_read,
+                  mem_order=mem_order, mem_retain_per=mem_retain_per, aux_state=aux_state, aux_every=aux_every,
+                  window=window, block=block)
+    text = "".join(template.format(**fields) for template in
+                   [MAC_LEVELS, *(UNIT_LEVELS[unit] for unit in units), BLOCK_MODEL])
+    result = analyze_source(SourceFile("<blocks>", text))
+    assert result.ok, [d.message for d in result.diagnostics]
+    assert_equivalent(result.program, length=11, split=5, diverged=lambda: assume(False))
+
+
+def test_a_mac_memory_stepping_every_token_says_the_whole_model_runs_token_by_token():
+    program = _mac_program(state="matrix", optimizer="gd", read="after", every=1)
+    with pytest.warns(compiled.CompileWarning, match=r"<mac>:2:7: the whole model runs token by token: the anchor "
+                                                     r"of level `mem`, read by its `mac` block's retrieval, moves "
+                                                     r"every token"):
+        model = compiled.build(program)
+    assert model.plans["mem"].kernel == "delta" and model.segment == 1
 
 
 @pytest.mark.parametrize("spec", ["specs/transformer.nest", "specs/titans_mag.nest"])

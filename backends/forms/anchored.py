@@ -1,0 +1,102 @@
+"""The `anchored` and `delta` forms: matrix and vector memories whose every gradient in the segment
+sits at one state (anchored), and the online delta rule solved by the UT transform (delta)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nestc.backends.forms.common import decay_matrix, finish_segment, ut_solve
+from nestc.backends.reference import LevelState
+
+
+def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """Matrix/vector memory with every gradient of the segment at one state. k, q [B, H, S, dk],
+    v [B, H, S, dv], gates [B, H, S]. Returns reads [B, H, S, dv] and advances `state`."""
+    lr, retain = gates["lr"], gates["retain"]
+    size = k.shape[2]
+    matrix = not kernel.state.diagonal
+    anchor = state.anchor[0]
+    if kernel.order == "decay_first":
+        previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
+        decayed = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
+    if matrix:
+        at_anchor = torch.einsum("bhvk,bhsk->bhsv", anchor, k)
+    else:
+        at_anchor = anchor[:, :, None, :] * k
+    prediction = decayed[..., None] * at_anchor if kernel.order == "decay_first" else at_anchor
+    error = kernel.objective.pair_error(kernel.objective_args, prediction, v)
+    key = k
+    if kernel.meta != "full":
+        error, key = error.detach(), k.detach()
+    step = -lr[..., None] * error  # u_i = step_i key_i^T
+    decay = decay_matrix(retain)  # D[t, i]
+    start_decay = torch.cumprod(retain, dim=-1)  # b_t
+    weights0 = state.weights[0]
+    if kernel.optimizer.momentum_of_steps:
+        momentum = gates["momentum"]
+        inner = decay_matrix(momentum)  # M[t, i]
+        kernel_matrix = decay @ inner  # K = D M
+        momentum_start = torch.cumprod(momentum, dim=-1)
+        carry = decay @ momentum_start[..., None]  # c_t = sum_s D[t, s] m_s
+        momentum0 = state.momentum[0]
+    else:
+        kernel_matrix = decay
+    # Reads after the update at t. With `meta stop` the written state is cut from the graph, so
+    # only the query stays differentiable.
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    if matrix:
+        scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(kernel_matrix)
+        y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(step)
+        if kernel.optimizer.momentum_of_steps:
+            y = y + cut(carry) * torch.einsum("bhvk,bhtk->bhtv", cut(momentum0), q)
+    else:
+        y = cut(start_decay)[..., None] * cut(weights0)[:, :, None, :] * q + torch.einsum(
+            "bhti,bhid,bhtd->bhtd", cut(kernel_matrix), cut(step * key), q)
+        if kernel.optimizer.momentum_of_steps:
+            y = y + cut(carry) * cut(momentum0)[:, :, None, :] * q
+    # the state after the segment
+    last = kernel_matrix[..., -1, :]  # [B, H, S]
+    if matrix:
+        new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", last, step, key)
+    else:
+        new = start_decay[..., -1, None] * weights0 + torch.einsum("bhi,bhid->bhd", last, step * key)
+    if kernel.optimizer.momentum_of_steps:
+        momentum_last = inner[..., -1, :]
+        if matrix:
+            new = new + carry[..., -1, :, None] * momentum0
+            state.momentum = [momentum_start[..., -1, None, None] * momentum0
+                              + torch.einsum("bhi,bhiv,bhik->bhvk", momentum_last, step, key)]
+        else:
+            new = new + carry[..., -1, :] * momentum0
+            state.momentum = [momentum_start[..., -1, None] * momentum0
+                              + torch.einsum("bhi,bhid->bhd", momentum_last, step * key)]
+    if kernel.meta == "stop":
+        new = new.detach()
+        state.momentum = [m.detach() for m in state.momentum]
+    state.weights = [new]
+    finish_segment(kernel, state, start, size, retain)
+    if kernel.read == "before":
+        before = torch.einsum("bhvk,bhtk->bhtv", anchor, q) if matrix else anchor[:, :, None, :] * q
+        return before
+    return y
+
+
+def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """The online delta rule (`every 1`, l2, gd, matrix) exactly, by the UT transform."""
+    lr, retain = gates["lr"], gates["retain"]
+    size = k.shape[2]
+    weights0 = state.weights[0]
+    residual, decay = ut_solve(weights0, k, v, lr, retain, kernel.order)
+    start_decay = torch.cumprod(retain, dim=-1)
+    key = k
+    if kernel.meta != "full":  # the inner gradient -R k^T is a constant of the outer level
+        residual, key = residual.detach(), k.detach()
+    delta = lr[..., None] * residual
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(decay)
+    y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(delta)
+    new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", decay[..., -1, :], delta, key)
+    state.weights = [new.detach() if kernel.meta == "stop" else new]
+    finish_segment(kernel, state, start, size, retain)
+    return y

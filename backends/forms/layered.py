@@ -1,0 +1,162 @@
+"""The `layered` form: matrix and MLP memories as chains of linear maps, every token's error at the
+anchor found by backpropagation written out by hand; and those hand-written backward pieces,
+which the trajectory form shares."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from nestc.backends.common import BackendError
+from nestc.backends.forms.common import (apply_sequence, decay_matrix, decay_row, finish_segment, ut_solve,
+                                         weighted_outer)
+from nestc.backends.reference import LevelState
+from nestc.rules.states import activation
+
+
+def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """Matrix or MLP memories as linear maps W_l with inputs u_l: every token's gradient at the
+    anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by
+    backpropagation written out by hand. gd and momentum then follow the decay matrices; dgd,
+    whose decay term W (retain I - lr u u^T) makes each map a delta rule with keys u and values
+    -d, the UT solve. A memory read before its update needs only the segment's last state, so
+    only the last row of the retain decay matrix: a vector-matrix product where reads after need
+    a matrix product."""
+    lr, retain = gates["lr"], gates["retain"]
+    size = k.shape[2]
+    inputs, errors = _errors_at_anchor(kernel, state, k, v, retain)
+    every_position = kernel.read == "after"
+    decay = decay_matrix(retain) if every_position else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
+    start_decay = torch.cumprod(retain, dim=-1)
+    if kernel.optimizer.momentum_of_steps:
+        inner = decay_matrix(gates["momentum"])
+        momentum_start = torch.cumprod(gates["momentum"], dim=-1)
+        coefficients = decay @ inner
+        carried = (decay @ momentum_start[..., None])[..., 0]
+    else:
+        coefficients, carried = decay, None
+    positions, finals, momenta = [], [], []
+    for index, (weight0, u, d) in enumerate(zip(state.weights, inputs, errors)):
+        if kernel.optimizer.decays_along_input:
+            residual, coefficients = ut_solve(weight0, u, -d, lr, retain, "grad_first")
+            vectors = lr[..., None] * residual
+        else:
+            vectors = -lr[..., None] * d  # u_i = step_i u_i^T
+            if kernel.optimizer.momentum_of_steps:
+                momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
+                               + weighted_outer(inner[..., -1, :], vectors, u))
+        final = start_decay[..., -1, None, None] * weight0 + weighted_outer(coefficients[..., -1, :], vectors, u)
+        if carried is not None:
+            final = final + carried[..., -1, None, None] * state.momentum[index]
+        finals.append(final)
+        if every_position:
+            at = start_decay[..., None, None] * weight0[:, :, None] + torch.einsum(
+                "bhti,bhio,bhij->bhtoj", coefficients, vectors, u)
+            if carried is not None:
+                at = at + carried[..., None, None] * state.momentum[index][:, :, None]
+            positions.append(at)
+    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
+    if kernel.read == "after":
+        y = per_token_read(kernel, [cut(w) for w in positions], q)
+    else:
+        y = apply_sequence(kernel, state.anchor, q.transpose(1, 2)).transpose(1, 2)
+    state.weights = [cut(w) for w in finals]
+    if momenta:
+        state.momentum = [cut(m) for m in momenta]
+    finish_segment(kernel, state, start, size, retain)
+    return y
+
+
+def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: Tensor):
+    """Inputs u_l and output errors d_l of each linear map, for every token, at the anchor (the
+    anchor times the retain gates since it under `order decay_first`)."""
+    if kernel.order == "decay_first":
+        previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
+        scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
+    else:
+        scale = None
+    return errors_closed_form(kernel, state.anchor, k, v, scale)
+
+
+def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None):
+    """The memory's forward on every token's key: each map's input and pre-activation, and M(k)."""
+    act = kernel.state.map_activation(kernel.state_args)
+    inputs, pre_activations = [], []
+    h = k
+    for index, weight in enumerate(anchor):
+        inputs.append(h)
+        z = h @ weight.transpose(-1, -2)
+        if scale is not None:
+            z = scale[..., None] * z
+        pre_activations.append(z)
+        h = activation(act, z) if index < len(anchor) - 1 else z
+    return inputs, pre_activations, kernel.state.finish(kernel.state_args, h, k)
+
+
+def errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
+    """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
+    call, so the outer level differentiates plain tensor operations."""
+    act = kernel.state.map_activation(kernel.state_args)
+    inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
+    error = kernel.objective.pair_error(kernel.objective_args, prediction, v)
+    error = through_norm(kernel.state.output_norm(kernel.state_args), error, pre_activations[-1])
+    errors = [error]
+    for index in range(len(anchor) - 1, 0, -1):
+        back = errors[0] @ anchor[index]
+        if scale is not None:
+            back = scale[..., None] * back
+        errors.insert(0, _through_activation(act, back, pre_activations[index - 1]))
+    if kernel.meta != "full":
+        errors = [e.detach() for e in errors]
+        inputs = [u.detach() for u in inputs]
+    return inputs, errors
+
+
+def through_norm(name: str, error: Tensor, h: Tensor) -> Tensor:
+    """dL/dh from dL/dy for y = norm(h) over the last dim, without affine parameters, with the
+    epsilons F.layer_norm (1e-5) and F.rms_norm (the dtype's machine epsilon) use."""
+    if name == "layernorm":
+        centred = h - h.mean(-1, keepdim=True)
+        inverse = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = centred * inverse
+        return inverse * (error - error.mean(-1, keepdim=True) - y * (error * y).mean(-1, keepdim=True))
+    if name == "rmsnorm":
+        inverse = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + torch.finfo(h.dtype).eps)
+        return inverse * (error - h * inverse * (error * h * inverse).mean(-1, keepdim=True))
+    return error
+
+
+def _through_activation(name: str, error: Tensor, x: Tensor) -> Tensor:
+    """error * act'(x). For gelu, ATen's fused gelu_backward: one pass instead of ten, and it has
+    its own derivative, so the outer level differentiates it as cheaply."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(error, x)
+    return error * activation_derivative(name, x)
+
+
+def activation_derivative(name: str, x: Tensor) -> Tensor:
+    if name == "identity":
+        return torch.ones_like(x)
+    if name == "relu":
+        return (x > 0).to(x.dtype)
+    if name == "tanh":
+        return 1 - torch.tanh(x) ** 2
+    if name == "silu":
+        sigmoid = torch.sigmoid(x)
+        return sigmoid * (1 + x * (1 - sigmoid))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    raise BackendError(f"no derivative for activation `{name}`")
+
+
+def per_token_read(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
+    """M_t(x_t) with one set of weights per position: weights [B, H, S, o, i], x [B, H, S, d]."""
+    act = kernel.state.map_activation(kernel.state_args)
+    h = x
+    for index, weight in enumerate(weights):
+        h = torch.einsum("bhsoi,bhsi->bhso", weight, h)
+        if index < len(weights) - 1:
+            h = activation(act, h)
+    return kernel.state.finish(kernel.state_args, h, x)

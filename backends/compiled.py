@@ -37,13 +37,11 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete
 from nestc.backends.forms import KERNELS
@@ -51,118 +49,14 @@ from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
                                       ReferenceModel, Stage, rotate)
+from nestc.passes.plan import (MAX_SEGMENT, LevelPlan, anchor_reader, block_nodes, is_generator, plan_kernel,
+                               plan_level, segment_length)
 
-MAX_SEGMENT = 64
 ATTENTION_BLOCK = 256  # queries per softmax when a layer reads a whole call at once
 
 
 class CompileWarning(UserWarning):
     """A construct without a parallel form: it runs token by token."""
-
-
-@dataclass(frozen=True)
-class LevelPlan:
-    kernel: str  # frozen | anchored | delta | layered | trajectory | sequential | module
-    reason: str = ""
-
-
-def plan_level(level: ir.Level, module) -> LevelPlan:
-    if not isinstance(module, MemoryLevel):
-        return LevelPlan("module")
-    gates = [getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None]
-    return plan_kernel(module.kernel, any(_per_channel(g) for g in gates))
-
-
-def plan_kernel(kernel, per_channel: bool) -> LevelPlan:
-    """The first segment form (in `rules.FORMS` order) that computes this memory rule exactly.
-    A form is a candidate when the level's state, objective, optimizer and output map all list it
-    (nestc/rules/); `_form_obstacle` holds the conditions of each form beyond its rules. Where no
-    form fits, the rule steps token by token and the plan says why: never another rule."""
-    if kernel.every == 0:
-        return LevelPlan("frozen")
-    parts = (kernel.state, kernel.objective, kernel.optimizer, kernel.output)
-    candidates = [form for form in rules.FORMS if all(form in part.forms for part in parts)]
-    if not candidates:
-        described = ", ".join(f"{part.spec.kind} `{part.name}`" for part in parts[1:])
-        return LevelPlan("sequential", f"no segment form computes state `{kernel.state.name}` with {described} "
-                                       "together")
-    obstacles = []
-    for form in candidates:
-        obstacle = _form_obstacle(form, kernel, per_channel)
-        if not obstacle:
-            return LevelPlan(form)
-        obstacles.append(f"the {form} form {obstacle}")
-    return LevelPlan("sequential", "; ".join(obstacles))
-
-
-def _form_obstacle(form: str, kernel, per_channel: bool) -> str:
-    """Why `form` cannot compute this rule although its rules list the form, or ""."""
-    if per_channel and form != "trajectory":
-        return "takes per-head gates only"
-    if kernel.every == 1:
-        if kernel.read == "before":
-            return "has no `read before` for a memory updated every token"
-        # Every token's gradient is taken at the previous state, which the segment forms know
-        # only at the segment's start: they need gradients that do not depend on the state.
-        state_free = kernel.objective.state_free_error and kernel.state.linear
-        if form == "delta":
-            return ""  # the UT solve is the delta rule's online form
-        if not state_free:
-            return (f"needs `every C > 1` (with objective `{kernel.objective.name}` on state `{kernel.state.name}` "
-                    "the gradient depends on the state)")
-        if form == "trajectory" and not kernel.output.identity:
-            return f"needs `every C > 1` with output map `{kernel.output.name}`"
-    if form == "delta" and kernel.every != 1:
-        return "is the online (`every 1`) rule"
-    if form == "trajectory" and kernel.order == "decay_first":
-        return "has no `order decay_first`"
-    return ""
-
-
-def _per_channel(gate) -> bool:
-    if isinstance(gate, ir.Op) and gate.name == "learned":
-        return dict(gate.args)["per"] == "channel"
-    if isinstance(gate, ir.Pipeline):
-        return any(isinstance(s, ir.Op) and s.name == "proj" and dict(s.args)["per"] == "channel"
-                   for s in gate.stages)
-    return False
-
-
-def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
-    """The longest segment (up to MAX_SEGMENT) inside which no anchor and no continuum level moves."""
-    length = MAX_SEGMENT
-    for level in program.levels:
-        every = concrete(level.every.tokens)
-        plan = plans[level.name]
-        # anchored forms need the anchor fixed inside a segment, and the state keeps the anchor
-        constrained = plan.kernel in ("anchored", "layered", "trajectory")
-        if plan.kernel == "module" and isinstance(level.objective, ir.Op) \
-                and rules.OBJECTIVES[level.objective.name].continuum:
-            constrained = every > 0
-        if (every > 1 and constrained) or (every > 0 and _anchor_reader(program, level.name)):
-            length = math.gcd(length, every)
-    for node in _block_nodes(program.model.block):
-        if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
-            length = math.gcd(length, concrete(node.segment))
-    return max(length, 1)
-
-
-def _anchor_reader(program: ir.Program, name: str) -> str:
-    """What reads this level's anchor for a whole segment at once ("" when nothing does), so that the
-    anchor must not move inside a segment: the levels it generates for, or its `mac` block's
-    retrieval (each token's M*(q_t) at the anchor, `mac_segment`)."""
-    if _is_generator(program, name):
-        return "the levels it generates for"
-    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in _block_nodes(program.model.block)):
-        return "its `mac` block's retrieval"
-    return ""
-
-
-def _is_generator(program: ir.Program, name: str) -> bool:
-    """Whether any level (itself included, through `self`) reads this level as a pipeline stage."""
-    from nestc.lang.sema import generators
-
-    return any(name in generators(level) for level in program.levels)
 
 
 # --- sequence versions of the building blocks -------------------------------------------------
@@ -219,7 +113,7 @@ class CompiledModel(ReferenceModel):
         self.plans: dict[str, LevelPlan] = {}
         layer = self.layers[0]
         for name, module in layer.levels.items():
-            self.plans[name] = plan_level(program.level(name), module)
+            self.plans[name] = plan_level(program.level(name))
         self.fallback = self._whole_model_fallback(program)
         for name, plan in self.plans.items():
             if plan.kernel == "sequential":
@@ -232,7 +126,7 @@ class CompiledModel(ReferenceModel):
         self.segment = segment_length(program, self.plans)
         if self.segment == 1 and not self.fallback:
             for level in program.levels:
-                reader = _anchor_reader(program, level.name)
+                reader = anchor_reader(program, level.name)
                 if reader and concrete(level.every.tokens) == 1:
                     warnings.warn(f"{level.span}: the whole model runs token by token: the anchor of level "
                                   f"`{level.name}`, read by {reader}, moves every token", CompileWarning, stacklevel=2)
@@ -322,9 +216,9 @@ class CompiledModel(ReferenceModel):
         level's pipelines read another level's anchor or a MAC window's cache."""
         if self.task_levels:
             return False
-        if any(isinstance(node, ir.MemoryAsContext) for node in _block_nodes(program.model.block)):
+        if any(isinstance(node, ir.MemoryAsContext) for node in block_nodes(program.model.block)):
             return False
-        return not any(_is_generator(program, level.name) for level in program.levels)
+        return not any(is_generator(program, level.name) for level in program.levels)
 
     def _sequence(self, tokens: Tensor, state: ModelState) -> Tensor:
         """The logits of a whole call, layer by layer: projections, convolutions, gates and
@@ -540,16 +434,6 @@ def _write_back_state(model: CompiledModel, state: ModelState, layout: tuple, te
         for name, module in layer.levels.items():
             if isinstance(module, MemoryLevel) and module.kernel.every and position % module.kernel.every == 0:
                 level_states[name].retain_product = None
-
-
-def _block_nodes(block):
-    yield block
-    for child in (getattr(block, "items", None) or getattr(block, "branches", None) or getattr(block, "options", None)
-                  or ()):
-        yield from _block_nodes(child)
-    for attribute in ("body", "main", "gate"):
-        if hasattr(block, attribute):
-            yield from _block_nodes(getattr(block, attribute))
 
 
 def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[str, LevelState],

@@ -1,0 +1,156 @@
+"""Planning: which segment form computes each memory level of a program, and how long a segment
+may be. A pass over the IR alone (the rules' capability flags, nestc/rules/), so it needs no torch
+and no built model; the compiled backend runs what it decides."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nestc import rules
+from nestc.lang import ir
+from nestc.backends.common import concrete
+
+MAX_SEGMENT = 64
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    kernel: str  # frozen | anchored | delta | layered | trajectory | sequential | module
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryRule:
+    """What the planner reads of a memory level: its rules and its schedule (the reference's
+    MemoryKernel has the same attributes, so `plan_kernel` plans a built kernel as well)."""
+
+    state: rules.State
+    objective: rules.Objective
+    optimizer: rules.Optimizer
+    output: rules.OutputMap
+    every: int
+    read: str
+    order: str
+
+    @classmethod
+    def of(cls, level: ir.Level) -> "MemoryRule":
+        return cls(state=rules.STATES[level.state.name], objective=rules.OBJECTIVES[level.objective.name],
+                   optimizer=rules.OPTIMIZERS[level.optimizer.name], output=rules.OUTPUTS[level.output.name],
+                   every=concrete(level.every.tokens), read=level.read, order=level.order)
+
+
+def is_memory(level: ir.Level) -> bool:
+    """A level that a memory kernel steps: a parametric state with keys and values (the others are
+    attention caches, feed-forward blocks and continuum levels, which run as whole modules)."""
+    return rules.STATES[level.state.name].memory and level.key is not None
+
+
+def plan_level(level: ir.Level) -> LevelPlan:
+    if not is_memory(level):
+        return LevelPlan("module")
+    gates = [getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None]
+    return plan_kernel(MemoryRule.of(level), any(_per_channel(g) for g in gates))
+
+
+def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
+    """The first segment form (in `rules.FORMS` order) that computes this memory rule exactly.
+    A form is a candidate when the level's state, objective, optimizer and output map all list it
+    (nestc/rules/); `_form_obstacle` holds the conditions of each form beyond its rules. Where no
+    form fits, the rule steps token by token and the plan says why: never another rule."""
+    if kernel.every == 0:
+        return LevelPlan("frozen")
+    parts = (kernel.state, kernel.objective, kernel.optimizer, kernel.output)
+    candidates = [form for form in rules.FORMS if all(form in part.forms for part in parts)]
+    if not candidates:
+        described = ", ".join(f"{part.spec.kind} `{part.name}`" for part in parts[1:])
+        return LevelPlan("sequential", f"no segment form computes state `{kernel.state.name}` with {described} "
+                                       "together")
+    obstacles = []
+    for form in candidates:
+        obstacle = _form_obstacle(form, kernel, per_channel)
+        if not obstacle:
+            return LevelPlan(form)
+        obstacles.append(f"the {form} form {obstacle}")
+    return LevelPlan("sequential", "; ".join(obstacles))
+
+
+def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
+    """Why `form` cannot compute this rule although its rules list the form, or ""."""
+    if per_channel and form != "trajectory":
+        return "takes per-head gates only"
+    if kernel.every == 1:
+        if kernel.read == "before":
+            return "has no `read before` for a memory updated every token"
+        # Every token's gradient is taken at the previous state, which the segment forms know
+        # only at the segment's start: they need gradients that do not depend on the state.
+        state_free = kernel.objective.state_free_error and kernel.state.linear
+        if form == "delta":
+            return ""  # the UT solve is the delta rule's online form
+        if not state_free:
+            return (f"needs `every C > 1` (with objective `{kernel.objective.name}` on state `{kernel.state.name}` "
+                    "the gradient depends on the state)")
+        if form == "trajectory" and not kernel.output.identity:
+            return f"needs `every C > 1` with output map `{kernel.output.name}`"
+    if form == "delta" and kernel.every != 1:
+        return "is the online (`every 1`) rule"
+    if form == "trajectory" and kernel.order == "decay_first":
+        return "has no `order decay_first`"
+    return ""
+
+
+def _per_channel(gate) -> bool:
+    if isinstance(gate, ir.Op) and gate.name == "learned":
+        return dict(gate.args)["per"] == "channel"
+    if isinstance(gate, ir.Pipeline):
+        return any(isinstance(s, ir.Op) and s.name == "proj" and dict(s.args)["per"] == "channel"
+                   for s in gate.stages)
+    return False
+
+
+def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
+    """The longest segment (up to MAX_SEGMENT) inside which no anchor and no continuum level moves."""
+    length = MAX_SEGMENT
+    for level in program.levels:
+        every = concrete(level.every.tokens)
+        plan = plans[level.name]
+        # anchored forms need the anchor fixed inside a segment, and the state keeps the anchor
+        constrained = plan.kernel in ("anchored", "layered", "trajectory")
+        if plan.kernel == "module" and isinstance(level.objective, ir.Op) \
+                and rules.OBJECTIVES[level.objective.name].continuum:
+            constrained = every > 0
+        if (every > 1 and constrained) or (every > 0 and anchor_reader(program, level.name)):
+            length = math.gcd(length, every)
+    for node in block_nodes(program.model.block):
+        if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
+            length = math.gcd(length, concrete(node.segment))
+    return max(length, 1)
+
+
+def anchor_reader(program: ir.Program, name: str) -> str:
+    """What reads this level's anchor for a whole segment at once ("" when nothing does), so that the
+    anchor must not move inside a segment: the levels it generates for, or its `mac` block's
+    retrieval (each token's M*(q_t) at the anchor, `mac_segment`)."""
+    if is_generator(program, name):
+        return "the levels it generates for"
+    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in block_nodes(program.model.block)):
+        return "its `mac` block's retrieval"
+    return ""
+
+
+def is_generator(program: ir.Program, name: str) -> bool:
+    """Whether any level (itself included, through `self`) reads this level as a pipeline stage."""
+    from nestc.lang.sema import generators
+
+    return any(name in generators(level) for level in program.levels)
+
+
+def block_nodes(block):
+    """The block and every block inside it."""
+    yield block
+    for child in (getattr(block, "items", None) or getattr(block, "branches", None) or getattr(block, "options", None)
+                  or ()):
+        yield from block_nodes(child)
+    for attribute in ("body", "main", "gate"):
+        if hasattr(block, attribute):
+            yield from block_nodes(getattr(block, attribute))

@@ -6,13 +6,12 @@ it finds in one pass (a value that fails a check becomes `INVALID` and analysis 
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 
 from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Diagnostic, Label, NestError, did_you_mean
+from nestc.lang.queries import block_levels, first_use, generators, level_uses, search_values
 from nestc.lang.schema import Param
 from nestc.lang.source import SourceFile, SourceMap, Span
 
@@ -953,7 +952,7 @@ class _Analyzer:
     def _check_named_dimensions(self, program: ir.Program) -> None:
         """Search values that share a `name` are one dimension: their options must be the same."""
         first: dict[str, object] = {}
-        for value in _search_values(program):
+        for value in search_values(program):
             if value.name is None:
                 continue
             seen = first.setdefault(value.name, value)
@@ -981,10 +980,10 @@ class _Analyzer:
                                help=f"use a number of heads that divides {width}")
 
     def _check_model_uses(self, model: ir.Model) -> None:
-        counts = _level_uses(model.block)
+        counts = level_uses(model.block)
         for level, count in counts.items():
             if count > 1:
-                first = _first_use(model.block, level)
+                first = first_use(model.block, level)
                 self.error("N0122", f"level `{level}` is used {count} times in the model's block",
                            first.span if first else model.span, label="each use would share one state",
                            help=f"define a copy: `level {level}_2 extends {level}`")
@@ -1042,102 +1041,6 @@ class _Analyzer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-GENERATED_ROLES = ("key", "value", "query", "lr", "retain", "momentum", "gamma")
-
-
-def _level_refs(value) -> set[str]:
-    """Levels read as pipeline stages inside one key/value/query/gate value."""
-    if isinstance(value, ir.LevelRef):
-        return {value.level}
-    if isinstance(value, ir.Pipeline):
-        return set().union(*(_level_refs(stage) for stage in value.stages))
-    if isinstance(value, ir.Choice):
-        return set().union(*(_level_refs(option) for option in value.options))
-    return set()
-
-
-def generators(level: ir.Level) -> set[str]:
-    """Levels whose output this level reads through its key/value/query/gate pipelines."""
-    return set().union(*(_level_refs(getattr(level, role)) for role in GENERATED_ROLES))
-
-
-def generated_roles(level: ir.Level) -> dict[str, set[str]]:
-    """For each generating level, the roles (key, value, lr, ...) it generates for `level`."""
-    roles: dict[str, set[str]] = {}
-    for role in GENERATED_ROLES:
-        for name in _level_refs(getattr(level, role)):
-            roles.setdefault(name, set()).add(role)
-    return roles
-
-
-def block_levels(block) -> list[str]:
-    if isinstance(block, ir.UseLevel):
-        return [block.level]
-    if isinstance(block, ir.MemoryAsContext):
-        return [block.memory, block.attention]
-    if isinstance(block, ir.Sequence):
-        return [n for item in block.items for n in block_levels(item)]
-    if isinstance(block, ir.Residual):
-        return block_levels(block.body)
-    if isinstance(block, ir.Parallel):
-        return [n for b in block.branches for n in block_levels(b)]
-    if isinstance(block, ir.Gated):
-        return block_levels(block.main) + block_levels(block.gate)
-    if isinstance(block, ir.Choice):
-        return [n for option in block.options for n in block_levels(option)]
-    return []
-
-
-def _level_uses(block) -> Counter:
-    """How often each level is used; alternatives of a choice count once (the most of any option)."""
-    if isinstance(block, ir.Choice):
-        total: Counter = Counter()
-        for option in block.options:
-            total |= _level_uses(option)
-        return total
-    if isinstance(block, ir.Sequence):
-        return sum((_level_uses(i) for i in block.items), Counter())
-    if isinstance(block, ir.Parallel):
-        return sum((_level_uses(b) for b in block.branches), Counter())
-    if isinstance(block, ir.Residual):
-        return _level_uses(block.body)
-    if isinstance(block, ir.Gated):
-        return _level_uses(block.main) + _level_uses(block.gate)
-    return Counter(block_levels(block))
-
-
-def _first_use(block, level: str):
-    if isinstance(block, ir.UseLevel) and block.level == level:
-        return block
-    if isinstance(block, ir.MemoryAsContext) and level in (block.memory, block.attention):
-        return block
-    children = ()
-    if isinstance(block, ir.Sequence):
-        children = block.items
-    elif isinstance(block, ir.Parallel):
-        children = block.branches
-    elif isinstance(block, ir.Residual):
-        children = (block.body,)
-    elif isinstance(block, ir.Gated):
-        children = (block.main, block.gate)
-    elif isinstance(block, ir.Choice):
-        children = block.options
-    return next((found for child in children if (found := _first_use(child, level)) is not None), None)
-
-
-def _search_values(value):
-    """Every search-space value inside an IR value, outermost first."""
-    if isinstance(value, ir.SEARCH_TYPES):
-        yield value
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _search_values(item)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            if f.name != "span":
-                yield from _search_values(getattr(value, f.name))
-
 
 def _options(value) -> tuple:
     if isinstance(value, ir.Choice):

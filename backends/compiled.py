@@ -43,14 +43,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestc.lang import ir
+from nestc.lang.queries import generators
 from nestc.backends.common import BackendError, concrete
 from nestc.backends.forms import KERNELS
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
                                       ReferenceModel, Stage, rotate)
-from nestc.passes.plan import (MAX_SEGMENT, LevelPlan, anchor_reader, block_nodes, is_generator, plan_kernel,
-                               plan_level, segment_length)
+from nestc.passes.plan import (MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_level,
+                               segment_length)
 
 ATTENTION_BLOCK = 256  # queries per softmax when a layer reads a whole call at once
 
@@ -173,8 +174,6 @@ class CompiledModel(ReferenceModel):
         return ""
 
     def _whole_model_fallback(self, program: ir.Program) -> str:
-        from nestc.lang.sema import generators
-
         for level in program.levels:
             for generator in generators(level):
                 if program.level(generator).read == "after" and generator != level.name:
@@ -216,7 +215,7 @@ class CompiledModel(ReferenceModel):
         level's pipelines read another level's anchor or a MAC window's cache."""
         if self.task_levels:
             return False
-        if any(isinstance(node, ir.MemoryAsContext) for node in block_nodes(program.model.block)):
+        if any(isinstance(node, ir.MemoryAsContext) for node in ir.walk(program.model.block)):
             return False
         return not any(is_generator(program, level.name) for level in program.levels)
 
@@ -455,23 +454,23 @@ def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[s
                                                  states[member], read_level)
         return stepped[name]
 
-    def memory_as_context(node, value: Tensor) -> Tensor:
+    def memory_as_context(block: ir.MemoryAsContext, path: str, value: Tensor) -> Tensor:
         if segment is None:
             raise BackendError("memory-as-context blocks need the stream's segment caches")
-        return mac_segment(model, layer, node, value, start, states, segment, snapshot, read_level)
+        return mac_segment(model, layer, block, path, value, start, states, segment, snapshot, read_level)
 
-    return layer.run_block(layer.block, x, run_level, memory_as_context)
+    return layer.run_block(x, run_level, memory_as_context)
 
 
-def mac_segment(model, layer, node, x: Tensor, start: int, states: dict[str, LevelState], segment: dict,
-                snapshot: dict[str, list[Tensor]], read_level) -> Tensor:
+def mac_segment(model, layer, block: ir.MemoryAsContext, path: str, x: Tensor, start: int,
+                states: dict[str, LevelState], segment: dict, snapshot: dict[str, list[Tensor]], read_level) -> Tensor:
     """Titans MAC on a segment that lies in one MAC window and one chunk of the memory. Every
     token's retrieval M*(q_t) is read at the memory's anchor at once; the cache entries (the
     persistent tokens at a window's start, then each token's retrieval followed by the token)
     form one interleaved sequence through the attention's key and value pipelines; one masked
     softmax gives every y_t; the memory then learns from the y's with its own segment form."""
-    _, memory_name, attention_name, window_length, path = node
-    memory, attention = layer.levels[memory_name], layer.levels[attention_name]
+    memory_name, window_length = block.memory, block.segment
+    memory, attention = layer.levels[memory_name], layer.levels[block.attention]
     batch, size = x.shape[:2]
     cache = segment.setdefault(path, LevelState())
     retrieval = segment.setdefault(f"{path}:retrieval", LevelState())

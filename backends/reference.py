@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
-from nestc.lang.sema import block_levels, generators
+from nestc.lang.queries import block_levels, generators
 
 # --- states ----------------------------------------------------------------------------------
 
@@ -602,35 +602,25 @@ class Layer(nn.Module):
                     raise BackendError(f"level `{generator}` generates inputs of `{name}` but is not a memory "
                                        "(key/value) level; only memories can be read as a pipeline stage")
         self.order = _step_order(program, used)
+        self.block = program.model.block
         self.parts = nn.ModuleDict()
-        self.block = self._build(program.model.block, "b")
+        for path, block in ir.walk_blocks(self.block):
+            self._add_parameters(block, path)
         _copy_pretrained(program, self.levels)
 
-    def _build(self, block, path: str):
-        """Mirror the IR block as nested tuples, registering its parameters under `path`."""
-        if isinstance(block, ir.UseLevel):
-            return ("level", block.level)
+    def _add_parameters(self, block: ir.Block, path: str) -> None:
+        """Register one block node's own parameters under its path (the checkpoint's names)."""
         if isinstance(block, ir.Norm):
             self.parts[path] = Norm(block.kind, self.dim)
-            return ("norm", path)
-        if isinstance(block, ir.Sequence):
-            return ("seq", [self._build(item, f"{path}_{i}") for i, item in enumerate(block.items)])
-        if isinstance(block, ir.Residual):
-            return ("residual", self._build(block.body, f"{path}_r"))
-        if isinstance(block, ir.Parallel):
-            combine = concrete(block.combine)
-            if combine == "learned":
+        elif isinstance(block, ir.Parallel):
+            if concrete(block.combine) == "learned":
                 self.parts[path] = _Weights(len(block.branches))
-            branches = [self._build(b, f"{path}_{i}") for i, b in enumerate(block.branches)]
-            return ("parallel", branches, combine, path)
-        if isinstance(block, ir.Gated):
+        elif isinstance(block, ir.Gated):
             self.parts[path] = Norm("rmsnorm", self.dim)
-            return ("gated", self._build(block.main, f"{path}_m"), self._build(block.gate, f"{path}_g"), path)
-        if isinstance(block, ir.MemoryAsContext):
-            persistent = concrete(block.persistent)
-            self.parts[path] = _Persistent(persistent, self.dim)
-            return ("mac", block.memory, block.attention, concrete(block.segment), path)
-        raise BackendError(f"the reference backend cannot build the block {ir.format_value(block)}")
+        elif isinstance(block, ir.MemoryAsContext):
+            self.parts[path] = _Persistent(concrete(block.persistent), self.dim)
+        elif not isinstance(block, (ir.UseLevel, ir.Sequence, ir.Residual)):
+            raise BackendError(f"the reference backend cannot build the block {ir.format_value(block)}")
 
     def initial_state(self, batch: int, like: Tensor) -> dict[str, LevelState]:
         return {name: level.initial_state(batch, like) for name, level in self.levels.items()}
@@ -650,48 +640,51 @@ class Layer(nn.Module):
                     stepped[member] = self.levels[member].step(value, position, states[member], read_level)
             return stepped[name]
 
-        def memory_as_context(node, value: Tensor) -> Tensor:
-            return self._memory_as_context(node, value, position, states, segment, read_level, snapshot)
+        def memory_as_context(block: ir.MemoryAsContext, path: str, value: Tensor) -> Tensor:
+            return self._memory_as_context(block, path, value, position, states, segment, read_level, snapshot)
 
-        return self.run_block(self.block, x, run_level, memory_as_context)
+        return self.run_block(x, run_level, memory_as_context)
 
-    def run_block(self, node, value: Tensor, run_level, memory_as_context) -> Tensor:
-        """Evaluate the block tree on `value`; levels and MAC nodes are the caller's (per token here,
-        per segment in the compiled backend); everything else is elementwise over positions."""
-        kind = node[0]
-        if kind == "level":
-            return run_level(node[1], value)
-        if kind == "norm":
-            return self.parts[node[1]](value)
-        if kind == "seq":
-            for item in node[1]:
-                value = self.run_block(item, value, run_level, memory_as_context)
+    def run_block(self, value: Tensor, run_level, memory_as_context) -> Tensor:
+        """Evaluate the model's block on `value`; levels and MAC blocks are the caller's (per token
+        here, per segment in the compiled backend); everything else is elementwise over positions."""
+        return self._run(self.block, ir.ROOT_PATH, value, run_level, memory_as_context)
+
+    def _run(self, block: ir.Block, path: str, value: Tensor, run_level, memory_as_context) -> Tensor:
+        if isinstance(block, ir.UseLevel):
+            return run_level(block.level, value)
+        if isinstance(block, ir.Norm):
+            return self.parts[path](value)
+        if isinstance(block, ir.MemoryAsContext):
+            return memory_as_context(block, path, value)
+        inner = ir.sub_block_paths(block, path)
+        if isinstance(block, ir.Sequence):
+            for item_path, item in inner:
+                value = self._run(item, item_path, value, run_level, memory_as_context)
             return value
-        if kind == "residual":
-            return value + self.run_block(node[1], value, run_level, memory_as_context)
-        if kind == "parallel":
-            outputs = [self.run_block(branch, value, run_level, memory_as_context) for branch in node[1]]
-            if node[2] == "sum":
+        outputs = [self._run(child, child_path, value, run_level, memory_as_context) for child_path, child in inner]
+        if isinstance(block, ir.Residual):
+            return value + outputs[0]
+        if isinstance(block, ir.Parallel):
+            if block.combine == "sum":
                 return sum(outputs)
-            if node[2] == "mean":
+            if block.combine == "mean":
                 return sum(outputs) / len(outputs)
-            return sum(w * o for w, o in zip(self.parts[node[3]].weights, outputs))
-        if kind == "gated":
-            main = self.run_block(node[1], value, run_level, memory_as_context)
-            gate = self.run_block(node[2], value, run_level, memory_as_context)
-            return main * torch.sigmoid(self.parts[node[3]](gate))
-        if kind == "mac":
-            return memory_as_context(node, value)
-        raise BackendError(f"unknown block node {kind}")
+            return sum(w * o for w, o in zip(self.parts[path].weights, outputs))
+        if isinstance(block, ir.Gated):
+            main, gate = outputs
+            return main * torch.sigmoid(self.parts[path](gate))
+        raise BackendError(f"the reference backend cannot run the block {ir.format_value(block)}")
 
-    def _memory_as_context(self, node, x, position, states, segment, read_level, snapshot) -> Tensor:
+    def _memory_as_context(self, block: ir.MemoryAsContext, path: str, x, position, states, segment, read_level,
+                           snapshot) -> Tensor:
         """Titans MAC, one token at a time: attention over the persistent tokens, the memory's
         read-out of each token of the segment so far and the segment's tokens; then the memory
         learns from the attention output, which is gated by the memory's read of it."""
-        _, memory_name, attention_name, segment_length, path = node
-        memory, attention = self.levels[memory_name], self.levels[attention_name]
+        memory_name = block.memory
+        memory, attention = self.levels[memory_name], self.levels[block.attention]
         cache = segment.setdefault(path, LevelState())
-        if position % segment_length == 0:
+        if position % block.segment == 0:
             cache.keys = cache.values = None
             persistent = self.parts[path].tokens
             for token in persistent:

@@ -21,7 +21,7 @@ import networkx as nx
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.sema import generated_roles
+from nestc.lang.queries import generated_roles
 
 OUTER = "outer"
 
@@ -68,7 +68,7 @@ def build(program: ir.Program) -> nx.MultiDiGraph:
     return graph
 
 
-def _data_edges(graph: nx.MultiDiGraph, block, upstream: list[str]) -> list[str]:
+def _data_edges(graph: nx.MultiDiGraph, block: ir.Block, upstream: list[str]) -> list[str]:
     """Add `data` edges along the block; returns the levels whose output leaves the block."""
     if isinstance(block, ir.UseLevel):
         for source in upstream:
@@ -87,14 +87,11 @@ def _data_edges(graph: nx.MultiDiGraph, block, upstream: list[str]) -> list[str]
             produced = _data_edges(graph, item, current)
             current = produced or current
         return current
-    if isinstance(block, ir.Residual):
-        return _data_edges(graph, block.body, upstream) + upstream
-    if isinstance(block, (ir.Parallel, ir.Choice)):
-        branches = block.branches if isinstance(block, ir.Parallel) else block.options
-        return [n for branch in branches for n in _data_edges(graph, branch, upstream)]
-    if isinstance(block, ir.Gated):
-        return _data_edges(graph, block.main, upstream) + _data_edges(graph, block.gate, upstream)
-    return []
+    # The blocks inside any other block (the options of a choice) read the same input, and all
+    # their outputs leave it; a residual's input leaves it too. (The other nodes inside, such as a
+    # choice of `combine`, use no level and add nothing.)
+    produced = [n for child in block.children() for n in _data_edges(graph, child, upstream)]
+    return produced + upstream if isinstance(block, ir.Residual) else produced
 
 
 def _frequency_text(every: ir.Frequency) -> str:

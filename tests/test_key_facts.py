@@ -12,7 +12,8 @@ import pytest
 
 from nestc import graph
 from nestc.lang import ir
-from nestc.lang.sema import analyze_file, generated_roles
+from nestc.lang.queries import generated_roles
+from nestc.lang.sema import analyze_file
 from nesttest import render
 
 DELTANET = ["specs/deltanet.nest", "tests/golden/deltanet.nest"]

@@ -1,6 +1,11 @@
 """The intermediate representation: a checked spec with every name resolved and every default
 filled in. Frozen; spans excluded from equality; the canonical dump of a choice-free program is
 hashed into its variant id.
+
+Every node lists the nodes inside it with `children()`; `walk` visits a whole subtree. Blocks also
+name their sub-blocks (`sub_blocks()`), and `walk_blocks` joins the names into paths. A path names
+the block's parameters in state dicts (`layers.0.parts.b_0_r_1.tokens`): the names are part of the
+checkpoint format.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Iterator, Union
 
 from nestc.lang.source import Span
 
@@ -17,43 +22,75 @@ def _span_field():
     return field(default=None, compare=False, repr=False)
 
 
+class Node:
+    """A node of the IR. Fields hold nodes, plain values, or tuples of either."""
+
+    __slots__ = ()
+
+    def children(self) -> tuple[Node, ...]:
+        """The nodes directly inside this one, in field order (tuples are looked into)."""
+        found: list[Node] = []
+        for f in dataclasses.fields(self):
+            if f.name != "span":
+                _collect_nodes(getattr(self, f.name), found)
+        return tuple(found)
+
+
+def _collect_nodes(value, found: list[Node]) -> None:
+    if isinstance(value, Node):
+        found.append(value)
+    elif isinstance(value, tuple):
+        for item in value:
+            _collect_nodes(item, found)
+
+
+def walk(node: Node) -> Iterator[Node]:
+    """`node` and every node inside it, depth first, each before its children."""
+    yield node
+    for child in node.children():
+        yield from walk(child)
+
+
 # --- search-space values (kept in place; enumeration is nestc.search.space's job) -----------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Choice:
-    options: tuple
+class Choice(Node):
+    options: tuple[Option, ...]
     name: str | None = None
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Range:
-    low: float
-    high: float
-    step: float = 1
+class Range(Node):
+    low: Number
+    high: Number
+    step: Number = 1
     name: str | None = None
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LogUniform:
-    low: float
-    high: float
+class LogUniform(Node):
+    low: Number
+    high: Number
     name: str | None = None
     span: Span | None = _span_field()
 
 
 SEARCH_TYPES = (Choice, Range, LogUniform)
+SearchValue = Union[Choice, Range, LogUniform]
+Number = Union[int, float]
+Value = Union[int, float, bool, str, SearchValue]  # a setting: a plain value, or one to search over
 
 
 # --- operators and pipelines ---------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Op:
+class Op(Node):
     """A schema operator with every argument present, in schema order."""
 
     name: str
-    args: tuple[tuple[str, object], ...] = ()
+    args: tuple[tuple[str, Value], ...] = ()
     span: Span | None = _span_field()
 
     def arg(self, name: str):
@@ -61,7 +98,7 @@ class Op:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LevelRef:
+class LevelRef(Node):
     """A pipeline stage that reads another level (generation edge), or the level itself."""
 
     level: str
@@ -69,33 +106,34 @@ class LevelRef:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Pipeline:
+class Pipeline(Node):
     """Stages applied to the level's input x, left to right."""
 
-    stages: tuple  # of Op | LevelRef | Choice
+    stages: tuple[Stage, ...]
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Constant:
-    value: object  # a number or a search value
+class Constant(Node):
+    value: Number | SearchValue
     span: Span | None = _span_field()
 
 
+Stage = Union[Op, LevelRef, Choice]  # a choice of stages
 Gate = Union[Constant, Op, Pipeline]  # Op is `learned(...)`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Frequency:
+class Frequency(Node):
     """`tokens`: in-sequence update period (0 = frozen in sequence); `steps`: outer update period."""
 
-    tokens: object = 0
-    steps: object = 1
+    tokens: int | SearchValue = 0
+    steps: int | SearchValue = 1
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Level:
+class Level(Node):
     name: str
     state: Op
     key: Pipeline | None
@@ -107,94 +145,136 @@ class Level:
     gamma: Gate | None
     objective: Op | Choice | None
     optimizer: Op | Choice | None
-    order: object
+    order: str | Choice | None
     output: Op | Choice
     every: Frequency
-    read: object
+    read: str | Choice
     init: Op | Choice
-    meta: object
-    heads: object
+    meta: str | Choice | None
+    heads: int | SearchValue | None
     span: Span | None = _span_field()
 
 
 # --- blocks --------------------------------------------------------------------------------------
 
+class BlockNode(Node):
+    """A block of the model."""
+
+    __slots__ = ()
+
+    def sub_blocks(self) -> tuple[tuple[str, Block], ...]:
+        """The blocks directly inside this one, each with the name that extends this block's path."""
+        return ()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UseLevel:
+class UseLevel(BlockNode):
     level: str
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Norm:
+class Norm(BlockNode):
     kind: str  # rmsnorm | layernorm | identity
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Sequence:
-    items: tuple
+class Sequence(BlockNode):
+    items: tuple[Block, ...]
     span: Span | None = _span_field()
+
+    def sub_blocks(self) -> tuple[tuple[str, Block], ...]:
+        return tuple((str(index), item) for index, item in enumerate(self.items))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Residual:
-    body: object
+class Residual(BlockNode):
+    body: Block
     span: Span | None = _span_field()
+
+    def sub_blocks(self) -> tuple[tuple[str, Block], ...]:
+        return (("r", self.body),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Parallel:
-    branches: tuple
-    combine: object
+class Parallel(BlockNode):
+    branches: tuple[Block, ...]
+    combine: str | Choice  # learned | sum | mean
     span: Span | None = _span_field()
+
+    def sub_blocks(self) -> tuple[tuple[str, Block], ...]:
+        return tuple((str(index), branch) for index, branch in enumerate(self.branches))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Gated:
-    main: object
-    gate: object
+class Gated(BlockNode):
+    main: Block
+    gate: Block
     span: Span | None = _span_field()
+
+    def sub_blocks(self) -> tuple[tuple[str, Block], ...]:
+        return (("m", self.main), ("g", self.gate))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MemoryAsContext:
+class MemoryAsContext(BlockNode):
     memory: str
     attention: str
-    segment: object
-    persistent: object
+    segment: int | SearchValue
+    persistent: int | SearchValue
     span: Span | None = _span_field()
 
 
 Block = Union[UseLevel, Norm, Sequence, Residual, Parallel, Gated, MemoryAsContext, Choice]
+# A choice's options have the type of the field it stands in (a list field's option is a tuple).
+Option = Union[Value, tuple[Value, ...], Stage, Gate, Block]
+
+ROOT_PATH = "b"  # the path of the model's block
+
+
+def sub_block_paths(block: Block, path: str) -> tuple[tuple[str, Block], ...]:
+    """The blocks directly inside `block`, each with its path (`b_0_r` is the body of the
+    residual that is the first item of the model's block). A choice's options have no paths: a
+    search space is frozen before parameters are named."""
+    if not isinstance(block, BlockNode):
+        return ()
+    return tuple((f"{path}_{name}", child) for name, child in block.sub_blocks())
+
+
+def walk_blocks(block: Block, path: str = ROOT_PATH) -> Iterator[tuple[str, Block]]:
+    """Each block inside `block` (itself first) with its path, each before its sub-blocks."""
+    yield path, block
+    for child_path, child in sub_block_paths(block, path):
+        yield from walk_blocks(child, child_path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Model:
+class Model(Node):
     vocab: int
-    dim: object
-    heads: object
-    layers: object
+    dim: int | SearchValue
+    heads: int | SearchValue
+    layers: int | SearchValue
     block: Block
-    norm: object
-    tie_embeddings: object
+    norm: str | Choice
+    tie_embeddings: bool | Choice
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Train:
+class Train(Node):
     optimizer: Op | Choice
     schedule: Op | Choice
-    context: object
-    batch: object
-    steps: object
-    clip: object
-    seed: object
+    context: int | SearchValue
+    batch: int | SearchValue
+    steps: int | SearchValue
+    clip: Number | SearchValue
+    seed: int | SearchValue
     span: Span | None = _span_field()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Program:
+class Program(Node):
     """A checked spec: the levels its model uses (plus library levels), the model, the outer level."""
 
     file: str
@@ -225,7 +305,7 @@ def _format_scalar(value) -> str:
     return str(value)
 
 
-def format_value(value) -> str:
+def format_value(value: Option | Frequency | None) -> str:
     """One-line rendering of an IR value, in the spec's own notation."""
     if isinstance(value, Op):
         if not value.args:
@@ -252,14 +332,15 @@ def format_value(value) -> str:
         return value.level
     if isinstance(value, Norm):
         return value.kind
-    if isinstance(value, Sequence):
-        return " |> ".join(format_value(i) for i in value.items)
-    if isinstance(value, Residual):
-        return f"residual({format_value(value.body)})"
-    if isinstance(value, Parallel):
-        return "parallel(" + ", ".join(format_value(b) for b in value.branches) + f", combine={format_value(value.combine)})"
-    if isinstance(value, Gated):
-        return f"gated({format_value(value.main)}, {format_value(value.gate)})"
+    if isinstance(value, (Sequence, Residual, Parallel, Gated)):
+        inner = [format_value(block) for _, block in value.sub_blocks()]
+        if isinstance(value, Sequence):
+            return " |> ".join(inner)
+        if isinstance(value, Parallel):
+            return "parallel(" + ", ".join(inner) + f", combine={format_value(value.combine)})"
+        if isinstance(value, Residual):
+            return f"residual({inner[0]})"
+        return f"gated({', '.join(inner)})"
     if isinstance(value, MemoryAsContext):
         return (f"mac(memory={value.memory}, attention={value.attention}, "
                 f"segment={format_value(value.segment)}, persistent={format_value(value.persistent)})")
@@ -298,12 +379,7 @@ def variant_id(program: Program) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 
-def contains_search(value) -> bool:
-    """Whether a search-space value stands anywhere inside `value`."""
-    if isinstance(value, SEARCH_TYPES):
-        return True
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return any(contains_search(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "span")
-    if isinstance(value, (tuple, list)):
-        return any(contains_search(v) for v in value)
-    return False
+def contains_search(nodes: Node | tuple[Node, ...]) -> bool:
+    """Whether a search-space value stands anywhere inside a node (or a tuple of them)."""
+    roots = nodes if isinstance(nodes, tuple) else (nodes,)
+    return any(isinstance(inner, SEARCH_TYPES) for root in roots for inner in walk(root))

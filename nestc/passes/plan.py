@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from nestc import rules
 from nestc.lang import ir
+from nestc.lang.queries import generators
 from nestc.backends.common import concrete
 
 MAX_SEGMENT = 64
@@ -121,7 +122,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
             constrained = every > 0
         if (every > 1 and constrained) or (every > 0 and anchor_reader(program, level.name)):
             length = math.gcd(length, every)
-    for node in block_nodes(program.model.block):
+    for node in ir.walk(program.model.block):
         if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
             length = math.gcd(length, concrete(node.segment))
     return max(length, 1)
@@ -133,24 +134,11 @@ def anchor_reader(program: ir.Program, name: str) -> str:
     retrieval (each token's M*(q_t) at the anchor, `mac_segment`)."""
     if is_generator(program, name):
         return "the levels it generates for"
-    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in block_nodes(program.model.block)):
+    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in ir.walk(program.model.block)):
         return "its `mac` block's retrieval"
     return ""
 
 
 def is_generator(program: ir.Program, name: str) -> bool:
     """Whether any level (itself included, through `self`) reads this level as a pipeline stage."""
-    from nestc.lang.sema import generators
-
     return any(name in generators(level) for level in program.levels)
-
-
-def block_nodes(block):
-    """The block and every block inside it."""
-    yield block
-    for child in (getattr(block, "items", None) or getattr(block, "branches", None) or getattr(block, "options", None)
-                  or ()):
-        yield from block_nodes(child)
-    for attribute in ("body", "main", "gate"):
-        if hasattr(block, attribute):
-            yield from block_nodes(getattr(block, attribute))

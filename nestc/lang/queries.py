@@ -1,0 +1,67 @@
+"""Questions asked of a checked program: which levels a block uses, which levels generate another
+level's inputs, where the search-space values stand. Shared by the checks, the level graph and
+the backends."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator
+
+from nestc.lang import ir
+
+GENERATED_ROLES = ("key", "value", "query", "lr", "retain", "momentum", "gamma")
+
+
+def _level_refs(value: ir.Node | None) -> set[str]:
+    """Levels read as pipeline stages inside one key/value/query/gate value."""
+    if value is None:
+        return set()
+    return {node.level for node in ir.walk(value) if isinstance(node, ir.LevelRef)}
+
+
+def generators(level: ir.Level) -> set[str]:
+    """Levels whose output this level reads through its key/value/query/gate pipelines."""
+    return set().union(*(_level_refs(getattr(level, role)) for role in GENERATED_ROLES))
+
+
+def generated_roles(level: ir.Level) -> dict[str, set[str]]:
+    """For each generating level, the roles (key, value, lr, ...) it generates for `level`."""
+    roles: dict[str, set[str]] = {}
+    for role in GENERATED_ROLES:
+        for name in _level_refs(getattr(level, role)):
+            roles.setdefault(name, set()).add(role)
+    return roles
+
+
+def _levels_of(node: ir.Node) -> tuple[str, ...]:
+    """The levels one block node uses itself (not those of the blocks inside it)."""
+    if isinstance(node, ir.UseLevel):
+        return (node.level,)
+    if isinstance(node, ir.MemoryAsContext):
+        return (node.memory, node.attention)
+    return ()
+
+
+def block_levels(block: ir.Block) -> list[str]:
+    """The levels a block uses, in order, once per use; every option of a choice counts."""
+    return [name for node in ir.walk(block) for name in _levels_of(node)]
+
+
+def level_uses(block: ir.Block) -> Counter:
+    """How often each level is used; alternatives of a choice count once (the most of any option)."""
+    if isinstance(block, ir.Choice):
+        total: Counter = Counter()
+        for option in block.children():
+            total |= level_uses(option)
+        return total
+    return sum((level_uses(child) for child in block.children()), Counter(_levels_of(block)))
+
+
+def first_use(block: ir.Block, level: str) -> ir.Block | None:
+    """The first block node (in source order) that uses `level`."""
+    return next((node for node in ir.walk(block) if level in _levels_of(node)), None)
+
+
+def search_values(node: ir.Node) -> Iterator[ir.SearchValue]:
+    """Every search-space value inside `node`, outermost first."""
+    return (inner for inner in ir.walk(node) if isinstance(inner, ir.SEARCH_TYPES))

@@ -1,0 +1,228 @@
+"""Levels: a level's fields (following `extends`), its defaults, and the checks that need its
+state, objective and optimizer together."""
+
+from __future__ import annotations
+
+from nestc.lang import ast, ir, schema
+from nestc.lang.diagnostics import Label, did_you_mean
+from nestc.lang.schema import Param
+from nestc.lang.sema.context import INVALID, Analysis, Invalid, Part, options
+from nestc.lang.sema.values import Values
+
+
+class Levels(Part):
+    """Builds each level once, when it is first asked for."""
+
+    def __init__(self, analysis: Analysis, values: Values):
+        super().__init__(analysis)
+        self.values = values
+        self._built: dict[str, ir.Level | Invalid] = {}
+        self.chunked: list[tuple] = []  # (level, every, context, field) checked once usage is known
+        self._level_stack: list[str] = []
+        self.extended: set[str] = set()  # levels that another level extends
+
+    def _level_fields(self, name: str) -> tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid:
+        """The state and fields of a level, following `extends` chains."""
+        node: ast.LevelDef = self.definitions[name].node
+        if node.base is None:
+            return node.state, self.values.fields(node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
+        base = self.definitions.get(node.base)
+        if base is None or base.kind != "level":
+            if base is None:
+                return self.error("N0101", f"unknown level `{node.base}`", node.base_span, label="not defined",
+                                  help=did_you_mean(node.base, self.analysis.names("level")))
+            return self.error("N0105", f"`{node.base}` is a {base.kind}; a level can only extend a level",
+                              node.base_span)
+        if node.base in self._level_stack:
+            chain = " -> ".join(self._level_stack[self._level_stack.index(node.base):] + [node.base])
+            return self.error("N0121", f"level `{name}` extends itself", node.base_span, notes=(f"the chain: {chain}",))
+        self.extended.add(node.base)
+        self._level_stack.append(name)
+        try:
+            inherited = self._level_fields(node.base)
+        finally:
+            self._level_stack.pop()
+        if inherited is INVALID:
+            return INVALID
+        state, fields = inherited
+        own = self.values.fields(node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
+        return state, {**fields, **own}
+
+    def level(self, name: str):
+        if name in self._built:
+            return self._built[name]
+        self._built[name] = INVALID  # guards against re-entry while this level is built
+        resolved = self._level_fields(name)
+        if resolved is INVALID:
+            return INVALID
+        state_expr, fields = resolved
+        node: ast.LevelDef = self.definitions[name].node
+        enclosing, self.analysis.current_level = self.analysis.current_level, name
+        try:
+            level = self._build_level(name, node, state_expr, fields, self.analysis.train_context)
+        finally:
+            self.analysis.current_level = enclosing
+        self._built[name] = level
+        return level
+
+    def _build_level(self, name, node, state_expr, fields, context):
+        state = self.values.op(state_expr, "state", f"the state of level `{name}`")
+        values = {key: self.values.field_value(f, schema.LEVEL_FIELDS[key], f"level `{name}`")
+                  for key, f in fields.items() if key != "every"}
+        every = self._frequency(fields.get("every"), values.pop("frozen", False), fields.get("frozen"), name)
+        if every not in (None, INVALID) and every.tokens not in (0, 1) and context is not None:
+            self.chunked.append((name, every, context, fields.get("every")))
+        if state is INVALID or INVALID in values.values() or every is INVALID:
+            return INVALID
+        kinds = _option_names(state)
+        kind = next(iter(kinds)) if len(kinds) == 1 else None
+        span = node.name_span
+
+        if kind == "cache":
+            allowed = {"key", "value", "query", "heads", "read"}
+            for key in sorted(set(fields) - allowed - {"every"}):
+                self.error("N0117", f"`{key}` has no meaning for a `cache` level", fields[key].key_span,
+                           label="not a field of attention",
+                           notes=("a cache level is softmax attention: its update is the closed form "
+                                  "'append (k, v)', with no objective, optimizer or gates",))
+            if "every" in fields:
+                self.error("N0117", "`every` has no meaning for a `cache` level", fields["every"].key_span,
+                           label="attention appends every token")
+        has_io = any(k in fields for k in ("key", "value", "query"))
+        objective = values.get("objective")
+        if objective is None and kind != "cache":
+            objective = ir.Op(name="task" if (kind == "mlp" and not has_io) else "l2",
+                              args=()) if kind is not None else None
+        objectives = _option_names(objective)
+        optimizer = values.get("optimizer") or (None if kind == "cache" else ir.Op(name="gd"))
+        optimizers = _option_names(optimizer)
+        task = bool(objectives) and objectives == {"task"}
+
+        if every is None:
+            every = ir.Frequency(tokens=0 if kind == "mlp" else 1, steps=1)
+        if every.tokens == 0 and kind == "cache":
+            every = ir.Frequency(tokens=1, steps=1)
+
+        if "task" in objectives:
+            for key in ("key", "value", "query"):
+                if key in fields:
+                    self.error("N0117", f"`{key}` has no meaning for a level trained on the task loss",
+                               fields[key].key_span, label="the level reads its input directly",
+                               notes=("with `objective task` the level is a continuum-memory block: y = M(x), "
+                                      "updated with the gradient of the model's own loss",))
+        for state_kind in kinds:
+            for objective_name in objectives:
+                self._check_objective(state_kind, objective_name, fields, state_expr)
+            for optimizer_name in optimizers:
+                self._check_optimizer(state_kind, optimizer_name, objectives, fields)
+        read = values.get("read", "after")
+        if "task" in objectives and "after" in options(read) and "read" in fields:
+            self.error("N0113", "`read after` has no form for a level trained on the task loss",
+                       fields["read"].value.span, label="cannot read after this update",
+                       notes=("the update at token t needs the gradient of the loss at t, which needs the output "
+                              "at t: the output must be read before the update",),
+                       help="remove `read after` (these levels always read before their update)")
+        if task and "read" not in fields:
+            read = "before"
+
+        momentum = values.get("momentum")
+        if optimizers & {"momentum", "muon"}:
+            momentum = momentum or ir.Constant(value=0.9)
+        elif momentum is not None and optimizers:
+            self.error("N0117", f"a momentum gate has no effect with optimizer `{' or '.join(sorted(optimizers))}`",
+                       fields["momentum"].key_span, label="unused gate",
+                       help="use `optimizer momentum` (or `muon`), or remove the gate")
+        gamma = values.get("gamma")
+        if "omega" in objectives:
+            gamma = gamma or ir.Constant(value=1.0)
+        elif gamma is not None and objectives:
+            self.error("N0117", "a gamma gate only weights the pairs of an `omega` objective",
+                       fields["gamma"].key_span, label="unused gate", help="use `objective omega(window=...)`")
+        order = values.get("order", "grad_first")
+
+        default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
+        init = values.get("init") or ir.Op(name="meta" if kind == "mlp" else "zero", args=())
+        if isinstance(init, ir.Op) and init.name == "pretrained":
+            self._check_pretrained(name, state, init, fields["init"])
+        meta = values.get("meta") or ("first_order" if task else "full")
+        is_parametric = kind != "cache"
+        return ir.Level(
+            name=name,
+            state=state,
+            key=None if task else values.get("key") or default_source,
+            value=None if task else values.get("value") or default_source,
+            query=None if task else values.get("query") or default_source,
+            lr=values.get("lr") or (ir.Constant(value=1.0) if is_parametric else None),
+            retain=values.get("retain") or (ir.Constant(value=1.0) if is_parametric else None),
+            momentum=momentum,
+            gamma=gamma,
+            objective=objective,
+            optimizer=optimizer,
+            order=order if is_parametric else None,
+            output=values.get("output") or ir.Op(name="none"),
+            every=every,
+            read=read,
+            init=init,
+            meta=meta if is_parametric else None,
+            heads=values.get("heads"),
+            span=span,
+        )
+
+    def _frequency(self, f: ast.Field | None, frozen, frozen_field: ast.Field | None, level: str):
+        if frozen and f is not None:
+            self.error("N0116", f"level `{level}` is both `frozen` and updated `every ...`", f.key_span,
+                       secondary=(Label(span=frozen_field.key_span, message="frozen here"),))
+            return INVALID
+        if frozen:
+            return ir.Frequency(tokens=0, steps=1, span=frozen_field.span)
+        if f is None:
+            return None
+        if f.value is None:
+            return self.error("N0015", "`every` needs a period", f.key_span, label="missing value",
+                              help="write `every 16` (tokens) or `every 4 steps` (outer optimizer steps)")
+        unit = f.unit or "tokens"
+        if unit not in schema.FREQUENCY_UNITS:
+            return self.error("N0101", f"unknown unit `{unit}`", f.unit_span, label="not a unit",
+                              help=did_you_mean(unit, schema.FREQUENCY_UNITS))
+        period = self.values.value(f.value, Param("every", "int", minimum=0 if unit == "tokens" else 1), "the period")
+        if period is INVALID:
+            return INVALID
+        if unit == "steps":
+            return ir.Frequency(tokens=0, steps=period, span=f.span)
+        return ir.Frequency(tokens=period, steps=1, span=f.span)
+
+    def _check_objective(self, kind: str, objective: str, fields, state_expr) -> None:
+        allowed = {"matrix": set(schema.OBJECTIVES), "mlp": set(schema.OBJECTIVES),
+                   "vector": set(schema.OBJECTIVES) - {"omega"}}
+        if kind in allowed and objective not in allowed[kind]:
+            self.error("N0111", f"objective `{objective}` is not defined for a `{kind}` state",
+                       fields["objective"].value.span if "objective" in fields else state_expr.span,
+                       label="no such objective for this state",
+                       help="use one of: " + ", ".join(sorted(allowed[kind])))
+
+    def _check_optimizer(self, kind: str, optimizer: str, objectives: set[str], fields) -> None:
+        span = fields["optimizer"].value.span if "optimizer" in fields else None
+        if optimizer in ("dgd", "muon") and kind not in ("matrix", "mlp"):
+            self.error("N0112", f"optimizer `{optimizer}` is not defined for a `{kind}` state", span,
+                       label="needs weight matrices",
+                       help="dgd and muon act on the linear maps of a matrix or mlp state; use gd or momentum")
+        if "task" in objectives and optimizer in ("dgd", "muon"):
+            self.error("N0112", f"optimizer `{optimizer}` is not defined for the task objective", span,
+                       label="continuum-memory levels use gd or momentum",
+                       help="dgd needs the level's (key, value) pairs, which task-loss levels do not have")
+
+    def _check_pretrained(self, name, state, init, init_field) -> None:
+        source = init.arg("source")
+        if source == name:
+            self.error("N0124", f"level `{name}` cannot be initialised from itself", init_field.value.span)
+            return
+        other = self.level(source)
+        if other is not INVALID and isinstance(state, ir.Op) and other.state != state:
+            self.error("N0124", f"level `{name}` is initialised from `{source}`, whose state differs",
+                       init_field.value.span, label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
+                       help="pretrained initial states copy parameters: both levels need the same state")
+
+
+def _option_names(value) -> set[str]:
+    """The operator names a value may take: one for an operator, each option's for a choice."""
+    return {option.name for option in options(value) if isinstance(option, ir.Op)}

@@ -1,0 +1,173 @@
+"""The program: the model and train sections, and the checks that need the whole program (which
+levels the model uses, heads, chunk sizes, generation cycles, search dimensions)."""
+
+from __future__ import annotations
+
+from nestc.lang import ast, ir
+from nestc.lang.diagnostics import Label
+from nestc.lang.queries import block_levels, first_use, generators, level_uses, search_values
+from nestc.lang.sema.context import INVALID, Analysis, Definition, Part, options
+from nestc.lang.sema.levels import Levels
+from nestc.lang.sema.values import Values
+
+
+class ProgramBuilder(Part):
+    """Builds the program from the sections and definitions, then checks it as a whole."""
+
+    def __init__(self, analysis: Analysis):
+        super().__init__(analysis)
+        self.values = Values(analysis)
+        self.blocks = self.values.blocks
+        self.levels = Levels(analysis, self.values)
+
+    def build(self) -> ir.Program | None:
+        train_values = self.values.section_values("train")
+        context = train_values.get("context")
+        self.analysis.train_context = None if context is INVALID else context
+        model = None
+        if "model" in self.sections:
+            values = self.values.section_values("model")
+            self._check_model_heads(values.get("dim"), values.get("heads"))
+            if INVALID not in values.values():
+                model = ir.Model(span=self.sections["model"].name_span, **values)
+                self._check_model_uses(model)
+        for name, definition in self.definitions.items():
+            if definition.kind == "const":
+                self._check_const(name, definition)
+            elif definition.kind == "block":
+                self.blocks.block(definition.node.value, f"block `{name}`", (name,))
+        level_names = [n for n, d in self.definitions.items() if d.kind == "level"]
+        levels = {n: self.levels.level(n) for n in level_names}
+        train = ir.Train(span=self.sections["train"].name_span if "train" in self.sections else None,
+                         **train_values) if INVALID not in train_values.values() else None
+        if model is None and "model" in self.sections:
+            return None
+        used = self._reachable(model, levels) if model is not None else set(level_names)
+        # Only the levels the model runs must fit its context: a library may define others.
+        for name, every, context, field in self.levels.chunked:
+            if name in used:
+                self._check_divides(every, context, field)
+        self._check_generation_cycles({n: levels[n] for n in used if levels.get(n) not in (None, INVALID)})
+        if model is not None:
+            self._check_heads(model, [levels[n] for n in used if levels[n] is not INVALID])
+            for name in level_names:
+                definition = self.definitions[name]
+                if name not in used and name not in self.levels.extended and definition.span \
+                        and definition.span.file == self.analysis.main_file:
+                    self.warning("N0201", f"level `{name}` is never used", definition.span, label="unused level",
+                                 help="use it in the model's block, or remove it")
+        if train is None or any(levels[n] is INVALID for n in used):
+            return None
+        ordered = tuple(levels[n] for n in level_names if n in used)
+        program = ir.Program(file=self.analysis.main_file, levels=ordered, model=model, train=train)
+        self._check_named_dimensions(program)
+        return program
+
+    def _check_named_dimensions(self, program: ir.Program) -> None:
+        """Search values that share a `name` are one dimension: their options must be the same."""
+        first: dict[str, object] = {}
+        for value in search_values(program):
+            if value.name is None:
+                continue
+            seen = first.setdefault(value.name, value)
+            if seen is not value and ir.format_value(seen) != ir.format_value(value):
+                self.error("N0119", f"the search dimension `{value.name}` is given different options",
+                           value.span, label=ir.format_value(value),
+                           secondary=(Label(span=seen.span, message=ir.format_value(seen)),) if seen.span else (),
+                           help="values that share a name are one dimension: give them the same options, "
+                                "or different names")
+
+    def _check_const(self, name: str, definition: Definition) -> None:
+        expr = self.analysis.deref(ast.Name(id=name, span=definition.span))
+        if expr is INVALID or not isinstance(expr, (ast.Number, ast.Neg, ast.BinOp)):
+            return
+        self.values.arith(expr, f"constant `{name}`")
+
+    def _check_model_heads(self, dim, heads) -> None:
+        for width in options(dim):
+            for count in options(heads):
+                if isinstance(width, int) and isinstance(count, int) and width % count:
+                    section = self.sections["model"]
+                    span = next((f.value.span for f in section.fields if f.key == "heads"), section.name_span)
+                    self.error("N0118", f"{count} heads do not divide the model width {width}", span,
+                               label=f"{width} / {count} is not whole",
+                               help=f"use a number of heads that divides {width}")
+
+    def _check_model_uses(self, model: ir.Model) -> None:
+        counts = level_uses(model.block)
+        for level, count in counts.items():
+            if count > 1:
+                first = first_use(model.block, level)
+                self.error("N0122", f"level `{level}` is used {count} times in the model's block",
+                           first.span if first else model.span, label="each use would share one state",
+                           help=f"define a copy: `level {level}_2 extends {level}`")
+
+    def _check_heads(self, model: ir.Model, levels) -> None:
+        for level in levels:
+            if level.heads is None:
+                continue
+            for dim in options(model.dim):
+                for heads in options(level.heads):
+                    if isinstance(dim, int) and isinstance(heads, int) and dim % heads:
+                        node = self.definitions[level.name].node
+                        span = next((f.value.span for f in node.fields if f.key == "heads"), level.span)
+                        self.error("N0118", f"{heads} heads do not divide the model width {dim}", span,
+                                   label=f"in level `{level.name}`")
+
+    def _reachable(self, model: ir.Model, levels: dict) -> set[str]:
+        used: set[str] = set()
+        pending = list(block_levels(model.block))
+        while pending:
+            name = pending.pop()
+            if name in used or name not in levels:
+                continue
+            used.add(name)
+            level = levels[name]
+            if level is INVALID:
+                continue
+            pending.extend(generators(level))
+            if isinstance(level.init, ir.Op) and level.init.name == "pretrained":
+                pending.append(level.init.arg("source"))
+        return used
+
+    def _check_generation_cycles(self, levels: dict[str, ir.Level]) -> None:
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        graph.add_nodes_from(levels)
+        for name, level in levels.items():
+            for generator in generators(level):
+                if generator in levels:
+                    graph.add_edge(generator, name)
+        for component in nx.strongly_connected_components(graph):
+            cyclic = len(component) > 1 or any(graph.has_edge(n, n) for n in component)
+            if not cyclic:
+                continue
+            for name in sorted(component):
+                if levels[name].read == "after":
+                    members = ", ".join(f"`{n}`" for n in sorted(component))
+                    self.error("N0109", f"generation cycle through {members} cannot be executed",
+                               levels[name].span, label=f"`{name}` reads after its update",
+                               notes=("inside a cycle each level's input at token t is generated by a level that "
+                                      "must already be read at t; that is only possible when every level of the "
+                                      "cycle reads its state from before the update",),
+                               help=f"add `read before` to level `{name}`")
+
+    def _check_divides(self, every: ir.Frequency, context, f: ast.Field | None) -> None:
+        context_field = self.sections.get("train")
+        context_span = None
+        if context_field is not None:
+            context_span = next((x.value.span for x in context_field.fields if x.key == "context" and x.value), None)
+        for chunk in options(every.tokens):
+            for length in options(context):
+                if isinstance(chunk, int) and isinstance(length, int) and chunk > 0 and length % chunk:
+                    self.error("N0110", f"chunk size {chunk} does not divide the training context {length}",
+                               f.value.span if f else None, label=f"every {chunk} tokens",
+                               secondary=(Label(span=context_span, message=f"context {length}"),) if context_span else (),
+                               help=f"choose a period that divides {length} (e.g. "
+                               f"{_nearest_divisor(length, chunk)}), or change the context")
+
+
+def _nearest_divisor(length: int, chunk: int) -> int:
+    divisors = [d for d in range(1, length + 1) if length % d == 0]
+    return min(divisors, key=lambda d: (abs(d - chunk), d))

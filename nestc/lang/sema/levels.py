@@ -3,6 +3,7 @@ state, objective and optimizer together."""
 
 from __future__ import annotations
 
+from nestc import rules
 from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Label, did_you_mean
 from nestc.lang.schema import Param
@@ -76,34 +77,38 @@ class Levels(Part):
             return INVALID
         kinds = _option_names(state)
         kind = next(iter(kinds)) if len(kinds) == 1 else None
+        # The state's registry entry gives the defaults; a choice of states takes the generic ones.
+        state_rule = rules.STATES[kind] if kind is not None else None
+        defaults = state_rule or rules.State
+        is_parametric = state_rule is None or state_rule.memory
         span = node.name_span
 
-        if kind == "cache":
-            allowed = {"key", "value", "query", "heads", "read"}
-            for key in sorted(set(fields) - allowed - {"every"}):
-                self.error("N0117", f"`{key}` has no meaning for a `cache` level", fields[key].key_span,
+        if not is_parametric:
+            for key in sorted(set(fields) - state_rule.fields - {"every"}):
+                self.error("N0117", f"`{key}` has no meaning for a `{kind}` level", fields[key].key_span,
                            label="not a field of attention",
-                           notes=("a cache level is softmax attention: its update is the closed form "
+                           notes=(f"a {kind} level is softmax attention: its update is the closed form "
                                   "'append (k, v)', with no objective, optimizer or gates",))
             if "every" in fields:
-                self.error("N0117", "`every` has no meaning for a `cache` level", fields["every"].key_span,
+                self.error("N0117", f"`every` has no meaning for a `{kind}` level", fields["every"].key_span,
                            label="attention appends every token")
         has_io = any(k in fields for k in ("key", "value", "query"))
         objective = values.get("objective")
-        if objective is None and kind != "cache":
-            objective = ir.Op(name="task" if (kind == "mlp" and not has_io) else "l2",
-                              args=()) if kind is not None else None
+        if objective is None and is_parametric and state_rule is not None:
+            objective = ir.Op(name=state_rule.default_objective(has_io), args=())
         objectives = _option_names(objective)
-        optimizer = values.get("optimizer") or (None if kind == "cache" else ir.Op(name="gd"))
+        optimizer = values.get("optimizer") or (ir.Op(name=schema.LEVEL_FIELDS["optimizer"].default)
+                                                if is_parametric else None)
         optimizers = _option_names(optimizer)
-        task = bool(objectives) and objectives == {"task"}
+        continuum = any(rules.OBJECTIVES[o].continuum for o in objectives)
+        task = bool(objectives) and all(rules.OBJECTIVES[o].continuum for o in objectives)
 
         if every is None:
-            every = ir.Frequency(tokens=0 if kind == "mlp" else 1, steps=1)
-        if every.tokens == 0 and kind == "cache":
+            every = ir.Frequency(tokens=defaults.default_every_tokens, steps=1)
+        if every.tokens == 0 and not is_parametric:
             every = ir.Frequency(tokens=1, steps=1)
 
-        if "task" in objectives:
+        if continuum:
             for key in ("key", "value", "query"):
                 if key in fields:
                     self.error("N0117", f"`{key}` has no meaning for a level trained on the task loss",
@@ -116,7 +121,7 @@ class Levels(Part):
             for optimizer_name in optimizers:
                 self._check_optimizer(state_kind, optimizer_name, objectives, fields)
         read = values.get("read", "after")
-        if "task" in objectives and "after" in options(read) and "read" in fields:
+        if continuum and "after" in options(read) and "read" in fields:
             self.error("N0113", "`read after` has no form for a level trained on the task loss",
                        fields["read"].value.span, label="cannot read after this update",
                        notes=("the update at token t needs the gradient of the loss at t, which needs the output "
@@ -126,26 +131,28 @@ class Levels(Part):
             read = "before"
 
         momentum = values.get("momentum")
-        if optimizers & {"momentum", "muon"}:
+        if any(rules.OPTIMIZERS[o].keeps_momentum for o in optimizers):
             momentum = momentum or ir.Constant(value=0.9)
         elif momentum is not None and optimizers:
+            first, *others = [n for n, rule in rules.OPTIMIZERS.items() if rule.keeps_momentum]
             self.error("N0117", f"a momentum gate has no effect with optimizer `{' or '.join(sorted(optimizers))}`",
                        fields["momentum"].key_span, label="unused gate",
-                       help="use `optimizer momentum` (or `muon`), or remove the gate")
+                       help=f"use `optimizer {first}`" + (f" (or `{'`, `'.join(others)}`)" if others else "")
+                       + ", or remove the gate")
         gamma = values.get("gamma")
-        if "omega" in objectives:
+        if any(rules.OBJECTIVES[o].windowed for o in objectives):
             gamma = gamma or ir.Constant(value=1.0)
         elif gamma is not None and objectives:
-            self.error("N0117", "a gamma gate only weights the pairs of an `omega` objective",
-                       fields["gamma"].key_span, label="unused gate", help="use `objective omega(window=...)`")
+            windowed = next(n for n, rule in rules.OBJECTIVES.items() if rule.windowed)
+            self.error("N0117", f"a gamma gate only weights the pairs of an `{windowed}` objective",
+                       fields["gamma"].key_span, label="unused gate", help=f"use `objective {windowed}(window=...)`")
         order = values.get("order", "grad_first")
 
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
-        init = values.get("init") or ir.Op(name="meta" if kind == "mlp" else "zero", args=())
+        init = values.get("init") or ir.Op(name=defaults.default_init, args=())
         if isinstance(init, ir.Op) and init.name == "pretrained":
             self._check_pretrained(name, state, init, fields["init"])
         meta = values.get("meta") or ("first_order" if task else "full")
-        is_parametric = kind != "cache"
         return ir.Level(
             name=name,
             state=state,
@@ -192,24 +199,31 @@ class Levels(Part):
         return ir.Frequency(tokens=period, steps=1, span=f.span)
 
     def _check_objective(self, kind: str, objective: str, fields, state_expr) -> None:
-        allowed = {"matrix": set(schema.OBJECTIVES), "mlp": set(schema.OBJECTIVES),
-                   "vector": set(schema.OBJECTIVES) - {"omega"}}
-        if kind in allowed and objective not in allowed[kind]:
+        """The objective's registry entry lists the states it is defined on."""
+        if rules.STATES[kind].memory and kind not in rules.OBJECTIVES[objective].states:
             self.error("N0111", f"objective `{objective}` is not defined for a `{kind}` state",
                        fields["objective"].value.span if "objective" in fields else state_expr.span,
                        label="no such objective for this state",
-                       help="use one of: " + ", ".join(sorted(allowed[kind])))
+                       help="use one of: " + ", ".join(sorted(n for n, rule in rules.OBJECTIVES.items()
+                                                               if kind in rule.states)))
 
     def _check_optimizer(self, kind: str, optimizer: str, objectives: set[str], fields) -> None:
+        """What the optimizer's registry entry needs: weight maps in the state, (key, value) pairs."""
         span = fields["optimizer"].value.span if "optimizer" in fields else None
-        if optimizer in ("dgd", "muon") and kind not in ("matrix", "mlp"):
+        rule = rules.OPTIMIZERS[optimizer]
+        if rule.needs_weight_maps and not rules.STATES[kind].weight_maps:
+            on_maps = " and ".join(n for n, other in rules.OPTIMIZERS.items() if other.needs_weight_maps)
+            with_maps = " or ".join(n for n, state in rules.STATES.items() if state.weight_maps)
+            elementwise = " or ".join(n for n, other in rules.OPTIMIZERS.items() if not other.needs_weight_maps)
             self.error("N0112", f"optimizer `{optimizer}` is not defined for a `{kind}` state", span,
                        label="needs weight matrices",
-                       help="dgd and muon act on the linear maps of a matrix or mlp state; use gd or momentum")
-        if "task" in objectives and optimizer in ("dgd", "muon"):
-            self.error("N0112", f"optimizer `{optimizer}` is not defined for the task objective", span,
-                       label="continuum-memory levels use gd or momentum",
-                       help="dgd needs the level's (key, value) pairs, which task-loss levels do not have")
+                       help=f"{on_maps} act on the linear maps of a {with_maps} state; use {elementwise}")
+        continuum = [o for o in objectives if rules.OBJECTIVES[o].continuum]
+        if continuum and rule.needs_pairs:
+            without_pairs = " or ".join(n for n, other in rules.OPTIMIZERS.items() if not other.needs_pairs)
+            self.error("N0112", f"optimizer `{optimizer}` is not defined for the {continuum[0]} objective", span,
+                       label=f"continuum-memory levels use {without_pairs}",
+                       help=f"{optimizer} needs the level's (key, value) pairs, which task-loss levels do not have")
 
     def _check_pretrained(self, name, state, init, init_field) -> None:
         source = init.arg("source")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
+from nestc.backends.updates import continuum_gradients, continuum_step, newton_schulz
 from nestc.lang.sema import block_levels, generators
 
 # --- states ----------------------------------------------------------------------------------
@@ -238,18 +239,6 @@ def mlp_apply(weights: list[Tensor], x: Tensor, act: str, residual: bool, norm: 
 
 def activation(name: str, x: Tensor) -> Tensor:
     return x if name == "identity" else torch.tanh(x) if name == "tanh" else getattr(F, name)(x)
-
-
-def newton_schulz(update: Tensor, steps: int) -> Tensor:
-    """Approximate orthogonalisation of the last two dims (the quintic iteration used by Muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    transpose = update.shape[-2] > update.shape[-1]
-    x = update.transpose(-2, -1) if transpose else update
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.transpose(-2, -1)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.transpose(-2, -1) if transpose else x
 
 
 class MemoryKernel(nn.Module):
@@ -546,20 +535,12 @@ class FeedForwardLevel(nn.Module):
         weights = state.weights if self.every else [w.unsqueeze(0) for w in self.kernel.initial]
         return self.kernel.apply(weights, x[:, None, :]).reshape(x.shape)
 
-    def apply_gradient(self, state: LevelState, grads) -> None:
+    def apply_gradient(self, state: LevelState, grads, keep_graph: bool) -> None:
         """One step on the task loss accumulated over the chunk that just ended."""
-        lr, retain = self.gates.get("lr", 1.0), self.gates.get("retain", 1.0)
-        new = []
-        for index, (weight, grad) in enumerate(zip(state.weights, grads)):
-            grad = torch.zeros_like(weight) if grad is None else grad
-            if self.meta != "full":
-                grad = grad.detach()
-            if self.optimizer == "momentum":
-                state.momentum[index] = self.gates.get("momentum", 0.9) * state.momentum[index] - lr * grad
-                new.append(retain * weight + state.momentum[index])
-            else:
-                new.append(retain * weight - lr * grad)
-        state.weights = [w.detach() if self.meta == "stop" else w for w in new]
+        state.weights, state.momentum = continuum_step(
+            state.weights, state.momentum, grads, self.optimizer, self.gates.get("lr", 1.0),
+            self.gates.get("retain", 1.0), self.gates.get("momentum", 0.9), full=self.meta == "full",
+            stop=self.meta == "stop", keep_graph=keep_graph)
         state.pending = None
 
 
@@ -595,23 +576,15 @@ def _place_after_history(instances: list[tuple["FeedForwardLevel", LevelState]],
 
 def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]], keep_graph: bool) -> None:
     """Step every layer's copy of one continuum level: they share one pending loss, so a single
-    backward pass gives all their gradients. Without an outer level to differentiate the stream
-    (`keep_graph` false, inference) the new weights start the next chunk cut from the old ones, so
-    the graph never grows beyond one chunk however long the stream."""
+    backward pass gives all their gradients; `keep_graph` false (inference) cuts each chunk's new
+    weights from the old ones (`continuum_step`)."""
     weights = [w for _, state in instances for w in state.weights]
     full = any(level.meta == "full" for level, _ in instances)
-    pending = instances[0][1].pending
-    if pending.requires_grad:
-        grads = torch.autograd.grad(pending, weights, retain_graph=True, create_graph=full, allow_unused=True)
-    else:  # the chunk's predictions were made before the state was saved and reloaded: no gradient left
-        grads = (None,) * len(weights)
+    grads = continuum_gradients(instances[0][1].pending, weights, create_graph=full)
     offset = 0
     for level, state in instances:
         count = len(state.weights)
-        level.apply_gradient(state, grads[offset:offset + count])
-        if not keep_graph:
-            state.weights = [w.detach() for w in state.weights]
-            state.momentum = [m.detach() for m in state.momentum]
+        level.apply_gradient(state, grads[offset:offset + count], keep_graph)
         offset += count
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from nestc.backends.common import BackendError
+from nestc.backends.state import flatten_levels
 from nestc.backends.updates import continuum_gradients, continuum_step
 
 aten = torch.ops.aten
@@ -87,14 +88,14 @@ class SegmentGraph:
 
 def trace_segment(model, batch: int, length: int) -> SegmentGraph:
     """Trace `model`'s segment step for `batch` sequences and segments of `length` tokens."""
-    from nestc.backends.compiled import _complete_state, _flatten_state
+    from nestc.backends.compiled import _complete_state
 
     obstacle = model._segment_obstacle()
     if obstacle:
         raise BackendError(f"the segment step cannot be traced as one graph: {obstacle}")
     state = model.initial_state(batch)
     _complete_state(model, state, batch)
-    layout, tensors = _flatten_state(state.levels)
+    layout, tensors = flatten_levels(state.levels)
     names = [name for name, _ in model.named_parameters()]
     params = [parameter.detach() for _, parameter in model.named_parameters()]
     step = _Step(model, layout)
@@ -393,7 +394,7 @@ class Model(torch.nn.Module):
 def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str, dict]:
     """The source of a torch-only module running `graph`, and what `weights.pt` must hold."""
     from nestc import __version__
-    from nestc.backends.compiled import _complete_state, _flatten_state
+    from nestc.backends.compiled import _complete_state
 
     continuum = _continuum_table(model, graph)
     module = graph.module
@@ -405,7 +406,7 @@ def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str
     forward = _forward_method(module)
     state = model.initial_state(graph.batch)
     _complete_state(model, state, graph.batch)
-    _, tensors = _flatten_state(state.levels)
+    _, tensors = flatten_levels(state.levels)
     source = STANDALONE_TEMPLATE.substitute(
         title=f"{os.path.basename(spec)} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
         spec=spec, version=__version__, variant=variant, passes=", ".join(graph.applied) or "none",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,54 +19,9 @@ from torch import Tensor, nn
 
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
+from nestc.backends.state import LevelState, ModelState
 from nestc.backends.updates import continuum_gradients, continuum_step, newton_schulz
 from nestc.lang.sema import block_levels, generators
-
-# --- states ----------------------------------------------------------------------------------
-
-
-@dataclass
-class LevelState:
-    """One level instance's state for a batch: all tensors carry a leading batch dimension."""
-
-    weights: list[Tensor] = field(default_factory=list)  # the memory (M, or an MLP's maps)
-    anchor: list[Tensor] = field(default_factory=list)  # the state at the end of the previous chunk
-    momentum: list[Tensor] = field(default_factory=list)
-    window: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # omega: recent (k, v, gamma)
-    keys: Tensor | None = None  # cache levels
-    values: Tensor | None = None
-    pending: Tensor | None = None  # task levels: loss accumulated since the last update
-    retain_product: Tensor | None = None  # decay-first: product of retain gates since the anchor
-    buffers: dict[str, Tensor] = field(default_factory=dict)  # short-convolution histories
-
-
-@dataclass
-class ModelState:
-    """Everything a model carries across calls: pass it back in to continue a stream."""
-
-    position: int
-    levels: list[dict[str, LevelState]]  # per layer, per level name
-    last_logits: Tensor | None = None  # the prediction whose target is the next call's first token
-    segments: list[dict[str, object]] = field(default_factory=list)  # MAC caches, per layer
-
-    def detach(self) -> "ModelState":
-        """A copy cut from the autograd graph (for truncated backpropagation through time)."""
-        def cut(value):
-            if isinstance(value, Tensor):
-                return value.detach()
-            if isinstance(value, list):
-                return [cut(v) for v in value]
-            if isinstance(value, tuple):
-                return tuple(cut(v) for v in value)
-            if isinstance(value, dict):
-                return {k: cut(v) for k, v in value.items()}
-            if isinstance(value, LevelState):
-                return LevelState(**{k: cut(getattr(value, k)) for k in value.__dataclass_fields__})
-            return value
-
-        return ModelState(position=self.position, levels=cut(self.levels),
-                          last_logits=cut(self.last_logits), segments=cut(self.segments))
-
 
 # --- pipelines -------------------------------------------------------------------------------
 

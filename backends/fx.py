@@ -299,7 +299,6 @@ CYCLE = $cycle  # every continuum level has stepped at multiples of this positio
 # The continuum-level update, copied from nestc's backends/updates.py: the backends run this code.
 $continuum_update
 
-
 class SegmentStep(torch.nn.Module):
     """One segment: (parameters..., tokens [BATCH, SEGMENT], position, state...) -> [logits, state...]."""
 

@@ -38,10 +38,11 @@ def continuum_gradients(pending: torch.Tensor, weights: list, create_graph: bool
 def continuum_step(weights: list, momenta: list, grads: list, optimizer: str, lr, retain, momentum, full: bool,
                    stop: bool, keep_graph: bool) -> tuple[list, list]:
     """One step of a continuum level's fast weights at the end of its chunk: `gd` or `momentum`,
-    with the retain (decay) gate; the gates are numbers or scalar tensors. Returns the new weights and momenta. The step itself is
-    differentiated only under `meta full`; `meta stop` cuts the new weights from the outer graph,
-    and without an outer graph to keep (`keep_graph` false: inference) the next chunk starts cut
-    from this one, so the graph never grows beyond one chunk however long the stream."""
+    with the retain (decay) gate; the gates are numbers or scalar tensors. Returns the new weights
+    and momenta. The step itself is differentiated only under `meta full`; `meta stop` cuts the
+    new weights from the outer graph, and without an outer graph to keep (`keep_graph` false:
+    inference) the next chunk starts cut from this one, so the graph never grows beyond one chunk
+    however long the stream."""
     new_weights, new_momenta = [], list(momenta)
     for index, (weight, grad) in enumerate(zip(weights, grads)):
         grad = torch.zeros_like(weight) if grad is None else grad

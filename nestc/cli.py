@@ -11,12 +11,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import click
 
 from nestc import __version__
 from nestc.lang.diagnostics import render_all, to_json
 from nestc.lang.source import SourceMap
+
+if TYPE_CHECKING:  # the sweep's modules load only when a sweep trains
+    from nestc.search.study import SweepConfig
 
 EXIT_DIAGNOSTICS = 1
 EXIT_USAGE = 2
@@ -590,7 +594,7 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
                f"{len(found) - valid} with errors (skipped)")
 
 
-def _train_sweep(config: study.SweepConfig, fmt: str, color) -> None:
+def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
     import json
     import warnings
 

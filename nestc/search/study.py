@@ -394,9 +394,9 @@ def write_best(config: SweepConfig, best: Entry) -> str:
     study, search = open_study(config)
     assignment = study.trials[best.trial].user_attrs["assignment"]
     result = analyze_source(SourceFile(config.spec, search.freeze(assignment)))
+    steps = config.run.steps or result.program.train.steps
     header = (f"# The best variant of {config.spec} in sweep `{config.name}`: trial {best.trial}, variant "
-              f"{best.variant},\n# held-out {best.bits:.4f} bits after {config.run.steps or result.program.train.steps} "
-              "training steps. "
+              f"{best.variant},\n# held-out {best.bits:.4f} bits after {steps} training steps. "
               "Its choices:\n" + "".join(f"#   {label} = {value}\n" for label, value in best.choices.items()))
     path = os.path.join(config.directory, "best.nest")
     with open(path, "w", encoding="utf-8") as handle:

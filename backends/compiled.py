@@ -48,8 +48,8 @@ from nestc.backends.common import BackendError, concrete
 from nestc.backends.forms import KERNELS
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
-from nestc.backends.reference import (CacheLevel, FeedForwardLevel, LevelState, MemoryLevel, ModelState,
-                                      ReferenceModel, Stage, rotate)
+from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel, Stage, rotate
+from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import (MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_level,
                                segment_length)
 
@@ -264,13 +264,13 @@ class CompiledModel(ReferenceModel):
                                                        fullgraph=True, dynamic=False)
         if kernel.order == "decay_first" and state.retain_product is None:
             state.retain_product = torch.ones_like(gates["retain"][..., 0])
-        layout, tensors = _flatten_state([{"": state}])
+        layout, tensors = flatten_levels([{"": state}])
         roles = tuple(sorted(gates))
         y, tensors = self._compiled_kernel_step(
             plan, kernel, layout, roles, _as_step_input(k), _as_step_input(v), _as_step_input(q),
             [_as_step_input(gates[role]) for role in roles], torch.tensor(start, device=k.device),
             [_as_step_input(t) for t in tensors])
-        _unflatten_state([{"": state}], layout, tensors)
+        unflatten_levels([{"": state}], layout, tensors)
         if (start + k.shape[2]) % kernel.every == 0:
             state.retain_product = None  # the reference's form where a chunk has just closed
         return y
@@ -292,7 +292,7 @@ class CompiledModel(ReferenceModel):
         """Run `step(layout, position, state tensors) -> (logits, state tensors)` on the state
         made complete and flat, and write its result back in the reference's form."""
         _complete_state(self, state, chunk.shape[0])
-        layout, tensors = _flatten_state(state.levels)
+        layout, tensors = flatten_levels(state.levels)
         logits, tensors = step(layout, torch.tensor(state.position, device=chunk.device), tensors)
         _write_back_state(self, state, layout, tensors, state.position + chunk.shape[1])
         return logits
@@ -302,11 +302,11 @@ class CompiledModel(ReferenceModel):
         """The segment step as a pure function of tensors (what torch.compile traces): the state
         rebuilt from `tensors` by `layout`, advanced by `_segment`'s code, flattened again."""
         levels = [{name: LevelState() for name in layer.levels} for layer in self.layers]
-        _unflatten_state(levels, layout, tensors)
+        unflatten_levels(levels, layout, tensors)
         x = self.embedding(chunk)
         for layer, level_states in zip(self.layers, levels):
             x = run_layer(self, layer, x, position, level_states)
-        return self.logits(x), _state_tensors(levels, layout)
+        return self.logits(x), tensors_at(levels, layout)
 
     def _add_segment_loss(self, state: ModelState, logits: Tensor, chunk: Tensor) -> None:
         """The predictions inside the segment whose targets are inside it too."""
@@ -334,13 +334,9 @@ def _kernel_from_tensors(plan: str, kernel, layout: tuple, roles: tuple, k: Tens
                          gates: list[Tensor], start: Tensor, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """A memory rule's segment as a pure function of tensors (what torch.compile traces)."""
     levels = [{"": LevelState()}]
-    _unflatten_state(levels, layout, tensors)
+    unflatten_levels(levels, layout, tensors)
     y = KERNELS[plan](kernel, levels[0][""], k, v, q, dict(zip(roles, gates)), start)
-    return y, _state_tensors(levels, layout)
-
-
-LIST_FIELDS = ("weights", "anchor", "momentum")
-TENSOR_FIELDS = ("retain_product", "keys", "values")
+    return y, tensors_at(levels, layout)
 
 
 def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None:
@@ -361,22 +357,6 @@ def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None
                 level_state.retain_product = like.new_ones(batch, module.heads)
 
 
-def _flatten_state(levels: list[dict[str, LevelState]]) -> tuple[tuple, list[Tensor]]:
-    """The state's tensors and where each belongs: (layer, level, field, index or buffer name)."""
-    layout, tensors = [], []
-    for layer_index, level_states in enumerate(levels):
-        for name, level_state in level_states.items():
-            slots = [(field, index, tensor) for field in LIST_FIELDS
-                     for index, tensor in enumerate(getattr(level_state, field))]
-            slots += [(field, None, getattr(level_state, field)) for field in TENSOR_FIELDS
-                      if getattr(level_state, field) is not None]
-            slots += [("buffers", key, tensor) for key, tensor in sorted(level_state.buffers.items())]
-            for field, key, tensor in slots:
-                layout.append((layer_index, name, field, key))
-                tensors.append(tensor)
-    return tuple(layout), tensors
-
-
 def _as_step_input(tensor: Tensor) -> Tensor:
     """Dynamo guards on strides and requires_grad: give every input the contiguous strides, and
     make it require grad exactly when grad mode is on (a zero initial state becomes a leaf), so
@@ -392,43 +372,11 @@ def _as_step_input(tensor: Tensor) -> Tensor:
     return tensor if torch.is_grad_enabled() else tensor.detach()
 
 
-def _unflatten_state(levels: list[dict[str, LevelState]], layout: tuple, tensors: list[Tensor]) -> None:
-    """The inverse of `_flatten_state`: put each tensor where `layout` says (list fields anew)."""
-    for level_states in levels:
-        for level_state in level_states.values():
-            for field in LIST_FIELDS:
-                setattr(level_state, field, [])
-    for (layer_index, name, field, key), tensor in zip(layout, tensors):
-        _set_slot(levels[layer_index][name], field, key, tensor)
-
-
-def _state_tensors(levels: list[dict[str, LevelState]], layout: tuple) -> list[Tensor]:
-    """The tensors at `layout`'s places, in its order (after a step has advanced the state)."""
-    return [_get_slot(levels[layer_index][name], field, key) for layer_index, name, field, key in layout]
-
-
-def _set_slot(level_state: LevelState, field: str, key, tensor: Tensor) -> None:
-    if field in LIST_FIELDS:
-        getattr(level_state, field).append(tensor)  # the layout lists each field's indices in order
-    elif field == "buffers":
-        level_state.buffers[key] = tensor
-    else:
-        setattr(level_state, field, tensor)
-
-
-def _get_slot(level_state: LevelState, field: str, key) -> Tensor:
-    if field in LIST_FIELDS:
-        return getattr(level_state, field)[key]
-    if field == "buffers":
-        return level_state.buffers[key]
-    return getattr(level_state, field)
-
-
 def _write_back_state(model: CompiledModel, state: ModelState, layout: tuple, tensors: list[Tensor],
                       position: int) -> None:
     """Store the step's outputs in the caller's state, in the reference's form: no retain product
     (None) where a chunk has just closed."""
-    _unflatten_state(state.levels, layout, tensors)
+    unflatten_levels(state.levels, layout, tensors)
     for layer, level_states in zip(model.layers, state.levels):
         for name, module in layer.levels.items():
             if isinstance(module, MemoryLevel) and module.kernel.every and position % module.kernel.every == 0:

@@ -19,6 +19,7 @@ Passes are graph rewrites, each switchable (`--passes`) and inspectable (`--prin
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import operator
 import os
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from nestc.backends.common import BackendError
+from nestc.backends.state import flatten_levels
+from nestc.backends.updates import continuum_gradients, continuum_step
 
 aten = torch.ops.aten
 
@@ -85,14 +88,14 @@ class SegmentGraph:
 
 def trace_segment(model, batch: int, length: int) -> SegmentGraph:
     """Trace `model`'s segment step for `batch` sequences and segments of `length` tokens."""
-    from nestc.backends.compiled import _complete_state, _flatten_state
+    from nestc.backends.compiled import _complete_state
 
     obstacle = model._segment_obstacle()
     if obstacle:
         raise BackendError(f"the segment step cannot be traced as one graph: {obstacle}")
     state = model.initial_state(batch)
     _complete_state(model, state, batch)
-    layout, tensors = _flatten_state(state.levels)
+    layout, tensors = flatten_levels(state.levels)
     names = [name for name, _ in model.named_parameters()]
     params = [parameter.detach() for _, parameter in model.named_parameters()]
     step = _Step(model, layout)
@@ -293,6 +296,9 @@ CONTINUUM = $continuum
 CYCLE = $cycle  # every continuum level has stepped at multiples of this position
 
 
+# The continuum-level update, copied from nestc's backends/updates.py: the backends run this code.
+$continuum_update
+
 class SegmentStep(torch.nn.Module):
     """One segment: (parameters..., tokens [BATCH, SEGMENT], position, state...) -> [logits, state...]."""
 
@@ -368,17 +374,13 @@ class Model(torch.nn.Module):
             if state["position"] % level["every"]:
                 continue
             weights = [tensors[slot] for slot in level["weights"]]
-            grads = torch.autograd.grad(pending, weights, retain_graph=True, allow_unused=True)
-            lr, retain = self._gate(level["lr"]), self._gate(level["retain"])
-            for number, (slot, grad) in enumerate(zip(level["weights"], grads)):
-                grad = torch.zeros_like(tensors[slot]) if grad is None else grad.detach()
-                if level["momentum_of_steps"]:
-                    kept = self._gate(level["momentum"]) * tensors[level["momenta"][number]] - lr * grad
-                    tensors[level["momenta"][number]] = kept if outer else kept.detach()
-                    new = retain * tensors[slot] + kept
-                else:
-                    new = retain * tensors[slot] - lr * grad
-                tensors[slot] = new.detach() if level["stop"] or not outer else new
+            grads = continuum_gradients(pending, weights, create_graph=False)
+            weights, momenta = continuum_step(
+                weights, [tensors[slot] for slot in level["momenta"]], grads, level["momentum_of_steps"],
+                self._gate(level["lr"]), self._gate(level["retain"]), self._gate(level["momentum"]), full=False,
+                stop=level["stop"], keep_graph=outer)
+            for slot, tensor in zip(level["weights"] + level["momenta"], weights + momenta):
+                tensors[slot] = tensor
             state["pending"][index] = None
         if not outer and state["position"] % CYCLE == 0:
             # Every continuum level has just stepped: nothing pending reaches back, so the whole
@@ -391,7 +393,7 @@ class Model(torch.nn.Module):
 def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str, dict]:
     """The source of a torch-only module running `graph`, and what `weights.pt` must hold."""
     from nestc import __version__
-    from nestc.backends.compiled import _complete_state, _flatten_state
+    from nestc.backends.compiled import _complete_state
 
     continuum = _continuum_table(model, graph)
     module = graph.module
@@ -403,13 +405,14 @@ def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str
     forward = _forward_method(module)
     state = model.initial_state(graph.batch)
     _complete_state(model, state, graph.batch)
-    _, tensors = _flatten_state(state.levels)
+    _, tensors = flatten_levels(state.levels)
     source = STANDALONE_TEMPLATE.substitute(
         title=f"{os.path.basename(spec)} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
         spec=spec, version=__version__, variant=variant, passes=", ".join(graph.applied) or "none",
         length=graph.length, batch=graph.batch, vocab=model.vocab, buffers=buffers, forward=forward,
         continuum=pprint.pformat(continuum, width=100, sort_dicts=False),
-        cycle=model.task_cycle)
+        cycle=model.task_cycle,
+        continuum_update="\n\n".join(inspect.getsource(f) for f in (continuum_gradients, continuum_step)))
     weights = {"parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
                "constants": {n: b.clone() for n, b in constants.items()},
                "state": [t.detach().clone() for t in tensors]}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,53 +20,9 @@ from torch import Tensor, nn
 from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
+from nestc.backends.state import LevelState, ModelState
+from nestc.backends.updates import continuum_gradients, continuum_step
 from nestc.lang.queries import block_levels, generators
-
-# --- states ----------------------------------------------------------------------------------
-
-
-@dataclass
-class LevelState:
-    """One level instance's state for a batch: all tensors carry a leading batch dimension."""
-
-    weights: list[Tensor] = field(default_factory=list)  # the memory (M, or an MLP's maps)
-    anchor: list[Tensor] = field(default_factory=list)  # the state at the end of the previous chunk
-    momentum: list[Tensor] = field(default_factory=list)
-    window: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # omega: recent (k, v, gamma)
-    keys: Tensor | None = None  # cache levels
-    values: Tensor | None = None
-    pending: Tensor | None = None  # task levels: loss accumulated since the last update
-    retain_product: Tensor | None = None  # decay-first: product of retain gates since the anchor
-    buffers: dict[str, Tensor] = field(default_factory=dict)  # short-convolution histories
-
-
-@dataclass
-class ModelState:
-    """Everything a model carries across calls: pass it back in to continue a stream."""
-
-    position: int
-    levels: list[dict[str, LevelState]]  # per layer, per level name
-    last_logits: Tensor | None = None  # the prediction whose target is the next call's first token
-    segments: list[dict[str, object]] = field(default_factory=list)  # MAC caches, per layer
-
-    def detach(self) -> "ModelState":
-        """A copy cut from the autograd graph (for truncated backpropagation through time)."""
-        def cut(value):
-            if isinstance(value, Tensor):
-                return value.detach()
-            if isinstance(value, list):
-                return [cut(v) for v in value]
-            if isinstance(value, tuple):
-                return tuple(cut(v) for v in value)
-            if isinstance(value, dict):
-                return {k: cut(v) for k, v in value.items()}
-            if isinstance(value, LevelState):
-                return LevelState(**{k: cut(getattr(value, k)) for k in value.__dataclass_fields__})
-            return value
-
-        return ModelState(position=self.position, levels=cut(self.levels),
-                          last_logits=cut(self.last_logits), segments=cut(self.segments))
-
 
 # --- pipelines -------------------------------------------------------------------------------
 
@@ -455,20 +410,12 @@ class FeedForwardLevel(nn.Module):
         weights = state.weights if self.every else [w.unsqueeze(0) for w in self.kernel.initial]
         return self.kernel.apply(weights, x[:, None, :]).reshape(x.shape)
 
-    def apply_gradient(self, state: LevelState, grads) -> None:
+    def apply_gradient(self, state: LevelState, grads, keep_graph: bool) -> None:
         """One step on the task loss accumulated over the chunk that just ended."""
-        lr, retain = self.gates.get("lr", 1.0), self.gates.get("retain", 1.0)
-        new = []
-        for index, (weight, grad) in enumerate(zip(state.weights, grads)):
-            grad = torch.zeros_like(weight) if grad is None else grad
-            if self.meta != "full":
-                grad = grad.detach()
-            if self.optimizer.momentum_of_steps:
-                state.momentum[index] = self.gates.get("momentum", 0.9) * state.momentum[index] - lr * grad
-                new.append(retain * weight + state.momentum[index])
-            else:
-                new.append(retain * weight - lr * grad)
-        state.weights = [w.detach() if self.meta == "stop" else w for w in new]
+        state.weights, state.momentum = continuum_step(
+            state.weights, state.momentum, grads, self.optimizer.momentum_of_steps, self.gates.get("lr", 1.0),
+            self.gates.get("retain", 1.0), self.gates.get("momentum", 0.9), full=self.meta == "full",
+            stop=self.meta == "stop", keep_graph=keep_graph)
         state.pending = None
 
 
@@ -504,23 +451,15 @@ def _place_after_history(instances: list[tuple["FeedForwardLevel", LevelState]],
 
 def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]], keep_graph: bool) -> None:
     """Step every layer's copy of one continuum level: they share one pending loss, so a single
-    backward pass gives all their gradients. Without an outer level to differentiate the stream
-    (`keep_graph` false, inference) the new weights start the next chunk cut from the old ones, so
-    the graph never grows beyond one chunk however long the stream."""
+    backward pass gives all their gradients; `keep_graph` false (inference) cuts each chunk's new
+    weights from the old ones (`continuum_step`)."""
     weights = [w for _, state in instances for w in state.weights]
     full = any(level.meta == "full" for level, _ in instances)
-    pending = instances[0][1].pending
-    if pending.requires_grad:
-        grads = torch.autograd.grad(pending, weights, retain_graph=True, create_graph=full, allow_unused=True)
-    else:  # the chunk's predictions were made before the state was saved and reloaded: no gradient left
-        grads = (None,) * len(weights)
+    grads = continuum_gradients(instances[0][1].pending, weights, create_graph=full)
     offset = 0
     for level, state in instances:
         count = len(state.weights)
-        level.apply_gradient(state, grads[offset:offset + count])
-        if not keep_graph:
-            state.weights = [w.detach() for w in state.weights]
-            state.momentum = [m.detach() for m in state.momentum]
+        level.apply_gradient(state, grads[offset:offset + count], keep_graph)
         offset += count
 
 

@@ -11,12 +11,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import click
 
 from nestc import __version__
 from nestc.lang.diagnostics import render_all, to_json
 from nestc.lang.source import SourceMap
+
+if TYPE_CHECKING:  # the sweep's modules load only when a sweep trains
+    from nestc.search.study import SweepConfig
 
 EXIT_DIAGNOSTICS = 1
 EXIT_USAGE = 2
@@ -300,14 +304,16 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
     from nestc.runtime.checkpoint import CheckpointError, bundle
+    from nestc.runtime.config import RunConfig
     from nestc.runtime.train import TrainingDiverged, train
 
+    config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, eval_every=eval_every, task=task,
+                       task_options=options, tokenizer=tokenizer, device=device, bf16=bf16, compile=torch_compile,
+                       graph=graph)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         try:
-            outcome = train(result.program, bundle(result), steps=steps, backend=backend, runs=runs, resume=resume,
-                            eval_every=eval_every, task=task, task_options=options, corpus=corpus,
-                            tokenizer=tokenizer, device=device, bf16=bf16, torch_compile=torch_compile, graph=graph,
+            outcome = train(result.program, bundle(result), config, corpus=corpus,
                             log=lambda message: click.echo(message, err=True))
         except (BackendError, TrainingDiverged, CheckpointError) as error:
             raise click.ClickException(str(error)) from None
@@ -556,10 +562,14 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
             raise click.UsageError("say how many variants to train with --trials N, or list them with --dry-run")
         if sample is not None:
             raise click.UsageError("--sample lists variants with --dry-run; a training sweep draws --trials of them")
-        config_fields = dict(spec=spec, trials=trials, task=task, task_options=_parse_task_options(task, task_options),
-                             steps=steps, sampler=sampler, seed=seed, workers=workers, storage=storage,
-                             study=study_name, runs=runs, prune=not no_prune, eval_every=eval_every)
-        _train_sweep(config_fields, fmt, color)
+        from nestc.runtime.config import RunConfig
+        from nestc.search import study
+
+        training = RunConfig(steps=steps, runs=runs, eval_every=eval_every, task=task,
+                             task_options=_parse_task_options(task, task_options))
+        _train_sweep(study.SweepConfig(spec=spec, trials=trials, run=training, sampler=sampler, seed=seed,
+                                       workers=workers, storage=storage, study=study_name, prune=not no_prune),
+                     fmt, color)
         return
     try:
         found = sweeping.variants(spec, sample=sample, seed=seed)
@@ -584,7 +594,7 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
                f"{len(found) - valid} with errors (skipped)")
 
 
-def _train_sweep(config_fields: dict, fmt: str, color) -> None:
+def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
     import json
     import warnings
 
@@ -593,10 +603,9 @@ def _train_sweep(config_fields: dict, fmt: str, color) -> None:
     from nestc.backends.compiled import CompileWarning
     from nestc.lang.diagnostics import NestError
 
-    config = study.SweepConfig(**config_fields)
-    if config.task:  # an unknown task option fails here, not in every trial
+    if config.run.task:  # an unknown task option fails here, not in every trial
         try:
-            tasks.make(config.task, 64, config.task_options)
+            tasks.make(config.run.task, 64, config.run.task_options)
         except ValueError as error:
             raise click.UsageError(str(error)) from None
     click.echo(f"sweep `{config.name}`: {config.trials} trials of {config.spec}; study in {config.storage_url}",
@@ -616,11 +625,11 @@ def _train_sweep(config_fields: dict, fmt: str, color) -> None:
                    err=True)
         sys.exit(130)
     except OSError as error:
-        raise click.ClickException(f"cannot write the sweep under `{config.runs}`: {error}") from None
+        raise click.ClickException(f"cannot write the sweep under `{config.run.runs}`: {error}") from None
     if fmt == "json":
         click.echo(json.dumps([entry.__dict__ for entry in entries], indent=2))
     else:
-        study.format_table(entries, task=config.task is not None)
+        study.format_table(entries, task=config.run.task is not None)
     for kind, path in written.items():
         click.echo(f"{kind}: {path}", err=True)
     if "best" in written:

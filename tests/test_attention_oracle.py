@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import nestc
 from nestc.backends import compiled
-from nestc.backends.reference import LevelState
+from nestc.backends.state import LevelState
 
 SPEC = """
 level attn : cache(window={window}) {{

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import nestc
 from nestc.search import space
 from nestc.backends.outer import MultiRateStepper
-from nestc.backends.reference import LevelState, ModelState
+from nestc.backends.state import LevelState, ModelState
 from nestc.lang.sema import analyze_source
 from nestc.lang.source import SourceFile
 

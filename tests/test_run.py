@@ -366,3 +366,38 @@ def test_a_spec_that_does_not_parse_reports_its_syntax_error_even_with_set(tmp_p
     spec.write_text("model {\n    dim 3 4\n}\n")
     result = _run(str(spec), "--set", "train.steps=3", "--runs", str(tmp_path))
     assert result.exit_code == 1 and "error[N0001]" in result.output and "Traceback" not in result.output
+
+
+def test_a_state_file_round_trips_every_kind_of_slot_and_reads_the_older_layout(tmp_path):
+    """Weights, an omega window, a cache, a convolution history and the last logits come back
+    bit for bit; files written before the state's slots were shared (which listed every field,
+    empty ones as 0 or []) still load."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from nestc.backends.state import LevelState, ModelState, slots
+    from nestc.runtime.checkpoint import load_state, save_state
+
+    t = torch.arange(6.0).reshape(1, 2, 3)
+    memory = LevelState(weights=[t, t + 1], momentum=[t + 2], window=[(t, t + 3, t + 4)], buffers={"conv": t + 5})
+    cache = LevelState(keys=t + 6, values=t + 7, pending=t.sum())  # a pending loss is not saved
+    state = ModelState(position=7, levels=[{"mem": memory, "attn": cache}], last_logits=t[0])
+    model = SimpleNamespace(layers=[SimpleNamespace(levels={"mem": None, "attn": None})])
+    path = str(tmp_path / "state.safetensors")
+    save_state(state, path)
+    loaded = load_state(path, model)
+    assert loaded.position == 7 and torch.equal(loaded.last_logits, t[0])
+    def contents(level_state):
+        return [(field, key, tensor.tolist()) for field, key, tensor in slots(level_state)]
+
+    assert contents(loaded.levels[0]["mem"]) == contents(memory)
+    assert contents(loaded.levels[0]["attn"]) == contents(LevelState(keys=t + 6, values=t + 7))
+    older = {"position": 3, "segments": [], "levels": [{
+        "mem": {"weights": 1, "anchor": 0, "momentum": 0, "window": 0, "buffers": []},
+        "attn": {"weights": 0, "anchor": 0, "momentum": 0, "window": 0, "keys": "tensor", "buffers": []}}]}
+    save_file({"levels.0.mem.weights.0": t, "levels.0.attn.keys": t + 1}, path,
+              metadata={"nestc_state": json.dumps(older)})
+    loaded = load_state(path, model)
+    assert torch.equal(loaded.levels[0]["mem"].weights[0], t) and loaded.levels[0]["mem"].anchor == []
+    assert torch.equal(loaded.levels[0]["attn"].keys, t + 1) and loaded.levels[0]["attn"].weights == []

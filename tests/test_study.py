@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from nestc.lang import ir
+from nestc.runtime.config import RunConfig
 from nestc.search import study
 from nestc.api import check
 from nestc.cli import cli
@@ -58,8 +60,8 @@ def tiny_space(tmp_path, steps: int = 4, replace: tuple[str, str] | None = None)
 
 
 def config_for(tmp_path, spec: str, **fields) -> study.SweepConfig:
-    settings = dict(spec=spec, trials=4, task="mqar", task_options={"pairs": 2, "keys": 8, "values": 8},
-                    sampler="grid", runs=str(tmp_path / "runs"), heartbeat_seconds=1)
+    training = RunConfig(task="mqar", task_options={"pairs": 2, "keys": 8, "values": 8}, runs=str(tmp_path / "runs"))
+    settings = dict(spec=spec, trials=4, run=training, sampler="grid", heartbeat_seconds=1)
     settings.update(fields)
     return study.SweepConfig(**settings)
 
@@ -141,8 +143,8 @@ def test_a_killed_sweep_resumes_and_reruns_the_trial_it_was_in(tmp_path):
     spec = tiny_space(tmp_path, steps=600)  # seconds per trial: the kill lands inside the second
     config = config_for(tmp_path, spec, trials=2, prune=False)
     script = (f"from nestc.search import study\n"
-              f"study.run(study.SweepConfig(spec={spec!r}, trials=2, task='mqar', "
-              f"task_options={config.task_options!r}, sampler='grid', runs={config.runs!r}, "
+              f"from nestc.runtime.config import RunConfig\n"
+              f"study.run(study.SweepConfig(spec={spec!r}, trials=2, run={config.run!r}, sampler='grid', "
               f"heartbeat_seconds=1, prune=False), log=lambda line: None)\n")
     process = subprocess.Popen([sys.executable, "-c", script])
     database = os.path.join(config.directory, "study.db")
@@ -174,7 +176,7 @@ def test_ctrl_c_stops_a_sweep_that_a_rerun_then_finishes(tmp_path):
     config = config_for(tmp_path, spec, trials=2, prune=False)
     command = [sys.executable, "-m", "nestc", "sweep", spec, "--trials", "2", "--task", "mqar", "--task-option",
                "pairs=2", "--task-option", "keys=8", "--task-option", "values=8", "--sampler", "grid", "--no-prune",
-               "--runs", config.runs]
+               "--runs", config.run.runs]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trials = os.path.join(config.directory, "trials")
 
@@ -207,7 +209,7 @@ def test_invalid_variants_are_reported_skipped_and_counted(tmp_path):
 def test_a_study_run_with_other_settings_is_not_resumed(tmp_path):
     config = config_for(tmp_path, tiny_space(tmp_path), trials=1)
     study.run(config, log=lambda line: None)
-    config.steps = 3
+    config.run = dataclasses.replace(config.run, steps=3)
     with pytest.raises(study.SweepError, match=r"was run with steps None \(now 3\)"):
         study.open_study(config)
 

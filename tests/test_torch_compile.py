@@ -117,10 +117,11 @@ def test_the_segment_step_is_one_graph_without_breaks():
 def _step_arguments(model, chunk):
     """The compiled step's arguments at the start of a stream, as `_compiled_segment` makes them."""
     from nestc.backends import compiled
+    from nestc.backends.state import flatten_levels
 
     state = model.initial_state(chunk.shape[0])
     compiled._complete_state(model, state, chunk.shape[0])
-    layout, tensors = compiled._flatten_state(state.levels)
+    layout, tensors = flatten_levels(state.levels)
     return layout, chunk, torch.tensor(0), [compiled._as_step_input(t) for t in tensors]
 
 

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from nestc.backends.state import SAVED_FIELDS, LevelState, ModelState, set_slot, slots
 from nestc.lang import ast, formatter
 from nestc.lang.diagnostics import NestError
 from nestc.lang.sema import Result, analyze_source
@@ -147,46 +148,52 @@ def load_run(directory: str, backend: str = "compiled"):
 # --- states ------------------------------------------------------------------------------------
 
 
-def _flatten(level_state, prefix: str, tensors: dict) -> dict:
-    """One LevelState's tensors under `prefix`; returns the layout needed to rebuild it."""
+# A state file's metadata describes each level's saved fields (`state.SAVED_FIELDS`) by their
+# slots: "tensor" for a single tensor, the length of a list or window, the names of the buffers.
+# Each slot's tensor is stored under `_tensor_name`.
+
+
+def _tensor_name(prefix: str, name: str, key) -> str:
+    if key is None:
+        return f"{prefix}.{name}"
+    if name == "window":
+        index, part = key
+        return f"{prefix}.{name}.{index}.{'kvg'[part]}"
+    return f"{prefix}.{name}.{key}"
+
+
+def _flatten(level_state: LevelState, prefix: str, tensors: dict) -> dict:
+    """One LevelState's tensors under `prefix`; returns the description needed to rebuild it."""
     fields = {}
-    for field, value in vars(level_state).items():
-        key = f"{prefix}.{field}"
-        if field == "pending" or value is None:
-            continue  # an unfinished chunk's loss is a graph, not a value: it does not persist
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().clone().contiguous()
-            fields[field] = "tensor"
-        elif field == "window":
-            for index, triple in enumerate(value):
-                for part, tensor in zip("kvg", triple):
-                    tensors[f"{key}.{index}.{part}"] = tensor.detach().clone().contiguous()
-            fields[field] = len(value)
-        elif isinstance(value, dict):
-            for buffer, tensor in value.items():
-                tensors[f"{key}.{buffer}"] = tensor.detach().clone().contiguous()
-            fields[field] = sorted(value)
+    for name, key, tensor in slots(level_state, SAVED_FIELDS):
+        tensors[_tensor_name(prefix, name, key)] = tensor.detach().clone().contiguous()
+        if key is None:
+            fields[name] = "tensor"
+        elif name == "buffers":
+            fields.setdefault(name, []).append(key)
         else:
-            for index, tensor in enumerate(value):
-                tensors[f"{key}.{index}"] = tensor.detach().clone().contiguous()
-            fields[field] = len(value)
+            fields[name] = (key[0] if name == "window" else key) + 1
     return fields
 
 
-def _unflatten(fields: dict, prefix: str, tensors: dict):
-    from nestc.backends.reference import LevelState
+def _slot_keys(name: str, shape) -> list:
+    """The slots that a field's description in a state file names."""
+    if shape == "tensor":
+        return [None]
+    if name == "buffers":
+        return list(shape)
+    if name == "window":
+        return [(index, part) for index in range(shape) for part in range(3)]
+    return list(range(shape))
 
+
+def _unflatten(fields: dict, prefix: str, tensors: dict) -> LevelState:
     level_state = LevelState()
-    for field, shape in fields.items():
-        key = f"{prefix}.{field}"
-        if shape == "tensor":
-            setattr(level_state, field, tensors[key])
-        elif field == "window":
-            level_state.window = [tuple(tensors[f"{key}.{i}.{p}"] for p in "kvg") for i in range(shape)]
-        elif field == "buffers":
-            level_state.buffers = {b: tensors[f"{key}.{b}"] for b in shape}
-        else:
-            setattr(level_state, field, [tensors[f"{key}.{i}"] for i in range(shape)])
+    for name, shape in fields.items():
+        if name not in SAVED_FIELDS:
+            raise ValueError(f"`{prefix}` has no field `{name}`")
+        for key in _slot_keys(name, shape):
+            set_slot(level_state, name, key, tensors[_tensor_name(prefix, name, key)])
     return level_state
 
 
@@ -213,8 +220,6 @@ def load_state(path: str, model):
     """Read a state file written by `save_state` for this model."""
     from safetensors import SafetensorError, safe_open
 
-    from nestc.backends.reference import ModelState
-
     if not os.path.isfile(path):
         raise CheckpointError(f"no state file `{path}`")
     try:
@@ -236,5 +241,7 @@ def load_state(path: str, model):
                     for i, segment in enumerate(layout["segments"])]
     except KeyError as missing:
         raise CheckpointError(f"`{path}` is incomplete: no tensor {missing}") from None
+    except ValueError as error:
+        raise CheckpointError(f"`{path}` is corrupt: {error}") from None
     return ModelState(position=layout["position"], levels=levels, last_logits=tensors.get("last_logits"),
                       segments=segments)

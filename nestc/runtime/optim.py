@@ -9,19 +9,7 @@ from torch import nn
 
 from nestc.lang import ir
 from nestc.backends.common import op_args
-
-
-def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D update (Muon's quintic iteration)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix / (matrix.norm() + 1e-7)
-    transpose = x.shape[0] > x.shape[1]
-    if transpose:
-        x = x.t()
-    for _ in range(steps):
-        gram = x @ x.t()
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.t() if transpose else x
+from nestc.rules.optimizers import newton_schulz
 
 
 def _is_matrix(name: str, parameter: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nestc.runtime import checkpoint, data, plots, tasks
+from nestc.runtime.config import RunConfig
 from nestc.lang import ir
 from nestc.backends.outer import MultiRateStepper
 from nestc.runtime.optim import build_optimizer, schedule
@@ -234,177 +235,222 @@ def _average_gradients(model, loss: torch.Tensor, world: int) -> torch.Tensor:
     return total / world
 
 
-def train(program: ir.Program, spec_text: str, *, steps: int | None = None, backend: str = "compiled",
-          runs: str = "runs", resume: bool = False, eval_every: int | None = None, sample_bytes: int = 160,
-          task: str | None = None, task_options: dict | None = None, corpus: bytes | None = None,
-          tokenizer: str | None = None,
-          device: str = "cpu", bf16: bool = False, log=print, quiet: bool = False,
-          on_eval=None, torch_compile: bool = False, graph: bool = False) -> RunResult:
-    """Train `program` on `corpus` (bytes; default: the embedded corpus) or a task; returns where
-    everything was written and the scores.
+def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *, corpus: bytes | None = None,
+          log=print, on_eval=None) -> RunResult:
+    """Train `program` on `corpus` (bytes; default: the embedded corpus) or `config.task`; returns
+    where everything was written and the scores.
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
-    sweep's pruning) ends the run there, without a checkpoint. `quiet` silences the log and the
-    progress line. `torch_compile` and `graph` run the compiled backend's segments through
-    torch.compile or the rewritten fx graph (docs/backends.md)."""
-    from nestc.backends import compiled, reference
+    sweep's pruning) ends the run there, without a checkpoint."""
+    session = _Session(program, spec_text, config, corpus, log)
+    session.run_steps(on_eval)
+    return session.report()
 
-    settings = program.train
-    steps = steps or settings.steps
-    seed = settings.seed
-    world, rank = _distributed(settings.batch, device)
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{torch.cuda.current_device()}"
-    lead = rank == 0
-    if not lead or quiet:  # only the first process reports and writes
-        log = _quiet
-    name = os.path.splitext(os.path.basename(program.file))[0]
-    directory = os.path.join(runs, f"{name}-{ir.variant_id(program)}" + (f"-{task}" if task else ""))
-    if lead:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "spec.nest"), "w", encoding="utf-8") as handle:
-            handle.write(spec_text)
-    torch.manual_seed(seed)
-    if torch.device(device).type == "cpu":
-        # Memories that decay token after token reach subnormal magnitudes (below 1e-38), which x86
-        # CPUs compute several times slower; flushing them to zero changes nothing measurable.
-        torch.set_flush_denormal(True)
-    if backend == "compiled":
-        from nestc.backends.fx import DEFAULT_PASSES
 
-        model = compiled.build(program, torch_compile=torch_compile,
-                               graph_passes=DEFAULT_PASSES if graph else None).to(device)
-    else:
-        model = reference.build(program).to(device)
-    optimizer = build_optimizer(settings.optimizer, model)
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-    factor = schedule(settings.schedule, steps)
-    base_rates = [group["lr"] for group in optimizer.param_groups]
-    stepper = MultiRateStepper(optimizer, model)
-    text = corpus if corpus is not None else data.default_corpus()
-    unit, decode = "byte", bytes
-    if tokenizer is not None:
-        ids, encoder = data.tokenize(text, tokenizer)
-        if max(ids) >= model.vocab:
-            raise data.DataError(f"--tokenizer {tokenizer}: token ids reach {max(ids)}, but the model's vocab is "
-                                 f"{model.vocab}: --set model.vocab={encoder.get_vocab_size()}")
-        text, unit = ids, "token"
-        decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
-    train_bytes, validation = data.split(text)
-    unigram = data.unigram_bits(train_bytes, validation, model.vocab)
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    start = 0
-    metrics_path = os.path.join(directory, "metrics.jsonl")
-    if resume and os.path.exists(os.path.join(directory, "trainer.pt")) \
-            and not os.path.exists(os.path.join(directory, TRAINER_FILE)):
-        raise checkpoint.CheckpointError(
-            f"`{directory}/trainer.pt` is a pickle, which nestc no longer reads (loading one can run code); "
-            "run without --resume to start over")
-    if resume and os.path.exists(os.path.join(directory, TRAINER_FILE)):
-        start = load_checkpoint(directory, model, optimizer, generator, rng)
-        log(f"resuming {directory} at step {start}")
-    elif lead and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    context, batch = settings.context, settings.batch
-    eval_every = eval_every or max(1, steps // 5)
-    parameters = sum(p.numel() for p in model.parameters())
-    problem = tasks.make(task, context, task_options) if task else None
-    if problem is not None and model.vocab < tasks.VOCAB_NEEDED:
-        raise ValueError(f"task `{task}` uses token ids up to {tasks.VOCAB_NEEDED - 1}, but the model's vocab is "
-                         f"{model.vocab}: --set model.vocab={tasks.VOCAB_NEEDED} or more")
-    if problem is None:
-        log(f"training {program.file} ({parameters:,} parameters, {backend} backend) for {steps} steps of "
-            f"{batch}x{context} {unit}s; unigram baseline {unigram:.3f} bits/{unit}"
-            + (f"; {world} processes" if world > 1 else ""))
-    else:
-        log(f"training {program.file} ({parameters:,} parameters, {backend} backend) on task `{task}` for "
-            f"{steps} steps of {batch}x{context} tokens; accuracy measured at length {problem.test_length}")
-    progress = Progress(steps, stream=sys.stderr if lead and not quiet else open(os.devnull, "w"))
-    tokens, interrupted, step = 0, False, start
-    score = held_out = float("nan")
-    training_seconds = 0.0
-    try:
-        with open(metrics_path if lead else os.devnull, "a", encoding="utf-8") as metrics:
-            for step in range(start, steps):
-                step_start = time.perf_counter()
-                for group, rate in zip(optimizer.param_groups, base_rates):
-                    group["lr"] = rate * factor(step)
-                # Every process draws the same global batch and trains on its own slice of it.
-                shard = slice(rank * batch // world, (rank + 1) * batch // world)
-                with autocast:
-                    if problem is None:
-                        tokens_batch = _batch(train_bytes, context, batch, rng)[shard].to(device)
-                        logits, _ = model(tokens_batch)
-                        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                               tokens_batch[:, 1:].reshape(-1))
-                    else:
-                        whole = problem.batch(rng, batch)
-                        loss = task_loss(model, tasks.Batch(whole.tokens[shard].to(device),
-                                                            whole.scored[shard].to(device)))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
-                                           "lower the learning rate (--set train.optimizer=adamw(lr=...)), the "
-                                           "memories' lr gates, or raise train.clip")
-                # The stepper clears the gradients it applied and keeps accumulating the others.
-                loss.backward()
-                if world > 1:
-                    loss = _average_gradients(model, loss, world)
-                if settings.clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
-                stepper.step(step)
-                tokens += batch * context
-                training_seconds += time.perf_counter() - step_start
-                record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-                extra = ""
-                due = lead and ((step + 1) % eval_every == 0 or step + 1 == steps)
-                if due and problem is None:
-                    score = held_out = evaluate(model, validation, context)
-                    record["eval_bits_per_byte"] = score
-                    extra = f"  eval {score:.3f} bits/{unit}"
-                elif due:
-                    score, held_out = task_scores(model, problem, seed)
-                    record["held_out_accuracy"] = score
-                    record["held_out_bits"] = held_out
-                    extra = f"  held-out accuracy {score:.3f}"
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                progress.update(step + 1, loss.item() / math.log(2), tokens, extra)
-                if due and on_eval is not None:
-                    on_eval(step + 1, held_out)
-        step = steps
-    except KeyboardInterrupt:
-        interrupted = True
-    progress.done()
-    if world > 1:
-        # A process that tears its group down while another still works (the first process
-        # evaluating) aborts in gloo ("terminate called without an active exception").
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    measured = {"held_out_bits": held_out, "parameters": parameters,
-                "tokens_per_second": tokens / training_seconds if training_seconds else 0.0}
-    if not lead:
-        return RunResult(directory, step, score, unigram, interrupted, **measured)
-    save_checkpoint(directory, model, optimizer, step, generator, rng)
-    plots.training_curves(directory, baseline=None if problem is not None else unigram)
-    if interrupted:
-        log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
-        return RunResult(directory, step, score, unigram, interrupted=True, **measured)
-    if problem is not None:
+class _Session:
+    """One run: `__init__` sets it up (directory, model, optimizer, data, resume), `run_steps`
+    trains, `report` saves and summarises what was trained."""
+
+    def __init__(self, program: ir.Program, spec_text: str, config: RunConfig, corpus: bytes | None, log):
+        self.program, self.config, self.settings = program, config, program.train
+        self.steps = config.steps or self.settings.steps
+        self.world, self.rank = _distributed(self.settings.batch, config.device)
+        self.device = config.device
+        if self.world > 1 and self.device.startswith("cuda"):
+            self.device = f"cuda:{torch.cuda.current_device()}"
+        self.lead = self.rank == 0
+        self.log = _quiet if not self.lead or config.quiet else log  # only the first process reports and writes
+        self.name = os.path.splitext(os.path.basename(program.file))[0]
+        self.directory = os.path.join(config.runs, f"{self.name}-{ir.variant_id(program)}"
+                                      + (f"-{config.task}" if config.task else ""))
+        if self.lead:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(os.path.join(self.directory, "spec.nest"), "w", encoding="utf-8") as handle:
+                handle.write(spec_text)
+        torch.manual_seed(self.settings.seed)
+        if torch.device(self.device).type == "cpu":
+            # Memories that decay token after token reach subnormal magnitudes (below 1e-38), which x86
+            # CPUs compute several times slower; flushing them to zero changes nothing measurable.
+            torch.set_flush_denormal(True)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.settings.optimizer, self.model)
+        self.autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
+                                       enabled=config.bf16)
+        self.factor = schedule(self.settings.schedule, self.steps)
+        self.base_rates = [group["lr"] for group in self.optimizer.param_groups]
+        self.stepper = MultiRateStepper(self.optimizer, self.model)
+        self._read_corpus(corpus)
+        self.rng = random.Random(self.settings.seed)
+        self.generator = torch.Generator().manual_seed(self.settings.seed)
+        self.metrics_path = os.path.join(self.directory, "metrics.jsonl")
+        self.start = self._resume()
+        self.eval_every = config.eval_every or max(1, self.steps // 5)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.problem = tasks.make(config.task, self.settings.context, config.task_options) if config.task else None
+        if self.problem is not None and self.model.vocab < tasks.VOCAB_NEEDED:
+            raise ValueError(f"task `{config.task}` uses token ids up to {tasks.VOCAB_NEEDED - 1}, but the model's "
+                             f"vocab is {self.model.vocab}: --set model.vocab={tasks.VOCAB_NEEDED} or more")
+        self._announce()
+        self.tokens, self.interrupted, self.step = 0, False, self.start
+        self.score = self.held_out = float("nan")
+        self.training_seconds = 0.0
+
+    def _build_model(self):
+        from nestc.backends import compiled, reference
+
+        if self.config.backend == "compiled":
+            from nestc.backends.fx import DEFAULT_PASSES
+
+            model = compiled.build(self.program, torch_compile=self.config.compile,
+                                   graph_passes=DEFAULT_PASSES if self.config.graph else None)
+        else:
+            model = reference.build(self.program)
+        return model.to(self.device)
+
+    def _read_corpus(self, corpus: bytes | None) -> None:
+        """The training and held-out splits, as bytes or (with a tokenizer) token ids."""
+        text = corpus if corpus is not None else data.default_corpus()
+        self.unit, self.decode = "byte", bytes
+        tokenizer = self.config.tokenizer
+        if tokenizer is not None:
+            ids, encoder = data.tokenize(text, tokenizer)
+            if max(ids) >= self.model.vocab:
+                raise data.DataError(f"--tokenizer {tokenizer}: token ids reach {max(ids)}, but the model's vocab "
+                                     f"is {self.model.vocab}: --set model.vocab={encoder.get_vocab_size()}")
+            text, self.unit = ids, "token"
+            self.decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
+        self.train_bytes, self.validation = data.split(text)
+        self.unigram = data.unigram_bits(self.train_bytes, self.validation, self.model.vocab)
+
+    def _resume(self) -> int:
+        """The step to start from: the checkpoint's with --resume, else 0 (and a fresh metrics log)."""
+        directory = self.directory
+        if self.config.resume and os.path.exists(os.path.join(directory, "trainer.pt")) \
+                and not os.path.exists(os.path.join(directory, TRAINER_FILE)):
+            raise checkpoint.CheckpointError(
+                f"`{directory}/trainer.pt` is a pickle, which nestc no longer reads (loading one can run code); "
+                "run without --resume to start over")
+        if self.config.resume and os.path.exists(os.path.join(directory, TRAINER_FILE)):
+            start = load_checkpoint(directory, self.model, self.optimizer, self.generator, self.rng)
+            self.log(f"resuming {directory} at step {start}")
+            return start
+        if self.lead and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        return 0
+
+    def _announce(self) -> None:
+        context, batch, unit = self.settings.context, self.settings.batch, self.unit
+        what = f"training {self.program.file} ({self.parameters:,} parameters, {self.config.backend} backend)"
+        if self.problem is None:
+            self.log(f"{what} for {self.steps} steps of {batch}x{context} {unit}s; unigram baseline "
+                     f"{self.unigram:.3f} bits/{unit}" + (f"; {self.world} processes" if self.world > 1 else ""))
+        else:
+            self.log(f"{what} on task `{self.config.task}` for {self.steps} steps of {batch}x{context} tokens; "
+                     f"accuracy measured at length {self.problem.test_length}")
+
+    def run_steps(self, on_eval) -> None:
+        """Train from the start step to the last, logging each step; Ctrl-C stops it cleanly."""
+        progress = Progress(self.steps, stream=sys.stderr if self.lead and not self.config.quiet
+                            else open(os.devnull, "w"))
+        try:
+            with open(self.metrics_path if self.lead else os.devnull, "a", encoding="utf-8") as metrics:
+                # `self.step` counts the steps done: after a Ctrl-C, not the one it interrupted.
+                for self.step in range(self.start, self.steps):
+                    step_start = time.perf_counter()
+                    loss = self._train_step(self.step)
+                    self.tokens += self.settings.batch * self.settings.context
+                    self.training_seconds += time.perf_counter() - step_start
+                    record = {"step": self.step + 1, "loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"]}
+                    due = self.lead and ((self.step + 1) % self.eval_every == 0 or self.step + 1 == self.steps)
+                    extra = self._evaluate(record) if due else ""
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    progress.update(self.step + 1, loss.item() / math.log(2), self.tokens, extra)
+                    if due and on_eval is not None:
+                        on_eval(self.step + 1, self.held_out)
+            self.step = self.steps
+        except KeyboardInterrupt:
+            self.interrupted = True
+        progress.done()
+        if self.world > 1:
+            # A process that tears its group down while another still works (the first process
+            # evaluating) aborts in gloo ("terminate called without an active exception").
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step on one batch; returns its loss (averaged over the processes)."""
+        model, batch, world = self.model, self.settings.batch, self.world
+        for group, rate in zip(self.optimizer.param_groups, self.base_rates):
+            group["lr"] = rate * self.factor(step)
+        # Every process draws the same global batch and trains on its own slice of it.
+        shard = slice(self.rank * batch // world, (self.rank + 1) * batch // world)
+        with self.autocast:
+            if self.problem is None:
+                tokens_batch = _batch(self.train_bytes, self.settings.context, batch, self.rng)[shard].to(self.device)
+                logits, _ = model(tokens_batch)
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       tokens_batch[:, 1:].reshape(-1))
+            else:
+                whole = self.problem.batch(self.rng, batch)
+                loss = task_loss(model, tasks.Batch(whole.tokens[shard].to(self.device),
+                                                    whole.scored[shard].to(self.device)))
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
+                                   "lower the learning rate (--set train.optimizer=adamw(lr=...)), the "
+                                   "memories' lr gates, or raise train.clip")
+        # The stepper clears the gradients it applied and keeps accumulating the others.
+        loss.backward()
+        if world > 1:
+            loss = _average_gradients(model, loss, world)
+        if self.settings.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.settings.clip)
+        self.stepper.step(step)
+        return loss
+
+    def _evaluate(self, record: dict) -> str:
+        """Score the model on the held-out split into `record`; returns the progress line's note."""
+        if self.problem is None:
+            self.score = self.held_out = evaluate(self.model, self.validation, self.settings.context)
+            record["eval_bits_per_byte"] = self.score
+            return f"  eval {self.score:.3f} bits/{self.unit}"
+        self.score, self.held_out = task_scores(self.model, self.problem, self.settings.seed)
+        record["held_out_accuracy"] = self.score
+        record["held_out_bits"] = self.held_out
+        return f"  held-out accuracy {self.score:.3f}"
+
+    def report(self) -> RunResult:
+        """Save the final checkpoint and the curves, write report.md (with a sample on a corpus),
+        and return the scores."""
+        directory, step, score, unigram = self.directory, self.step, self.score, self.unigram
+        result = RunResult(directory, step, score, unigram, self.interrupted, held_out_bits=self.held_out,
+                           parameters=self.parameters,
+                           tokens_per_second=self.tokens / self.training_seconds if self.training_seconds else 0.0)
+        if not self.lead:
+            return result
+        save_checkpoint(directory, self.model, self.optimizer, step, self.generator, self.rng)
+        plots.training_curves(directory, baseline=None if self.problem is not None else unigram)
+        if self.interrupted:
+            self.log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
+            return result
+        if self.problem is not None:
+            problem = self.problem
+            with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
+                handle.write(f"# {self.name} on {self.config.task}\n\nsteps {step}, held-out accuracy {score:.3f} "
+                             f"(length {problem.test_length}, trained at {problem.length})\n")
+            self.log(f"held-out accuracy {score:.3f} at length {problem.test_length} (trained at {problem.length})")
+            self.log(f"saved in {directory}/")
+            return result
+        unit = self.unit
+        prompt = self.decode(self.validation[:64])
+        written, _ = sample(self.model, self.validation[:64], self.config.sample_bytes, seed=self.settings.seed)
+        written = self.decode(written)
         with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
-            handle.write(f"# {name} on {task}\n\nsteps {step}, held-out accuracy {score:.3f} "
-                         f"(length {problem.test_length}, trained at {problem.length})\n")
-        log(f"held-out accuracy {score:.3f} at length {problem.test_length} (trained at {problem.length})")
-        log(f"saved in {directory}/")
-        return RunResult(directory, step, score, unigram, **measured)
-    prompt = decode(validation[:64])
-    written, _ = sample(model, validation[:64], sample_bytes, seed=seed)
-    written = decode(written)
-    report = (f"# {name}\n\nsteps {step}, final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})\n\n"
-              f"sample after the prompt {prompt!r}:\n\n```\n{written.decode('utf-8', 'replace')}\n```\n")
-    with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(report)
-    log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
-    log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
-    log(f"saved in {directory}/ (model.safetensors, trainer.safetensors, metrics.jsonl, curves.png, report.md)")
-    return RunResult(directory, step, score, unigram, **measured)
+            handle.write(f"# {self.name}\n\nsteps {step}, final eval {score:.3f} bits/{unit} (unigram baseline "
+                         f"{unigram:.3f})\n\nsample after the prompt {prompt!r}:\n\n```\n"
+                         f"{written.decode('utf-8', 'replace')}\n```\n")
+        self.log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
+        self.log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
+        self.log(f"saved in {directory}/ (model.safetensors, trainer.safetensors, metrics.jsonl, curves.png, "
+                 "report.md)")
+        return result

@@ -20,9 +20,10 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nestc.lang import ir
+from nestc.runtime.config import RunConfig
 from nestc.search import space
 from nestc.lang.diagnostics import render_all
 from nestc.lang.sema import analyze_source
@@ -40,27 +41,25 @@ class SweepError(Exception):
 class SweepConfig:
     spec: str
     trials: int
-    task: str | None = None
-    task_options: dict = field(default_factory=dict)
-    steps: int | None = None  # default: the spec's train { steps }
+    # How each trial trains (quietly, under the sweep's directory); its `runs` is where the sweep's
+    # directory is created, its `task` names the study.
+    run: RunConfig = field(default_factory=RunConfig)
     sampler: str = "tpe"
     seed: int = 0
     workers: int = 1
     storage: str | None = None  # an SQLAlchemy URL; default: SQLite in the sweep's directory
     study: str | None = None  # default: <spec name>-<task or corpus>
-    runs: str = "runs"
     prune: bool = True
-    eval_every: int | None = None
     heartbeat_seconds: int = 10  # a trial silent for 3 heartbeats belongs to a dead worker
 
     @property
     def name(self) -> str:
         stem = os.path.splitext(os.path.basename(self.spec))[0]
-        return self.study or f"{stem}-{self.task or 'corpus'}"
+        return self.study or f"{stem}-{self.run.task or 'corpus'}"
 
     @property
     def directory(self) -> str:
-        return os.path.join(self.runs, f"sweep-{self.name}")
+        return os.path.join(self.run.runs, f"sweep-{self.name}")
 
     @property
     def storage_url(self) -> str:
@@ -128,8 +127,8 @@ def open_study(config: SweepConfig):
         else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=config.name, storage=_storage(config), direction="minimize",
                                 sampler=_sampler(config), pruner=pruner, load_if_exists=True)
-    settings = {"spec": os.path.abspath(config.spec), "task": config.task, "steps": config.steps,
-                "task_options": config.task_options, "sampler": config.sampler}
+    settings = {"spec": os.path.abspath(config.spec), "task": config.run.task, "steps": config.run.steps,
+                "task_options": config.run.task_options, "sampler": config.sampler}
     recorded = study.user_attrs.get("settings")
     if recorded is None:
         study.set_user_attr("settings", settings)
@@ -229,6 +228,7 @@ def _fail_stillborn_trials(study, grace_seconds: float) -> None:
 class _Objective:
     def __init__(self, config: SweepConfig, search: space.Space, worker: int, log):
         self.config, self.search, self.worker, self.log = config, search, worker, log
+        self.trial_config = replace(config.run, runs=os.path.join(config.directory, "trials"), quiet=True)
 
     def __call__(self, trial) -> float:
         try:
@@ -277,10 +277,7 @@ class _Objective:
 
         self.log(f"{prefix}: training {variant}  " + ", ".join(f"{k}={v}" for k, v in choices.items()))
         try:
-            run = train(result.program, bundle(result), steps=self.config.steps,
-                        runs=os.path.join(self.config.directory, "trials"), task=self.config.task,
-                        task_options=self.config.task_options, eval_every=self.config.eval_every,
-                        quiet=True, on_eval=report)
+            run = train(result.program, bundle(result), self.trial_config, on_eval=report)
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("outcome", "pruned")
             self.log(f"{prefix}: pruned: {pruned}")
@@ -298,12 +295,12 @@ class _Objective:
         if run.interrupted:  # train() caught the Ctrl-C to save its checkpoint: pass it on
             raise KeyboardInterrupt
         trial.set_user_attr("held_out_bits", run.held_out_bits)
-        trial.set_user_attr("accuracy", run.final_score if self.config.task else None)
+        trial.set_user_attr("accuracy", run.final_score if self.config.run.task else None)
         trial.set_user_attr("parameters", run.parameters)
         trial.set_user_attr("tokens_per_second", run.tokens_per_second)
         trial.set_user_attr("directory", run.directory)
         trial.set_user_attr("outcome", "complete")
-        accuracy = f", accuracy {run.final_score:.3f}" if self.config.task else ""
+        accuracy = f", accuracy {run.final_score:.3f}" if self.config.run.task else ""
         self.log(f"{prefix}: held-out {run.held_out_bits:.3f} bits{accuracy}, {run.parameters:,} params, "
                  f"{run.tokens_per_second:,.0f} tok/s")
         return run.held_out_bits
@@ -385,7 +382,7 @@ def write_results(config: SweepConfig, entries: list[Entry]) -> dict[str, str]:
     trained = [e for e in entries if e.outcome == "complete"]
     if trained:
         written["pareto"] = pareto_plot(trained, os.path.join(config.directory, "pareto.png"),
-                                        "task" if config.task else "corpus")
+                                        "task" if config.run.task else "corpus")
         written["best"] = write_best(config, trained[0])
     return written
 
@@ -397,9 +394,9 @@ def write_best(config: SweepConfig, best: Entry) -> str:
     study, search = open_study(config)
     assignment = study.trials[best.trial].user_attrs["assignment"]
     result = analyze_source(SourceFile(config.spec, search.freeze(assignment)))
+    steps = config.run.steps or result.program.train.steps
     header = (f"# The best variant of {config.spec} in sweep `{config.name}`: trial {best.trial}, variant "
-              f"{best.variant},\n# held-out {best.bits:.4f} bits after {config.steps or result.program.train.steps} "
-              "training steps. "
+              f"{best.variant},\n# held-out {best.bits:.4f} bits after {steps} training steps. "
               "Its choices:\n" + "".join(f"#   {label} = {value}\n" for label, value in best.choices.items()))
     path = os.path.join(config.directory, "best.nest")
     with open(path, "w", encoding="utf-8") as handle:

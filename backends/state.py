@@ -1,0 +1,135 @@
+"""The state a model carries across calls, and the one way it is taken apart and rebuilt.
+
+A LevelState's tensors sit in slots, each named by its field and a key: a list field's index
+(`weights`, `anchor`, `momentum`), a buffer's name (`buffers`), an omega window entry's
+(index, part) (`window`: parts k, v, gamma), or None for a single tensor (`retain_product`,
+`keys`, `values`, `pending`). `slots`, `get_slot` and `set_slot` are the only code that knows
+this; everything that flattens a state walks them: the torch.compile and fx segment steps (the
+state as a flat list of tensors, `flatten_levels`), state files (`nestc.runtime.checkpoint`),
+`ModelState.detach` and the standalone module's initial state (`fx.standalone`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class LevelState:
+    """One level instance's state for a batch: all tensors carry a leading batch dimension."""
+
+    weights: list[Tensor] = field(default_factory=list)  # the memory (M, or an MLP's maps)
+    anchor: list[Tensor] = field(default_factory=list)  # the state at the end of the previous chunk
+    momentum: list[Tensor] = field(default_factory=list)
+    window: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # omega: recent (k, v, gamma)
+    keys: Tensor | None = None  # cache levels
+    values: Tensor | None = None
+    pending: Tensor | None = None  # task levels: loss accumulated since the last update
+    retain_product: Tensor | None = None  # decay-first: product of retain gates since the anchor
+    buffers: dict[str, Tensor] = field(default_factory=dict)  # short-convolution histories
+
+    def mapped(self, function) -> LevelState:
+        """A new state holding `function(tensor)` in each of this one's slots."""
+        copy = LevelState()
+        for name, key, tensor in slots(self):
+            set_slot(copy, name, key, function(tensor))
+        return copy
+
+
+@dataclass
+class ModelState:
+    """Everything a model carries across calls: pass it back in to continue a stream."""
+
+    position: int
+    levels: list[dict[str, LevelState]]  # per layer, per level name
+    last_logits: Tensor | None = None  # the prediction whose target is the next call's first token
+    segments: list[dict[str, LevelState]] = field(default_factory=list)  # MAC caches, per layer
+
+    def detach(self) -> ModelState:
+        """A copy cut from the autograd graph (for truncated backpropagation through time)."""
+        def cut(level_states: list[dict[str, LevelState]]) -> list[dict[str, LevelState]]:
+            return [{name: state.mapped(Tensor.detach) for name, state in states.items()} for states in level_states]
+
+        return ModelState(position=self.position, levels=cut(self.levels),
+                          last_logits=None if self.last_logits is None else self.last_logits.detach(),
+                          segments=cut(self.segments))
+
+
+LIST_FIELDS = ("weights", "anchor", "momentum")  # a slot per list index
+# What a compiled segment step carries in and out: fixed tensors. (An omega window is a list
+# that grows; a pending loss is a graph.)
+STEP_FIELDS = (*LIST_FIELDS, "retain_product", "keys", "values", "buffers")
+# What a state file keeps: the pending loss of an unfinished chunk is a graph, not a value.
+SAVED_FIELDS = (*STEP_FIELDS, "window")
+ALL_FIELDS = (*SAVED_FIELDS, "pending")
+
+
+def slots(level_state: LevelState, fields: tuple[str, ...] = ALL_FIELDS):
+    """(field, key, tensor) for every tensor of `level_state` in `fields`, in a fixed order."""
+    for name in fields:
+        value = getattr(level_state, name)
+        if name == "buffers":
+            for buffer in sorted(value):
+                yield name, buffer, value[buffer]
+        elif name == "window":
+            for index, entry in enumerate(value):
+                for part, tensor in enumerate(entry):
+                    yield name, (index, part), tensor
+        elif name in LIST_FIELDS:
+            for index, tensor in enumerate(value):
+                yield name, index, tensor
+        elif value is not None:
+            yield name, None, value
+
+
+def get_slot(level_state: LevelState, name: str, key) -> Tensor:
+    value = getattr(level_state, name)
+    if name == "window":
+        index, part = key
+        return value[index][part]
+    return value if key is None else value[key]
+
+
+def set_slot(level_state: LevelState, name: str, key, tensor: Tensor) -> None:
+    """Store `tensor` in a slot; the slots of a list field (and a window) arrive in `slots`' order."""
+    if key is None:
+        setattr(level_state, name, tensor)
+    elif name == "buffers":
+        level_state.buffers[key] = tensor
+    elif name == "window":
+        index, part = key
+        if part == 0:
+            level_state.window.append((tensor,))
+        else:
+            level_state.window[index] += (tensor,)
+    else:
+        getattr(level_state, name).append(tensor)
+
+
+def flatten_levels(levels: list[dict[str, LevelState]], fields: tuple[str, ...] = STEP_FIELDS) \
+        -> tuple[tuple, list[Tensor]]:
+    """The levels' tensors, and where each belongs: (layer, level, field, key) per tensor."""
+    layout, tensors = [], []
+    for layer_index, level_states in enumerate(levels):
+        for level_name, level_state in level_states.items():
+            for name, key, tensor in slots(level_state, fields):
+                layout.append((layer_index, level_name, name, key))
+                tensors.append(tensor)
+    return tuple(layout), tensors
+
+
+def unflatten_levels(levels: list[dict[str, LevelState]], layout: tuple, tensors: list[Tensor]) -> None:
+    """The inverse of `flatten_levels`: put each tensor where `layout` says, the lists it names
+    rebuilt anew (so the state it wrote into keeps no list of the caller's)."""
+    for layer_index, level_name, name, _ in layout:
+        if name in LIST_FIELDS or name == "window":
+            setattr(levels[layer_index][level_name], name, [])
+    for (layer_index, level_name, name, key), tensor in zip(layout, tensors):
+        set_slot(levels[layer_index][level_name], name, key, tensor)
+
+
+def tensors_at(levels: list[dict[str, LevelState]], layout: tuple) -> list[Tensor]:
+    """The tensors at `layout`'s places, in its order (after a step has advanced the state)."""
+    return [get_slot(levels[layer_index][level_name], name, key) for layer_index, level_name, name, key in layout]

@@ -207,9 +207,10 @@ def work(config: SweepConfig, worker: int = 0, log=print, start_together=None) -
 
 
 def _fail_stillborn_trials(study, grace_seconds: float) -> None:
-    """Fail (and enqueue again) the trials whose worker died between creating them and starting
-    their heartbeat: they have neither, and Optuna's stale-trial check never sees them. A live
-    trial records its worker within milliseconds of starting."""
+    """Fail (and enqueue again) the trials whose worker died between creating them and recording
+    its worker, which it does only after a first heartbeat (`_Objective._evaluate`): they have
+    neither, and Optuna's stale-trial check never sees them. A live trial records its worker
+    within milliseconds of starting."""
     optuna = _optuna()
     from datetime import datetime
 
@@ -246,6 +247,11 @@ class _Objective:
         assignment = _suggest(trial, self.search)
         choices = self.search.describe(assignment)
         trial.set_user_attr("assignment", assignment)
+        # Optuna's heartbeat thread beats first at some moment after the trial starts; beat once
+        # before recording the worker, so that every trial with a worker has a heartbeat. A worker
+        # killed from here on leaves a trial that goes stale; one killed before leaves a trial
+        # without a worker, which `_fail_stillborn_trials` fails. None is left that no check fails.
+        trial.study._storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("choices", choices)
         prefix = f"trial {trial.number}" + (f" (worker {self.worker})" if self.config.workers > 1 else "")

@@ -48,7 +48,8 @@ from nestc.backends.common import BackendError, concrete
 from nestc.backends.forms import KERNELS
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
-from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel, Stage, rotate
+from nestc.backends.pipelines import Stage, rotate
+from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import (MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_level,
                                segment_length)

@@ -11,7 +11,7 @@ from torch import Tensor
 from nestc.backends.forms.anchored import anchored_segment, delta_segment
 from nestc.backends.forms.layered import layered_segment
 from nestc.backends.forms.trajectory import trajectory_segment
-from nestc.backends.reference import LevelState
+from nestc.backends.state import LevelState
 
 
 def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:

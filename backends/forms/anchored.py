@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from nestc.backends.forms.common import decay_matrix, finish_segment, ut_solve
-from nestc.backends.reference import LevelState
+from nestc.backends.state import LevelState
 
 
 def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:

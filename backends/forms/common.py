@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestc.backends.reference import LevelState
+from nestc.backends.state import LevelState
 
 
 def apply_sequence(kernel, weights: list[Tensor], x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 from nestc.backends.common import BackendError
 from nestc.backends.forms.common import (apply_sequence, decay_matrix, decay_row, finish_segment, ut_solve,
                                          weighted_outer)
-from nestc.backends.reference import LevelState
+from nestc.backends.state import LevelState
 from nestc.rules.states import activation
 
 

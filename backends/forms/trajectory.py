@@ -8,7 +8,7 @@ from torch import Tensor
 
 from nestc.backends.forms.common import apply_sequence, finish_segment, gate_on_map, linear_scan
 from nestc.backends.forms.layered import errors_closed_form, per_token_read
-from nestc.backends.reference import LevelState
+from nestc.backends.state import LevelState
 
 
 def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:

@@ -1,0 +1,162 @@
+"""A level's input pipelines (key, value, query) and gates, token by token: the stages of the
+language's pipeline syntax as modules, shared by the reference's levels and read by the compiled
+backend's sequence forms (`compiled.stage_sequence`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nestc.backends.common import BackendError, concrete, op_args
+from nestc.backends.state import LevelState
+from nestc.lang import ir
+
+
+class Stage(nn.Module):
+    """One parametric or elementwise stage of a key/value/query/gate pipeline, on [B, width]."""
+
+    def __init__(self, op: ir.Op, width: int, out_width: int, heads: int, name: str):
+        super().__init__()
+        self.kind = op.name
+        self.args = op_args(op)
+        self.heads = heads
+        self.width = width
+        self.out_width = out_width
+        self.buffer_name = name
+        if self.kind == "proj":
+            self.linear = nn.Linear(width, out_width, bias=bool(self.args["bias"]))
+        elif self.kind == "conv":
+            window = self.args["window"]
+            self.weight = nn.Parameter(torch.zeros(width, window))
+            with torch.no_grad():
+                self.weight[:, -1] = 1.0  # starts as the identity: the current token alone
+                self.weight[:, :-1].normal_(0.0, 0.02)
+        elif self.kind == "poly":
+            degree = self.args["degree"]
+            # Learnable Taylor coefficients, initialised to exp's: phi(x) = sum_i a_i x^i.
+            self.coefficients = nn.Parameter(torch.tensor([1.0 / math.factorial(i) for i in range(degree + 1)]))
+
+    def forward(self, x: Tensor, position: int, state: LevelState) -> Tensor:
+        kind, args = self.kind, self.args
+        if kind == "proj":
+            return self.linear(x)
+        if kind == "conv":
+            window = args["window"]
+            history = state.buffers.get(self.buffer_name)
+            if history is None:
+                history = x.new_zeros(x.shape[0], window - 1, x.shape[1])
+            frames = torch.cat([history, x[:, None, :]], dim=1)  # [B, window, width], oldest first
+            state.buffers[self.buffer_name] = frames[:, 1:, :]
+            return torch.einsum("bwc,cw->bc", frames, self.weight)
+        if kind in ("silu", "gelu", "relu", "tanh", "softplus", "exp"):
+            return getattr(F, kind)(x) if kind not in ("tanh", "exp") else getattr(torch, kind)(x)
+        if kind == "identity":
+            return x
+        if kind == "sigmoid":
+            return args["max"] * torch.sigmoid(x)
+        if kind == "scale":
+            return args["factor"] * x
+        if kind == "elu1":
+            return F.elu(x) + 1.0
+        if kind == "poly":
+            return sum(a * x**i for i, a in enumerate(self.coefficients))
+        per_head = x.reshape(x.shape[0], self.heads, -1)
+        if kind == "l2norm":
+            return F.normalize(per_head, dim=-1).reshape(x.shape)
+        if kind == "layernorm":
+            return F.layer_norm(per_head, per_head.shape[-1:]).reshape(x.shape)
+        if kind == "rmsnorm":
+            return F.rms_norm(per_head, per_head.shape[-1:]).reshape(x.shape)
+        if kind == "rope":
+            return rotate(per_head, position, args["base"]).reshape(x.shape)
+        raise BackendError(f"the reference backend has no stage `{kind}`")
+
+
+def rotate(x: Tensor, position, base: float) -> Tensor:
+    """Rotary position embedding (pairs of channels (i, i + d/2)) of x [..., d]: at one position
+    (an int), or at positions broadcast against x's leading dimensions (a tensor)."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)
+    angle = torch.as_tensor(position, dtype=x.dtype, device=x.device)[..., None] * frequencies
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    first, second = x[..., :half], x[..., half:2 * half]
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return torch.cat([rotated, x[..., 2 * half:]], dim=-1)
+
+
+class Pipeline(nn.Module):
+    """x |> stage |> ... where a stage may be another level, read at its state before the update."""
+
+    def __init__(self, pipeline: ir.Pipeline, width: int, final_width: int, heads: int, role: str):
+        super().__init__()
+        self.steps: list[tuple[str, object]] = []
+        self.stages = nn.ModuleList()
+        current = width
+        projections = [i for i, s in enumerate(pipeline.stages) if isinstance(s, ir.Op) and s.name == "proj"]
+        for index, stage in enumerate(pipeline.stages):
+            if isinstance(stage, ir.LevelRef):
+                self.steps.append(("level", stage.level))  # a memory's read-out keeps its input's width
+                continue
+            if isinstance(stage, ir.Choice):
+                raise BackendError("a search-space choice reached the backend: freeze the space first")
+            out = current
+            if stage.name == "proj":
+                requested = op_args(stage)["dim"]
+                out = requested or (final_width if index == projections[-1] else width)
+            module = Stage(stage, current, out, heads, f"{role}.{index}")
+            self.steps.append(("stage", len(self.stages)))
+            self.stages.append(module)
+            current = out
+        self.out_width = current
+
+    def forward(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        for kind, target in self.steps:
+            if kind == "level":
+                x = read_level(target, x)
+            else:
+                x = self.stages[target](x, position, state)
+        return x
+
+
+class Gate(nn.Module):
+    """lr / retain / momentum / gamma: a constant, a learned scalar or a pipeline, as [B, H] or [B, H, d]."""
+
+    def __init__(self, gate, width: int, heads: int, head_dim: int, role: str):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.constant: float | None = None
+        self.learned: nn.Parameter | None = None
+        self.pipeline: Pipeline | None = None
+        if isinstance(gate, ir.Constant):
+            self.constant = float(concrete(gate.value))
+        elif isinstance(gate, ir.Op) and gate.name == "learned":
+            args = op_args(gate)
+            shape = (heads,) if args["per"] == "head" else (heads, head_dim)
+            self.learned = nn.Parameter(torch.full(shape, float(args["init"])))
+        elif isinstance(gate, ir.Pipeline):
+            per_channel = any(isinstance(s, ir.Op) and s.name == "proj" and op_args(s)["per"] == "channel"
+                              for s in gate.stages)
+            out = heads * head_dim if per_channel else heads
+            self.pipeline = Pipeline(gate, width, out, heads, role)
+            if self.pipeline.out_width not in (heads, heads * head_dim):
+                raise BackendError(f"the {role} gate pipeline gives {self.pipeline.out_width} values per token; "
+                                   f"a gate needs one per head ({heads}) or per channel ({heads * head_dim}): "
+                                   f"end it with `proj` or `proj(per=channel)`")
+        else:
+            raise BackendError(f"cannot build the {role} gate from {ir.format_value(gate)}")
+
+    def forward(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+        batch = x.shape[0]
+        if self.constant is not None:
+            return x.new_full((batch, self.heads), self.constant)
+        if self.learned is not None:
+            return self.learned.expand(batch, *self.learned.shape)
+        values = self.pipeline(x, position, state, read_level)
+        if values.shape[-1] == self.heads:
+            return values
+        return values.reshape(batch, self.heads, self.head_dim)
+
+

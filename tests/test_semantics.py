@@ -412,3 +412,18 @@ def test_graph_renders_a_read_choice():
     (node,) = [n for n in data["nodes"] if n["id"] == "mixer"]
     assert isinstance(node["read"], str) and "before" in node["read"] and "after" in node["read"]
     assert "Choice(" not in graph.to_text(built)  # rendered in the spec's notation, not as a repr
+
+
+@pytest.mark.parametrize("memory, attention, message", [
+    ("ffn", "attn", "the memory of `mac` must be a memory level, but `ffn` is not"),
+    ("mem", "mem2", "the attention of `mac` must be a cache level, but `mem2` is not"),
+])
+def test_mac_takes_a_memory_and_a_cache(memory, attention, message):
+    """A feed-forward level in the memory's place once passed the checker and crashed both
+    backends (no keys to retrieve with)."""
+    states = {"mem": "matrix { every 4 }", "mem2": "matrix { every 4 }", "attn": "cache", "ffn": "mlp(expand=2)"}
+    levels = "".join(f"level {name} : {states[name]}\n" for name in (memory, attention))
+    block = f"residual(rmsnorm |> mac(memory={memory}, attention={attention}, segment=8))"
+    diagnostic = only(analyze(spec(levels, block=block)), "N0105")
+    assert diagnostic.message == message
+    assert (diagnostic.span.line, diagnostic.span.column) == (8, 33)  # the `mac(...)` call

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterator
 
+from nestc import rules
 from nestc.lang import ir
 
 GENERATED_ROLES = ("key", "value", "query", "lr", "retain", "momentum", "gamma")
@@ -65,3 +66,9 @@ def first_use(block: ir.Block, level: str) -> ir.Block | None:
 def search_values(node: ir.Node) -> Iterator[ir.SearchValue]:
     """Every search-space value inside `node`, outermost first."""
     return (inner for inner in ir.walk(node) if isinstance(inner, ir.SEARCH_TYPES))
+
+
+def is_memory(level: ir.Level) -> bool:
+    """A level that a memory kernel steps: a parametric state with keys and values (the others are
+    attention caches, feed-forward blocks and continuum levels, which run as whole modules)."""
+    return rules.STATES[level.state.name].memory and level.key is not None

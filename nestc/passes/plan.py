@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.queries import generators
+from nestc.lang.queries import generators, is_memory
 from nestc.backends.common import concrete
 
 MAX_SEGMENT = 64
@@ -39,12 +39,6 @@ class MemoryRule:
         return cls(state=rules.STATES[level.state.name], objective=rules.OBJECTIVES[level.objective.name],
                    optimizer=rules.OPTIMIZERS[level.optimizer.name], output=rules.OUTPUTS[level.output.name],
                    every=concrete(level.every.tokens), read=level.read, order=level.order)
-
-
-def is_memory(level: ir.Level) -> bool:
-    """A level that a memory kernel steps: a parametric state with keys and values (the others are
-    attention caches, feed-forward blocks and continuum levels, which run as whole modules)."""
-    return rules.STATES[level.state.name].memory and level.key is not None
 
 
 def plan_level(level: ir.Level) -> LevelPlan:

@@ -3,9 +3,10 @@ levels the model uses, heads, chunk sizes, generation cycles, search dimensions)
 
 from __future__ import annotations
 
+from nestc import rules
 from nestc.lang import ast, ir
 from nestc.lang.diagnostics import Label
-from nestc.lang.queries import block_levels, first_use, generators, level_uses, search_values
+from nestc.lang.queries import block_levels, first_use, generators, is_memory, level_uses, search_values
 from nestc.lang.sema.context import INVALID, Analysis, Definition, Part, options
 from nestc.lang.sema.levels import Levels
 from nestc.lang.sema.values import Values
@@ -50,6 +51,7 @@ class ProgramBuilder(Part):
         self._check_generation_cycles({n: levels[n] for n in used if levels.get(n) not in (None, INVALID)})
         if model is not None:
             self._check_heads(model, [levels[n] for n in used if levels[n] is not INVALID])
+            self._check_memory_as_context(model, levels)
             for name in level_names:
                 definition = self.definitions[name]
                 if name not in used and name not in self.levels.extended and definition.span \
@@ -113,6 +115,22 @@ class ProgramBuilder(Part):
                         span = next((f.value.span for f in node.fields if f.key == "heads"), level.span)
                         self.error("N0118", f"{heads} heads do not divide the model width {dim}", span,
                                    label=f"in level `{level.name}`")
+
+    def _check_memory_as_context(self, model: ir.Model, levels: dict) -> None:
+        """A `mac` block retrieves from a memory (keys and values, an inner rule) and attends with a
+        cache: other levels in those places have nothing the block could call."""
+        for node in ir.walk(model.block):
+            if not isinstance(node, ir.MemoryAsContext):
+                continue
+            memory, attention = levels.get(node.memory), levels.get(node.attention)
+            if memory not in (None, INVALID) and isinstance(memory.state, ir.Op) and not is_memory(memory):
+                self.error("N0105", f"the memory of `mac` must be a memory level, but `{node.memory}` is not",
+                           node.span, label="not a memory with keys and values",
+                           help="give it a matrix, vector or mlp state with key, value and query")
+            if attention not in (None, INVALID) and isinstance(attention.state, ir.Op) \
+                    and rules.STATES[attention.state.name].memory:
+                self.error("N0105", f"the attention of `mac` must be a cache level, but `{node.attention}` is not",
+                           node.span, label="not softmax attention", help="give it the state `cache`")
 
     def _reachable(self, model: ir.Model, levels: dict) -> set[str]:
         used: set[str] = set()

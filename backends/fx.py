@@ -420,23 +420,26 @@ def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str
 
 
 def _continuum_table(model, graph: SegmentGraph) -> list[dict]:
-    """What the standalone module needs to step each continuum level: its period, optimizer and
-    gates, and where its fast weights and momenta sit in the flat state."""
+    """What the standalone module needs to step each continuum level of each layer: its period,
+    optimizer and gates (each layer's copy has its own learned gates), and where its fast weights
+    and momenta sit in the flat state."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     table = []
     for name in model.task_levels:
-        level = model.layers[0].levels[name]
-        if level.meta == "full":
-            raise BackendError(f"level `{name}` differentiates through its own updates (`meta full`), which the "
-                               "standalone module does not emit; run the spec through nestc.load(...) instead")
-        slots = {field: [index for index, (_, owner, kind, _) in enumerate(graph.layout)
-                         if owner == name and kind == field] for field in ("weights", "momentum")}
-        gates = {role: names[id(value)] if isinstance(value, Tensor) else value
-                 for role, value in (("lr", level.gates.get("lr", 1.0)), ("retain", level.gates.get("retain", 1.0)),
-                                     ("momentum", level.gates.get("momentum", 0.9)))}
-        table.append({"name": name, "every": level.every,
-                      "momentum_of_steps": level.optimizer.momentum_of_steps, **gates,
-                      "stop": level.meta == "stop", "weights": slots["weights"], "momenta": slots["momentum"]})
+        for layer_index, layer in enumerate(model.layers):
+            level = layer.levels[name]
+            if level.meta == "full":
+                raise BackendError(f"level `{name}` differentiates through its own updates (`meta full`), which "
+                                   "the standalone module does not emit; run the spec through nestc.load(...) instead")
+            slots = {field: [index for index, (layer_at, owner, kind, _) in enumerate(graph.layout)
+                             if layer_at == layer_index and owner == name and kind == field]
+                     for field in ("weights", "momentum")}
+            gates = {role: names[id(value)] if isinstance(value, Tensor) else value
+                     for role, value in (("lr", level.gates.get("lr", 1.0)), ("retain", level.gates.get("retain", 1.0)),
+                                         ("momentum", level.gates.get("momentum", 0.9)))}
+            table.append({"name": name, "every": level.every,
+                          "momentum_of_steps": level.optimizer.momentum_of_steps, **gates,
+                          "stop": level.meta == "stop", "weights": slots["weights"], "momenta": slots["momentum"]})
     return table
 
 

@@ -187,3 +187,17 @@ def test_nestc_run_trains_through_the_graph(tmp_path):
     assert result.exit_code == 0, result.output
     refused = CliRunner().invoke(cli, ["run", str(spec), "--graph", "--backend", "reference"])
     assert refused.exit_code == 2 and "--graph needs --backend compiled" in refused.output
+
+
+def test_each_layers_continuum_level_steps_with_its_own_gates():
+    """The standalone module's table of continuum levels has one entry per layer, naming that
+    layer's learned gate and fast weights (it once gave every layer the first layer's gates)."""
+    text = ("level cms : mlp(expand=2) {\n    objective task\n    lr = learned(init=0.01)\n    every 4\n}\n"
+            "model {\n    vocab 16\n    dim 8\n    layers 2\n    block = residual(rmsnorm |> cms)\n}\n"
+            "train { context 8 }\n")
+    model = build(text)
+    graph = fx.trace_segment(model, 1, model.segment)
+    table = fx._continuum_table(model, graph)
+    assert [entry["lr"] for entry in table] == ["layers.0.levels.cms.lr_gate", "layers.1.levels.cms.lr_gate"]
+    layers = [{graph.layout[slot][0] for slot in entry["weights"]} for entry in table]
+    assert layers == [{0}, {1}]

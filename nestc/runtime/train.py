@@ -2,8 +2,8 @@
 
 Everything a run writes goes under `runs/<spec>-<variant id>/`: the resolved spec, `metrics.jsonl`,
 the weights (`model.safetensors`) and the trainer's state (`trainer.safetensors`, no pickle), both
-written atomically,
-the curves (`curves.png`) and `report.md`. `--resume` continues exactly where the last checkpoint stopped.
+written atomically, the curves (`curves.png`) and `report.md`. `--resume` continues exactly where
+the last checkpoint stopped.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nestc.backends.outer import MultiRateStepper
+from nestc.lang import ir
 from nestc.runtime import checkpoint, data, plots, tasks
 from nestc.runtime.config import RunConfig
-from nestc.lang import ir
-from nestc.backends.outer import MultiRateStepper
 from nestc.runtime.optim import build_optimizer, schedule
 
 

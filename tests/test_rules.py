@@ -4,6 +4,7 @@ compiled backend must equal the reference on each one the checker accepts."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ from nestc.backends import compiled
 from nestc.lang import schema
 from nestc.lang.sema import analyze_source
 from nestc.lang.source import SourceFile
+from nesttest import REPO
 from test_compiled import TRAJECTORY_LEVEL, assert_equivalent
 
 MEMORY_STATES = sorted(name for name, state in rules.STATES.items() if state.memory)
@@ -122,3 +124,21 @@ def test_an_online_mlp_memory_with_the_dot_objective_equals_the_reference():
     with pytest.warns(compiled.CompileWarning, match="needs `every C > 1` \\(with objective `dot` on state `mlp`"):
         compiled.build(program)
     assert_equivalent(program, length=10, split=4, tolerance=(1e-12, 1e-12))
+
+
+# Every rule name but `none`, which is also the empty choice of the norm enums.
+RULE_NAME = "|".join(sorted(name for registry in rules.REGISTRIES.values() for name in registry if name != "none"))
+# A string literal naming a rule, compared or tested for membership.
+NAME_COMPARISON = re.compile(rf'(==|!=|\bin) *[({{]?"({RULE_NAME})"|"({RULE_NAME})" *(==|!=|\bin\b)')
+
+
+def test_no_rule_is_known_by_name_outside_its_registry_entry():
+    """The backends, passes and checker ask an entry's flags; only nestc/rules/ compares names.
+    The outer optimizers and schedules (nestc/runtime/optim.py) share some names but are a
+    different vocabulary, not registry entries yet."""
+    sources = [path for folder in ("nestc", "backends") for path in (REPO / folder).rglob("*.py")
+               if "rules" not in path.relative_to(REPO).parts and path.name != "optim.py"]
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for path in sources
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if NAME_COMPARISON.search(line)]
+    assert len(sources) > 30 and not found, found

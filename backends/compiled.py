@@ -51,8 +51,7 @@ from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.pipelines import Stage, rotate
 from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
-from nestc.passes.plan import (MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_level,
-                               segment_length)
+from nestc.passes.plan import MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_program
 
 ATTENTION_BLOCK = 256  # queries per softmax when a layer reads a whole call at once
 
@@ -112,10 +111,8 @@ class CompiledModel(ReferenceModel):
     def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None):
         super().__init__(program)
         self.level_spans = {level.name: level.span for level in program.levels}
-        self.plans: dict[str, LevelPlan] = {}
-        layer = self.layers[0]
-        for name, module in layer.levels.items():
-            self.plans[name] = plan_level(program.level(name))
+        planned = plan_program(program)
+        self.plans: dict[str, LevelPlan] = {name: planned.levels[name] for name in self.layers[0].levels}
         self.fallback = self._whole_model_fallback(program)
         for name, plan in self.plans.items():
             if plan.kernel == "sequential":
@@ -125,7 +122,7 @@ class CompiledModel(ReferenceModel):
         if self.fallback:
             warnings.warn(f"{program.file}: the whole model runs token by token: {self.fallback}",
                           CompileWarning, stacklevel=2)
-        self.segment = segment_length(program, self.plans)
+        self.segment = planned.segment
         if self.segment == 1 and not self.fallback:
             for level in program.levels:
                 reader = anchor_reader(program, level.name)

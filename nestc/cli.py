@@ -337,7 +337,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
 @click.option("--passes", help="The graph passes to run, in order, comma-separated; empty for none (default: "
                                 "drop_dead,fold_constants,fuse_projections).")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
-              help="Print the fx graph after this pass (repeatable).")
+              help="Print what an IR pass decided (plan), or the fx graph after a graph pass (repeatable).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="The batch size the fx graph and the standalone model are traced for.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the standalone model's initial weights.")
@@ -351,6 +351,23 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
     if not result.ok:
         sys.exit(_exit_code(result))
     program = result.program
+    from nestc.passes import PASSES
+
+    ir_passes = [name for name in print_after if name in PASSES]
+    if ir_passes != list(print_after):  # graph passes: their names come with torch
+        from nestc.backends import fx
+
+        unknown = [name for name in print_after if name not in PASSES and name not in fx.PASSES]
+        if unknown:
+            raise click.UsageError(f"unknown pass `{unknown[0]}`; passes: {', '.join([*PASSES, *fx.PASSES])}")
+    for name in ir_passes:
+        if program.model is None:
+            raise click.UsageError(f"`{spec}` has no `model` section: nothing to plan")
+        click.echo(f"--- after {name}: {PASSES[name].doc}")
+        click.echo(str(PASSES[name].run(program)))
+    print_after = tuple(name for name in print_after if name not in PASSES)
+    if ir_passes and not print_after and emit is None and output is None:
+        return
     emit = emit or ("plan" if output is None and not print_after else None)
     if output or print_after or emit in ("fx", "py"):
         _emit_traced(program, spec, emit, output, passes, print_after, batch, seed)

@@ -373,3 +373,11 @@ def test_compile_shows_every_stage(at_repo_root, tmp_path):
     assert "LevelDef(name='mixer'" in invoke("compile", "specs/deltanet.nest", "--emit", "ast").stdout
     assert "edges:" in invoke("compile", "specs/deltanet.nest", "--emit", "graph").stdout
     assert invoke("compile", "specs/lib/hope.nest").exit_code == 2
+
+
+def test_compile_prints_what_the_planning_pass_decided(at_repo_root):
+    printed = invoke("compile", "specs/hope.nest", "--print-after", "plan")
+    assert printed.exit_code == 0, printed.output
+    assert "segment length 16 tokens\n" in printed.stdout and "  mem          layered\n" in printed.stdout
+    unknown = invoke("compile", "specs/hope.nest", "--print-after", "plam")
+    assert unknown.exit_code == 2 and "unknown pass `plam`; passes: plan, drop_dead" in unknown.output

@@ -103,6 +103,25 @@ def _per_channel(gate) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class ProgramPlan:
+    """What planning decides for a program: each level's plan and the segment length."""
+
+    levels: dict[str, LevelPlan]
+    segment: int
+
+    def __str__(self) -> str:
+        lines = [f"segment length {self.segment} tokens"]
+        lines += [f"  {name:12s} {plan.kernel}" + (f" ({plan.reason})" if plan.reason else "")
+                  for name, plan in self.levels.items()]
+        return "\n".join(lines)
+
+
+def plan_program(program: ir.Program) -> ProgramPlan:
+    levels = {level.name: plan_level(level) for level in program.levels}
+    return ProgramPlan(levels=levels, segment=segment_length(program, levels))
+
+
 def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
     """The longest segment (up to MAX_SEGMENT) inside which no anchor and no continuum level moves."""
     length = MAX_SEGMENT

@@ -141,3 +141,39 @@ def test_syntax_error_in_an_imported_file(tmp_path, monkeypatch):
     # (the main file may also report the names it could not find; the syntax error must be there)
     assert ("N0012", "lib.nest", 1) in [(d.code, d.span.file, d.span.line) for d in result.diagnostics]
     assert "lib.nest:1:" in render(result)
+
+
+def _special_files(directory: Path) -> dict[str, str]:
+    """Import targets that a plain read would hang on, read without end, or choke on: the
+    expected reason of each refusal."""
+    import os
+
+    os.mkfifo(directory / "fifo.nest")
+    (directory / "zero.nest").symlink_to("/dev/zero")
+    (directory / "huge.nest").write_bytes(b"#" * ((1 << 20) + 1))
+    return {"fifo.nest": "not a regular file", "zero.nest": "not a regular file", "huge.nest": "larger than"}
+
+
+def test_imports_of_special_or_huge_files_are_refused_without_reading_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, reason in _special_files(tmp_path).items():
+        write(tmp_path, {"main.nest": f'import "{name}"\nlevel mixer : matrix\n' + USE_MIXER})
+        (diagnostic,) = analyze_file("main.nest").diagnostics
+        assert diagnostic.code == "N0115" and reason in diagnostic.message, (name, diagnostic.message)
+    direct = analyze_file("fifo.nest").diagnostics
+    assert [d.code for d in direct] == ["N0100"] and "not a regular file" in direct[0].message
+
+
+def test_a_nul_byte_in_an_import_path_is_a_diagnostic(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, {"main.nest": 'import "lib\0x.nest"\nlevel mixer : matrix\n' + USE_MIXER})
+    (diagnostic,) = analyze_file("main.nest").diagnostics
+    assert diagnostic.code == "N0115" and "nul byte" in diagnostic.message and diagnostic.span.line == 1
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib.nest").write_bytes("\ufefflevel mixer : matrix\n".encode("utf-8"))
+    (tmp_path / "main.nest").write_bytes(('\ufeffimport "lib.nest"\n' + USE_MIXER).encode("utf-8"))
+    result = analyze_file("main.nest")
+    assert result.ok, render(result)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from nestc.lang import ast, schema
 from nestc.lang.diagnostics import Label, NestError, did_you_mean
@@ -15,9 +17,22 @@ RESERVED = (
 )
 
 
+MAX_SOURCE_BYTES = 1 << 20  # a spec is a page or two of text; this bounds a hostile one
+
+
 def read_source(path: str) -> SourceFile:
-    with open(path, encoding="utf-8") as handle:
-        return SourceFile(path, handle.read())
+    """A spec's text, read only from a regular file of at most MAX_SOURCE_BYTES: a FIFO would
+    block the read forever and a link to /dev/zero never ends. A UTF-8 byte-order mark is
+    dropped. Raises OSError (its strerror says why) or UnicodeDecodeError."""
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "the path contains a NUL byte")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_SOURCE_BYTES} bytes, more than any spec needs")
+    return SourceFile(path, data.decode("utf-8").removeprefix("\ufeff"))
 
 
 class Loader(Part):

@@ -401,3 +401,19 @@ def test_a_state_file_round_trips_every_kind_of_slot_and_reads_the_older_layout(
     loaded = load_state(path, model)
     assert torch.equal(loaded.levels[0]["mem"].weights[0], t) and loaded.levels[0]["mem"].anchor == []
     assert torch.equal(loaded.levels[0]["attn"].keys, t + 1) and loaded.levels[0]["attn"].weights == []
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--set", "model.vocab=128"], 2, "the corpus has byte values up to 226, but model.vocab is 128: --set model.vocab=256"),
+    (["--set", "train.context=1"], 1, "error[N0106]"),
+    (["--seed", str(2**70)], 1, "error[N0106]"),
+    (["--set", "train.context=100000000"], 2, "train.context is 100000000 bytes, but the corpus's shorter split"),
+    (["--task", "mqar", "--task-option", "pairs=0"], 2, "pairs must be at least 1"),
+    (["--task", "mqar", "--task-option", "keys=2"], 2, "8 pairs need at least as many distinct keys, but keys=2"),
+])
+def test_bad_values_say_what_is_wrong_before_training(args, code, message, tmp_path):
+    """Each once ended in an internal error or in "training diverged; lower the learning rate"."""
+    result = _run("specs/deltanet.nest", "--steps", "1", "--runs", str(tmp_path), *args)
+    assert result.exit_code == code and message in result.output, result.output
+    assert "Traceback" not in result.output and "diverged" not in result.output
+    assert not list(tmp_path.glob("*/metrics.jsonl"))  # nothing was trained

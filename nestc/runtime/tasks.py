@@ -222,9 +222,15 @@ def make(name: str, length: int, options: dict[str, int] | None = None) -> Task:
     if unknown:
         allowed = ", ".join(OPTIONS.get(name, ())) or "none"
         raise ValueError(f"task `{name}` has no option {', '.join(sorted(unknown))} (options: {allowed})")
+    small = {key: value for key, value in options.items() if value < 1}
+    if small:
+        key, value = next(iter(small.items()))
+        raise ValueError(f"task `{name}`: --task-option {key}={value}, but {key} must be at least 1")
     cls = TASKS[name]
     if cls is AssociativeRecall:
         task = AssociativeRecall(length=length, **options)
+        if task.keys < task.pairs:
+            raise ValueError(f"mqar: {task.pairs} pairs need at least as many distinct keys, but keys={task.keys}")
         if task.keys + task.values > ACCEPT:
             raise ValueError(f"mqar: keys + values ({task.keys + task.values}) must stay below {ACCEPT}")
         return task

@@ -320,7 +320,21 @@ class _Session:
             text, self.unit = ids, "token"
             self.decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
         self.train_bytes, self.validation = data.split(text)
+        if self.config.task is None:
+            self._check_corpus_fits(text)
         self.unigram = data.unigram_bits(self.train_bytes, self.validation, self.model.vocab)
+
+    def _check_corpus_fits(self, text) -> None:
+        """The model must have a token id for every symbol, and a training window (context plus
+        its next token) must fit in each split."""
+        unit, context = self.unit, self.settings.context
+        if self.unit == "byte" and max(text) >= self.model.vocab:
+            raise data.DataError(f"the corpus has byte values up to {max(text)}, but model.vocab is "
+                                 f"{self.model.vocab}: --set model.vocab=256 (one id per byte value)")
+        shortest = min(len(self.train_bytes), len(self.validation))
+        if shortest <= context:
+            raise data.DataError(f"train.context is {context} {unit}s, but the corpus's shorter split has only "
+                                 f"{shortest}: --set train.context={max(2, shortest // 2)} or a larger corpus (--data)")
 
     def _resume(self) -> int:
         """The step to start from: the checkpoint's with --resume, else 0 (and a fresh metrics log)."""

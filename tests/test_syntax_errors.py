@@ -123,3 +123,21 @@ def test_syntax_errors_are_never_lark_exceptions():
             parse(SourceFile("t.nest", text))
         except NestError as error:
             assert error.diagnostics and error.diagnostics[0].span is not None
+
+
+@pytest.mark.parametrize("block", [
+    "residual(" * 300 + "mixer" + ")" * 300,           # calls inside calls
+    " |> ".join(["rmsnorm"] * 600 + ["mixer"]),         # a chain of operators
+])
+def test_nesting_past_the_limit_is_a_diagnostic_not_a_recursion_error(block):
+    """Both once raised RecursionError (an internal error); just inside the limit still compiles."""
+    from nestc.lang import syntax
+
+    text = "level mixer : matrix\nmodel {\n    vocab 256\n    dim 8\n    block = " + block + "\n}\n"
+    result = analyze_source(SourceFile("deep.nest", text))
+    (diagnostic,) = result.diagnostics
+    assert diagnostic.code == "N0016" and f"more than {syntax.MAX_DEPTH} levels" in diagnostic.message
+    assert diagnostic.span.line == 5 and diagnostic.span.column > 12  # inside the block, where it gets too deep
+    inside = "level mixer : matrix\nmodel {\n    vocab 256\n    dim 8\n    block = " + \
+        "residual(" * 96 + "mixer" + ")" * 96 + "\n}\n"
+    assert analyze_source(SourceFile("inside.nest", inside)).ok

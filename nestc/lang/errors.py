@@ -86,6 +86,14 @@ Every field except a flag (`frozen`) needs a value.
     every                            # error
     every 16                         # ok
 """),
+    "N0016": ("nested too deeply", """
+An expression may nest at most 200 levels of the syntax tree: about 100 calls inside each other,
+or 200 operators chained (`|>`, `+`). Every stage of the compiler walks expressions recursively,
+so a deeper one is refused where it gets too deep. Name an inner part instead:
+
+    block inner = residual(rmsnorm |> mixer)
+    block = residual(inner) |> residual(inner2)
+"""),
     # --- files ------------------------------------------------------------------------------------
     "N0100": ("cannot read file", """
 The spec file named on the command line does not exist, is not readable, or is not UTF-8 text.

@@ -220,10 +220,35 @@ class _Builder(Transformer):
         return ast.ListExpr(items=tuple(c for c in children if c is not None), span=self._s(meta))
 
 
+# The deepest syntax tree a spec may have: about 100 calls inside each other, or 200 chained
+# operators (docs/language.md §1). Every later stage walks the tree recursively, so a deeper one
+# is refused here, with the place where it gets too deep.
+MAX_DEPTH = 200
+
+
+def _too_deep(tree) -> lark.Tree | None:
+    """The first node (in source order) at depth MAX_DEPTH, found without recursion, or None."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, lark.Tree):
+            continue
+        if depth >= MAX_DEPTH:
+            return node
+        stack.extend((child, depth + 1) for child in reversed(node.children))
+    return None
+
+
 def parse(source: SourceFile) -> ast.Module:
     """Parse one file. Raises `NestError` with a single syntax diagnostic on bad input."""
     try:
         tree = _parser().parse(source.text)
+        deep = _too_deep(tree)
+        if deep is not None:
+            span = None if deep.meta.empty else _span(source.name, deep.meta)
+            raise NestError([Diagnostic(code="N0016", message=f"this expression nests more than {MAX_DEPTH} levels "
+                                        "deep", span=span, label="too deep",
+                                        help="define the inner part as a `block` or `const` of its own")])
         items = _Builder(source.name).transform(tree)
     except UnexpectedInput as error:
         raise NestError([syntax_diagnostic(error, source)]) from None

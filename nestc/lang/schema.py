@@ -181,7 +181,8 @@ TRAIN_FIELDS = {
     for p in (
         Param("optimizer", "outer_optimizer", "adamw"),
         Param("schedule", "schedule", "cosine"),
-        Param("context", "int", 256, minimum=2, doc="tokens per training window: a token and the next to predict"),
+        Param("context", "int", 256, minimum=2, maximum=1 << 24,
+              doc="tokens per training window: a token and the next to predict"),
         Param("batch", "int", 8, minimum=1),
         Param("steps", "int", 1000, minimum=1),
         Param("clip", "number", 1.0, minimum=0),

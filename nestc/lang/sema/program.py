@@ -3,6 +3,8 @@ levels the model uses, heads, chunk sizes, generation cycles, search dimensions)
 
 from __future__ import annotations
 
+import math
+
 from nestc import rules
 from nestc.lang import ast, ir
 from nestc.lang.diagnostics import Label
@@ -187,5 +189,7 @@ class ProgramBuilder(Part):
 
 
 def _nearest_divisor(length: int, chunk: int) -> int:
-    divisors = [d for d in range(1, length + 1) if length % d == 0]
-    return min(divisors, key=lambda d: (abs(d - chunk), d))
+    """The divisor of `length` nearest `chunk`, from the pairs (d, length / d) with d up to the
+    square root: a long context is not walked number by number."""
+    small = [d for d in range(1, math.isqrt(length) + 1) if length % d == 0]
+    return min(small + [length // d for d in small], key=lambda d: (abs(d - chunk), d))

@@ -16,7 +16,9 @@ class RunConfig:
     steps: int | None = None  # default: the spec's train { steps }
     backend: str = "compiled"
     runs: str = "runs"
+    directory: str | None = None  # default: <runs>/<spec>-<variant id>[-<task>]
     resume: bool = False
+    overwrite: bool = False  # start over in a directory that holds a run (else that is an error)
     eval_every: int | None = None  # default: 5 evaluations a run
     task: str | None = None  # default: the corpus
     task_options: dict = field(default_factory=dict)

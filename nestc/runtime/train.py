@@ -261,8 +261,8 @@ class _Session:
         self.lead = self.rank == 0
         self.log = _quiet if not self.lead or config.quiet else log  # only the first process reports and writes
         self.name = os.path.splitext(os.path.basename(program.file))[0]
-        self.directory = os.path.join(config.runs, f"{self.name}-{ir.variant_id(program)}"
-                                      + (f"-{config.task}" if config.task else ""))
+        self.directory = config.directory or os.path.join(
+            config.runs, f"{self.name}-{ir.variant_id(program)}" + (f"-{config.task}" if config.task else ""))
         if self.lead:
             os.makedirs(self.directory, exist_ok=True)
             with open(os.path.join(self.directory, "spec.nest"), "w", encoding="utf-8") as handle:

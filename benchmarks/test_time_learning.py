@@ -17,7 +17,8 @@ import statistics
 import tempfile
 
 from nestc.runtime import data
-from nestc.runtime.checkpoint import load_run, load_state, save_state
+from nestc.runtime.checkpoint import load_state, save_state
+from nestc.runtime.rundir import load_run
 from nestc.runtime.train import read
 
 

@@ -220,7 +220,12 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
 @click.option("--set", "assignments", multiple=True, metavar="PATH=VALUE",
               help="Change a field, e.g. --set train.batch=4 --set level.mixer.every=16 (repeatable).")
 @click.option("--backend", type=click.Choice(["compiled", "reference"]), default="compiled", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from the run directory's last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue from the run directory's last complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in a run directory that holds an earlier run.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), metavar="N",
+              help="Checkpoint every N steps (0: not by step count; default: the spec's train.checkpoint_every).")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0), metavar="M",
+              help="Checkpoint every M minutes (0: not by time; default: the spec's train.checkpoint_minutes).")
 @click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Where run directories are created.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps (default: 5 times a run).")
@@ -239,8 +244,8 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
               help="Run each segment through torch.compile (the first steps pay the compile).")
 @click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")
 @_color
-def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_options, data_paths, nproc,
-        tokenizer, seed, device, bf16, torch_compile, graph, color) -> None:
+def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, checkpoint_minutes, runs, eval_every,
+        task, task_options, data_paths, nproc, tokenizer, seed, device, bf16, torch_compile, graph, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -271,8 +276,12 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
         source = read_source(spec)
     except (OSError, UnicodeDecodeError) as error:
         raise click.UsageError(f"cannot read `{spec}`: {getattr(error, 'strerror', None) or error}") from None
-    if seed is not None:
-        assignments = (*assignments, f"train.seed={seed}")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run and --overwrite starts it over: give one")
+    for field, value in (("seed", seed), ("checkpoint_every", checkpoint_every),
+                         ("checkpoint_minutes", checkpoint_minutes)):
+        if value is not None:
+            assignments = (*assignments, f"train.{field}={value}")
     try:
         source = overrides.apply(source, list(assignments))
     except overrides.OverrideError as error:
@@ -294,7 +303,7 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
             if value is not None:
                 arguments += [flag, str(value)]
         arguments += [a for option in task_options for a in ("--task-option", option)]
-        arguments += ["--resume"] if resume else []
+        arguments += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
         arguments += ["--device", device] + (["--bf16"] if bf16 else [])
         arguments += (["--compile"] if torch_compile else []) + (["--graph"] if graph else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
@@ -307,9 +316,9 @@ def run(spec, steps, assignments, backend, resume, runs, eval_every, task, task_
     from nestc.runtime.config import RunConfig
     from nestc.runtime.train import TrainingDiverged, train
 
-    config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, eval_every=eval_every, task=task,
-                       task_options=options, tokenizer=tokenizer, device=device, bf16=bf16, compile=torch_compile,
-                       graph=graph)
+    config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, overwrite=overwrite,
+                       eval_every=eval_every, task=task, task_options=options, tokenizer=tokenizer, device=device,
+                       bf16=bf16, compile=torch_compile, graph=graph)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         try:
@@ -454,8 +463,9 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
 
 def _load_run(run_directory: str, state_in: str | None):
     """A trained model and, optionally, a saved memory state; bad files are usage errors."""
-    from nestc.runtime.checkpoint import CheckpointError, load_run, load_state
     from nestc.lang.diagnostics import NestError
+    from nestc.runtime.checkpoint import CheckpointError, load_state
+    from nestc.runtime.rundir import load_run
 
     try:
         model = load_run(run_directory)

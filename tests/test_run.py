@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -26,18 +27,27 @@ def _run(*args):
     return CliRunner().invoke(cli, ["run", *args])
 
 
+def _weights(run_directory):
+    """The weights of a run's newest complete checkpoint."""
+    from nestc.runtime.rundir import latest
+
+    return load_file(latest(str(run_directory)).model_file)
+
+
 @pytest.mark.parametrize("spec", ["specs/deltanet.nest", "specs/transformer.nest", "specs/titans.nest"])
 def test_a_few_steps_write_everything(spec, tmp_path):
     result = _run(spec, "--steps", "3", "--runs", str(tmp_path), *TINY)
     assert result.exit_code == 0, result.output
     (directory,) = list(tmp_path.iterdir())
-    assert {"spec.nest", "metrics.jsonl", "model.safetensors", "trainer.safetensors", "report.md", "curves.png"} \
-        <= set(os.listdir(directory))
+    assert {"spec.nest", "metrics.jsonl", "checkpoints", "report.md", "curves.png"} <= set(os.listdir(directory))
+    assert os.listdir(directory / "checkpoints") == ["step-00000003"]
+    assert sorted(os.listdir(directory / "checkpoints" / "step-00000003")) == \
+        ["manifest.json", "model.safetensors", "trainer.safetensors"]
     assert (directory / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert "eval_bits_per_byte" in records[-1]
-    weights = load_file(str(directory / "model.safetensors"))
+    weights = _weights(directory)
     assert "embedding.weight" in weights and weights["embedding.weight"].shape == (256, 16)
     assert "unigram baseline" in result.output and "saved in" in result.output
 
@@ -64,8 +74,8 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(optimizer, tm
 
     def interrupted_batch(*args):
         calls["count"] += 1
-        if calls["count"] == 4:  # after step 3: the ffn holds one step's gradient
-            raise KeyboardInterrupt
+        if calls["count"] == 3:  # a Ctrl-C in step 3: the run stops after it, the ffn holding its gradient
+            os.kill(os.getpid(), signal.SIGINT)
         return original(*args)
 
     monkeypatch.setattr(nestc.runtime.train, "_batch", interrupted_batch)
@@ -77,8 +87,20 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(optimizer, tm
     (a,), (b,) = list(whole.iterdir()), list(parts.iterdir())
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
     assert len(losses[0]) == 5 and losses[0] == losses[1]
-    for name, tensor in load_file(str(a / "model.safetensors")).items():
-        assert torch.equal(tensor, load_file(str(b / "model.safetensors"))[name]), name
+    for name, tensor in _weights(a).items():
+        assert torch.equal(tensor, _weights(b)[name]), name
+
+
+def _forge_manifest(checkpoint_directory):
+    """Make a checkpoint's manifest match its (replaced) files."""
+    import hashlib
+
+    manifest_path = checkpoint_directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for name in manifest["files"]:
+        data = (checkpoint_directory / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
 
 
 class _CreatesAFile:
@@ -100,13 +122,17 @@ def test_no_command_unpickles_a_planted_file(trained, tmp_path):
     planted = tmp_path / "runs"
     shutil.copytree(trained.parent, planted)
     (run,) = list(planted.iterdir())
-    for name in ("trainer.pt", "trainer.safetensors"):
-        torch.save({"step": _CreatesAFile(marker)}, run / name)
+    (saved,) = list((run / "checkpoints").iterdir())
+    torch.save({"step": _CreatesAFile(marker)}, saved / "trainer.safetensors")
+    _forge_manifest(saved)  # an attacker can rewrite the manifest too
     resumed = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(planted), "--resume", *TINY)
     assert resumed.exit_code == 1 and "is not a trainer state" in resumed.output, resumed.output
-    (run / "trainer.safetensors").unlink()
-    old_format = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(planted), "--resume", *TINY)
-    assert old_format.exit_code == 1 and "is a pickle, which nestc no longer reads" in old_format.output
+    old_format = tmp_path / "old" / run.name
+    old_format.mkdir(parents=True)
+    (old_format / "spec.nest").write_text((run / "spec.nest").read_text())
+    torch.save({"step": _CreatesAFile(marker)}, old_format / "trainer.pt")
+    refused = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(old_format.parent), "--resume", *TINY)
+    assert refused.exit_code == 1 and "once a pickle, which nestc no longer reads" in refused.output, refused.output
     state = tmp_path / "state.safetensors"
     torch.save(_CreatesAFile(marker), state)
     readers = [["eval", str(run), "README.md", "--state-in", str(state)],
@@ -115,7 +141,8 @@ def test_no_command_unpickles_a_planted_file(trained, tmp_path):
     for args in readers:
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and "not a state file" in result.output, (args, result.output)
-    torch.save({"embedding.weight": _CreatesAFile(marker)}, run / "model.safetensors")
+    torch.save({"embedding.weight": _CreatesAFile(marker)}, saved / "model.safetensors")
+    _forge_manifest(saved)
     for args in (["eval", str(run), "README.md"], ["generate", str(run), "--length", "2"]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and "not a readable safetensors file" in result.output, (args, result.output)
@@ -135,21 +162,26 @@ def test_bad_set_paths_are_usage_errors_and_bad_values_diagnostics(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
-def test_a_killed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), *TINY).exit_code == 0
     (directory,) = list(tmp_path.iterdir())
-    before = (directory / "model.safetensors").read_bytes()
+    before = _weights(directory)
 
-    def dies_midway(path, *args, **kwargs):
+    def dies_midway(tensors, path, *args, **kwargs):
         with open(path, "wb") as handle:
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", dies_midway)
-    result = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), *TINY)
-    assert result.exit_code != 0
-    assert (directory / "model.safetensors").read_bytes() == before
-    load_file(str(directory / "model.safetensors"))
+    with monkeypatch.context() as patched:
+        patched.setattr("safetensors.torch.save_file", dies_midway)
+        result = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(tmp_path), "--resume", *TINY)
+    assert result.exit_code == 1 and "disk full" in result.output
+    from nestc.runtime.rundir import latest
+
+    assert latest(str(directory)).step == 2
+    assert all(torch.equal(tensor, before[name]) for name, tensor in _weights(directory).items())
+    resumed = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(tmp_path), "--resume", *TINY)
+    assert resumed.exit_code == 0 and "resuming" in resumed.output and latest(str(directory)).step == 4
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +207,7 @@ def test_a_run_directory_is_self_contained(trained, tmp_path):
 
 def test_memorized_state_is_what_a_single_stream_would_have(trained, tmp_path):
     """eval FILE2 from the state saved after FILE1 == reading FILE1 then FILE2 as one stream."""
-    from nestc.runtime.checkpoint import load_run
+    from nestc.runtime.rundir import load_run
     from nestc.runtime.train import read
 
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
@@ -266,7 +298,7 @@ def test_two_data_parallel_processes_take_the_single_process_step(spec, tmp_path
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     assert "2 processes" in parallel.stderr
     (a,), (b,) = list((tmp_path / "single").iterdir()), list((tmp_path / "parallel").iterdir())
-    one, two = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    one, two = _weights(a), _weights(b)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]

@@ -270,7 +270,14 @@ class Train(Node):
     steps: int | SearchValue
     clip: Number | SearchValue
     seed: int | SearchValue
+    checkpoint_every: int | SearchValue
+    checkpoint_minutes: Number | SearchValue
     span: Span | None = _span_field()
+
+
+# How often a run saves itself: train fields that leave the trained model unchanged, so they are
+# left out of the variant id (a resumed run may checkpoint at another cadence).
+RUN_ONLY_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_minutes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -349,8 +356,9 @@ def format_value(value: Option | Frequency | None) -> str:
     return _format_scalar(value)
 
 
-def dump(program: Program) -> str:
-    """The canonical text of a program: stable across formatting, used for goldens and hashing."""
+def dump(program: Program, *, identity: bool = False) -> str:
+    """The canonical text of a program: stable across formatting, used for goldens and hashing
+    (`identity`: without the train fields that do not change what is trained)."""
     lines = [f"program {program.file}"]
     for level in program.levels:
         lines.append(f"  level {level.name}")
@@ -367,15 +375,16 @@ def dump(program: Program) -> str:
             if f.name != "span":
                 lines.append(f"    {f.name:<10} {format_value(getattr(program.model, f.name))}")
     lines.append("  train")
+    skipped = ("span", *RUN_ONLY_TRAIN_FIELDS) if identity else ("span",)
     for f in dataclasses.fields(program.train):
-        if f.name != "span":
+        if f.name not in skipped:
             lines.append(f"    {f.name:<10} {format_value(getattr(program.train, f.name))}")
     return "\n".join(lines) + "\n"
 
 
 def variant_id(program: Program) -> str:
     """A short content hash of the program, independent of file name and formatting."""
-    body = dump(program).split("\n", 1)[1]
+    body = dump(program, identity=True).split("\n", 1)[1]
     return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 

@@ -187,6 +187,10 @@ TRAIN_FIELDS = {
         Param("steps", "int", 1000, minimum=1),
         Param("clip", "number", 1.0, minimum=0),
         Param("seed", "int", 0, minimum=0, maximum=2**32 - 1),
+        Param("checkpoint_every", "int", 10, minimum=0,
+              doc="steps between checkpoints (0: none by step count); not part of the variant (ir.RUN_ONLY_TRAIN_FIELDS)"),
+        Param("checkpoint_minutes", "number", 10, minimum=0,
+              doc="minutes between checkpoints (0: none by time); not part of the variant"),
     )
 }
 

@@ -1,7 +1,8 @@
-"""Run directories as checkpoints, and memory states on disk.
+"""Files without pickle: trees of tensors (a trainer's state), a run's self-contained spec, and
+memory states on disk (run directories themselves are nestc/runtime/rundir.py).
 
-A run directory holds `spec.nest`, self-contained (imported definitions inlined, so it loads
-wherever the directory goes), and `model.safetensors`. A state file holds every level's state
+A run directory's `spec.nest` is self-contained (imported definitions inlined, so it loads
+wherever the directory goes). A state file holds every level's state
 (memories, anchors, momenta, caches, continuum fast weights, the stream position) in one
 safetensors file, so what a model learned while reading persists across invocations.
 """
@@ -15,9 +16,7 @@ import torch
 
 from nestc.backends.state import SAVED_FIELDS, LevelState, ModelState, set_slot, slots
 from nestc.lang import ast, formatter
-from nestc.lang.diagnostics import NestError
-from nestc.lang.sema import Result, analyze_source
-from nestc.lang.source import SourceFile
+from nestc.lang.sema import Result
 
 
 class CheckpointError(Exception):
@@ -115,34 +114,6 @@ def bundle(result: Result) -> str:
             for line in range(item.span.line - 1, item.span.end_line):
                 lines[line] = ""
     return "\n".join(parts + ["\n".join(lines)])
-
-
-def load_run(directory: str, backend: str = "compiled"):
-    """The trained model of a run directory."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from nestc.backends import compiled, reference
-
-    spec_path = os.path.join(directory, "spec.nest")
-    weights_path = os.path.join(directory, "model.safetensors")
-    for path in (spec_path, weights_path):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"`{directory}` is not a run directory: `{os.path.basename(path)}` is missing")
-    with open(spec_path, encoding="utf-8") as handle:
-        result = analyze_source(SourceFile(spec_path, handle.read()))
-    if not result.ok:
-        raise NestError([d for d in result.diagnostics if d.is_error])
-    model = (compiled if backend == "compiled" else reference).build(result.program)
-    try:
-        weights = load_file(weights_path)
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"`{weights_path}` is not a readable safetensors file ({error})") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise CheckpointError(f"`{weights_path}` does not fit `{spec_path}`: {str(error).splitlines()[0]}") from None
-    return model
 
 
 # --- states ------------------------------------------------------------------------------------

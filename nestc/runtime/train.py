@@ -1,9 +1,9 @@
 """`nestc run`: train a spec's model on the embedded default corpus (byte-level language modelling).
 
 Everything a run writes goes under `runs/<spec>-<variant id>/`: the resolved spec, `metrics.jsonl`,
-the weights (`model.safetensors`) and the trainer's state (`trainer.safetensors`, no pickle), both
-written atomically, the curves (`curves.png`) and `report.md`. `--resume` continues exactly where
-the last checkpoint stopped.
+checkpoints (weights and trainer state together, every `train.checkpoint_every` steps or
+`checkpoint_minutes` minutes and at the end; nestc/runtime/rundir.py), the curves (`curves.png`)
+and `report.md`. `--resume` continues exactly where the last complete checkpoint stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 
 from nestc.backends.outer import MultiRateStepper
 from nestc.lang import ir
-from nestc.runtime import checkpoint, data, plots, tasks
+from nestc.runtime import data, plots, rundir, tasks
+from nestc.runtime.checkpoint import CheckpointError
 from nestc.runtime.config import RunConfig
 from nestc.runtime.optim import build_optimizer, schedule
 
@@ -40,60 +43,6 @@ class RunResult:
     held_out_bits: float = float("nan")  # per byte on a corpus, per scored token on a task
     parameters: int = 0
     tokens_per_second: float = 0.0  # training throughput, evaluations excluded
-
-
-TRAINER_FILE = "trainer.safetensors"
-
-
-def save_checkpoint(directory: str, model, optimizer, step: int, generator: torch.Generator, rng: random.Random):
-    """The weights and everything else a resume needs: the optimizer's moments, the RNG states
-    (which fix the data position), the step, and the gradients that `every N steps` levels have
-    accumulated but not yet applied. Safetensors and JSON only: nothing in a run directory is a
-    pickle, so loading one never runs code."""
-    from safetensors.torch import save_file
-
-    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    temporary = os.path.join(directory, "model.safetensors.tmp")
-    save_file(weights, temporary, metadata={"step": str(step)})
-    os.replace(temporary, os.path.join(directory, "model.safetensors"))
-    held = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    trainer = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-               "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "held_gradients": held}
-    checkpoint.save_tree(trainer, os.path.join(directory, TRAINER_FILE), "nestc_trainer")
-
-
-def load_checkpoint(directory: str, model, optimizer, generator: torch.Generator, rng: random.Random) -> int:
-    """Restore what `save_checkpoint` wrote; CheckpointError on a missing, corrupt or torn checkpoint."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    weights_path = os.path.join(directory, "model.safetensors")
-    trainer = checkpoint.load_tree(os.path.join(directory, TRAINER_FILE), "nestc_trainer", "trainer state")
-    try:
-        with safe_open(weights_path, framework="pt") as handle:
-            weights_step = (handle.metadata() or {}).get("step")
-        model.load_state_dict(load_file(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise checkpoint.CheckpointError(f"`{weights_path}` is not a readable safetensors file ({error})") from None
-    except RuntimeError as error:
-        raise checkpoint.CheckpointError(f"`{weights_path}` does not fit the spec: {str(error).splitlines()[0]}") \
-            from None
-    try:
-        step = trainer["step"]
-        if weights_step != str(step):
-            raise checkpoint.CheckpointError(
-                f"`{directory}` holds weights of step {weights_step} and a trainer state of step {step}: the "
-                "checkpoint is torn; run without --resume to start over")
-        optimizer.load_state_dict(trainer["optimizer"])
-        generator.set_state(trainer["generator"])
-        rng.setstate(trainer["python_rng"])
-        torch.set_rng_state(trainer["torch_rng"])
-        parameters = dict(model.named_parameters())
-        for name, gradient in trainer["held_gradients"].items():
-            parameters[name].grad = gradient.to(parameters[name].device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise checkpoint.CheckpointError(f"`{directory}/{TRAINER_FILE}` does not fit this run ({error})") from None
-    return step
 
 
 def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: int = 4) -> float:
@@ -205,6 +154,29 @@ class Progress:
             self.stream.write("\n")
 
 
+class _StopAfterStep:
+    """While active, the first SIGINT only asks the loop to stop after the current step (it is
+    `requested`); the second raises KeyboardInterrupt as usual. Signals reach only the main
+    thread, so elsewhere (a sweep's worker thread) this does nothing."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _quiet(*_args) -> None:
     """The log of a process that is not the first one."""
 
@@ -261,10 +233,14 @@ class _Session:
         self.lead = self.rank == 0
         self.log = _quiet if not self.lead or config.quiet else log  # only the first process reports and writes
         self.name = os.path.splitext(os.path.basename(program.file))[0]
+        self.problem = tasks.make(config.task, self.settings.context, config.task_options) if config.task else None
+        # A task and its options are part of what a run is: `-mqar-keys16-pairs4` after the variant id.
+        task = [config.task, *(f"{key}{value}" for key, value in sorted(config.task_options.items()))] \
+            if config.task else []
         self.directory = config.directory or os.path.join(
-            config.runs, f"{self.name}-{ir.variant_id(program)}" + (f"-{config.task}" if config.task else ""))
+            config.runs, "-".join([self.name, ir.variant_id(program), *task]))
         if self.lead:
-            os.makedirs(self.directory, exist_ok=True)
+            self._claim_directory()
             with open(os.path.join(self.directory, "spec.nest"), "w", encoding="utf-8") as handle:
                 handle.write(spec_text)
         torch.manual_seed(self.settings.seed)
@@ -282,16 +258,15 @@ class _Session:
         self._read_corpus(corpus)
         self.rng = random.Random(self.settings.seed)
         self.generator = torch.Generator().manual_seed(self.settings.seed)
-        self.metrics_path = os.path.join(self.directory, "metrics.jsonl")
+        self.metrics_path = os.path.join(self.directory, rundir.METRICS_FILE)
         self.start = self._resume()
         self.eval_every = config.eval_every or max(1, self.steps // 5)
         self.parameters = sum(p.numel() for p in self.model.parameters())
-        self.problem = tasks.make(config.task, self.settings.context, config.task_options) if config.task else None
         if self.problem is not None and self.model.vocab < tasks.VOCAB_NEEDED:
             raise ValueError(f"task `{config.task}` uses token ids up to {tasks.VOCAB_NEEDED - 1}, but the model's "
                              f"vocab is {self.model.vocab}: --set model.vocab={tasks.VOCAB_NEEDED} or more")
         self._announce()
-        self.tokens, self.interrupted, self.step = 0, False, self.start
+        self.tokens, self.interrupted, self.step, self.step_cut_short = 0, False, self.start, False
         self.score = self.held_out = float("nan")
         self.training_seconds = 0.0
 
@@ -336,21 +311,37 @@ class _Session:
             raise data.DataError(f"train.context is {context} {unit}s, but the corpus's shorter split has only "
                                  f"{shortest}: --set train.context={max(2, shortest // 2)} or a larger corpus (--data)")
 
+    def _claim_directory(self) -> None:
+        """Create the run directory; one that holds an earlier run is continued (--resume),
+        started over (--overwrite), or refused, never silently replaced."""
+        directory, config = self.directory, self.config
+        if rundir.old_layout(directory) and (config.resume or not config.overwrite):
+            raise CheckpointError(f"`{directory}` was written by an older nestc (its weights and trainer state at the "
+                                  "top level, the trainer state once a pickle, which nestc no longer reads since "
+                                  "loading one can run code); start over with --overwrite")
+        if rundir.holds_run(directory) and not config.resume:
+            if not config.overwrite:
+                found = rundir.latest(directory)
+                where = f"a checkpoint at step {found.step}" if found else "no checkpoint"
+                raise CheckpointError(f"`{directory}` already holds a run of this spec ({where}): continue it with "
+                                      "--resume, or start it over with --overwrite")
+            rundir.clear(directory)
+        os.makedirs(directory, exist_ok=True)
+
     def _resume(self) -> int:
-        """The step to start from: the checkpoint's with --resume, else 0 (and a fresh metrics log)."""
-        directory = self.directory
-        if self.config.resume and os.path.exists(os.path.join(directory, "trainer.pt")) \
-                and not os.path.exists(os.path.join(directory, TRAINER_FILE)):
-            raise checkpoint.CheckpointError(
-                f"`{directory}/trainer.pt` is a pickle, which nestc no longer reads (loading one can run code); "
-                "run without --resume to start over")
-        if self.config.resume and os.path.exists(os.path.join(directory, TRAINER_FILE)):
-            start = load_checkpoint(directory, self.model, self.optimizer, self.generator, self.rng)
-            self.log(f"resuming {directory} at step {start}")
-            return start
-        if self.lead and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
-        return 0
+        """The step to start from: the newest complete checkpoint's with --resume, else 0."""
+        found = rundir.latest(self.directory, self.log) if self.config.resume else None
+        if found is None:
+            if self.config.resume:
+                self.log(f"nothing to resume in {self.directory}: starting at step 0")
+            if self.lead:
+                rundir.cut_metrics(self.metrics_path, 0)
+            return 0
+        start = rundir.restore(found, self.model, self.optimizer, self.generator, self.rng)
+        if self.lead:
+            rundir.cut_metrics(self.metrics_path, start)
+        self.log(f"resuming {self.directory} at step {start}")
+        return start
 
     def _announce(self) -> None:
         context, batch, unit = self.settings.context, self.settings.batch, self.unit
@@ -363,11 +354,17 @@ class _Session:
                      f"accuracy measured at length {self.problem.test_length}")
 
     def run_steps(self, on_eval) -> None:
-        """Train from the start step to the last, logging each step; Ctrl-C stops it cleanly."""
+        """Train from the start step to the last, logging each step and checkpointing on the
+        spec's cadence. A Ctrl-C (SIGINT) stops the run after the step it interrupts, so that the
+        final checkpoint is of a whole step; a second one stops it at once, and the last periodic
+        checkpoint stands."""
         progress = Progress(self.steps, stream=sys.stderr if self.lead and not self.config.quiet
                             else open(os.devnull, "w"))
+        every, minutes = self.settings.checkpoint_every, self.settings.checkpoint_minutes
+        last_save = time.monotonic()
         try:
-            with open(self.metrics_path if self.lead else os.devnull, "a", encoding="utf-8") as metrics:
+            with _StopAfterStep() as stop, \
+                    open(self.metrics_path if self.lead else os.devnull, "a", encoding="utf-8") as metrics:
                 # `self.step` counts the steps done: after a Ctrl-C, not the one it interrupted.
                 for self.step in range(self.start, self.steps):
                     step_start = time.perf_counter()
@@ -382,15 +379,28 @@ class _Session:
                     progress.update(self.step + 1, loss.item() / math.log(2), self.tokens, extra)
                     if due and on_eval is not None:
                         on_eval(self.step + 1, self.held_out)
-            self.step = self.steps
+                    if (every and (self.step + 1) % every == 0) or (minutes and time.monotonic() - last_save >= 60 * minutes):
+                        if self.lead:
+                            os.fsync(metrics.fileno())  # the log reaches at least as far as the checkpoint
+                            self._save(self.step + 1)
+                        last_save = time.monotonic()
+                    if stop.requested:
+                        self.step += 1
+                        self.interrupted = True
+                        break
+                else:
+                    self.step = self.steps
         except KeyboardInterrupt:
-            self.interrupted = True
+            self.interrupted, self.step_cut_short = True, True
         progress.done()
         if self.world > 1:
             # A process that tears its group down while another still works (the first process
             # evaluating) aborts in gloo ("terminate called without an active exception").
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+    def _save(self, step: int) -> rundir.Checkpoint:
+        return rundir.save(self.directory, self.model, self.optimizer, step, self.generator, self.rng)
 
     def _train_step(self, step: int) -> torch.Tensor:
         """One optimizer step on one batch; returns its loss (averaged over the processes)."""
@@ -436,13 +446,21 @@ class _Session:
     def report(self) -> RunResult:
         """Save the final checkpoint and the curves, write report.md (with a sample on a corpus),
         and return the scores."""
+        if self.lead and self.start == self.steps:  # resumed a finished run: nothing trained, so score it here
+            self._evaluate({})
         directory, step, score, unigram = self.directory, self.step, self.score, self.unigram
         result = RunResult(directory, step, score, unigram, self.interrupted, held_out_bits=self.held_out,
                            parameters=self.parameters,
                            tokens_per_second=self.tokens / self.training_seconds if self.training_seconds else 0.0)
         if not self.lead:
             return result
-        save_checkpoint(directory, self.model, self.optimizer, step, self.generator, self.rng)
+        if self.step_cut_short:  # the state is part-way through a step: keep the last whole one
+            found = rundir.latest(directory)
+            self.log(f"interrupted during step {step + 1}: " + (
+                f"the checkpoint of step {found.step} stands; continue with --resume" if found
+                else "no checkpoint yet; rerun with --overwrite to start over"))
+            return result
+        self._save(step)
         plots.training_curves(directory, baseline=None if self.problem is not None else unigram)
         if self.interrupted:
             self.log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
@@ -465,6 +483,5 @@ class _Session:
                          f"{written.decode('utf-8', 'replace')}\n```\n")
         self.log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
         self.log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])
-        self.log(f"saved in {directory}/ (model.safetensors, trainer.safetensors, metrics.jsonl, curves.png, "
-                 "report.md)")
+        self.log(f"saved in {directory}/ (checkpoints/, metrics.jsonl, curves.png, report.md)")
         return result

@@ -30,6 +30,11 @@ class MultiRateStepper:
         periods = update_periods(model)
         self.period = {id(p): periods[name] for name, p in model.named_parameters()}
 
+    def any_due(self, step_index: int) -> bool:
+        """Whether step `step_index` updates any parameter; if not, it only accumulates gradients
+        (and data-parallel processes need not exchange them yet)."""
+        return any((step_index + 1) % period == 0 for period in self.period.values())
+
     def step(self, step_index: int) -> None:
         held = {}
         for group in self.optimizer.param_groups:

@@ -307,13 +307,14 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         arguments += ["--device", device] + (["--bf16"] if bf16 else [])
         arguments += (["--compile"] if torch_compile else []) + (["--graph"] if graph else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                    "-m", "nestc", "run", *arguments]
-        sys.exit(subprocess.run(launcher).returncode)
+        from nestc.runtime import distributed
+
+        sys.exit(distributed.launch(nproc, arguments))
     from nestc.backends.common import BackendError
     from nestc.backends.compiled import CompileWarning
     from nestc.runtime.checkpoint import CheckpointError, bundle
     from nestc.runtime.config import RunConfig
+    from nestc.runtime.distributed import SetupFailed
     from nestc.runtime.train import TrainingDiverged, train
 
     config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, overwrite=overwrite,
@@ -324,7 +325,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         try:
             outcome = train(result.program, bundle(result), config, corpus=corpus,
                             log=lambda message: click.echo(message, err=True))
-        except (BackendError, TrainingDiverged, CheckpointError) as error:
+        except (BackendError, TrainingDiverged, CheckpointError, SetupFailed) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None

@@ -305,6 +305,55 @@ def test_two_data_parallel_processes_take_the_single_process_step(spec, tmp_path
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_simulated_nodes_resume_from_the_first_nodes_checkpoint(tmp_path):
+    """`torchrun --nnodes 2` on localhost, each node with its own (unshared) runs directory and
+    only node 0 holding the checkpoint: the first process sends it to the other, and the resumed
+    run equals one process trained straight through."""
+    import subprocess
+    import sys
+
+    args = ["specs/deltanet.nest", *TINY, "--set", "train.batch=4"]
+    assert _run(*args, "--steps", "2", "--runs", str(tmp_path / "node0")).exit_code == 0
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                               str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+                               str(port), "-m", "nestc", "run", *args, "--steps", "4", "--resume", "--runs",
+                               str(tmp_path / f"node{rank}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=1800) for node in nodes]  # a bound on a hang only
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "resuming" in outputs[0][1] and "at step 2" in outputs[0][1]
+    assert not (tmp_path / "node1").exists()  # node 1 needed no files and wrote none
+    assert _run(*args, "--steps", "4", "--runs", str(tmp_path / "single")).exit_code == 0
+    one, two = _weights(next((tmp_path / "single").iterdir())), _weights(next((tmp_path / "node0").iterdir()))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_error_on_one_process_is_the_same_clear_error_on_every_process(tmp_path):
+    """The first process alone finds that the run directory holds a run; every process reports
+    it and exits, none waits in a collective for the one that stopped."""
+    import subprocess
+    import sys
+
+    args = ["specs/deltanet.nest", *TINY, "--set", "train.batch=4", "--steps", "2", "--runs", str(tmp_path)]
+    assert _run(*args).exit_code == 0
+    result = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--nproc", "2"], capture_output=True,
+                            text=True, timeout=1800)  # a bound on a hang only
+    assert result.returncode == 1
+    assert result.stderr.count("already holds a run of this spec") == 2, result.stderr
+    assert "process 0 of 2: `" in result.stderr and "failed (exit code 1)" in result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+
+
 def test_a_batch_that_does_not_split_among_the_processes_is_a_usage_error(tmp_path):
     import subprocess
     import sys

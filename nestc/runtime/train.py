@@ -8,12 +8,15 @@ and `report.md`. `--resume` continues exactly where the last complete checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from nestc.backends.outer import MultiRateStepper
 from nestc.lang import ir
-from nestc.runtime import data, plots, rundir, tasks
+from nestc.runtime import data, distributed, plots, rundir, tasks
 from nestc.runtime.checkpoint import CheckpointError
 from nestc.runtime.config import RunConfig
 from nestc.runtime.optim import build_optimizer, schedule
@@ -181,32 +184,6 @@ def _quiet(*_args) -> None:
     """The log of a process that is not the first one."""
 
 
-def _distributed(batch: int, device: str) -> tuple[int, int]:
-    """(world size, rank) under torch.distributed's launcher, which sets WORLD_SIZE and RANK;
-    gloo on the CPU, nccl on GPUs (each process on the GPU of its local rank)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 1, 0
-    if batch % world:
-        raise ValueError(f"the batch ({batch}) must divide evenly among {world} processes")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return world, torch.distributed.get_rank()
-
-
-def _average_gradients(model, loss: torch.Tensor, world: int) -> torch.Tensor:
-    """Average every gradient (and the loss, for the log) over the processes: the same step as
-    one process on the whole batch, since each process's loss is the mean over an equal slice."""
-    for parameter in model.parameters():
-        if parameter.grad is not None:
-            torch.distributed.all_reduce(parameter.grad)
-            parameter.grad /= world
-    total = loss.detach().clone()
-    torch.distributed.all_reduce(total)
-    return total / world
-
-
 def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *, corpus: bytes | None = None,
           log=print, on_eval=None) -> RunResult:
     """Train `program` on `corpus` (bytes; default: the embedded corpus) or `config.task`; returns
@@ -226,19 +203,40 @@ class _Session:
     def __init__(self, program: ir.Program, spec_text: str, config: RunConfig, corpus: bytes | None, log):
         self.program, self.config, self.settings = program, config, program.train
         self.steps = config.steps or self.settings.steps
-        self.world, self.rank = _distributed(self.settings.batch, config.device)
+        self.world, self.rank = distributed.start(self.settings.batch, config.device)
         self.device = config.device
         if self.world > 1 and self.device.startswith("cuda"):
             self.device = f"cuda:{torch.cuda.current_device()}"
         self.lead = self.rank == 0
         self.log = _quiet if not self.lead or config.quiet else log  # only the first process reports and writes
         self.name = os.path.splitext(os.path.basename(program.file))[0]
+        failure = None
+        try:
+            self._set_up(spec_text, corpus)
+        except Exception as error:  # noqa: BLE001 (each process's own error, raised on all of them below)
+            if self.world == 1:
+                raise
+            failure = error
+        if self.world > 1:
+            distributed.agree(failure)
+        self.start = self._resume()
+        # What trains: under several processes, the model wrapped so that its gradients are averaged.
+        self.trained = distributed.wrap(self.model, self.device) if self.world > 1 else self.model
+        self._announce()
+        self.tokens, self.interrupted, self.step, self.step_cut_short = 0, False, self.start, False
+        self.score = self.held_out = float("nan")
+        self.training_seconds = 0.0
+
+    def _set_up(self, spec_text: str, corpus: bytes | None) -> None:
+        """What each process sets up on its own: the directory (the first process), the model,
+        the optimizer and the data."""
+        config = self.config
         self.problem = tasks.make(config.task, self.settings.context, config.task_options) if config.task else None
         # A task and its options are part of what a run is: `-mqar-keys16-pairs4` after the variant id.
         task = [config.task, *(f"{key}{value}" for key, value in sorted(config.task_options.items()))] \
             if config.task else []
         self.directory = config.directory or os.path.join(
-            config.runs, "-".join([self.name, ir.variant_id(program), *task]))
+            config.runs, "-".join([self.name, ir.variant_id(self.program), *task]))
         if self.lead:
             self._claim_directory()
             with open(os.path.join(self.directory, "spec.nest"), "w", encoding="utf-8") as handle:
@@ -259,16 +257,11 @@ class _Session:
         self.rng = random.Random(self.settings.seed)
         self.generator = torch.Generator().manual_seed(self.settings.seed)
         self.metrics_path = os.path.join(self.directory, rundir.METRICS_FILE)
-        self.start = self._resume()
         self.eval_every = config.eval_every or max(1, self.steps // 5)
         self.parameters = sum(p.numel() for p in self.model.parameters())
         if self.problem is not None and self.model.vocab < tasks.VOCAB_NEEDED:
             raise ValueError(f"task `{config.task}` uses token ids up to {tasks.VOCAB_NEEDED - 1}, but the model's "
                              f"vocab is {self.model.vocab}: --set model.vocab={tasks.VOCAB_NEEDED} or more")
-        self._announce()
-        self.tokens, self.interrupted, self.step, self.step_cut_short = 0, False, self.start, False
-        self.score = self.held_out = float("nan")
-        self.training_seconds = 0.0
 
     def _build_model(self):
         from nestc.backends import compiled, reference
@@ -329,19 +322,57 @@ class _Session:
         os.makedirs(directory, exist_ok=True)
 
     def _resume(self) -> int:
-        """The step to start from: the newest complete checkpoint's with --resume, else 0."""
-        found = rundir.latest(self.directory, self.log) if self.config.resume else None
+        """The step to start from: the newest complete checkpoint's with --resume, else 0. Under
+        several processes the first one decides and sends the checkpoint to the others."""
+        found = None
+        if self.config.resume:
+            found = rundir.latest(self.directory, self.log) if self.world == 1 else self._receive_checkpoint()
         if found is None:
             if self.config.resume:
                 self.log(f"nothing to resume in {self.directory}: starting at step 0")
             if self.lead:
                 rundir.cut_metrics(self.metrics_path, 0)
             return 0
-        start = rundir.restore(found, self.model, self.optimizer, self.generator, self.rng)
+        failure = None
+        try:
+            start = rundir.restore(found, self.model, self.optimizer, self.generator, self.rng)
+        except CheckpointError as error:
+            if self.world == 1:
+                raise
+            failure = error
+        if self.world > 1:
+            distributed.agree(failure)
+            if not self.lead:
+                shutil.rmtree(found.directory, ignore_errors=True)
         if self.lead:
-            rundir.cut_metrics(self.metrics_path, start)
-        self.log(f"resuming {self.directory} at step {start}")
+            rundir.cut_metrics(self.metrics_path, found.step)
+        self.log(f"resuming {self.directory} at step {found.step}")
         return start
+
+    def _receive_checkpoint(self) -> rundir.Checkpoint | None:
+        """The first process's newest checkpoint, on every process: the others receive its files
+        into a temporary directory, so only the first process's node needs the run directory."""
+        found, failure = None, None
+        if self.lead:
+            try:
+                found = rundir.latest(self.directory, self.log)
+            except CheckpointError as error:
+                failure = error
+        distributed.agree(failure)
+        sent = (str(found.step).encode() if found else b"") if self.lead else None
+        step = distributed.broadcast_bytes(sent, 0)
+        if not step:
+            return None
+        if self.lead:
+            for path in (found.model_file, found.trainer_file):
+                with open(path, "rb") as handle:
+                    distributed.broadcast_bytes(handle.read(), 0)
+            return found
+        received = rundir.Checkpoint(tempfile.mkdtemp(prefix="nestc-resume-"), int(step))
+        for path in (received.model_file, received.trainer_file):
+            with open(path, "wb") as handle:
+                handle.write(distributed.broadcast_bytes(None, 0))
+        return received
 
     def _announce(self) -> None:
         context, batch, unit = self.settings.context, self.settings.batch, self.unit
@@ -384,7 +415,7 @@ class _Session:
                             os.fsync(metrics.fileno())  # the log reaches at least as far as the checkpoint
                             self._save(self.step + 1)
                         last_save = time.monotonic()
-                    if stop.requested:
+                    if stop.requested if self.world == 1 else distributed.any_process(stop.requested):
                         self.step += 1
                         self.interrupted = True
                         break
@@ -394,43 +425,45 @@ class _Session:
             self.interrupted, self.step_cut_short = True, True
         progress.done()
         if self.world > 1:
-            # A process that tears its group down while another still works (the first process
-            # evaluating) aborts in gloo ("terminate called without an active exception").
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            distributed.finish()
 
     def _save(self, step: int) -> rundir.Checkpoint:
         return rundir.save(self.directory, self.model, self.optimizer, step, self.generator, self.rng)
 
     def _train_step(self, step: int) -> torch.Tensor:
         """One optimizer step on one batch; returns its loss (averaged over the processes)."""
-        model, batch, world = self.model, self.settings.batch, self.world
+        model, batch, world = self.trained, self.settings.batch, self.world
         for group, rate in zip(self.optimizer.param_groups, self.base_rates):
             group["lr"] = rate * self.factor(step)
         # Every process draws the same global batch and trains on its own slice of it.
         shard = slice(self.rank * batch // world, (self.rank + 1) * batch // world)
-        with self.autocast:
-            if self.problem is None:
-                tokens_batch = _batch(self.train_bytes, self.settings.context, batch, self.rng)[shard].to(self.device)
-                logits, _ = model(tokens_batch)
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       tokens_batch[:, 1:].reshape(-1))
-            else:
-                whole = self.problem.batch(self.rng, batch)
-                loss = task_loss(model, tasks.Batch(whole.tokens[shard].to(self.device),
-                                                    whole.scored[shard].to(self.device)))
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
-                                   "lower the learning rate (--set train.optimizer=adamw(lr=...)), the "
-                                   "memories' lr gates, or raise train.clip")
-        # The stepper clears the gradients it applied and keeps accumulating the others.
-        loss.backward()
-        if world > 1:
-            loss = _average_gradients(model, loss, world)
-        if self.settings.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.settings.clip)
+        # A step that updates no parameter only accumulates: the processes exchange its gradients
+        # with the next step's (averaging is linear, so the sum is the same), and clipping waits
+        # for the step that applies them.
+        updates = self.stepper.any_due(step)
+        with contextlib.nullcontext() if world == 1 or updates else model.no_sync():
+            with self.autocast:
+                if self.problem is None:
+                    tokens_batch = _batch(self.train_bytes, self.settings.context, batch, self.rng)[shard]
+                    tokens_batch = tokens_batch.to(self.device)
+                    logits, _ = model(tokens_batch)
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                           tokens_batch[:, 1:].reshape(-1))
+                else:
+                    whole = self.problem.batch(self.rng, batch)
+                    loss = task_loss(model, tasks.Batch(whole.tokens[shard].to(self.device),
+                                                        whole.scored[shard].to(self.device)))
+            logged = distributed.mean(loss) if world > 1 else loss  # so that every process sees a divergence
+            if not torch.isfinite(logged):
+                raise TrainingDiverged(f"the loss is {logged.item()} at step {step + 1}: training diverged; "
+                                       "lower the learning rate (--set train.optimizer=adamw(lr=...)), the "
+                                       "memories' lr gates, or raise train.clip")
+            # The stepper clears the gradients it applied and keeps accumulating the others.
+            loss.backward()
+        if self.settings.clip and updates:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
         self.stepper.step(step)
-        return loss
+        return logged
 
     def _evaluate(self, record: dict) -> str:
         """Score the model on the held-out split into `record`; returns the progress line's note."""

@@ -399,6 +399,43 @@ def test_extended_level_errors_are_reported_once():
     assert codes(analyze(text)) == ["N0106"]
 
 
+def _extends_chain(levels: int, reverse: bool = False) -> str:
+    """l1 sets the state, objective and lr; every later level extends the one before and sets `every`."""
+    definitions = ["level l1 : mlp(expand=3) { objective task; lr = 0.005; every 1 }"]
+    definitions += [f"level l{i} extends l{i - 1} {{ every {1 + i % 2} }}" for i in range(2, levels + 1)]
+    if reverse:
+        definitions.reverse()
+    return spec("\n".join(definitions), f"l{levels}")
+
+
+@pytest.mark.parametrize("levels, reverse", [(1000, False), (3000, False), (3000, True)])
+def test_a_long_extends_chain_inherits_the_first_levels_fields(levels, reverse):
+    """A chain of 1,000 levels took seconds to check (each level re-walked the chain) and raised
+    RecursionError; each level is now resolved once, without recursion, in either definition order."""
+    result = analyze(_extends_chain(levels, reverse))
+    assert result.ok and result.diagnostics == [], render(result)
+    (last,) = result.program.levels
+    assert last.name == f"l{levels}"
+    assert last.state.name == "mlp" and last.state.arg("expand") == 3
+    assert last.objective.name == "task" and last.lr == ir.Constant(value=0.005)
+    assert last.every.tokens == 1 + levels % 2  # its own `every`, not l1's
+
+
+@pytest.mark.slow
+def test_an_extends_chain_of_ten_thousand_levels_checks():
+    result = analyze(_extends_chain(10_000, reverse=True))
+    assert result.ok, render(result)
+    assert result.program.levels[0].lr == ir.Constant(value=0.005)
+
+
+def test_an_extends_cycle_is_one_error_with_its_chain():
+    text = spec("level a extends b\nlevel b extends c\nlevel c extends a\nlevel d extends c", "d")
+    diagnostic = only(analyze(text), "N0121")
+    assert diagnostic.message == "level `a` extends itself"
+    assert (diagnostic.span.line, diagnostic.span.column) == (1, 17)
+    assert diagnostic.notes == ("the chain: a -> b -> c -> a",)
+
+
 # --- the level graph on search spaces -------------------------------------------------------------
 
 def test_graph_renders_a_read_choice():

@@ -428,6 +428,18 @@ def test_an_extends_chain_of_ten_thousand_levels_checks():
     assert result.program.levels[0].lr == ir.Constant(value=0.005)
 
 
+def test_a_long_chain_of_pretrained_initial_states_checks():
+    """Checking `init pretrained(source=...)` built the source level from inside its copy: a chain
+    of 1,000 raised RecursionError. The state of the last link still has to match."""
+    links = [f"level p{i} : matrix {{ init pretrained(source=p{i - 1}) }}" for i in range(2, 1501)]
+    result = analyze(spec("\n".join(["level p1 : matrix", *links][::-1]), "p1500"))
+    assert result.ok, render(result)
+    assert len(result.program.levels) == 1500
+    mismatched = analyze(spec("\n".join(["level p1 : vector", *links][::-1]), "p1500"))
+    diagnostic = only(mismatched, "N0124")
+    assert diagnostic.message == "level `p2` is initialised from `p1`, whose state differs"
+
+
 def test_an_extends_cycle_is_one_error_with_its_chain():
     text = spec("level a extends b\nlevel b extends c\nlevel c extends a\nlevel d extends c", "d")
     diagnostic = only(analyze(text), "N0121")

@@ -19,6 +19,7 @@ class Levels(Part):
         self.values = values
         self._built: dict[str, ir.Level | Invalid] = {}
         self.chunked: list[tuple] = []  # (level, every, context, field) checked once usage is known
+        self.pretrained: list[tuple] = []  # (level, state, init, field) checked once every level is built
         self._fields: dict[str, tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid] = {}  # after `extends`
         self.extended: set[str] = set()  # levels that another level extends
 
@@ -76,9 +77,9 @@ class Levels(Part):
     def level(self, name: str):
         if name in self._built:
             return self._built[name]
-        self._built[name] = INVALID  # guards against re-entry while this level is built
         resolved = self._level_fields(name)
         if resolved is INVALID:
+            self._built[name] = INVALID
             return INVALID
         state_expr, fields = resolved
         node: ast.LevelDef = self.definitions[name].node
@@ -175,7 +176,7 @@ class Levels(Part):
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
         init = values.get("init") or ir.Op(name=defaults.default_init, args=())
         if isinstance(init, ir.Op) and init.name == "pretrained":
-            self._check_pretrained(name, state, init, fields["init"])
+            self.pretrained.append((name, state, init, fields["init"]))
         meta = values.get("meta") or ("first_order" if task else "full")
         return ir.Level(
             name=name,
@@ -249,16 +250,20 @@ class Levels(Part):
                        label=f"continuum-memory levels use {without_pairs}",
                        help=f"{optimizer} needs the level's (key, value) pairs, which task-loss levels do not have")
 
-    def _check_pretrained(self, name, state, init, init_field) -> None:
-        source = init.arg("source")
-        if source == name:
-            self.error("N0124", f"level `{name}` cannot be initialised from itself", init_field.value.span)
-            return
-        other = self.level(source)
-        if other is not INVALID and isinstance(state, ir.Op) and other.state != state:
-            self.error("N0124", f"level `{name}` is initialised from `{source}`, whose state differs",
-                       init_field.value.span, label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
-                       help="pretrained initial states copy parameters: both levels need the same state")
+    def check_pretrained(self) -> None:
+        """Once every level is built: each `init pretrained(source=...)` copies a level with the same
+        state. (Building the source from inside its copy recursed once per link of a long chain.)"""
+        for name, state, init, init_field in self.pretrained:
+            source = init.arg("source")
+            if source == name:
+                self.error("N0124", f"level `{name}` cannot be initialised from itself", init_field.value.span)
+                continue
+            other = self._built.get(source, INVALID)
+            if other is not INVALID and isinstance(state, ir.Op) and other.state != state:
+                self.error("N0124", f"level `{name}` is initialised from `{source}`, whose state differs",
+                           init_field.value.span,
+                           label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
+                           help="pretrained initial states copy parameters: both levels need the same state")
 
 
 def _option_names(value) -> set[str]:

@@ -343,6 +343,7 @@ def test_memory_as_context_with_the_same_level_twice():
     ("const proj = 3\nlevel mixer : matrix", "mixer", "N0123"),               # reserved name
     ("level mixer : matrix { init pretrained(source=mixer) }", "mixer", "N0124"),
     ("level mixer : matrix { init pretrained(source=v) }\nlevel v : vector", "mixer", "N0124"),
+    ("level mixer : matrix { init nested }", "mixer", "N0126"),              # not implemented yet
     ("level mixer : matrix { objective l2 steps }", "mixer", "N0125"),        # only `every` takes a unit
     ("level mixer : matrix { every 16 parsecs }", "mixer", "N0101"),
     ("level mixer : matrix { every }", "mixer", "N0015"),
@@ -351,6 +352,17 @@ def test_memory_as_context_with_the_same_level_twice():
 ])
 def test_other_checks(levels, block, code):
     assert code in codes(analyze(spec(levels, block)))
+
+
+@pytest.mark.parametrize("init", ["init nested", "init choice(meta, nested)"])
+def test_init_nested_is_refused_until_it_is_implemented(init):
+    """`init nested` (NL eq. 72) used to train silently as `init meta`; both backends lack it."""
+    text = spec(f"level base : mlp {{\n    objective task\n    every 16\n    {init}\n}}\nlevel mixer extends base",
+                "base |> mixer")
+    diagnostic = only(analyze(text), "N0126")  # once, though two levels have it
+    assert diagnostic.message == "`init nested` is not implemented yet"
+    assert (diagnostic.span.line, diagnostic.span.column) == (4, 10)
+    assert diagnostic.help.startswith("use `init meta`")
 
 
 def test_section_given_twice():

@@ -177,6 +177,8 @@ class Levels(Part):
         init = values.get("init") or ir.Op(name=defaults.default_init, args=())
         if isinstance(init, ir.Op) and init.name == "pretrained":
             self.pretrained.append((name, state, init, fields["init"]))
+        if any(isinstance(option, ir.Op) and option.name == "nested" for option in options(init)):
+            self._reject_nested_init(fields["init"])
         meta = values.get("meta") or ("first_order" if task else "full")
         return ir.Level(
             name=name,
@@ -249,6 +251,15 @@ class Levels(Part):
             self.error("N0112", f"optimizer `{optimizer}` is not defined for the {continuum[0]} objective", span,
                        label=f"continuum-memory levels use {without_pairs}",
                        help=f"{optimizer} needs the level's (key, value) pairs, which task-loss levels do not have")
+
+    def _reject_nested_init(self, init_field: ast.Field) -> None:
+        """Nested CMS (NL eq. 72) has no implementation in either backend yet; it used to train
+        silently as `init meta`, so it is refused rather than run as something else."""
+        self.error("N0126", "`init nested` is not implemented yet", init_field.value.span,
+                   label="no backend builds a nested initial state",
+                   notes=("nested CMS (NL eq. 72): M_0 is learned by the next slower level and reset each time "
+                          "that level moves; neither backend does this yet",),
+                   help="use `init meta` (M_0 learned by the outer level, as in sequential CMS, NL eq. 73)")
 
     def check_pretrained(self) -> None:
         """Once every level is built: each `init pretrained(source=...)` copies a level with the same

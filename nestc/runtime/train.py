@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from nestc.backends.outer import MultiRateStepper
 from nestc.lang import ir
+from nestc.passes.estimate import require_fits
 from nestc.runtime import checkpoint, data, plots, tasks
 from nestc.runtime.config import RunConfig
 from nestc.runtime.optim import build_optimizer, schedule
@@ -258,6 +259,10 @@ class _Session:
         self.device = config.device
         if self.world > 1 and self.device.startswith("cuda"):
             self.device = f"cuda:{torch.cuda.current_device()}"
+        # A training step needs the parameters, their gradients and moments, the batch's states
+        # and the activations on the device: refuse, with the estimate, what cannot fit there,
+        # before the run directory is made or anything is built.
+        require_fits(program, training=True, device=self.device)
         self.lead = self.rank == 0
         self.log = _quiet if not self.lead or config.quiet else log  # only the first process reports and writes
         self.name = os.path.splitext(os.path.basename(program.file))[0]
@@ -297,7 +302,6 @@ class _Session:
 
     def _build_model(self):
         from nestc.backends import compiled, reference
-
         if self.config.backend == "compiled":
             from nestc.backends.fx import DEFAULT_PASSES
 

@@ -574,7 +574,7 @@ class ReferenceModel(nn.Module):
         if ir.contains_search(program.model) or any(ir.contains_search(level) for level in program.levels):
             raise BackendError(f"{program.file} is a search space: freeze it to one variant first "
                                "(`nestc sweep SPEC --dry-run` lists the variants)")
-        # Refuse, before allocating anything, a model whose parameters cannot fit in this machine.
+        # Refuse, before allocating anything, a model whose parameters and state cannot fit in memory.
         require_fits(program, training=False)
         model = program.model
         self.program = program

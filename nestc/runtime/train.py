@@ -302,6 +302,7 @@ class _Session:
 
     def _build_model(self):
         from nestc.backends import compiled, reference
+
         if self.config.backend == "compiled":
             from nestc.backends.fx import DEFAULT_PASSES
 

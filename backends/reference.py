@@ -24,6 +24,7 @@ from nestc.backends.pipelines import Gate, Pipeline
 from nestc.backends.state import LevelState, ModelState
 from nestc.backends.updates import continuum_gradients, continuum_step
 from nestc.lang.queries import block_levels, generators
+from nestc.passes.estimate import require_fits
 
 # --- memory functions ------------------------------------------------------------------------
 
@@ -573,6 +574,8 @@ class ReferenceModel(nn.Module):
         if ir.contains_search(program.model) or any(ir.contains_search(level) for level in program.levels):
             raise BackendError(f"{program.file} is a search space: freeze it to one variant first "
                                "(`nestc sweep SPEC --dry-run` lists the variants)")
+        # Refuse, before allocating anything, a model whose parameters and state cannot fit in memory.
+        require_fits(program, training=False)
         model = program.model
         self.program = program
         self.vocab, self.dim = model.vocab, model.dim

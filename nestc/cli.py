@@ -361,6 +361,11 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
     if not result.ok:
         sys.exit(_exit_code(result))
     program = result.program
+    from nestc.lang import ir
+
+    if ir.contains_search(program) and (emit not in ("ast", "ir", "graph") or output or print_after):
+        raise click.UsageError(f"`{spec}` is a search space: freeze it to one variant first "
+                               "(`nestc sweep SPEC --dry-run` lists the variants)")
     from nestc.passes import PASSES
 
     ir_passes = [name for name in print_after if name in PASSES]
@@ -388,8 +393,6 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
         for item in result.modules[program.file].items:
             click.echo(repr(item))
     elif emit == "ir":
-        from nestc.lang import ir
-
         click.echo(ir.dump(program), nl=False)
     elif emit == "graph":
         from nestc import graph as level_graph
@@ -399,10 +402,15 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
         if program.model is None:
             raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
         from nestc.backends import compiled
+        from nestc.backends.common import BackendError
+        from nestc.passes.estimate import format_bytes
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", compiled.CompileWarning)
-            model = compiled.build(program)
+            try:
+                model = compiled.build(program)
+            except BackendError as error:  # a model too large for this machine, a width that does not split
+                raise click.ClickException(str(error)) from None
         schedule = "; layer by layer (each layer reads a whole call)" if model.layer_by_layer and not model.fallback else ""
         click.echo(f"segment length {model.segment} tokens" + (f"; {model.fallback}" if model.fallback else schedule))
         from nestc.backends.reference import CacheLevel
@@ -416,6 +424,9 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
             else:
                 kind = "continuum memory, steps between segments" if level.every else "feed-forward block"
             click.echo(f"  {name:12s} {kind}" + (f" ({plan.reason})" if plan.reason else ""))
+        found = PASSES["estimate"].run(program)
+        click.echo(f"{found.parameters:,} parameters ({format_bytes(found.parameter_bytes)}); a training step needs "
+                   f"about {format_bytes(found.training_bytes)} (an estimate: `--print-after estimate` itemises it)")
         for warning in caught:
             click.echo(f"note: {warning.message}", err=True)
 
@@ -464,6 +475,7 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
 
 def _load_run(run_directory: str, state_in: str | None):
     """A trained model and, optionally, a saved memory state; bad files are usage errors."""
+    from nestc.backends.common import BackendError
     from nestc.lang.diagnostics import NestError
     from nestc.runtime.checkpoint import CheckpointError, load_state
     from nestc.runtime.rundir import load_run
@@ -473,6 +485,8 @@ def _load_run(run_directory: str, state_in: str | None):
         state = load_state(state_in, model) if state_in else None
     except CheckpointError as error:
         raise click.UsageError(str(error)) from None
+    except BackendError as error:  # the saved spec's model is too large for this machine
+        raise click.ClickException(str(error)) from None
     except NestError as error:
         raise click.ClickException(f"the spec saved in `{run_directory}` does not check: {error}") from None
     return model, state
@@ -599,11 +613,15 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
                                        workers=workers, storage=storage, study=study_name, prune=not no_prune),
                      fmt, color)
         return
+    from nestc.backends.common import BackendError
+
     try:
-        found = sweeping.variants(spec, sample=sample, seed=seed)
+        found = sweeping.variants(spec, sample=sample, seed=seed)  # builds each variant to count it
     except NestError as error:
         _report(error.diagnostics, _sources_of(spec), "human", color)
         sys.exit(EXIT_DIAGNOSTICS)
+    except BackendError as error:  # a variant too large for this machine
+        raise click.ClickException(str(error)) from None
     if fmt == "json":
         click.echo(json.dumps([{"id": v.id, "choices": v.choices, "parameters": v.parameters,
                                 "flops_per_token": v.flops_per_token,

@@ -380,4 +380,4 @@ def test_compile_prints_what_the_planning_pass_decided(at_repo_root):
     assert printed.exit_code == 0, printed.output
     assert "segment length 16 tokens\n" in printed.stdout and "  mem          layered\n" in printed.stdout
     unknown = invoke("compile", "specs/hope.nest", "--print-after", "plam")
-    assert unknown.exit_code == 2 and "unknown pass `plam`; passes: plan, drop_dead" in unknown.output
+    assert unknown.exit_code == 2 and "unknown pass `plam`; passes: plan, estimate, drop_dead" in unknown.output

@@ -488,7 +488,9 @@ def test_a_state_file_round_trips_every_kind_of_slot_and_reads_the_older_layout(
     (["--set", "model.vocab=128"], 2, "the corpus has byte values up to 226, but model.vocab is 128: --set model.vocab=256"),
     (["--set", "train.context=1"], 1, "error[N0106]"),
     (["--seed", str(2**70)], 1, "error[N0106]"),
-    (["--set", "train.context=10000000"], 2, "train.context is 10000000 bytes, but the corpus's shorter split"),
+    (["--set", "train.context=50000", "--set", "train.batch=1"], 2,
+     "train.context is 50000 bytes, but the corpus's shorter split"),
+    (["--set", "train.context=10000000"], 1, "lower train.context (10000000) to at most"),  # memory, before the corpus
     (["--set", "train.context=100000000"], 1, "error[N0106]"),  # past the limit of 2^24
     (["--task", "mqar", "--task-option", "pairs=0"], 2, "pairs must be at least 1"),
     (["--task", "mqar", "--task-option", "keys=2"], 2, "8 pairs need at least as many distinct keys, but keys=2"),

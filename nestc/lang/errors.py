@@ -234,6 +234,14 @@ same state.
 Only `every` takes a unit: `every 16` (tokens, the default), `every 16 tokens`, `every 4 steps`
 (outer-optimizer steps).
 """),
+    "N0126": ("not implemented yet", """
+The language has a name for this, but no backend builds it yet, so the spec is refused instead
+of being run as something else. `init nested` (nested CMS, NL eq. 72: M_0 learned by the next
+slower level and reset each time that level moves) used to train silently as `init meta`.
+
+    init nested                      # error: not implemented yet
+    init meta                        # ok: M_0 is learned by the outer level
+"""),
     # --- warnings ---------------------------------------------------------------------------------
     "N0201": ("unused level (warning)", """
 The level is defined in this file but neither used by the model's block nor generating another

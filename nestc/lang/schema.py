@@ -23,7 +23,8 @@ INITS = {
     for s in (
         op_spec("init", "zero", doc="the state starts at zero every sequence"),
         op_spec("init", "meta", doc="the initial state is a parameter learned by the outer level"),
-        op_spec("init", "nested", doc="the initial state is learned by the next slower level and reset when it moves"),
+        op_spec("init", "nested", doc="the initial state is learned by the next slower level and reset when it moves "
+                                      "(not implemented yet: the checker refuses it, N0126)"),
         op_spec("init", "pretrained", Param("source", "level", REQUIRED, fixed=True),
             doc="the initial state is copied from another level's parameters (ad-hoc level stacking)"),
     )

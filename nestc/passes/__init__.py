@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nestc.passes import plan
+from nestc.passes import estimate, plan
 
 
 @dataclass(frozen=True)
@@ -19,4 +19,5 @@ class Pass:
 
 PASSES = {p.name: p for p in (
     Pass("plan", "the segment form of each memory level and the segment length (plan.py)", plan.plan_program),
+    Pass("estimate", "the parameter count and the memory the model needs (estimate.py)", estimate.estimate),
 )}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from nestc.backends.outer import MultiRateStepper
 from nestc.lang import ir
+from nestc.passes.estimate import require_fits
 from nestc.runtime import data, distributed, plots, rundir, tasks
 from nestc.runtime.checkpoint import CheckpointError
 from nestc.runtime.config import RunConfig
@@ -231,6 +232,10 @@ class _Session:
         """What each process sets up on its own: the directory (the first process), the model,
         the optimizer and the data."""
         config = self.config
+        # A training step needs the parameters, their gradients and moments, the batch's states
+        # and the activations on the device: refuse, with the estimate, what cannot fit there,
+        # before the run directory is made or anything is built.
+        require_fits(self.program, training=True, device=self.device)
         self.problem = tasks.make(config.task, self.settings.context, config.task_options) if config.task else None
         # A task and its options are part of what a run is: `-mqar-keys16-pairs4` after the variant id.
         task = [config.task, *(f"{key}{value}" for key, value in sorted(config.task_options.items()))] \

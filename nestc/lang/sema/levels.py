@@ -19,42 +19,67 @@ class Levels(Part):
         self.values = values
         self._built: dict[str, ir.Level | Invalid] = {}
         self.chunked: list[tuple] = []  # (level, every, context, field) checked once usage is known
-        self._level_stack: list[str] = []
+        self.pretrained: list[tuple] = []  # (level, state, init, field) checked once every level is built
+        self._fields: dict[str, tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid] = {}  # after `extends`
         self.extended: set[str] = set()  # levels that another level extends
 
     def _level_fields(self, name: str) -> tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid:
-        """The state and fields of a level, following `extends` chains."""
-        node: ast.LevelDef = self.definitions[name].node
-        if node.base is None:
-            return node.state, self.values.fields(node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
-        base = self.definitions.get(node.base)
-        if base is None or base.kind != "level":
-            if base is None:
-                return self.error("N0101", f"unknown level `{node.base}`", node.base_span, label="not defined",
-                                  help=did_you_mean(node.base, self.analysis.names("level")))
-            return self.error("N0105", f"`{node.base}` is a {base.kind}; a level can only extend a level",
-                              node.base_span)
-        if node.base in self._level_stack:
-            chain = " -> ".join(self._level_stack[self._level_stack.index(node.base):] + [node.base])
-            return self.error("N0121", f"level `{name}` extends itself", node.base_span, notes=(f"the chain: {chain}",))
-        self.extended.add(node.base)
-        self._level_stack.append(name)
-        try:
-            inherited = self._level_fields(node.base)
-        finally:
-            self._level_stack.pop()
-        if inherited is INVALID:
-            return INVALID
-        state, fields = inherited
-        own = self.values.fields(node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
-        return state, {**fields, **own}
+        """The state and fields of a level, following `extends` chains.
+
+        Each level's fields are resolved once and kept, and a chain is walked in a loop, not by
+        recursion: checking a chain of N levels takes time linear in N, at any depth."""
+        waiting: list[str] = []  # levels whose fields need their base's, the first asked for first
+        current = name
+        while current not in self._fields:
+            node: ast.LevelDef = self.definitions[current].node
+            if node.base is None:
+                self._fields[current] = (node.state, self._own_fields(current))
+                break
+            base = self.definitions.get(node.base)
+            if base is None or base.kind != "level":
+                self._fields[current] = self._bad_base(node, base)
+                break
+            self.extended.add(node.base)
+            waiting.append(current)
+            if node.base in waiting:
+                self._report_cycle(waiting[waiting.index(node.base):])
+                break
+            current = node.base
+        for child in reversed(waiting):
+            if child in self._fields:  # a member of a cycle, already reported
+                continue
+            inherited = self._fields[self.definitions[child].node.base]
+            if inherited is INVALID:
+                self._fields[child] = INVALID
+                continue
+            state, fields = inherited
+            self._fields[child] = (state, {**fields, **self._own_fields(child)})
+        return self._fields[name]
+
+    def _own_fields(self, name: str) -> dict[str, ast.Field]:
+        return self.values.fields(self.definitions[name].node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
+
+    def _bad_base(self, node: ast.LevelDef, base) -> Invalid:
+        if base is None:
+            return self.error("N0101", f"unknown level `{node.base}`", node.base_span, label="not defined",
+                              help=did_you_mean(node.base, self.analysis.names("level")))
+        return self.error("N0105", f"`{node.base}` is a {base.kind}; a level can only extend a level",
+                          node.base_span)
+
+    def _report_cycle(self, cycle: list[str]) -> None:
+        """One error for an `extends` cycle, at its first level; every level of it is invalid."""
+        first: ast.LevelDef = self.definitions[cycle[0]].node
+        chain = " -> ".join(cycle + [cycle[0]])
+        self.error("N0121", f"level `{cycle[0]}` extends itself", first.base_span, notes=(f"the chain: {chain}",))
+        for member in cycle:
+            self._fields[member] = INVALID
 
     def level(self, name: str):
         if name in self._built:
             return self._built[name]
-        self._built[name] = INVALID  # guards against re-entry while this level is built
         resolved = self._level_fields(name)
         if resolved is INVALID:
+            self._built[name] = INVALID
             return INVALID
         state_expr, fields = resolved
         node: ast.LevelDef = self.definitions[name].node
@@ -151,7 +176,9 @@ class Levels(Part):
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
         init = values.get("init") or ir.Op(name=defaults.default_init, args=())
         if isinstance(init, ir.Op) and init.name == "pretrained":
-            self._check_pretrained(name, state, init, fields["init"])
+            self.pretrained.append((name, state, init, fields["init"]))
+        if any(isinstance(option, ir.Op) and option.name == "nested" for option in options(init)):
+            self._reject_nested_init(fields["init"])
         meta = values.get("meta") or ("first_order" if task else "full")
         return ir.Level(
             name=name,
@@ -225,16 +252,29 @@ class Levels(Part):
                        label=f"continuum-memory levels use {without_pairs}",
                        help=f"{optimizer} needs the level's (key, value) pairs, which task-loss levels do not have")
 
-    def _check_pretrained(self, name, state, init, init_field) -> None:
-        source = init.arg("source")
-        if source == name:
-            self.error("N0124", f"level `{name}` cannot be initialised from itself", init_field.value.span)
-            return
-        other = self.level(source)
-        if other is not INVALID and isinstance(state, ir.Op) and other.state != state:
-            self.error("N0124", f"level `{name}` is initialised from `{source}`, whose state differs",
-                       init_field.value.span, label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
-                       help="pretrained initial states copy parameters: both levels need the same state")
+    def _reject_nested_init(self, init_field: ast.Field) -> None:
+        """Nested CMS (NL eq. 72) has no implementation in either backend yet; it used to train
+        silently as `init meta`, so it is refused rather than run as something else."""
+        self.error("N0126", "`init nested` is not implemented yet", init_field.value.span,
+                   label="no backend builds a nested initial state",
+                   notes=("nested CMS (NL eq. 72): M_0 is learned by the next slower level and reset each time "
+                          "that level moves; neither backend does this yet",),
+                   help="use `init meta` (M_0 learned by the outer level, as in sequential CMS, NL eq. 73)")
+
+    def check_pretrained(self) -> None:
+        """Once every level is built: each `init pretrained(source=...)` copies a level with the same
+        state. (Building the source from inside its copy recursed once per link of a long chain.)"""
+        for name, state, init, init_field in self.pretrained:
+            source = init.arg("source")
+            if source == name:
+                self.error("N0124", f"level `{name}` cannot be initialised from itself", init_field.value.span)
+                continue
+            other = self._built.get(source, INVALID)
+            if other is not INVALID and isinstance(state, ir.Op) and other.state != state:
+                self.error("N0124", f"level `{name}` is initialised from `{source}`, whose state differs",
+                           init_field.value.span,
+                           label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
+                           help="pretrained initial states copy parameters: both levels need the same state")
 
 
 def _option_names(value) -> set[str]:

@@ -41,6 +41,7 @@ class ProgramBuilder(Part):
                 self.blocks.block(definition.node.value, f"block `{name}`", (name,))
         level_names = [n for n, d in self.definitions.items() if d.kind == "level"]
         levels = {n: self.levels.level(n) for n in level_names}
+        self.levels.check_pretrained()
         train = ir.Train(span=self.sections["train"].name_span if "train" in self.sections else None,
                          **train_values) if INVALID not in train_values.values() else None
         if model is None and "model" in self.sections:

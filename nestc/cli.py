@@ -234,7 +234,8 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
               help="A `tokenizers` JSON file: train on its token ids instead of bytes.")
 @click.option("--seed", type=int, help="Seed of initialisation and data order (default: the spec's train seed).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast (on a GPU).")
+@click.option("--bf16", is_flag=True,
+              help="bfloat16 autocast of the training steps, on a CPU as on a GPU (evaluation stays float32).")
 @click.option("--compile", "torch_compile", is_flag=True,
               help="Run each segment through torch.compile (the first steps pay the compile).")
 @click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")

@@ -359,6 +359,7 @@ def test_bf16_autocasts_the_training_steps_on_a_cpu_too(backend, tmp_path):
         runs = tmp_path / (flag[0][2:] if flag else "float32")
         result = _run("specs/deltanet.nest", "--steps", "1", "--backend", backend, "--runs", str(runs), *TINY, *flag)
         assert result.exit_code == 0, result.output
+        assert ("bfloat16 autocast" in result.output) == bool(flag)
         losses[bool(flag)] = _first_loss(runs)
     assert math.isfinite(losses[True]) and 1e-7 < abs(losses[True] - losses[False]) < 1e-2, losses
 

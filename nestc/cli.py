@@ -478,9 +478,16 @@ def _read_text_file(path: str) -> bytes:
 
 def _save_state(state, path: str | None) -> None:
     if path:
-        from nestc.runtime.checkpoint import save_state
+        from safetensors import SafetensorError
 
-        save_state(state, path)
+        from nestc.runtime.checkpoint import CheckpointError, save_state
+
+        try:
+            save_state(state, path)
+        except (SafetensorError, OSError) as error:
+            raise click.ClickException(f"cannot write the state to `{path}`: {error}") from None
+        except CheckpointError as error:
+            raise click.ClickException(str(error)) from None
         click.echo(f"state saved to {path} (position {state.position})", err=True)
 
 

@@ -196,6 +196,13 @@ def test_memorized_state_is_what_a_single_stream_would_have(trained, tmp_path):
     assert abs(cold - expected) > 1e-4  # the saved state changed the predictions
 
 
+def test_a_state_that_cannot_be_written_is_a_clear_error(trained, tmp_path):
+    missing = tmp_path / "no such directory" / "state.safetensors"
+    result = CliRunner().invoke(cli, ["memorize", str(trained), "README.md", "--state-out", str(missing)])
+    assert result.exit_code == 1 and f"cannot write the state to `{missing}`" in result.output, result.output
+    assert "internal" not in result.output and "Traceback" not in result.output
+
+
 def test_generate_reads_the_prompt_and_writes(trained):
     result = CliRunner().invoke(cli, ["generate", str(trained), "--prompt", "def ", "--length", "30"])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.backends.pipelines import Gate, Pipeline
-from nestc.backends.state import LevelState, ModelState
+from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
 from nestc.lang.queries import block_levels, generators
 from nestc.passes.estimate import require_fits
@@ -604,13 +604,30 @@ class ReferenceModel(nn.Module):
         outer_grad = torch.is_grad_enabled()
         # Continuum levels differentiate the task loss even at inference, so they run with grad on.
         with torch.enable_grad() if self.task_levels else contextlib.nullcontext():
-            state = self.initial_state(tokens.shape[0]) if state is None else state
+            fresh = state is None
+            state = self.initial_state(tokens.shape[0]) if fresh else state
+            call_start = state.position
+            if self.task_levels:
+                self._start_replay(state, outer_grad, fresh)
             logits = torch.cat(self.advance(tokens, state, outer_grad), dim=1)
+            if state.replay is not None:
+                state.replay.calls.append(tokens[:, max(0, state.replay.start.position - call_start):])
         if not outer_grad:
             # Continuum levels keep the graph of their unfinished chunk in the state, so the next
             # call can still differentiate the whole chunk's loss; everything else is cut.
             return logits.detach(), state if self.task_levels else state.detach()
         return logits, state
+
+    @staticmethod
+    def _start_replay(state: ModelState, outer_grad: bool, fresh: bool) -> None:
+        """Keep (at inference) a `Replay` of the stream: a fresh state (whose only graph leads
+        to the outer parameters, which inference never differentiates) or one that holds no
+        graph is its own start. With the outer gradient on, the state's graph is the training
+        step's, which no replay under `torch.no_grad()` would rebuild, so it keeps none."""
+        if outer_grad:
+            state.replay = None
+        elif state.replay is None and (fresh or not holds_graph(state)):
+            state.replay = Replay(start=state.detach(), calls=[])
 
     def advance(self, tokens: Tensor, state: ModelState, outer_grad: bool) -> list[Tensor]:
         """Read `tokens`, updating `state`; the logits of each step ([B, steps, vocab]). Here one
@@ -648,8 +665,12 @@ class ReferenceModel(nn.Module):
         if not keep_graph and state.position % self.task_cycle == 0:
             # Every continuum level has just stepped, so no pending loss reaches further back:
             # at inference the whole state can start afresh from here, bounding the graph.
-            cut = state.detach()
+            cut, start = state.detach(), state.detach()
             state.levels, state.segments, state.last_logits = cut.levels, cut.segments, cut.last_logits
+            # The stream's replay starts here, between this token's loss (taken above, so the
+            # start has no last prediction) and its read.
+            start.last_logits = None
+            state.replay = Replay(start=start, calls=[])
 
 
 def build(program: ir.Program) -> ReferenceModel:

@@ -46,9 +46,11 @@ class ModelState:
     levels: list[dict[str, LevelState]]  # per layer, per level name
     last_logits: Tensor | None = None  # the prediction whose target is the next call's first token
     segments: list[dict[str, LevelState]] = field(default_factory=list)  # MAC caches, per layer
+    replay: Replay | None = None  # continuum levels at inference: how to rebuild this state's graph
 
     def detach(self) -> ModelState:
-        """A copy cut from the autograd graph (for truncated backpropagation through time)."""
+        """A copy cut from the autograd graph (for truncated backpropagation through time); it
+        has no replay, since what it dropped is exactly what a replay would rebuild."""
         def cut(level_states: list[dict[str, LevelState]]) -> list[dict[str, LevelState]]:
             return [{name: state.mapped(Tensor.detach) for name, state in states.items()} for states in level_states]
 
@@ -57,11 +59,34 @@ class ModelState:
                           segments=cut(self.segments))
 
 
+@dataclass
+class Replay:
+    """A continuum level's unfinished chunk is an autograd graph: its pending loss, the last
+    prediction (whose target is the next token) and every state computed from the chunk's fast
+    weights, which the chunk-end gradient runs back through. No file can hold a graph, so a
+    state file holds this instead: a state with no graph in it, from which the model, reading
+    `calls` (the token tensors of each call since, [batch, time], in order), rebuilds the
+    current state exactly. The models keep it at inference, starting it afresh where every
+    continuum level has just stepped and the graph is cut (at most the levels' common cycle of
+    tokens back)."""
+
+    start: ModelState
+    calls: list[Tensor]
+
+
+def holds_graph(state: ModelState) -> bool:
+    """Whether any of the state's tensors came out of an autograd graph (a leaf that merely
+    requires grad, as a continuum level's fast weights at inference, is no graph)."""
+    tensors = [t for states in (*state.levels, *state.segments) for s in states.values() for _, _, t in slots(s)]
+    return any(t.grad_fn is not None for t in [*tensors, state.last_logits] if t is not None)
+
+
 LIST_FIELDS = ("weights", "anchor", "momentum")  # a slot per list index
 # What a compiled segment step carries in and out: fixed tensors. (An omega window is a list
 # that grows; a pending loss is a graph.)
 STEP_FIELDS = (*LIST_FIELDS, "retain_product", "keys", "values", "buffers")
-# What a state file keeps: the pending loss of an unfinished chunk is a graph, not a value.
+# What a state file keeps: the pending loss of an unfinished chunk is a graph, not a value (a
+# file rebuilds it by a `Replay`).
 SAVED_FIELDS = (*STEP_FIELDS, "window")
 ALL_FIELDS = (*SAVED_FIELDS, "pending")
 

@@ -239,7 +239,8 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
               help="A `tokenizers` JSON file: train on its token ids instead of bytes.")
 @click.option("--seed", type=int, help="Seed of initialisation and data order (default: the spec's train seed).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast (on a GPU).")
+@click.option("--bf16", is_flag=True,
+              help="bfloat16 autocast of the training steps, on a CPU as on a GPU (evaluation stays float32).")
 @click.option("--compile", "torch_compile", is_flag=True,
               help="Run each segment through torch.compile (the first steps pay the compile).")
 @click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")
@@ -502,9 +503,16 @@ def _read_text_file(path: str) -> bytes:
 
 def _save_state(state, path: str | None) -> None:
     if path:
-        from nestc.runtime.checkpoint import save_state
+        from safetensors import SafetensorError
 
-        save_state(state, path)
+        from nestc.runtime.checkpoint import CheckpointError, save_state
+
+        try:
+            save_state(state, path)
+        except (SafetensorError, OSError) as error:
+            raise click.ClickException(f"cannot write the state to `{path}`: {error}") from None
+        except CheckpointError as error:
+            raise click.ClickException(str(error)) from None
         click.echo(f"state saved to {path} (position {state.position})", err=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -227,6 +228,13 @@ def test_memorized_state_is_what_a_single_stream_would_have(trained, tmp_path):
     assert abs(cold - expected) > 1e-4  # the saved state changed the predictions
 
 
+def test_a_state_that_cannot_be_written_is_a_clear_error(trained, tmp_path):
+    missing = tmp_path / "no such directory" / "state.safetensors"
+    result = CliRunner().invoke(cli, ["memorize", str(trained), "README.md", "--state-out", str(missing)])
+    assert result.exit_code == 1 and f"cannot write the state to `{missing}`" in result.output, result.output
+    assert "internal" not in result.output and "Traceback" not in result.output
+
+
 def test_generate_reads_the_prompt_and_writes(trained):
     result = CliRunner().invoke(cli, ["generate", str(trained), "--prompt", "def ", "--length", "30"])
     assert result.exit_code == 0, result.output
@@ -423,6 +431,34 @@ def test_memory_states_of_continuum_levels_survive_a_save_and_reload(tmp_path):
     assert CliRunner().invoke(cli, ["memorize", str(run), str(document), "--state-out", str(state)]).exit_code == 0
     result = CliRunner().invoke(cli, ["eval", str(run), str(document), "--state-in", str(state)])
     assert result.exit_code == 0, result.output
+
+
+def _first_loss(runs) -> float:
+    (directory,) = list(runs.iterdir())
+    return json.loads((directory / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_bf16_autocasts_the_training_steps_on_a_cpu_too(backend, tmp_path):
+    """Not ignored off a GPU: the matrix products run in bfloat16, so the first loss moves off
+    float32's (by about 1e-4 here), and stays finite."""
+    losses = {}
+    for flag in ([], ["--bf16"]):
+        runs = tmp_path / (flag[0][2:] if flag else "float32")
+        result = _run("specs/deltanet.nest", "--steps", "1", "--backend", backend, "--runs", str(runs), *TINY, *flag)
+        assert result.exit_code == 0, result.output
+        assert ("bfloat16 autocast" in result.output) == bool(flag)
+        losses[bool(flag)] = _first_loss(runs)
+    assert math.isfinite(losses[True]) and 1e-7 < abs(losses[True] - losses[False]) < 1e-2, losses
+
+
+def test_bf16_trains_the_compiled_forms_that_solve_triangular_systems(tmp_path):
+    """Hope's self-modifying memories take the UT transform's triangular solve, which torch has
+    no bfloat16 kernel for; under --bf16 it once ended in an internal error (exit 3)."""
+    result = _run("specs/hope.nest", "--steps", "1", "--backend", "compiled", "--bf16", "--runs", str(tmp_path),
+                  "--set", "model.dim=16", "--set", "model.layers=1")
+    assert result.exit_code == 0, result.output
+    assert math.isfinite(_first_loss(tmp_path))
 
 
 def test_a_diverging_run_stops_with_a_clear_message(tmp_path):

@@ -76,7 +76,12 @@ def ut_solve(weights0: Tensor, keys: Tensor, values: Tensor, lr: Tensor, retain:
                          torch.zeros((), dtype=keys.dtype, device=keys.device))
     identity = torch.eye(size, dtype=keys.dtype, device=keys.device)
     right = values - error_start[..., None] * torch.einsum("bhvk,bhtk->bhtv", weights0, keys)
-    residual = torch.linalg.solve_triangular(identity + system, right, upper=False, unitriangular=True)
+    # torch has no triangular solve in bfloat16 (on CPU or CUDA): under `--bf16` autocast the
+    # system is solved in float32, and the result handed on in the dtype the arithmetic gave.
+    dtype = torch.promote_types(system.dtype, right.dtype)
+    solve_dtype = torch.promote_types(dtype, torch.float32)
+    residual = torch.linalg.solve_triangular((identity + system).to(solve_dtype), right.to(solve_dtype), upper=False,
+                                             unitriangular=True).to(dtype)
     return residual, decay
 
 

@@ -4,7 +4,8 @@ memory states on disk (run directories themselves are nestc/runtime/rundir.py).
 A run directory's `spec.nest` is self-contained (imported definitions inlined, so it loads
 wherever the directory goes). A state file holds every level's state
 (memories, anchors, momenta, caches, continuum fast weights, the stream position) in one
-safetensors file, so what a model learned while reading persists across invocations.
+safetensors file, so what a model learned while reading persists across invocations; in the
+middle of a continuum level's chunk, the state to replay from and the tokens since (`Replay`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from nestc.backends.state import SAVED_FIELDS, LevelState, ModelState, set_slot, slots
+from nestc.backends.state import SAVED_FIELDS, LevelState, ModelState, holds_graph, set_slot, slots
 from nestc.lang import ast, formatter
 from nestc.lang.sema import Result
 
@@ -169,26 +170,41 @@ def _unflatten(fields: dict, prefix: str, tensors: dict) -> LevelState:
 
 
 def save_state(state, path: str) -> None:
-    """Write a ModelState (cut from any graph) atomically."""
+    """Write a ModelState atomically: what it holds besides autograd graphs, or, where it holds
+    an unfinished continuum chunk's graph, its `Replay` (the start state and the token calls
+    since), which `load_state` reads again to rebuild the graph exactly."""
     from safetensors.torch import save_file
 
+    replay = state.replay
+    if replay is None and holds_graph(state):
+        pending = [name for levels in state.levels for name, s in levels.items()
+                   if s.pending is not None and s.pending.grad_fn is not None]
+        what = f"the unfinished chunk of continuum level `{pending[0]}`" if pending else "an autograd graph"
+        raise CheckpointError(f"the state at position {state.position} holds {what}, read with gradients on: "
+                              "a file cannot hold that graph; read under torch.no_grad() (as `nestc memorize` "
+                              "does) to save a state that rebuilds it")
+    saved = state if replay is None else replay.start
     tensors: dict[str, torch.Tensor] = {}
     layout = {
-        "position": state.position,
+        "position": saved.position,
         "levels": [{name: _flatten(s, f"levels.{i}.{name}", tensors) for name, s in levels.items()}
-                   for i, levels in enumerate(state.levels)],
+                   for i, levels in enumerate(saved.levels)],
         "segments": [{name: _flatten(s, f"segments.{i}.{name}", tensors) for name, s in segment.items()}
-                     for i, segment in enumerate(state.segments)],
+                     for i, segment in enumerate(saved.segments)],
     }
-    if state.last_logits is not None:
-        tensors["last_logits"] = state.last_logits.detach().clone().contiguous()
+    if saved.last_logits is not None:
+        tensors["last_logits"] = saved.last_logits.detach().clone().contiguous()
+    if replay is not None and replay.calls:
+        layout["replay"] = {"calls": len(replay.calls), "position": state.position}
+        for index, call in enumerate(replay.calls):
+            tensors[f"replay.{index}"] = call.detach().cpu().contiguous()
     temporary = path + ".tmp"
     save_file(tensors, temporary, metadata={"nestc_state": json.dumps(layout)})
     os.replace(temporary, path)
 
 
 def load_state(path: str, model):
-    """Read a state file written by `save_state` for this model."""
+    """Read a state file written by `save_state` for this model (reading its replayed calls)."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
@@ -196,7 +212,9 @@ def load_state(path: str, model):
     try:
         with safe_open(path, framework="pt") as handle:
             layout = json.loads((handle.metadata() or {}).get("nestc_state", "null"))
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            # Copied into memory of their own: the file's tensors sit at 8-byte offsets, and
+            # matrix products there may round in another order than over fresh allocations.
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except (SafetensorError, OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"`{path}` is not a state file ({error})") from None
     if not layout or len(layout["levels"]) != len(model.layers):
@@ -214,5 +232,28 @@ def load_state(path: str, model):
         raise CheckpointError(f"`{path}` is incomplete: no tensor {missing}") from None
     except ValueError as error:
         raise CheckpointError(f"`{path}` is corrupt: {error}") from None
-    return ModelState(position=layout["position"], levels=levels, last_logits=tensors.get("last_logits"),
-                      segments=segments)
+    state = ModelState(position=layout["position"], levels=levels, last_logits=tensors.get("last_logits"),
+                       segments=segments)
+    return _replay(state, layout.get("replay"), tensors, path, model) if "replay" in layout else state
+
+
+def _replay(state, replay: dict, tensors: dict, path: str, model):
+    """The state after reading a file's replayed calls from its start state (`Replay`)."""
+    try:
+        calls = [tensors[f"replay.{index}"] for index in range(replay["calls"])]
+        end = replay["position"]
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"`{path}` is corrupt: a malformed replay ({type(error).__name__}: {error})") from None
+    batch = next((t.shape[0] for states in state.levels for s in states.values() for _, _, t in slots(s)), None)
+    for call in calls:
+        shaped = call.dtype == torch.long and call.dim() == 2 and call.shape[1] > 0 and batch in (None, call.shape[0])
+        if not shaped or not 0 <= int(call.min()) <= int(call.max()) < model.vocab:
+            raise CheckpointError(f"`{path}` is corrupt: a replayed call is not [batch {batch}, time] token ids "
+                                  f"below the vocab ({model.vocab})")
+    if state.position + sum(call.shape[1] for call in calls) != end:
+        raise CheckpointError(f"`{path}` is corrupt: its replay does not reach position {end}")
+    device = model.embedding.weight.device
+    with torch.no_grad():
+        for call in calls:
+            _, state = model(call.to(device), state)
+    return state

@@ -19,7 +19,16 @@ def _is_matrix(name: str, parameter: torch.Tensor) -> bool:
 
 class Muon(torch.optim.Optimizer):
     """Momentum, then Newton-Schulz orthogonalisation of each weight matrix's update; AdamW for the
-    rest (the common Muon recipe)."""
+    rest (the common Muon recipe): B = momentum B + g, W = (1 - lr wd) W - lr s NS(B) with
+    s = sqrt(max(1, rows / cols)).
+
+    Not torch.optim.Muon (torch 2.13), which agrees on the Newton-Schulz coefficients and steps,
+    the transposition of tall matrices, s (`adjust_lr_fn="original"`), the decoupled weight decay
+    and, with `nesterov=False`, the plain momentum, but always orthogonalises in bfloat16 (no
+    argument turns that off): its update differs from this rule by about 1% (relative, in
+    float64; tests/test_outer_optimizers.py). It also keeps B as an average (momentum B +
+    (1 - momentum) g) and divides by max(|B|, eps) where the rule divides by |B| + eps, which
+    the normalisation all but cancels (1e-9 relative)."""
 
     def __init__(self, named, lr, momentum, ns_steps, adam_lr, weight_decay):
         named = list(named)

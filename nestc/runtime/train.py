@@ -381,7 +381,8 @@ class _Session:
 
     def _announce(self) -> None:
         context, batch, unit = self.settings.context, self.settings.batch, self.unit
-        what = f"training {self.program.file} ({self.parameters:,} parameters, {self.config.backend} backend)"
+        what = f"training {self.program.file} ({self.parameters:,} parameters, {self.config.backend} backend" \
+            + (", bfloat16 autocast)" if self.config.bf16 else ")")
         if self.problem is None:
             self.log(f"{what} for {self.steps} steps of {batch}x{context} {unit}s; unigram baseline "
                      f"{self.unigram:.3f} bits/{unit}" + (f"; {self.world} processes" if self.world > 1 else ""))

@@ -571,7 +571,8 @@ def evaluate_file(run_directory, file, state_in) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the variants without training them.")
 @click.option("--sample", type=click.IntRange(min=1), help="With --dry-run: list a seeded sample of this many variants.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample, or of the sampler.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the sample, or of the sampler (each trial's sampler is seeded by it and the trial's number).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--trials", type=click.IntRange(min=1), help="Variants to train (the study's total: a rerun resumes).")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per variant (default: the spec's).")
@@ -652,6 +653,9 @@ def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
     import json
     import warnings
 
+    import optuna
+    import sqlalchemy.exc
+
     from nestc.search import study
     from nestc.runtime import tasks
     from nestc.backends.compiled import CompileWarning
@@ -662,7 +666,7 @@ def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
             tasks.make(config.run.task, 64, config.run.task_options)
         except ValueError as error:
             raise click.UsageError(str(error)) from None
-    click.echo(f"sweep `{config.name}`: {config.trials} trials of {config.spec}; study in {config.storage_url}",
+    click.echo(f"sweep `{config.name}`: {config.trials} trials of {config.spec}; study in {config.storage_shown}",
                err=True)
     try:
         with warnings.catch_warnings():
@@ -674,8 +678,11 @@ def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
         sys.exit(EXIT_DIAGNOSTICS)
     except study.SweepError as error:
         raise click.ClickException(str(error)) from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:  # lost mid-sweep
+        raise click.ClickException(study.storage_error(config.storage_url, error)
+                                   + "; the finished trials are kept: run the same command again to resume") from None
     except KeyboardInterrupt:
-        click.echo(f"interrupted: the study is kept in {config.storage_url}; run the same command again to resume",
+        click.echo(f"interrupted: the study is kept in {config.storage_shown}; run the same command again to resume",
                    err=True)
         sys.exit(130)
     except OSError as error:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
 import json
+import multiprocessing
 import os
+import pwd
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 
+import optuna
 import pytest
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 
 from nestc.lang import ir
 from nestc.runtime.config import RunConfig
@@ -59,6 +68,16 @@ def tiny_space(tmp_path, steps: int = 4, replace: tuple[str, str] | None = None)
     return str(path)
 
 
+def one_variant_space(tmp_path, steps: int = 4) -> str:
+    """TINY_SPACE with both choices fixed: every trial draws the same variant."""
+    spec = tiny_space(tmp_path, steps, replace=("objective choice(l2, dot)", "objective l2"))
+    with open(spec) as handle:
+        text = handle.read()
+    with open(spec, "w") as handle:
+        handle.write(text.replace("every choice(1, 8)", "every 8"))
+    return spec
+
+
 def config_for(tmp_path, spec: str, **fields) -> study.SweepConfig:
     training = RunConfig(task="mqar", task_options={"pairs": 2, "keys": 8, "values": 8}, runs=str(tmp_path / "runs"))
     settings = dict(spec=spec, trials=4, run=training, sampler="grid", heartbeat_seconds=1)
@@ -103,10 +122,7 @@ def test_a_rerun_resumes_the_study_without_training_again(tmp_path):
 
 
 def test_the_same_variant_is_never_trained_twice(tmp_path):
-    spec = tiny_space(tmp_path, replace=("objective choice(l2, dot)", "objective l2"))
-    spec_text = open(spec).read().replace("every choice(1, 8)", "every 8")
-    open(spec, "w").write(spec_text)
-    config = config_for(tmp_path, spec, sampler="random", trials=2)
+    config = config_for(tmp_path, one_variant_space(tmp_path), sampler="random", trials=2)
     lines = []
     entries = study.run(config, log=lines.append)
     trials = trials_of(config)
@@ -122,6 +138,119 @@ def test_two_workers_share_one_study_without_duplicating_trials(tmp_path):
     assert len(trials) == 4
     assert len({t.user_attrs["variant"] for t in trials}) == 4
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+
+
+def trainings_per_variant(trials) -> collections.Counter:
+    """How many trials trained each variant: a trial that trains gets its own directory first."""
+    return collections.Counter(t.user_attrs["variant"] for t in trials if "directory" in t.user_attrs)
+
+
+def test_two_workers_that_draw_one_variant_train_it_once(tmp_path):
+    # Every draw is the same variant, and the workers start together: without a claim both train it.
+    config = config_for(tmp_path, one_variant_space(tmp_path, steps=30), sampler="random", workers=2, prune=False)
+    study.run(config, log=lambda line: None)
+    trials = trials_of(config)
+    assert len(trials) >= 4 and all(t.state.is_finished() for t in trials)
+    assert trainings_per_variant(trials) == {trials[0].user_attrs["variant"]: 1}
+    trained = [t for t in trials if "directory" in t.user_attrs]
+    assert [t.user_attrs["outcome"] for t in trained] == ["complete"]
+    assert all(t.user_attrs["outcome"] == "duplicate" and t.user_attrs["duplicate_of"] == trained[0].number
+               for t in trials if t is not trained[0])
+    # One directory, the trial's own, named by its number.
+    assert os.listdir(os.path.join(config.directory, "trials")) == [str(trained[0].number)]
+    assert trained[0].user_attrs["directory"] == os.path.join(config.directory, "trials", str(trained[0].number))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_claim_left_by_a_trial_that_stopped_without_training_is_taken_over(tmp_path):
+    config = config_for(tmp_path, one_variant_space(tmp_path), sampler="random", trials=1)
+    loaded, _ = study.open_study(config)
+    claims = study.VariantClaims(config.storage_url)
+    crashed = loaded.ask()
+    crashed.set_user_attr("variant", "v1")
+    assert claims.take(config.name, "v1", crashed.number, lambda n: study._standing_claim(loaded, n, "v1")) is None
+    second = loaded.ask()
+    second.set_user_attr("variant", "v1")
+    # While the first trial runs, its claim stands: the second is told whose it is.
+    holder = claims.take(config.name, "v1", second.number, lambda n: study._standing_claim(loaded, n, "v1"))
+    assert holder.number == crashed.number
+    loaded.tell(crashed, state=optuna.trial.TrialState.FAIL)  # its worker died: no outcome
+    assert claims.take(config.name, "v1", second.number, lambda n: study._standing_claim(loaded, n, "v1")) is None
+    third = loaded.ask()
+    third.set_user_attr("variant", "v1")
+    holder = claims.take(config.name, "v1", third.number, lambda n: study._standing_claim(loaded, n, "v1"))
+    assert holder.number == second.number
+
+
+def test_trial_seeds_differ_by_trial_and_by_seed_and_repeat():
+    seeds = {study.trial_seed(seed, number) for seed in (0, 1, 7) for number in range(1000)}
+    assert len(seeds) == 3000 and all(0 <= s < 2**32 for s in seeds)
+    assert study.trial_seed(3, 12) == study.trial_seed(3, 12)
+
+
+def drawn_rates(config) -> list[float]:
+    return [t.params["train / optimizer / lr"] for t in trials_of(config)]
+
+
+def test_a_resumed_sweep_draws_afresh_and_one_worker_repeats_its_draws(tmp_path):
+    spec = tiny_space(tmp_path, steps=1, replace=("adamw(lr=3e-3)", "adamw(lr=loguniform(1e-4, 1e-2))"))
+    resumed = config_for(tmp_path, spec, sampler="random", trials=2, study="resumed")
+    study.run(resumed, log=lambda line: None)
+    resumed.trials = 4
+    study.run(resumed, log=lambda line: None)
+    rates = drawn_rates(resumed)
+    assert len(set(rates)) == 4  # the resumed process did not replay the first draws
+    # A sweep run at once draws what the stopped-and-resumed one drew; another --seed, other values.
+    at_once = config_for(tmp_path, spec, sampler="random", trials=4, study="at-once")
+    study.run(at_once, log=lambda line: None)
+    assert drawn_rates(at_once) == rates
+    other_seed = config_for(tmp_path, spec, sampler="random", trials=2, study="other-seed", seed=1)
+    study.run(other_seed, log=lambda line: None)
+    assert not set(drawn_rates(other_seed)) & set(rates)
+
+
+def test_workers_draw_different_values(tmp_path):
+    spec = tiny_space(tmp_path, steps=1, replace=("adamw(lr=3e-3)", "adamw(lr=loguniform(1e-4, 1e-2))"))
+    config = config_for(tmp_path, spec, sampler="tpe", trials=4, workers=2)
+    study.run(config, log=lambda line: None)
+    trials = trials_of(config)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1} and len(set(drawn_rates(config))) == len(trials)
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_storage_password_is_never_printed():
+    assert study.redact("postgresql+psycopg2://sweeper:s3cret@db.example/sweeps") == \
+        "postgresql+psycopg2://sweeper:***@db.example/sweeps"
+    assert study.redact("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
+    assert study.redact("not a url") == "not a url"  # SQLAlchemy cannot parse it, but it has no password
+    assert study.redact("postgresql:/sweeper:s3cret@db") == "..."
+
+
+@pytest.mark.parametrize("scheme, hidden_module, message", [
+    ("postgresql+psycopg2", None, "cannot connect to it: connection to server at \"127.0.0.1\""),
+    ("postgresql+psycopg2", "psycopg2", "its database driver `psycopg2` is not installed: pip install psycopg2-binary"),
+    ("postgresql+psycopg", "psycopg", "its database driver `psycopg` is not installed: pip install 'psycopg[binary]'"),
+    # Plain postgresql:// means psycopg2 up to SQLAlchemy 2.0 and psycopg 3 from 2.1: either is named.
+    ("postgresql", "psycopg2 psycopg", f"its database driver `{make_url('postgresql://').get_driver_name()}` is not"),
+    ("postgres", None, "SQLAlchemy has no database dialect `postgres`"),
+])
+def test_a_storage_that_cannot_be_opened_is_a_clear_error_without_its_password(tmp_path, monkeypatch, scheme,
+                                                                              hidden_module, message):
+    if hidden_module is None and scheme.endswith("psycopg2"):
+        pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install psycopg2-binary (the test extra)")
+    for module in (hidden_module or "").split():
+        monkeypatch.setitem(sys.modules, module, None)  # importing it fails, as when it is not installed
+    url = f"{scheme}://sweeper:s3cret@127.0.0.1:{unused_port()}/sweeps"
+    result = CliRunner().invoke(cli, ["sweep", tiny_space(tmp_path), "--trials", "1", "--storage", url,
+                                      "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "sweeper:***@127.0.0.1" in result.output
+    assert "s3cret" not in result.output and "Traceback" not in result.output
 
 
 # Only a bound on a hang: each test waits for an event (a trial's state, a file), however slow
@@ -264,3 +393,133 @@ def test_unused_library_levels_do_not_constrain_the_context(tmp_path):
     slow = analyze_file(str(tmp_path / "uses_slow.nest"))
     assert [d.message for d in slow.diagnostics if d.is_error] == ["chunk size 256 does not divide the training "
                                                                     "context 64"]
+
+
+def _postgres_binaries() -> str | None:
+    """The directory of PostgreSQL's initdb and pg_ctl: on PATH, or where Debian puts them."""
+    on_path = shutil.which("initdb")
+    candidates = [os.path.dirname(os.path.realpath(on_path))] if on_path else []
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    return next((d for d in candidates if all(os.access(os.path.join(d, tool), os.X_OK)
+                                              for tool in ("initdb", "pg_ctl"))), None)
+
+
+@pytest.fixture
+def postgres_server():
+    """A PostgreSQL server of this test's own on 127.0.0.1 (a free port; its socket in a temporary
+    directory), with a database `sweeps`; yields its (host, port, user). Stopped and deleted at
+    the end, whatever the test did. initdb refuses to run as root, so as root the server runs as
+    the user `postgres` (or `nobody`)."""
+    psycopg2 = pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install psycopg2-binary")
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin: "
+                    "apt-get install postgresql")
+    as_user, owner = [], None
+    if os.getuid() == 0:
+        owner = next((user for user in ("postgres", "nobody") if _user_exists(user)), None)
+        if owner is None or shutil.which("runuser") is None:
+            pytest.skip("running as root, and initdb refuses root: needs runuser and a user `postgres` or `nobody`")
+        as_user = ["runuser", "-u", owner, "--"]
+    home = tempfile.mkdtemp(prefix="nestc-postgres-")  # not under tmp_path, which only root may enter
+    data, sockets, log = (os.path.join(home, name) for name in ("data", "sockets", "server.log"))
+    os.mkdir(sockets)
+    if owner is not None:
+        account = pwd.getpwnam(owner)
+        for path in (home, sockets):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    port, user = unused_port(), "nestc"
+
+    def tool(name: str, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, os.path.join(binaries, name), *arguments], capture_output=True, text=True,
+                              timeout=OUTER_TIMEOUT)
+
+    started = False
+    try:
+        initialised = tool("initdb", "-D", data, "-U", user, "--auth=trust", "--no-sync", "-E", "UTF8",
+                           "--locale=C")
+        assert initialised.returncode == 0, initialised.stdout + initialised.stderr
+        # -w: pg_ctl returns once the server accepts connections (or fails after -t seconds).
+        start = tool("pg_ctl", "-D", data, "-l", log, "-w", "-t", "300", "-o",
+                     f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off", "start")
+        started = start.returncode == 0
+        assert started, start.stdout + start.stderr + (open(log).read() if os.path.exists(log) else "")
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user=user, dbname="postgres")
+        connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE sweeps")
+        connection.close()
+        yield "127.0.0.1", port, user
+    finally:
+        if started:
+            tool("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def test_two_sweep_processes_on_postgresql_train_each_variant_once(tmp_path, postgres_server):
+    host, port, user = postgres_server
+    # The server trusts local connections, so any password works: the one given must never be printed.
+    url = f"postgresql+psycopg2://{user}:s3cret-pw@{host}:{port}/sweeps"
+    spec = tiny_space(tmp_path, steps=30)
+    # Eight random draws from four variants: some variants are drawn more than once, some at once.
+    command = [sys.executable, "-m", "nestc", "sweep", spec, "--trials", "8", "--sampler", "random", "--task",
+               "mqar", "--task-option", "pairs=2", "--task-option", "keys=8", "--task-option", "values=8",
+               "--no-prune", "--storage", url, "--study", "on-postgres"]
+    # Two machines, each with its own runs directory, sharing one study.
+    machines = [subprocess.Popen([*command, "--runs", str(tmp_path / f"machine-{i}")], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [machine.communicate(timeout=OUTER_TIMEOUT) for machine in machines]
+    for machine, (stdout, stderr) in zip(machines, outputs):
+        assert machine.returncode == 0, stderr
+        assert "s3cret-pw" not in stdout + stderr and f"{user}:***@{host}:{port}/sweeps" in stderr
+    trials = optuna.load_study(study_name="on-postgres", storage=url).get_trials(deepcopy=False)
+    assert all(t.state.is_finished() for t in trials)
+    assert sum(t.user_attrs.get("outcome") in study.OUTCOMES_COUNTED for t in trials) >= 8
+    trained = trainings_per_variant(trials)
+    assert trained and set(trained.values()) == {1}, trained  # no variant trained twice
+    assert {t.user_attrs["variant"] for t in trials} == set(trained)  # every variant drawn was trained once
+    directories = glob.glob(str(tmp_path / "machine-*" / "sweep-on-postgres" / "trials" / "*"))
+    assert len(directories) == sum(trained.values())
+
+
+def _open_storage_at_once(url: str, together, results) -> None:
+    config = study.SweepConfig(spec="space.nest", trials=1, storage=url)
+    together.wait(timeout=OUTER_TIMEOUT)
+    try:
+        study._storage(config)
+        results.put("opened")
+    except study.SweepError as error:
+        results.put(str(error))
+
+
+def test_workers_that_open_a_new_postgresql_database_at_once_all_open_it(postgres_server):
+    # They race to create Optuna's tables; the server refuses the losers' (a duplicate type or key).
+    import psycopg2
+
+    host, port, user = postgres_server
+    context = multiprocessing.get_context("spawn")
+    outcomes = []
+    for attempt in range(3):
+        connection = psycopg2.connect(host=host, port=port, user=user, dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE fresh{attempt}")
+        connection.close()
+        together, results = context.Barrier(3), context.Queue()
+        workers = [context.Process(target=_open_storage_at_once,
+                                   args=(f"postgresql+psycopg2://{user}@{host}:{port}/fresh{attempt}", together,
+                                         results)) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        outcomes += [results.get(timeout=OUTER_TIMEOUT) for _ in workers]
+        for worker in workers:
+            worker.join()
+    assert outcomes == ["opened"] * 9

@@ -3,19 +3,26 @@
 A sweep is an Optuna study kept in a database (SQLite under `runs/sweep-<name>/` by default), so
 a killed sweep resumes where it stopped and several workers, local processes or other machines
 pointed at one `--storage`, share its trials. Each trial freezes one variant of the space, trains
-it with `nestc run`'s loop and scores it by held-out bits (per scored token on a task, per byte on
-the corpus): lower is better. The bits are reported at every evaluation, so the median pruner
-stops variants that trail the others early. A trial whose worker died is noticed by its missing
-heartbeat, marked failed and run again.
+it with `nestc run`'s loop in a directory of its own (`trials/<trial number>`) and scores it by
+held-out bits (per scored token on a task, per byte on the corpus): lower is better. The bits are
+reported at every evaluation, so the median pruner stops variants that trail the others early. A
+trial whose worker died is noticed by its missing heartbeat, marked failed and run again.
+
+A trial claims its variant in the storage before training it (`VariantClaims`), so no variant is
+ever trained by two trials, whichever workers or machines run them; and each trial's sampler is
+seeded from `--seed` and the trial's number (`trial_seed`), so workers and resumed sweeps draw
+afresh instead of replaying one another's draws.
 
 Outcomes kept in each trial's user attributes (`outcome`): `complete`, `pruned`, `duplicate`
-(a variant already trained: its score is reused, nothing is trained twice), `invalid` (the frozen
-variant has errors: reported and skipped) and `diverged`. All of them count toward `--trials`.
+(a variant another trial trains or trained: its score is reused if there is one, nothing is
+trained twice), `invalid` (the frozen variant has errors: reported and skipped) and `diverged`.
+All of them count toward `--trials`.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -31,6 +38,12 @@ from nestc.lang.source import SourceFile
 
 SAMPLERS = ("tpe", "random", "grid")
 OUTCOMES_COUNTED = ("complete", "pruned", "duplicate", "invalid", "diverged")
+# The outcomes of a trial that trained its variant (or tried to): a claim held by one of them stands.
+OUTCOMES_TRAINED = ("complete", "pruned", "invalid", "diverged")
+CLAIMS_TABLE = "nestc_variant_claims"
+# The pip package of each common database driver, for the error that says one is missing.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "pg8000": "pg8000",
+                   "pymysql": "pymysql", "mysqldb": "mysqlclient"}
 
 
 class SweepError(Exception):
@@ -65,6 +78,26 @@ class SweepConfig:
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{os.path.abspath(os.path.join(self.directory, 'study.db'))}"
 
+    @property
+    def storage_shown(self) -> str:
+        """The storage URL as it may be printed: its password, if any, is `***`."""
+        return redact(self.storage_url)
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by `***` (SQLAlchemy's own rendering). A string SQLAlchemy
+    cannot parse is shown whole only if it has no `@`, before which a password would stand; else
+    up to its scheme."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        if "@" not in url:
+            return url
+        return url.split("://", 1)[0] + "://..." if "://" in url else "..."
+
 
 @dataclass
 class Entry:
@@ -91,6 +124,11 @@ def _optuna():
     return optuna
 
 
+def _engine_kwargs(url: str) -> dict:
+    # SQLite locks the whole file while one worker writes: the others wait for it, up to a minute.
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
 def _storage(config: SweepConfig):
     optuna = _optuna()
     import sqlalchemy.exc
@@ -98,26 +136,174 @@ def _storage(config: SweepConfig):
 
     if config.storage is None:
         os.makedirs(config.directory, exist_ok=True)
-    try:
-        return RDBStorage(config.storage_url,
-                          engine_kwargs={"connect_args": {"timeout": 60}} if config.storage_url.startswith("sqlite")
-                          else None,
-                          heartbeat_interval=config.heartbeat_seconds, grace_period=3 * config.heartbeat_seconds,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as error:
-        raise SweepError(f"--storage {config.storage_url}: cannot open it: {error}") from None
+    for attempt in range(3):
+        try:
+            storage = RDBStorage(config.storage_url, engine_kwargs=_engine_kwargs(config.storage_url),
+                                 heartbeat_interval=config.heartbeat_seconds,
+                                 grace_period=3 * config.heartbeat_seconds,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+            return storage, VariantClaims(config.storage_url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # Workers that open a new database at once race to create Optuna's tables, and the
+            # server refuses the loser's (a duplicate table or key). The winner's are there now.
+            if attempt == 2:
+                raise SweepError(storage_error(config.storage_url, error)) from None
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, ValueError,
+                ImportError) as error:
+            raise SweepError(storage_error(config.storage_url, error)) from None
+
+
+def storage_error(url: str, error: BaseException) -> str:
+    """What went wrong with the storage at `url`, and how to fix it, in one message without its password."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    shown = f"--storage {redact(url)}"
+    if isinstance(error, sqlalchemy.exc.NoSuchModuleError):
+        return (f"{shown}: SQLAlchemy has no database dialect `{url.split(':', 1)[0]}`; write the URL as "
+                "dialect+driver://user:password@host/database, e.g. postgresql+psycopg2://... or sqlite:///path.db")
+    if isinstance(error, sqlalchemy.exc.ArgumentError):
+        return (f"{shown}: not a database URL ({error}); write it as dialect+driver://user:password@host/database, "
+                "e.g. postgresql+psycopg2://user:password@host/sweeps")
+    if isinstance(error, ImportError):  # Optuna's, with SQLAlchemy's ModuleNotFoundError as its cause
+        driver = make_url(url).get_driver_name()
+        package = DRIVER_PACKAGES.get(driver, driver)
+        other = {"psycopg2": "psycopg 3 as postgresql+psycopg://", "psycopg": "psycopg2 as postgresql+psycopg2://"}
+        return (f"{shown}: its database driver `{driver}` is not installed: pip install {package}"
+                + (f" (or name {other[driver]}...)" if driver in other else ""))
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    detail = lines[0] if lines else type(error).__name__
+    password = make_url(url).password
+    if password:  # drivers do not echo it, but a message that did would not show it either
+        detail = detail.replace(password, "***")
+    if isinstance(error, sqlalchemy.exc.OperationalError) and url.startswith("sqlite"):
+        return f"{shown}: cannot open it: {detail}; check that its directory exists and is writable"
+    if isinstance(error, sqlalchemy.exc.OperationalError):
+        return (f"{shown}: cannot connect to it: {detail}; check that the server is running and reachable "
+                "and that the user, password and database are right")
+    return f"{shown}: cannot use it: {detail}"
+
+
+class VariantClaims:
+    """Which trial trains each variant: one row per (study, variant) in a table of the study's own
+    database, inserted by the trial that trains it. The table's primary key makes the insert atomic
+    on SQLite and on a database server alike: of two workers that draw one variant at once, exactly
+    one inserts the row, and the other finds it and trains nothing. A row whose trial ended without
+    training (its worker was killed, or interrupted) no longer stands: the next trial of the variant
+    takes it over by a compare-and-set update, which again only one trial can win."""
+
+    def __init__(self, url: str):
+        import sqlalchemy
+
+        self.engine = sqlalchemy.create_engine(url, **_engine_kwargs(url))
+        metadata = sqlalchemy.MetaData()
+        self.table = sqlalchemy.Table(CLAIMS_TABLE, metadata,
+                                      sqlalchemy.Column("study", sqlalchemy.String(512), primary_key=True),
+                                      sqlalchemy.Column("variant", sqlalchemy.String(64), primary_key=True),
+                                      sqlalchemy.Column("trial", sqlalchemy.Integer, nullable=False))
+        try:
+            metadata.create_all(self.engine)
+        except sqlalchemy.exc.SQLAlchemyError:  # another worker created it between the check and the create
+            if not sqlalchemy.inspect(self.engine).has_table(CLAIMS_TABLE):
+                raise
+
+    def take(self, study: str, variant: str, trial: int, standing):
+        """Claim `variant` for trial number `trial` of `study`. None when the trial may train it;
+        otherwise the trial whose claim stands, as `standing(number)` returns it (None: that
+        trial's claim no longer stands)."""
+        import sqlalchemy
+
+        table = self.table
+        row = (table.c.study == study) & (table.c.variant == variant)
+        while True:
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(table.insert().values(study=study, variant=variant, trial=trial))
+                return None
+            except sqlalchemy.exc.IntegrityError:  # claimed already
+                pass
+            with self.engine.begin() as connection:
+                holder_number = connection.execute(sqlalchemy.select(table.c.trial).where(row)).scalar_one()
+            holder = standing(holder_number) if holder_number != trial else None
+            if holder is not None:
+                return holder
+            with self.engine.begin() as connection:
+                taken = connection.execute(table.update().where(row & (table.c.trial == holder_number))
+                                           .values(trial=trial)).rowcount
+            if taken == 1:
+                return None
+            # Another trial took the row over first: see whose claim it is now.
+
+
+def _standing_claim(study, number: int, variant: str):
+    """Trial `number` of `study` if its claim on `variant` stands: it is training the variant now,
+    or it trained it. None for a trial that stopped without an outcome (its worker was killed, or
+    interrupted) or that is not about this variant (a row left by a deleted study of the same name)."""
+    optuna = _optuna()
+    holder = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if holder is None or holder.user_attrs.get("variant") != variant:
+        return None
+    if holder.state == optuna.trial.TrialState.RUNNING or holder.user_attrs.get("outcome") in OUTCOMES_TRAINED:
+        return holder
+    return None
+
+
+def trial_seed(seed: int, trial_number: int) -> int:
+    """The sampler's seed for one trial: `seed` (--seed) mixed with the trial's number by numpy's
+    SeedSequence. The storage numbers a study's trials 0, 1, 2, ... across all its workers and
+    machines, and a resumed sweep goes on from the next number, so every trial draws from its own
+    stream: workers never replay one another's draws, a resume never replays the draws it made, and
+    what a trial draws depends only on --seed, its number and the scores before it (the random
+    sampler ignores those), not on which worker or process draws it."""
+    import numpy
+
+    return int(numpy.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
 
 
 def _sampler(config: SweepConfig):
     optuna = _optuna()
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed)
-    # Grid trials are enqueued with every value fixed, so their sampler never draws.
-    return optuna.samplers.RandomSampler(seed=config.seed)
+
+    def seeded(seed: int):
+        if config.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed)
+        # Grid trials are enqueued with every value fixed, so their sampler never draws.
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    # Defined here because optuna loads only when a sweep trains.
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        """A TPE or random sampler made afresh for each trial with `trial_seed`: TPE keeps nothing
+        between trials but its random state (the history it models is read from the storage)."""
+
+        def __init__(self):
+            self.inner = seeded(config.seed)
+
+        def before_trial(self, study, trial):
+            self.inner = seeded(trial_seed(config.seed, trial.number))
+            self.inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self.inner.after_trial(study, trial, state, values)
+
+    return TrialSeeded()
 
 
 def open_study(config: SweepConfig):
     """Create the study, or load it to resume; a study run with other settings is an error."""
+    study, search, _ = _open(config)
+    return study, search
+
+
+def _open(config: SweepConfig):
+    """`open_study`, and the study's variant claims."""
     optuna = _optuna()
     search = space.load(config.spec)
     if config.sampler == "grid" and search.size == math.inf:
@@ -125,7 +311,8 @@ def open_study(config: SweepConfig):
                          "dimension; use --sampler tpe or random")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if config.prune \
         else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=config.name, storage=_storage(config), direction="minimize",
+    storage, claims = _storage(config)
+    study = optuna.create_study(study_name=config.name, storage=storage, direction="minimize",
                                 sampler=_sampler(config), pruner=pruner, load_if_exists=True)
     settings = {"spec": os.path.abspath(config.spec), "task": config.run.task, "steps": config.run.steps,
                 "task_options": config.run.task_options, "sampler": config.sampler}
@@ -135,13 +322,15 @@ def open_study(config: SweepConfig):
     elif recorded != settings:
         different = ", ".join(f"{key} {recorded.get(key)!r} (now {value!r})" for key, value in settings.items()
                               if recorded.get(key) != value)
-        raise SweepError(f"study `{config.name}` in {config.storage_url} was run with {different}; "
+        raise SweepError(f"study `{config.name}` in {config.storage_shown} was run with {different}; "
                          "run it with the same settings to resume it, or give --study a new name")
-    if config.sampler == "grid" and not study.user_attrs.get("grid_enqueued"):
-        for assignment in list(search.grid())[:config.trials]:
+    # The grid's first --trials points, in order; a resume with more --trials goes on along it.
+    enqueued = study.user_attrs.get("grid_points_enqueued", 0)
+    if config.sampler == "grid" and enqueued < config.trials:
+        for assignment in itertools.islice(search.grid(), enqueued, config.trials):
             study.enqueue_trial(_params(search, assignment), skip_if_exists=True)
-        study.set_user_attr("grid_enqueued", True)
-    return study, search
+        study.set_user_attr("grid_points_enqueued", config.trials)
+    return study, search, claims
 
 
 def _params(search: space.Space, assignment: dict) -> dict:
@@ -187,13 +376,13 @@ def work(config: SweepConfig, worker: int = 0, log=print, start_together=None) -
     from optuna.storages import fail_stale_trials
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
-    study, search = open_study(config)
+    study, search, claims = _open(config)
     if start_together is not None:
         try:
             start_together.wait(timeout=120)
         except threading.BrokenBarrierError:  # a worker died while starting: the others go on
             pass
-    objective = _Objective(config, search, worker, log)
+    objective = _Objective(config, search, claims, worker, log)
     while True:
         fail_stale_trials(study)
         _fail_stillborn_trials(study, 3 * config.heartbeat_seconds)
@@ -227,9 +416,8 @@ def _fail_stillborn_trials(study, grace_seconds: float) -> None:
 
 
 class _Objective:
-    def __init__(self, config: SweepConfig, search: space.Space, worker: int, log):
-        self.config, self.search, self.worker, self.log = config, search, worker, log
-        self.trial_config = replace(config.run, runs=os.path.join(config.directory, "trials"), quiet=True)
+    def __init__(self, config: SweepConfig, search: space.Space, claims: VariantClaims, worker: int, log):
+        self.config, self.search, self.claims, self.worker, self.log = config, search, claims, worker, log
 
     def __call__(self, trial) -> float:
         try:
@@ -264,16 +452,15 @@ class _Objective:
             self.log(render_all(errors, result.sources, color=False))
             return math.nan
         variant = ir.variant_id(result.program)
-        trial.set_user_attr("variant", variant)
-        trained = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                   if t.user_attrs.get("variant") == variant and t.user_attrs.get("outcome") == "complete"]
-        if trained:
-            for key in ("held_out_bits", "accuracy", "parameters", "tokens_per_second"):
-                trial.set_user_attr(key, trained[0].user_attrs.get(key))
-            trial.set_user_attr("outcome", "duplicate")
-            trial.set_user_attr("duplicate_of", trained[0].number)
-            self.log(f"{prefix}: variant {variant} was trained in trial {trained[0].number}; its score is reused")
-            return trained[0].value
+        trial.set_user_attr("variant", variant)  # before the claim: a standing claim's trial names its variant
+        holder = self.claims.take(trial.study.study_name, variant, trial.number,
+                                  lambda number: _standing_claim(trial.study, number, variant))
+        if holder is not None:
+            return self._duplicate(trial, holder, variant, prefix)
+        directory = _fresh_directory(os.path.join(self.config.directory, "trials"), trial.number)
+        trial.set_user_attr("directory", directory)
+        # The directory was just made, empty, for this trial alone: `overwrite` only says so to train().
+        trial_config = replace(self.config.run, directory=directory, overwrite=True, resume=False, quiet=True)
 
         def report(step: int, bits: float) -> None:
             trial.report(bits, step)
@@ -283,7 +470,7 @@ class _Objective:
 
         self.log(f"{prefix}: training {variant}  " + ", ".join(f"{k}={v}" for k, v in choices.items()))
         try:
-            run = train(result.program, bundle(result), self.trial_config, on_eval=report)
+            run = train(result.program, bundle(result), trial_config, on_eval=report)
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("outcome", "pruned")
             self.log(f"{prefix}: pruned: {pruned}")
@@ -304,12 +491,44 @@ class _Objective:
         trial.set_user_attr("accuracy", run.final_score if self.config.run.task else None)
         trial.set_user_attr("parameters", run.parameters)
         trial.set_user_attr("tokens_per_second", run.tokens_per_second)
-        trial.set_user_attr("directory", run.directory)
         trial.set_user_attr("outcome", "complete")
         accuracy = f", accuracy {run.final_score:.3f}" if self.config.run.task else ""
         self.log(f"{prefix}: held-out {run.held_out_bits:.3f} bits{accuracy}, {run.parameters:,} params, "
                  f"{run.tokens_per_second:,.0f} tok/s")
         return run.held_out_bits
+
+    def _duplicate(self, trial, holder, variant: str, prefix: str) -> float:
+        """The trial of a variant that trial `holder` claimed: nothing is trained; the holder's
+        score is reused if it has one, and the trial is pruned while the holder still trains."""
+        optuna = _optuna()
+        trial.set_user_attr("outcome", "duplicate")
+        trial.set_user_attr("duplicate_of", holder.number)
+        if holder.state == optuna.trial.TrialState.RUNNING:
+            self.log(f"{prefix}: variant {variant} is being trained in trial {holder.number}; skipped")
+            raise optuna.TrialPruned(f"variant {variant} is being trained in trial {holder.number}")
+        for key in ("held_out_bits", "accuracy", "parameters", "tokens_per_second", "error"):
+            if key in holder.user_attrs:
+                trial.set_user_attr(key, holder.user_attrs[key])
+        outcome = holder.user_attrs["outcome"]
+        self.log(f"{prefix}: variant {variant} was trained in trial {holder.number} ({outcome}); "
+                 + ("its score is reused" if outcome == "complete" else "not trained again"))
+        if outcome == "pruned":
+            raise optuna.TrialPruned(f"variant {variant} was pruned in trial {holder.number}")
+        return holder.value if outcome == "complete" else math.nan
+
+
+def _fresh_directory(parent: str, number: int) -> str:
+    """A new, empty directory for trial `number` under `parent`: `parent/<number>`, or, where a
+    deleted study of the same name left that, `parent/<number>-2`, `-3`, ... Made with mkdir,
+    which fails on a directory that exists, so no two trials ever get one."""
+    os.makedirs(parent, exist_ok=True)
+    for attempt in itertools.count(1):
+        directory = os.path.join(parent, str(number) if attempt == 1 else f"{number}-{attempt}")
+        try:
+            os.mkdir(directory)
+            return directory
+        except FileExistsError:
+            continue
 
 
 def _spawned_worker(config: SweepConfig, worker: int, start_together) -> None:

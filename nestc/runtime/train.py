@@ -192,9 +192,19 @@ def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), 
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
     sweep's pruning) ends the run there, without a checkpoint."""
-    session = _Session(program, spec_text, config, corpus, log)
-    session.run_steps(on_eval)
-    return session.report()
+    # Flushing subnormals (see _Session._set_up) is processor state that outlives the run; a
+    # caller in the same process (a sweep, a test, a notebook) gets its own setting back.
+    flushing = _flushes_subnormals()
+    try:
+        session = _Session(program, spec_text, config, corpus, log)
+        session.run_steps(on_eval)
+        return session.report()
+    finally:
+        torch.set_flush_denormal(flushing)
+
+
+def _flushes_subnormals() -> bool:
+    return (torch.tensor([1e-40]) * 2).item() == 0
 
 
 class _Session:

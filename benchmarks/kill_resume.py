@@ -2,8 +2,8 @@
 
     python benchmarks/kill_resume.py --kills 100
 
-The run checkpoints every step (a tiny DeltaNet, so that a good share of the kills land inside a
-checkpoint's write). After each kill the script checks that the run directory still has a complete
+The run checkpoints every step (a tiny DeltaNet). Every other kill comes at a random moment; the
+others come as soon as a checkpoint's write has begun, so that many land inside it. After each kill the script checks that the run directory still has a complete
 checkpoint (or none yet, if the kill came before the first), and resumes from it. At the end it
 finishes the run and compares its losses and weights with an uninterrupted run of the same spec.
 It prints the count of each outcome; resume is exact when both comparisons say "equal".
@@ -38,7 +38,7 @@ def _losses(directory: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=3000, help="more than the kills leave time for")
     parser.add_argument("--spec", default="specs/deltanet.nest")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     args = parser.parse_args()
@@ -56,20 +56,28 @@ def main() -> None:
         command = [*base, "--checkpoint-every", "1", "--runs", runs, "--resume"]
         counts = {"killed": 0, "killed inside a checkpoint write": 0, "finished before the kill": 0,
                   "resumable after the kill": 0, "not resumable": 0}
-        for _ in range(args.kills):
+        for kill in range(args.kills):
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
             process.stderr.readline()  # it is training (or resuming) now
-            try:
-                process.wait(timeout=rng.uniform(0.05, 1.5))
-                counts["finished before the kill"] += 1
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGKILL)
-                counts["killed"] += 1
-            process.wait()
-            process.stderr.close()
             (name,) = os.listdir(runs)
             directory = os.path.join(runs, name)
             root = os.path.join(directory, rundir.CHECKPOINTS)
+            if kill % 2:  # as soon as a checkpoint write has begun
+                while process.poll() is None and not (os.path.isdir(root) and any(
+                        entry.startswith(".partial-") for entry in os.listdir(root))):
+                    pass
+            else:  # at a random moment
+                try:
+                    process.wait(timeout=rng.uniform(0.05, 0.8))
+                except subprocess.TimeoutExpired:
+                    pass
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                counts["killed"] += 1
+            else:
+                counts["finished before the kill"] += 1
+            process.wait()
+            process.stderr.close()
             if os.path.isdir(root) and any(entry.startswith(".partial-") for entry in os.listdir(root)):
                 counts["killed inside a checkpoint write"] += 1
             try:

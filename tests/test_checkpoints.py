@@ -166,41 +166,55 @@ def test_the_checkpoint_cadence_is_not_part_of_the_variant(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
 
 
-def _kill_and_resume(spec_args: list[str], runs, rng: random.Random, kills: int, steps: int) -> tuple[int, int]:
-    """SIGKILL `nestc run` at `kills` random moments (checkpointing every step, so that some
-    kills land inside a write), resuming after each; returns (kills that landed, resumes that
-    worked). The run is then finished by one more resume."""
-    landed = worked = 0
+def _wait_for_a_write(process, root) -> None:
+    """Return as soon as a checkpoint write is under way in `root` (or the process has ended)."""
+    while process.poll() is None:
+        if os.path.isdir(root) and any(name.startswith(".partial-") for name in os.listdir(root)):
+            return
+
+
+def _kill_and_resume(spec_args: list[str], runs, rng: random.Random, kills: int, steps: int) -> dict:
+    """SIGKILL `nestc run` `kills` times, resuming after each: every other kill at a random moment,
+    the others as soon as a checkpoint write has begun (the run checkpoints every step). Counts
+    the kills that landed, those that left a partial write behind, and the kills after which the
+    run could be resumed; the run is then finished by one more resume."""
+    counts = {"landed": 0, "inside a write": 0, "resumable": 0}
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "nestc", "run", *spec_args, "--steps", str(steps), "--checkpoint-every", "1",
                "--runs", str(runs), "--resume"]
-    for _ in range(kills):
+    for kill in range(kills):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
-        # Wait for the run to be training (its first line), then kill it a random moment later.
-        process.stderr.readline()
-        try:
-            process.wait(timeout=rng.uniform(0.05, 1.5))  # the random moment, not a deadline on the run
-        except subprocess.TimeoutExpired:
+        process.stderr.readline()  # it is training (or resuming) now
+        if kill % 2:
+            _wait_for_a_write(process, next(runs.iterdir()) / "checkpoints")
+        else:
+            try:
+                process.wait(timeout=rng.uniform(0.05, 0.8))  # the random moment, not a deadline on the run
+            except subprocess.TimeoutExpired:
+                pass
+        if process.poll() is None:
             process.send_signal(signal.SIGKILL)
-            landed += 1
+            counts["landed"] += 1
         process.wait()
         process.stderr.close()
-        directory = _only(runs)
-        if rundir.latest(str(directory)) is not None or not (directory / "checkpoints").exists():
-            worked += 1
+        root = _only(runs) / "checkpoints"
+        if root.is_dir() and any(name.startswith(".partial-") for name in os.listdir(root)):
+            counts["inside a write"] += 1
+        if rundir.latest(str(_only(runs))) is not None or not root.exists():  # CheckpointError fails the test
+            counts["resumable"] += 1
     final = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=3600)
     assert final.returncode == 0, final.stderr[-2000:]
-    return landed, worked
+    return counts
 
 
 @pytest.mark.slow
 def test_twenty_sigkills_at_random_moments_each_leave_a_resumable_run_and_resume_is_exact(tmp_path):
-    steps = 60
+    steps = 500  # more than the kills leave time for, so that every kill finds the run still training
     whole = subprocess.run([sys.executable, "-m", "nestc", "run", SPEC, *TINY, "--steps", str(steps),
                             "--runs", str(tmp_path / "whole")], capture_output=True, text=True, timeout=3600)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    landed, worked = _kill_and_resume([SPEC, *TINY], tmp_path / "killed", random.Random(12), kills=20, steps=steps)
-    assert landed >= 10 and worked == 20
+    counts = _kill_and_resume([SPEC, *TINY], tmp_path / "killed", random.Random(12), kills=20, steps=steps)
+    assert counts["landed"] >= 10 and counts["inside a write"] >= 2 and counts["resumable"] == 20, counts
     killed, reference = _only(tmp_path / "killed"), _only(tmp_path / "whole")
     assert _steps_logged(killed) == list(range(1, steps + 1))
     assert _losses(killed) == _losses(reference)

@@ -10,6 +10,7 @@ Ctrl-C on any process stops all of them after the same step.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -93,9 +94,12 @@ def wrap(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 def finish() -> None:
-    """Leave the process group once every process is done. A process that tears its group down
-    while another still works (the first one evaluating) aborts in gloo ("terminate called without
-    an active exception")."""
+    """Leave the process group once every process is done (the caller has dropped its DDP wrapper).
+    A process that tears its group down while another still works (the first one evaluating), or
+    whose gloo work objects outlive the interpreter (they hold tensors, whose release then needs
+    the GIL), aborts ("terminate called without an active exception"): hence the barrier, and the
+    collection of the wrapper's reducer and its last works while Python is fully alive."""
+    gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

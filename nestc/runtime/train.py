@@ -441,6 +441,7 @@ class _Session:
             self.interrupted, self.step_cut_short = True, True
         progress.done()
         if self.world > 1:
+            self.trained = self.model
             distributed.finish()
 
     def _save(self, step: int) -> rundir.Checkpoint:

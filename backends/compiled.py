@@ -438,16 +438,16 @@ def mac_segment(model, layer, block: ir.MemoryAsContext, path: str, x: Tensor, s
     q = run_pipeline(attention.pipelines["query"], x, start, cache, read_level)
     q = q.reshape(batch, size, attention.heads, -1).transpose(1, 2)
     # token t's own entry (the token itself) closes its view of the cache
-    own = entries.shape[1] - 2 * size + 2 * torch.arange(size, device=x.device)[:, None] + 1
-    y = attend_cached(attention, cache, k, v, q, own)
+    y = attend_cached(attention, cache, k, v, q, first=entries.shape[1] - 2 * size + 1, stride=2)
     y = attention.out(y.transpose(1, 2).reshape(batch, size, -1))
     with fx_provenance(memory_name, model.level_spans.get(memory_name)):
         read = run_module(model, memory, model.plans[memory_name], y, start, states[memory_name], read_level)
     return y * read
 
 
-def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
-    for kind, target in pipeline.steps:
+def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level, skip: int = 0) -> Tensor:
+    """x through a pipeline's steps, from step `skip` on."""
+    for kind, target in pipeline.steps[skip:]:
         x = read_level(target, x) if kind == "level" else stage_sequence(pipeline.stages[target], x, start, state)
     return x
 
@@ -458,8 +458,11 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         weights = state.weights if module.every else [w.unsqueeze(0).expand(batch, *w.shape) for w in module.kernel.initial]
         return apply_sequence(module.kernel, weights, x[:, :, None, :]).reshape(x.shape)
     if isinstance(module, CacheLevel):
-        # a whole sequence (layer by layer) attends in blocks: the scores stay linear in its length
-        spans = _spans(start, size, ATTENTION_BLOCK)
+        # A call from an empty cache whose window holds it all is one causal attention; otherwise
+        # the call attends in blocks of queries over the cache, so each block's mask stays
+        # linear in the cache's length.
+        whole = state.keys is None and (not module.window or module.window >= size)
+        spans = [(0, size)] if whole else _spans(start, size, ATTENTION_BLOCK)
         blocks = torch.split(x, [length for _, length in spans], dim=1) if len(spans) > 1 else [x]
         return torch.cat([attend_segment(module, block, start + offset, state, read_level)
                           for (offset, _), block in zip(spans, blocks)], dim=1)
@@ -528,33 +531,81 @@ def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, h
 
 def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
     batch, size = x.shape[:2]
-    k, v, q = (run_pipeline(module.pipelines[r], x, start, state, read_level)
-               .reshape(batch, size, module.heads, -1).transpose(1, 2) for r in ("key", "value", "query"))
-    own = torch.arange(size, device=x.device)[:, None]  # each token's own entry among the new ones
-    y = attend_cached(module, state, k, v, q, own if module.read == "after" else own - 1)
+    k, v, q = (projected.reshape(batch, size, module.heads, -1).transpose(1, 2)
+               for projected in run_pipelines(module.pipelines, ("key", "value", "query"), x, start, state, read_level))
+    # each token's own entry among the new ones closes its view of the cache (`read after`)
+    y = attend_cached(module, state, k, v, q, first=0 if module.read == "after" else -1)
     return module.out(y.transpose(1, 2).reshape(batch, size, -1))
 
 
-def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, newest: Tensor) -> Tensor:
+def run_pipelines(pipelines, roles: tuple[str, ...], x: Tensor, start: int, state: LevelState,
+                  read_level) -> list[Tensor]:
+    """Several pipelines on the same x. Those that open with a projection of the same kind (with
+    or without bias) run it as one matmul on the concatenated weights, then go on from its
+    slice: one pass over x forward, and one matmul for x's gradient backward."""
+    openings = {role: _opening_projection(pipelines[role]) for role in roles}
+    outputs: dict[str, Tensor] = {}
+    for biased in (False, True):
+        group = [role for role in roles if openings[role] is not None and openings[role].bias is not None] \
+            if biased else [role for role in roles if openings[role] is not None and openings[role].bias is None]
+        if len(group) < 2:
+            continue
+        linears = [openings[role] for role in group]
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = torch.cat([linear.bias for linear in linears]) if biased else None
+        pieces = F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+        for role, piece in zip(group, pieces):
+            outputs[role] = run_pipeline(pipelines[role], piece, start, state, read_level, skip=1)
+    return [outputs[role] if role in outputs else run_pipeline(pipelines[role], x, start, state, read_level)
+            for role in roles]
+
+
+def _opening_projection(pipeline) -> torch.nn.Linear | None:
+    """The linear map of a pipeline's first stage, when that stage is a projection."""
+    if not pipeline.steps or pipeline.steps[0][0] != "stage":
+        return None
+    stage = pipeline.stages[pipeline.steps[0][1]]
+    return stage.linear if stage.kind == "proj" else None
+
+
+def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, first: int,
+                  stride: int = 1) -> Tensor:
     """Append the entries k, v [B, H, N, d] to the cache, then let query t read the cached entries
-    up to `newest[t]` (an index among the new entries; -1: only older ones), within the window;
-    the cache keeps the last `window` entries. Returns [B, H, S, d]."""
+    up to the new entry `first + stride * t` (-1: only older ones), within the window; the cache
+    keeps the last `window` entries. Returns [B, H, S, d]."""
     previous = 0 if state.keys is None else state.keys.shape[2]
     keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
     values = v if state.values is None else torch.cat([state.values, v], dim=2)
-    newest = previous + newest
-    index = torch.arange(keys.shape[2], device=k.device)[None, :]
-    allowed = index <= newest
-    if module.window:
-        allowed &= index > newest - module.window
-    scores = torch.einsum("bhtd,bhnd->bhtn", q, keys) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a read with nothing cached reads zero
-    y = torch.einsum("bhtn,bhnd->bhtd", weights, values)
+    y = causal_attention(q, keys, values, previous + first, stride, module.window)
     if module.window:
         keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
     state.keys, state.values = keys, values
     return y
+
+
+def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v per head, where query t [B, H, S, d] reads the entries j of keys
+    and values [B, H, N, d] with `newest + stride * t - window < j <= newest + stride * t` (window
+    0: no lower bound). A query with no entry to read (newest + stride * t < 0) reads zero.
+
+    PyTorch's scaled_dot_product_attention computes it: its causal kernel where query t reads
+    entries 0 .. t (a call from an empty cache), otherwise with the mask of allowed entries."""
+    size = q.shape[2]
+    empty = min(size, -(newest // stride)) if newest < 0 else 0  # the leading queries with nothing to read
+    if empty:
+        zeros = q.new_zeros(*q.shape[:2], empty, values.shape[-1])
+        if empty == size:
+            return zeros
+        return torch.cat([zeros, causal_attention(q[:, :, empty:], keys, values, newest + stride * empty, stride,
+                                                  window)], dim=2)
+    if newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
+        return F.scaled_dot_product_attention(q, keys[:, :, :size], values[:, :, :size], is_causal=True)
+    last = (newest + stride * torch.arange(size, device=q.device))[:, None]
+    index = torch.arange(keys.shape[2], device=q.device)[None, :]
+    allowed = index <= last
+    if window:
+        allowed &= index > last - window
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
 
 def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None) -> CompiledModel:

@@ -455,7 +455,8 @@ def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level,
 def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: LevelState, read_level):
     batch, size = x.shape[:2]
     if isinstance(module, FeedForwardLevel):
-        weights = state.weights if module.every else [w.unsqueeze(0).expand(batch, *w.shape) for w in module.kernel.initial]
+        # a feed-forward block's weights, shared by the batch, keep a batch dimension of 1
+        weights = state.weights if module.every else [w.unsqueeze(0) for w in module.kernel.initial]
         return apply_sequence(module.kernel, weights, x[:, :, None, :]).reshape(x.shape)
     if isinstance(module, CacheLevel):
         # A call from an empty cache whose window holds it all is one causal attention; otherwise
@@ -531,11 +532,82 @@ def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, h
 
 def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
     batch, size = x.shape[:2]
-    k, v, q = (projected.reshape(batch, size, module.heads, -1).transpose(1, 2)
-               for projected in run_pipelines(module.pipelines, ("key", "value", "query"), x, start, state, read_level))
-    # each token's own entry among the new ones closes its view of the cache (`read after`)
-    y = attend_cached(module, state, k, v, q, first=0 if module.read == "after" else -1)
+    first = 0 if module.read == "after" else -1  # each token's own entry closes its view of the cache (`read after`)
+    base = rotary_pairs_base(module) if state.keys is None else None
+    if base is not None:
+        y = attend_rotary_pairs(module, x, start, state, read_level, base, first)
+    else:
+        k, v, q = (projected.reshape(batch, size, module.heads, -1).transpose(1, 2) for projected in
+                   run_pipelines(module.pipelines, ("key", "value", "query"), x, start, state, read_level))
+        y = attend_cached(module, state, k, v, q, first)
     return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+
+
+def rotary_pairs_base(module: CacheLevel) -> float | None:
+    """The RoPE base when the key and query pipelines are both `proj |> rope` with one base,
+    projections of one kind (with or without bias) and an even head width; otherwise None."""
+    parts = []
+    for role in ("key", "query"):
+        pipeline = module.pipelines[role]
+        if [kind for kind, _ in pipeline.steps] != ["stage", "stage"]:
+            return None
+        projection, rope = (pipeline.stages[index] for _, index in pipeline.steps)
+        if projection.kind != "proj" or rope.kind != "rope":
+            return None
+        parts.append((projection.linear, rope.args["base"]))
+    (key, key_base), (query, query_base) = parts
+    if key_base != query_base or (key.bias is None) != (query.bias is None) \
+            or key.out_features != query.out_features or (key.out_features // module.heads) % 2:
+        return None
+    return key_base
+
+
+def attend_rotary_pairs(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level, base: float,
+                        first: int) -> Tensor:
+    """`attend_segment` from an empty cache for keys and queries `proj |> rope`: RoPE rotates the
+    channel pairs (i, i + d/2) of each head, and reordering the projections' rows makes each pair
+    adjacent, so the rotation is one complex multiplication (forward and backward) instead of
+    slices, products and concatenations. Attention reads keys and queries only through their dot
+    products, which one order for both leaves unchanged; the cache keeps the keys in the
+    reference's order. Returns [B, H, S, d]."""
+    batch, size = x.shape[:2]
+    key, query = (module.pipelines[role].stages[0].linear for role in ("key", "query"))
+    heads, width = module.heads, key.out_features // module.heads
+    pairs = torch.arange(key.out_features, device=x.device).view(heads, 2, width // 2).transpose(1, 2).flatten()
+    linears, weights = [key, query], [key.weight[pairs], query.weight[pairs]]
+    biases = [key.bias[pairs], query.bias[pairs]] if key.bias is not None else None
+    value = _opening_projection(module.pipelines["value"])
+    if value is not None and (value.bias is None) == (biases is None):
+        linears.append(value)
+        weights.append(value.weight)
+        biases = biases + [value.bias] if biases is not None else None
+    pieces = F.linear(x, torch.cat(weights), None if biases is None else torch.cat(biases)).split(
+        [linear.out_features for linear in linears], dim=-1)
+    k, q = (rotate_pairs(piece.reshape(batch, size, heads, width), start, base).transpose(1, 2) for piece in pieces[:2])
+    v = run_pipeline(module.pipelines["value"], pieces[2], start, state, read_level, skip=1) if len(pieces) == 3 \
+        else run_pipeline(module.pipelines["value"], x, start, state, read_level)
+    v = v.reshape(batch, size, heads, -1).transpose(1, 2)
+    y = causal_attention(q, k, v, first, 1, module.window)
+    in_order = k.unflatten(-1, (width // 2, 2)).transpose(-1, -2).flatten(-2)  # the pairs back to (i, i + d/2)
+    _keep_cache(module, state, in_order, v)
+    return y
+
+
+def rotate_pairs(x: Tensor, start: int, base: float) -> Tensor:
+    """RoPE on x [B, S, H, d] whose channels are the rotation pairs side by side ((i, i + d/2)
+    at 2i, 2i + 1), positions start .. start + S - 1: the reference's `rotate` in that order."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)
+    angle = (start + torch.arange(x.shape[1], dtype=x.dtype, device=x.device))[:, None, None] * frequencies
+    cos, sin = torch.cos(angle), torch.sin(angle)  # [S, 1, d/2]: over heads
+    pairs = x.unflatten(-1, (half, 2))
+    if x.dtype in (torch.float32, torch.float64):
+        if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # a complex view needs whole pairs at even offsets
+        turned = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+        return torch.view_as_real(turned).flatten(-2)
+    first, second = pairs.unbind(-1)  # no complex type of this dtype (bfloat16 autocast)
+    return torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2)
 
 
 def run_pipelines(pipelines, roles: tuple[str, ...], x: Tensor, start: int, state: LevelState,
@@ -577,10 +649,15 @@ def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q
     keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
     values = v if state.values is None else torch.cat([state.values, v], dim=2)
     y = causal_attention(q, keys, values, previous + first, stride, module.window)
+    _keep_cache(module, state, keys, values)
+    return y
+
+
+def _keep_cache(module: CacheLevel, state: LevelState, keys: Tensor, values: Tensor) -> None:
+    """The cache after a call: all its entries, or the last `window`."""
     if module.window:
         keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
     state.keys, state.values = keys, values
-    return y
 
 
 def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int) -> Tensor:

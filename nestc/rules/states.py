@@ -170,6 +170,18 @@ class Mlp(State):
         return self.finish(args, h, x)
 
     def apply_sequence(self, args, weights, x):
+        import torch
+
+        if weights[0].shape[0] == 1:
+            # One memory for the whole batch (a feed-forward block): the batch and the positions
+            # are the rows of one matmul per head, so the weights' gradient is one matmul too,
+            # not one per sample summed afterwards.
+            h = x
+            for index, weight in enumerate(weights):
+                h = torch.einsum("bshi,hoi->bsho", h, weight[0])
+                if index < len(weights) - 1:
+                    h = activation(args["act"], h)
+            return self.finish(args, h, x)
         per_head = x.transpose(1, 2)  # [B, H, S, d]: every map one batched matmul
         h = per_head
         for index, weight in enumerate(weights):

@@ -18,6 +18,10 @@ and a final norm. Their parameter counts equal the spec's exactly (all are print
   one fused q/k/v `nn.Linear`, RoPE on the pairs (i, i + d/2) by `rotate_half` with the cosines
   and sines computed once per call, `F.scaled_dot_product_attention(is_causal=True)`.
 
+A second nestc row runs the spec changed to do the encoder's work (keys and queries without
+`rope`, `layernorm` blocks and final norm), which separates what nestc's schedule costs from what
+the spec's extra work costs.
+
 The repeats are interleaved: each round times one step of every model and one `torch.mm` of
 --mm-size (the order reversed every other round), so load from other jobs on a shared machine
 falls on all of them alike. Each is timed by the process's CPU time (`--clock cpu`, the default,
@@ -40,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import SPECS, build_compiled, describe_machine, print_table, sized_spec  # noqa: E402
+from peers import SPECS, build_compiled, describe_machine, print_table, sized_spec, substitute  # noqa: E402
 
 SPEC = "transformer"
 
@@ -119,6 +123,17 @@ def handwritten_lm(vocab: int, dim: int, heads: int, layers: int, base: float = 
     return HandwrittenLM()
 
 
+def encoder_work_spec(text: str) -> str:
+    """The spec's text with its library inlined, without RoPE, and with LayerNorm for RMSNorm."""
+    library = (SPECS / "lib" / f"{SPEC}.nest").read_text(encoding="utf-8")
+    library = substitute(r"^(\s*key = x \|> proj) \|> rope$", r"\g<1>", library, "the key's rope")
+    library = substitute(r"^(\s*query = x \|> proj) \|> rope$", r"\g<1>", library, "the query's rope")
+    text = substitute(r'^import "lib/transformer.nest".*$', library.replace("\\", "\\\\"), text, "the library import")
+    text = substitute(r"^(\s*block = )residual\(rmsnorm \|> attn\) \|> residual\(rmsnorm \|> ffn\)$",
+                      r"\g<1>residual(layernorm |> attn) |> residual(layernorm |> ffn)", text, "the block's norms")
+    return substitute(r"^(\s*layers\s+\d+)$", "\\g<1>\n    norm layernorm", text, "the final norm")
+
+
 def forward_flops_per_token(vocab: int, dim: int, layers: int, context: int) -> float:
     """Matmul FLOPs of one token's forward pass (the module docstring says what is counted)."""
     per_layer = 2 * (4 * dim * dim + 2 * dim * 4 * dim) + 4 * dim * (context + 1) / 2
@@ -132,6 +147,8 @@ def compare(dim: int, args) -> list[list[str]]:
     text = sized_spec(SPEC, dim, args.heads, args.time)
     torch.manual_seed(0)
     nestc_model, _ = build_compiled(text, SPECS / f"{SPEC}.nest")
+    torch.manual_seed(0)
+    encoder_work, _ = build_compiled(encoder_work_spec(text), SPECS / f"{SPEC}.nest")
     vocab, layers = nestc_model.vocab, len(nestc_model.layers)
     tokens = torch.randint(0, vocab, (args.batch, args.time))
 
@@ -142,7 +159,7 @@ def compare(dim: int, args) -> list[list[str]]:
         F.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1)).backward()
 
     a, b = (torch.randn(args.mm_size, args.mm_size) for _ in range(2))
-    models = {"nestc (compiled)": nestc_model,
+    models = {"nestc (compiled)": nestc_model, "nestc, the encoder's work": encoder_work,
               "TransformerEncoder": encoder_lm(vocab, dim, args.heads, layers, args.time),
               "hand-written": handwritten_lm(vocab, dim, args.heads, layers)}
     steps = {name: functools.partial(train_step, model) for name, model in models.items()}

@@ -69,7 +69,8 @@ class State(Rule):
         raise NotImplementedError
 
     def apply_sequence(self, args: dict, weights: list, x):
-        """M(x) for weights [B, H, ...] (one memory per sample) and x [B, S, H, d]."""
+        """M(x) for weights [B, H, ...] (one memory per sample; [1, H, ...]: one for the whole batch,
+        a feed-forward block's) and x [B, S, H, d]."""
         raise NotImplementedError
 
     def map_activation(self, args: dict) -> str:

@@ -438,16 +438,16 @@ def mac_segment(model, layer, block: ir.MemoryAsContext, path: str, x: Tensor, s
     q = run_pipeline(attention.pipelines["query"], x, start, cache, read_level)
     q = q.reshape(batch, size, attention.heads, -1).transpose(1, 2)
     # token t's own entry (the token itself) closes its view of the cache
-    own = entries.shape[1] - 2 * size + 2 * torch.arange(size, device=x.device)[:, None] + 1
-    y = attend_cached(attention, cache, k, v, q, own)
+    y = attend_cached(attention, cache, k, v, q, first=entries.shape[1] - 2 * size + 1, stride=2)
     y = attention.out(y.transpose(1, 2).reshape(batch, size, -1))
     with fx_provenance(memory_name, model.level_spans.get(memory_name)):
         read = run_module(model, memory, model.plans[memory_name], y, start, states[memory_name], read_level)
     return y * read
 
 
-def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
-    for kind, target in pipeline.steps:
+def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level, skip: int = 0) -> Tensor:
+    """x through a pipeline's steps, from step `skip` on."""
+    for kind, target in pipeline.steps[skip:]:
         x = read_level(target, x) if kind == "level" else stage_sequence(pipeline.stages[target], x, start, state)
     return x
 
@@ -455,11 +455,15 @@ def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level)
 def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: LevelState, read_level):
     batch, size = x.shape[:2]
     if isinstance(module, FeedForwardLevel):
-        weights = state.weights if module.every else [w.unsqueeze(0).expand(batch, *w.shape) for w in module.kernel.initial]
+        # a feed-forward block's weights, shared by the batch, keep a batch dimension of 1
+        weights = state.weights if module.every else [w.unsqueeze(0) for w in module.kernel.initial]
         return apply_sequence(module.kernel, weights, x[:, :, None, :]).reshape(x.shape)
     if isinstance(module, CacheLevel):
-        # a whole sequence (layer by layer) attends in blocks: the scores stay linear in its length
-        spans = _spans(start, size, ATTENTION_BLOCK)
+        # A call from an empty cache whose window holds it all is one causal attention; otherwise
+        # the call attends in blocks of queries over the cache, so each block's mask stays
+        # linear in the cache's length.
+        whole = state.keys is None and (not module.window or module.window >= size)
+        spans = [(0, size)] if whole else _spans(start, size, ATTENTION_BLOCK)
         blocks = torch.split(x, [length for _, length in spans], dim=1) if len(spans) > 1 else [x]
         return torch.cat([attend_segment(module, block, start + offset, state, read_level)
                           for (offset, _), block in zip(spans, blocks)], dim=1)
@@ -528,33 +532,157 @@ def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, h
 
 def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
     batch, size = x.shape[:2]
-    k, v, q = (run_pipeline(module.pipelines[r], x, start, state, read_level)
-               .reshape(batch, size, module.heads, -1).transpose(1, 2) for r in ("key", "value", "query"))
-    own = torch.arange(size, device=x.device)[:, None]  # each token's own entry among the new ones
-    y = attend_cached(module, state, k, v, q, own if module.read == "after" else own - 1)
+    first = 0 if module.read == "after" else -1  # each token's own entry closes its view of the cache (`read after`)
+    base = rotary_pairs_base(module) if state.keys is None else None
+    if base is not None:
+        y = attend_rotary_pairs(module, x, start, state, read_level, base, first)
+    else:
+        k, v, q = (projected.reshape(batch, size, module.heads, -1).transpose(1, 2) for projected in
+                   run_pipelines(module.pipelines, ("key", "value", "query"), x, start, state, read_level))
+        y = attend_cached(module, state, k, v, q, first)
     return module.out(y.transpose(1, 2).reshape(batch, size, -1))
 
 
-def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, newest: Tensor) -> Tensor:
+def rotary_pairs_base(module: CacheLevel) -> float | None:
+    """The RoPE base when the key and query pipelines are both `proj |> rope` with one base,
+    projections of one kind (with or without bias) and an even head width; otherwise None."""
+    parts = []
+    for role in ("key", "query"):
+        pipeline = module.pipelines[role]
+        if [kind for kind, _ in pipeline.steps] != ["stage", "stage"]:
+            return None
+        projection, rope = (pipeline.stages[index] for _, index in pipeline.steps)
+        if projection.kind != "proj" or rope.kind != "rope":
+            return None
+        parts.append((projection.linear, rope.args["base"]))
+    (key, key_base), (query, query_base) = parts
+    if key_base != query_base or (key.bias is None) != (query.bias is None) \
+            or key.out_features != query.out_features or (key.out_features // module.heads) % 2:
+        return None
+    return key_base
+
+
+def attend_rotary_pairs(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level, base: float,
+                        first: int) -> Tensor:
+    """`attend_segment` from an empty cache for keys and queries `proj |> rope`: RoPE rotates the
+    channel pairs (i, i + d/2) of each head, and reordering the projections' rows makes each pair
+    adjacent, so the rotation is one complex multiplication (forward and backward) instead of
+    slices, products and concatenations. Attention reads keys and queries only through their dot
+    products, which one order for both leaves unchanged; the cache keeps the keys in the
+    reference's order. Returns [B, H, S, d]."""
+    batch, size = x.shape[:2]
+    key, query = (module.pipelines[role].stages[0].linear for role in ("key", "query"))
+    heads, width = module.heads, key.out_features // module.heads
+    pairs = torch.arange(key.out_features, device=x.device).view(heads, 2, width // 2).transpose(1, 2).flatten()
+    linears, weights = [key, query], [key.weight[pairs], query.weight[pairs]]
+    biases = [key.bias[pairs], query.bias[pairs]] if key.bias is not None else None
+    value = _opening_projection(module.pipelines["value"])
+    if value is not None and (value.bias is None) == (biases is None):
+        linears.append(value)
+        weights.append(value.weight)
+        biases = biases + [value.bias] if biases is not None else None
+    pieces = F.linear(x, torch.cat(weights), None if biases is None else torch.cat(biases)).split(
+        [linear.out_features for linear in linears], dim=-1)
+    k, q = (rotate_pairs(piece.reshape(batch, size, heads, width), start, base).transpose(1, 2) for piece in pieces[:2])
+    v = run_pipeline(module.pipelines["value"], pieces[2], start, state, read_level, skip=1) if len(pieces) == 3 \
+        else run_pipeline(module.pipelines["value"], x, start, state, read_level)
+    v = v.reshape(batch, size, heads, -1).transpose(1, 2)
+    y = causal_attention(q, k, v, first, 1, module.window)
+    in_order = k.unflatten(-1, (width // 2, 2)).transpose(-1, -2).flatten(-2)  # the pairs back to (i, i + d/2)
+    _keep_cache(module, state, in_order, v)
+    return y
+
+
+def rotate_pairs(x: Tensor, start: int, base: float) -> Tensor:
+    """RoPE on x [B, S, H, d] whose channels are the rotation pairs side by side ((i, i + d/2)
+    at 2i, 2i + 1), positions start .. start + S - 1: the reference's `rotate` in that order."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)
+    angle = (start + torch.arange(x.shape[1], dtype=x.dtype, device=x.device))[:, None, None] * frequencies
+    cos, sin = torch.cos(angle), torch.sin(angle)  # [S, 1, d/2]: over heads
+    pairs = x.unflatten(-1, (half, 2))
+    if x.dtype in (torch.float32, torch.float64):
+        if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # a complex view needs whole pairs at even offsets
+        turned = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+        return torch.view_as_real(turned).flatten(-2)
+    first, second = pairs.unbind(-1)  # no complex type of this dtype (bfloat16 autocast)
+    return torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2)
+
+
+def run_pipelines(pipelines, roles: tuple[str, ...], x: Tensor, start: int, state: LevelState,
+                  read_level) -> list[Tensor]:
+    """Several pipelines on the same x. Those that open with a projection of the same kind (with
+    or without bias) run it as one matmul on the concatenated weights, then go on from its
+    slice: one pass over x forward, and one matmul for x's gradient backward."""
+    openings = {role: _opening_projection(pipelines[role]) for role in roles}
+    outputs: dict[str, Tensor] = {}
+    for biased in (False, True):
+        group = [role for role in roles if openings[role] is not None and openings[role].bias is not None] \
+            if biased else [role for role in roles if openings[role] is not None and openings[role].bias is None]
+        if len(group) < 2:
+            continue
+        linears = [openings[role] for role in group]
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = torch.cat([linear.bias for linear in linears]) if biased else None
+        pieces = F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
+        for role, piece in zip(group, pieces):
+            outputs[role] = run_pipeline(pipelines[role], piece, start, state, read_level, skip=1)
+    return [outputs[role] if role in outputs else run_pipeline(pipelines[role], x, start, state, read_level)
+            for role in roles]
+
+
+def _opening_projection(pipeline) -> torch.nn.Linear | None:
+    """The linear map of a pipeline's first stage, when that stage is a projection."""
+    if not pipeline.steps or pipeline.steps[0][0] != "stage":
+        return None
+    stage = pipeline.stages[pipeline.steps[0][1]]
+    return stage.linear if stage.kind == "proj" else None
+
+
+def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, first: int,
+                  stride: int = 1) -> Tensor:
     """Append the entries k, v [B, H, N, d] to the cache, then let query t read the cached entries
-    up to `newest[t]` (an index among the new entries; -1: only older ones), within the window;
-    the cache keeps the last `window` entries. Returns [B, H, S, d]."""
+    up to the new entry `first + stride * t` (-1: only older ones), within the window; the cache
+    keeps the last `window` entries. Returns [B, H, S, d]."""
     previous = 0 if state.keys is None else state.keys.shape[2]
     keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
     values = v if state.values is None else torch.cat([state.values, v], dim=2)
-    newest = previous + newest
-    index = torch.arange(keys.shape[2], device=k.device)[None, :]
-    allowed = index <= newest
-    if module.window:
-        allowed &= index > newest - module.window
-    scores = torch.einsum("bhtd,bhnd->bhtn", q, keys) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a read with nothing cached reads zero
-    y = torch.einsum("bhtn,bhnd->bhtd", weights, values)
+    y = causal_attention(q, keys, values, previous + first, stride, module.window)
+    _keep_cache(module, state, keys, values)
+    return y
+
+
+def _keep_cache(module: CacheLevel, state: LevelState, keys: Tensor, values: Tensor) -> None:
+    """The cache after a call: all its entries, or the last `window`."""
     if module.window:
         keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
     state.keys, state.values = keys, values
-    return y
+
+
+def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v per head, where query t [B, H, S, d] reads the entries j of keys
+    and values [B, H, N, d] with `newest + stride * t - window < j <= newest + stride * t` (window
+    0: no lower bound). A query with no entry to read (newest + stride * t < 0) reads zero.
+
+    PyTorch's scaled_dot_product_attention computes it: its causal kernel where query t reads
+    entries 0 .. t (a call from an empty cache), otherwise with the mask of allowed entries."""
+    size = q.shape[2]
+    empty = min(size, -(newest // stride)) if newest < 0 else 0  # the leading queries with nothing to read
+    if empty:
+        zeros = q.new_zeros(*q.shape[:2], empty, values.shape[-1])
+        if empty == size:
+            return zeros
+        return torch.cat([zeros, causal_attention(q[:, :, empty:], keys, values, newest + stride * empty, stride,
+                                                  window)], dim=2)
+    if newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
+        return F.scaled_dot_product_attention(q, keys[:, :, :size], values[:, :, :size], is_causal=True)
+    last = (newest + stride * torch.arange(size, device=q.device))[:, None]
+    index = torch.arange(keys.shape[2], device=q.device)[None, :]
+    allowed = index <= last
+    if window:
+        allowed &= index > last - window
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
 
 def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None) -> CompiledModel:

@@ -609,7 +609,8 @@ class ReferenceModel(nn.Module):
             call_start = state.position
             if self.task_levels:
                 self._start_replay(state, outer_grad, fresh)
-            logits = torch.cat(self.advance(tokens, state, outer_grad), dim=1)
+            outputs = self.advance(tokens, state, outer_grad)
+            logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # one piece: no copy
             if state.replay is not None:
                 state.replay.calls.append(tokens[:, max(0, state.replay.start.position - call_start):])
         if not outer_grad:

@@ -344,6 +344,77 @@ def test_layer_by_layer_attention_in_blocks_equals_the_reference(spec, monkeypat
     assert fast.layer_by_layer
 
 
+ATTENTION_MODEL = """
+level attn : cache(window={window}) {{
+    key = x |> {key}
+    value = x |> {value}
+    query = x |> {query}
+    read {read}
+}}
+model {{
+    vocab 7
+    dim 16
+    heads 2
+    layers 2
+    block = residual(rmsnorm |> attn) |> residual(rmsnorm |> ffn)
+}}
+level ffn : mlp(expand=2, residual=false)
+"""
+
+
+@pytest.mark.parametrize("window,read,key,value,query,paired", [
+    (0, "after", "proj |> rope", "proj", "proj |> rope", True),  # pairs side by side, the causal kernel
+    (0, "before", "proj |> rope", "proj", "proj |> rope", True),  # the first query reads nothing
+    (3, "after", "proj |> rope", "proj |> silu", "proj |> rope", True),  # a window shorter than a block
+    (40, "before", "proj", "proj", "proj", False),  # a window longer than the stream
+    (0, "after", "proj(bias=true) |> rope", "proj(bias=true)", "proj(bias=true) |> rope", True),
+    (5, "after", "proj |> rope", "proj", "proj(bias=true) |> rope", False),  # projections of two kinds
+    (0, "after", "proj |> rope(base=100)", "proj", "proj |> rope", False),  # two bases
+])
+def test_attention_through_sdpa_equals_the_reference_from_an_empty_and_a_carried_cache(
+        window, read, key, value, query, paired, monkeypatch):
+    """The first call attends from an empty cache (one causal kernel where the window holds the
+    call, else blocks with masks; keys and queries `proj |> rope` with their rotation pairs side
+    by side), the second over the cache the first left (masks over cache and call), in blocks not
+    aligned to the calls; logits, caches and every gradient equal the reference's, in float64
+    and float32."""
+    monkeypatch.setattr(compiled, "ATTENTION_BLOCK", 6)
+    calls = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    text = ATTENTION_MODEL.format(window=window, read=read, key=key, value=value, query=query)
+    result = analyze_source(SourceFile("<attention>", text))
+    assert result.ok, [d.message for d in result.diagnostics]
+    for dtype in (torch.float64, torch.float32):
+        fast = assert_equivalent(result.program, dtype=dtype, length=23, split=9)
+    assert (compiled.rotary_pairs_base(fast.layers[0].levels["attn"]) is not None) == paired
+    whole_first_call = window == 0 or window >= 9
+    assert any(call.get("is_causal") for call in calls) == whole_first_call
+    assert any(call.get("attn_mask") is not None for call in calls)  # the second call reads a cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_on_side_by_side_pairs_is_the_reference_rope_reordered(dtype):
+    """`rotate_pairs` on channels reordered so that each pair (i, i + d/2) is adjacent equals the
+    reference's `rotate` reordered the same way: a complex product in float32 and float64, real
+    arithmetic in bfloat16, which has no complex type."""
+    from nestc.backends.pipelines import rotate
+
+    x = torch.randn(2, 5, 3, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+    side_by_side = torch.arange(8).view(2, 4).t().flatten()  # 0, 4, 1, 5, ...
+    expected = rotate(x, (7 + torch.arange(5))[:, None], 500.0)[..., side_by_side]
+    actual = compiled.rotate_pairs(x[..., side_by_side], 7, 500.0)
+    assert actual.dtype == dtype
+    # bfloat16 takes the reference's own arithmetic; a complex product may round differently
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 0.0}[dtype]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance)
+
+
 def test_layer_by_layer_only_where_layers_are_independent_within_a_segment():
     expected = {"titans": True, "deltanet": True, "transformer": True, "atlas": True,
                 "hope": False,        # continuum levels learn from the last layer's logits

@@ -69,7 +69,8 @@ class State(Rule):
         raise NotImplementedError
 
     def apply_sequence(self, args: dict, weights: list, x):
-        """M(x) for weights [B, H, ...] (one memory per sample) and x [B, S, H, d]."""
+        """M(x) for weights [B, H, ...] (one memory per sample; [1, H, ...]: one for the whole batch,
+        a feed-forward block's) and x [B, S, H, d]."""
         raise NotImplementedError
 
     def map_activation(self, args: dict) -> str:
@@ -170,6 +171,18 @@ class Mlp(State):
         return self.finish(args, h, x)
 
     def apply_sequence(self, args, weights, x):
+        import torch
+
+        if weights[0].shape[0] == 1:
+            # One memory for the whole batch (a feed-forward block): the batch and the positions
+            # are the rows of one matmul per head, so the weights' gradient is one matmul too,
+            # not one per sample summed afterwards.
+            h = x
+            for index, weight in enumerate(weights):
+                h = torch.einsum("bshi,hoi->bsho", h, weight[0])
+                if index < len(weights) - 1:
+                    h = activation(args["act"], h)
+            return self.finish(args, h, x)
         per_head = x.transpose(1, 2)  # [B, H, S, d]: every map one batched matmul
         h = per_head
         for index, weight in enumerate(weights):

@@ -284,10 +284,10 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         if value is not None:
             assignments = (*assignments, f"train.{field}={value}")
     try:
-        source = overrides.apply(source, list(assignments))
+        overridden = overrides.apply(source, list(assignments))
     except overrides.OverrideError as error:
         raise click.UsageError(str(error)) from None
-    result = analyze_source(source)
+    result = analyze_source(overridden.main, replaced_imports=overridden.imported)
     _report(result.diagnostics, result.sources, "human", color)
     if not result.ok:
         sys.exit(EXIT_DIAGNOSTICS)

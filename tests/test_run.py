@@ -540,6 +540,81 @@ def test_bad_values_say_what_is_wrong_before_training(args, code, message, tmp_p
     assert not list(tmp_path.glob("*/metrics.jsonl"))  # nothing was trained
 
 
+# --- threads -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def threads_given_back():
+    """Every test below changes torch's thread count on purpose; the next test gets it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _threads_seen_while_training(monkeypatch):
+    seen = []
+    train_step = nestc.runtime.train._Session._train_step
+
+    def recording(self, step):
+        seen.append(torch.get_num_threads())
+        return train_step(self, step)
+
+    monkeypatch.setattr(nestc.runtime.train._Session, "_train_step", recording)
+    return seen
+
+
+def test_threads_set_torch_threads_while_the_run_trains_and_give_them_back(tmp_path, monkeypatch, threads_given_back):
+    seen = _threads_seen_while_training(monkeypatch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cases = [(["--threads", "1"], None, 1), (["--threads", "3"], None, 3), ([], None, 1), ([], "3", 3), ([], "2,1", 1)]
+    for flags, environment, expected in cases:
+        if environment is not None:
+            monkeypatch.setenv("OMP_NUM_THREADS", environment)
+        torch.set_num_threads(2)
+        seen.clear()
+        result = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), "--overwrite", *TINY, *flags)
+        assert result.exit_code == 0, result.output
+        assert seen == [expected, expected], (flags, environment)
+        assert torch.get_num_threads() == 2  # the caller's count, given back
+
+
+def test_threads_reach_every_data_parallel_process(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr("nestc.runtime.distributed.launch", lambda processes, arguments: launched.append(arguments) or 0)
+    result = _run("specs/deltanet.nest", "--nproc", "2", "--threads", "1", "--runs", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    (arguments,) = launched
+    assert arguments[arguments.index("--threads") + 1] == "1"
+
+
+def test_reading_and_writing_use_the_threads_given(trained, tmp_path, monkeypatch, threads_given_back):
+    seen = []
+    read, sample = nestc.runtime.train.read, nestc.runtime.train.sample
+    monkeypatch.setattr(nestc.runtime.train, "read", lambda *a, **k: seen.append(torch.get_num_threads()) or read(*a, **k))
+    monkeypatch.setattr(nestc.runtime.train, "sample",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or sample(*a, **k))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 4)
+    torch.set_num_threads(2)
+    for args in (["eval", str(trained), str(text), "--threads", "3"], ["memorize", str(trained), str(text)],
+                 ["generate", str(trained), "--length", "4", "--threads", "3"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert seen == [3, 1, 3]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_thread_count_below_one_is_a_usage_error(value, tmp_path):
+    for args in (["run", "specs/deltanet.nest", "--runs", str(tmp_path)], ["eval", str(tmp_path), "README.md"],
+                 ["generate", str(tmp_path)], ["memorize", str(tmp_path), "README.md"]):
+        result = CliRunner().invoke(cli, [*args, "--threads", value])
+        assert result.exit_code == 2, (args, result.output)
+        assert "--threads" in result.output and value in result.output and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())
+
+
 # --- --set on imported levels --------------------------------------------------------------------
 
 

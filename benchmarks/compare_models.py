@@ -3,7 +3,7 @@
     python benchmarks/compare_models.py [--steps 50] [--batch 2] [--runs /tmp/nestc-compare]
 
 Every model trains with its own spec's outer level (optimizer, learning rate, schedule) and the
-same batch, context (256: Hope's slowest continuum level updates every 256 tokens) and number of
+same batch, context (256, as each spec gives it) and number of
 steps, through `nestc run`. Prints a Markdown table: held-out bits per byte on the corpus (lower is better) and
 held-out accuracy on the tasks (sequences twice the training length for parity).
 """

@@ -271,7 +271,7 @@ def job_nested_learning(job: dict) -> dict:
     from nested_learning.training import compute_teach_signal
 
     device = job["device"]
-    cms = [LevelSpec("cms_fast", 16), LevelSpec("cms_mid", 64), LevelSpec("cms_slow", 256)]
+    cms = [LevelSpec("cms_fast", 16), LevelSpec("cms_mid", 32), LevelSpec("cms_slow", 64)]
     config = ModelConfig(vocab_size=256, dim=job["dim"], num_layers=job["layers"], heads=job["heads"],
                          titan_level=LevelSpec("titan", 16), cms_levels=cms, block_variant="hope_selfmod",
                          self_mod_chunk_size=64, self_mod_chunk_size_memory=16, self_mod_hidden=4)
@@ -421,7 +421,7 @@ def section_hope(args) -> None:
     dim, heads, batch, length = args.dim, args.heads, args.batch, args.hope_time
     print(f"## hope: whole model vs nested-learning HOPEModel (B={batch} T={length} dim={dim} layers 2, vocab 256)\n")
     print("Matched: dim, 2 layers, vocabulary, self-modifying Titans followed by a CMS chain of three MLPs "
-          "updated every 16 / 64 / 256 tokens, self-modifying memories with hidden width 4x, chunks 64 for the "
+          "updated every 16 / 32 / 64 tokens, self-modifying memories with hidden width 4x, chunks 64 for the "
           "generating memories and 16 for the read memory. Not matched: nestc's memories are per head "
           f"({heads} heads of {dim // heads}); the peer's are one full-width memory (its selfmod block has no "
           "heads). Not the same computation in training: the peer's differentiable forward reads its memories "

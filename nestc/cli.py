@@ -204,6 +204,21 @@ _task_options = click.option("--task-option", "task_options", multiple=True, met
                              help="A task setting, e.g. --task-option pairs=16 (mqar: pairs, keys, values).")
 
 
+def _threads_option(what: str):
+    return click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                        help=f"torch's intra-op threads {what} (default: $OMP_NUM_THREADS if set, else 1: on a "
+                             "2-core machine with other work running, 2 threads made a step of hope.nest many "
+                             "times slower than 1; docs/benchmarks.md, \"Threads\").")
+
+
+def _thread_count(threads: int | None) -> int:
+    """--threads, else OMP_NUM_THREADS when it is a plain count, else 1 (docs/benchmarks.md)."""
+    if threads is not None:
+        return threads
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict[str, int]:
     options = {}
     for option in task_options:
@@ -244,9 +259,11 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
 @click.option("--compile", "torch_compile", is_flag=True,
               help="Run each segment through torch.compile (the first steps pay the compile).")
 @click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")
+@_threads_option("in each training process")
 @_color
 def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, checkpoint_minutes, runs, eval_every,
-        task, task_options, data_paths, nproc, tokenizer, seed, device, bf16, torch_compile, graph, color) -> None:
+        task, task_options, data_paths, nproc, tokenizer, seed, device, bf16, torch_compile, graph, threads,
+        color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
@@ -260,6 +277,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
             raise click.UsageError(f"--device {device}: " + ("CUDA is not available on this machine"
                                                              if device.startswith("cuda") else "use cpu or cuda"))
     options = _parse_task_options(task, task_options)
+    threads = _thread_count(threads)
     if (torch_compile or graph) and backend != "compiled":
         raise click.UsageError(f"--{'compile' if torch_compile else 'graph'} needs --backend compiled: the reference "
                                "backend is the token-by-token oracle")
@@ -284,10 +302,10 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         if value is not None:
             assignments = (*assignments, f"train.{field}={value}")
     try:
-        source = overrides.apply(source, list(assignments))
+        overridden = overrides.apply(source, list(assignments))
     except overrides.OverrideError as error:
         raise click.UsageError(str(error)) from None
-    result = analyze_source(source)
+    result = analyze_source(overridden.main, replaced_imports=overridden.imported)
     _report(result.diagnostics, result.sources, "human", color)
     if not result.ok:
         sys.exit(EXIT_DIAGNOSTICS)
@@ -305,7 +323,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
                 arguments += [flag, str(value)]
         arguments += [a for option in task_options for a in ("--task-option", option)]
         arguments += (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
-        arguments += ["--device", device] + (["--bf16"] if bf16 else [])
+        arguments += ["--device", device, "--threads", str(threads)] + (["--bf16"] if bf16 else [])
         arguments += (["--compile"] if torch_compile else []) + (["--graph"] if graph else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
         from nestc.runtime import distributed
@@ -320,7 +338,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
 
     config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, overwrite=overwrite,
                        eval_every=eval_every, task=task, task_options=options, tokenizer=tokenizer, device=device,
-                       bf16=bf16, compile=torch_compile, graph=graph)
+                       bf16=bf16, compile=torch_compile, graph=graph, threads=threads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         try:
@@ -529,12 +547,14 @@ _state_out = click.option("--state-out", type=click.Path(dir_okay=False), help="
 @click.option("--seed", type=int, default=0, show_default=True)
 @_state_in
 @_state_out
-def generate(run_directory, prompt, length, temperature, seed, state_in, state_out) -> None:
+@_threads_option("while it writes")
+def generate(run_directory, prompt, length, temperature, seed, state_in, state_out, threads) -> None:
     """Write text with a trained run's model; its memories keep learning while it reads and writes."""
-    from nestc.runtime.train import sample
+    from nestc.runtime.train import intra_op_threads, sample
 
     model, state = _load_run(run_directory, state_in)
-    text, state = sample(model, prompt.encode("utf-8") or b"\n", length, temperature, seed, state)
+    with intra_op_threads(_thread_count(threads)):
+        text, state = sample(model, prompt.encode("utf-8") or b"\n", length, temperature, seed, state)
     click.echo(text.decode("utf-8", "replace"))
     _save_state(state, state_out)
 
@@ -544,12 +564,14 @@ def generate(run_directory, prompt, length, temperature, seed, state_in, state_o
 @click.argument("file", type=click.Path(dir_okay=False))
 @_state_in
 @_state_out
-def memorize(run_directory, file, state_in, state_out) -> None:
+@_threads_option("while it reads")
+def memorize(run_directory, file, state_in, state_out, threads) -> None:
     """Read FILE with a trained run's model (its memories learn it) and save the state."""
-    from nestc.runtime.train import read
+    from nestc.runtime.train import intra_op_threads, read
 
     model, state = _load_run(run_directory, state_in)
-    bits, state = read(model, _read_text_file(file), state)
+    with intra_op_threads(_thread_count(threads)):
+        bits, state = read(model, _read_text_file(file), state)
     click.echo(f"read {file}: {bits:.3f} bits/byte while reading")
     _save_state(state, state_out)
 
@@ -558,12 +580,14 @@ def memorize(run_directory, file, state_in, state_out) -> None:
 @_run_argument
 @click.argument("file", type=click.Path(dir_okay=False))
 @_state_in
-def evaluate_file(run_directory, file, state_in) -> None:
+@_threads_option("while it reads")
+def evaluate_file(run_directory, file, state_in, threads) -> None:
     """Bits per byte of a trained run's model on FILE (from a saved state with --state-in)."""
-    from nestc.runtime.train import read
+    from nestc.runtime.train import intra_op_threads, read
 
     model, state = _load_run(run_directory, state_in)
-    bits, _ = read(model, _read_text_file(file), state)
+    with intra_op_threads(_thread_count(threads)):
+        bits, _ = read(model, _read_text_file(file), state)
     click.echo(f"{file}: {bits:.3f} bits/byte" + (f" (state from {state_in})" if state_in else ""))
 
 

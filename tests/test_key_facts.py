@@ -110,7 +110,9 @@ def test_hope_cms_levels(path, at_repo_root):
     program = _program(path)
     periods = {name: program.level(name).every.tokens for name in CMS}
     assert len(set(periods.values())) >= 2
-    assert periods == {"cms_fast": 16, "cms_mid": 64, "cms_slow": 256}
+    assert periods == {"cms_fast": 16, "cms_mid": 32, "cms_slow": 64}
+    # powers of two up to 64: every common context is a multiple of each period
+    assert all(context % period == 0 for context in (64, 128, 256, 512, 1024) for period in periods.values())
     for name in CMS:
         level = program.level(name)
         assert level.objective.name == "task"

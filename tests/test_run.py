@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -537,3 +538,140 @@ def test_bad_values_say_what_is_wrong_before_training(args, code, message, tmp_p
     assert result.exit_code == code and message in result.output, result.output
     assert "Traceback" not in result.output and "diverged" not in result.output
     assert not list(tmp_path.glob("*/metrics.jsonl"))  # nothing was trained
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def threads_given_back():
+    """Every test below changes torch's thread count on purpose; the next test gets it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _threads_seen_while_training(monkeypatch):
+    seen = []
+    train_step = nestc.runtime.train._Session._train_step
+
+    def recording(self, step):
+        seen.append(torch.get_num_threads())
+        return train_step(self, step)
+
+    monkeypatch.setattr(nestc.runtime.train._Session, "_train_step", recording)
+    return seen
+
+
+def test_threads_set_torch_threads_while_the_run_trains_and_give_them_back(tmp_path, monkeypatch, threads_given_back):
+    seen = _threads_seen_while_training(monkeypatch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cases = [(["--threads", "1"], None, 1), (["--threads", "3"], None, 3), ([], None, 1), ([], "3", 3), ([], "2,1", 1)]
+    for flags, environment, expected in cases:
+        if environment is not None:
+            monkeypatch.setenv("OMP_NUM_THREADS", environment)
+        torch.set_num_threads(2)
+        seen.clear()
+        result = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), "--overwrite", *TINY, *flags)
+        assert result.exit_code == 0, result.output
+        assert seen == [expected, expected], (flags, environment)
+        assert torch.get_num_threads() == 2  # the caller's count, given back
+
+
+def test_threads_reach_every_data_parallel_process(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr("nestc.runtime.distributed.launch", lambda processes, arguments: launched.append(arguments) or 0)
+    result = _run("specs/deltanet.nest", "--nproc", "2", "--threads", "1", "--runs", str(tmp_path), *TINY)
+    assert result.exit_code == 0, result.output
+    (arguments,) = launched
+    assert arguments[arguments.index("--threads") + 1] == "1"
+
+
+def test_reading_and_writing_use_the_threads_given(trained, tmp_path, monkeypatch, threads_given_back):
+    seen = []
+    read, sample = nestc.runtime.train.read, nestc.runtime.train.sample
+    monkeypatch.setattr(nestc.runtime.train, "read", lambda *a, **k: seen.append(torch.get_num_threads()) or read(*a, **k))
+    monkeypatch.setattr(nestc.runtime.train, "sample",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or sample(*a, **k))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 4)
+    torch.set_num_threads(2)
+    for args in (["eval", str(trained), str(text), "--threads", "3"], ["memorize", str(trained), str(text)],
+                 ["generate", str(trained), "--length", "4", "--threads", "3"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert seen == [3, 1, 3]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_thread_count_below_one_is_a_usage_error(value, tmp_path):
+    for args in (["run", "specs/deltanet.nest", "--runs", str(tmp_path)], ["eval", str(tmp_path), "README.md"],
+                 ["generate", str(tmp_path)], ["memorize", str(tmp_path), "README.md"]):
+        result = CliRunner().invoke(cli, [*args, "--threads", value])
+        assert result.exit_code == 2, (args, result.output)
+        assert "--threads" in result.output and value in result.output and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())
+
+
+# --- --set on imported levels --------------------------------------------------------------------
+
+
+def _checked_with(*assignments):
+    from nestc.lang import overrides
+    from nestc.lang.sema import analyze_source, read_source
+
+    overridden = overrides.apply(read_source("specs/hope.nest"), list(assignments))
+    return overridden, analyze_source(overridden.main, replaced_imports=overridden.imported)
+
+
+def test_set_changes_a_level_defined_in_an_imported_file():
+    from nestc.lang import ir
+
+    overridden, result = _checked_with("level.cms_slow.every=32", "level.mv.every=16", "train.steps=7")
+    assert result.ok
+    program = result.program
+    assert program.level("cms_slow").every.tokens == 32  # lib/cms.nest says 64
+    assert program.level("mv").every.tokens == 16  # `level mv extends mk` had no body: it gets one
+    assert program.level("mk").every.tokens == 64 and program.level("cms_mid").every.tokens == 32
+    assert program.train.steps == 7
+    assert sorted(overridden.imported) == ["specs/lib/cms.nest", "specs/lib/hope.nest"]
+    cms_slow = ir.dump(program).split("level cms_slow\n")[1].split("\n  level")[0].split("\n  model")[0]
+    assert re.search(r"^    every +32 tokens$", cms_slow, re.MULTILINE), cms_slow
+    with open("specs/lib/cms.nest", encoding="utf-8") as handle:
+        assert "every 64" in handle.read()  # the file itself is not touched
+
+
+def test_a_run_with_set_on_an_imported_level_saves_the_changed_level(tmp_path):
+    result = _run("specs/cms.nest", "--steps", "1", "--runs", str(tmp_path), *TINY, "--set", "level.cms_slow.every=8")
+    assert result.exit_code == 0, result.output
+    (directory,) = list(tmp_path.iterdir())
+    saved = (directory / "spec.nest").read_text()
+    assert "level cms_slow extends cms_fast {\n    every 8\n}" in saved
+
+
+def test_set_on_an_unknown_level_suggests_an_imported_one(tmp_path):
+    result = _run("specs/hope.nest", "--set", "level.cms_slw.every=64", "--runs", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "neither `specs/hope.nest` nor a file it imports defines a level `cms_slw`" in result.output
+    assert "did you mean `cms_slow`" in result.output
+    unknown_field = _run("specs/hope.nest", "--set", "level.cms_slow.evry=64", "--runs", str(tmp_path))
+    assert unknown_field.exit_code == 2 and "did you mean `every`" in unknown_field.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value,code,label", [("100", "N0110", "every 100 tokens"), ("-1", "N0106", "got -1"),
+                                              ("nothing", "N0101", "not defined")])
+def test_a_bad_value_for_an_imported_level_is_a_diagnostic_at_its_field(value, code, label, tmp_path):
+    result = _run("specs/hope.nest", "--set", f"level.cms_slow.every={value}", "--runs", str(tmp_path))
+    assert result.exit_code == 1, result.output
+    assert f"error[{code}]" in result.output and label in result.output
+    assert f"--> specs/lib/cms.nest:{_line_of('specs/lib/cms.nest', 'every 64')}:11" in result.output
+    assert f"every {value}" in result.output  # the changed line is shown
+    assert "Traceback" not in result.output and not any(tmp_path.iterdir())
+
+
+def _line_of(path: str, text: str) -> int:
+    with open(path, encoding="utf-8") as handle:
+        return next(number for number, line in enumerate(handle, 1) if text in line)

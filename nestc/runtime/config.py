@@ -24,6 +24,7 @@ class RunConfig:
     task_options: dict = field(default_factory=dict)
     tokenizer: str | None = None
     device: str = "cpu"
+    threads: int | None = None  # torch's intra-op threads while this run trains; None: leave the process's
     bf16: bool = False
     compile: bool = False  # each segment through torch.compile (docs/backends.md)
     graph: bool = False  # each segment through the rewritten fx graph

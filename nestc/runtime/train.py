@@ -192,15 +192,30 @@ def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), 
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
     sweep's pruning) ends the run there, without a checkpoint."""
-    # Flushing subnormals (see _Session._set_up) is processor state that outlives the run; a
-    # caller in the same process (a sweep, a test, a notebook) gets its own setting back.
+    # Flushing subnormals (see _Session._set_up) and the thread count are process state that
+    # outlives the run; a caller in the same process (a sweep, a test, a notebook) gets its own back.
     flushing = _flushes_subnormals()
     try:
-        session = _Session(program, spec_text, config, corpus, log)
-        session.run_steps(on_eval)
-        return session.report()
+        with intra_op_threads(config.threads):
+            session = _Session(program, spec_text, config, corpus, log)
+            session.run_steps(on_eval)
+            return session.report()
     finally:
         torch.set_flush_denormal(flushing)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None):
+    """torch's intra-op thread count set to `count` inside the block (None: left as it is), and
+    given back after it."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(previous)
 
 
 def _flushes_subnormals() -> bool:

@@ -47,9 +47,12 @@ def analyze_file(path: str, sources: SourceMap | None = None) -> Result:
     return analyze_source(source, sources)
 
 
-def analyze_source(source: SourceFile, sources: SourceMap | None = None) -> Result:
+def analyze_source(source: SourceFile, sources: SourceMap | None = None,
+                   replaced_imports: dict[str, SourceFile] | None = None) -> Result:
+    """Check `source`; an imported file whose path (as the import resolves it) is a key of
+    `replaced_imports` is checked from that text instead of the file's (what `--set` changed)."""
     sources = sources or SourceMap()
-    analysis = Analysis(sources)
+    analysis = Analysis(sources, replaced_imports)
     program = _run(analysis, source)
     return Result(program, analysis.diagnostics, sources, analysis.modules)
 

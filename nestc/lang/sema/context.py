@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nestc.lang import ast, ir
 from nestc.lang.diagnostics import Diagnostic, Label
-from nestc.lang.source import SourceMap, Span
+from nestc.lang.source import SourceFile, SourceMap, Span
 
 
 class Invalid:
@@ -30,8 +30,9 @@ class Definition:
 class Analysis:
     """The state of one analysis, shared by its parts (imports, values, blocks, levels, program)."""
 
-    def __init__(self, sources: SourceMap):
+    def __init__(self, sources: SourceMap, replaced_imports: dict[str, SourceFile] | None = None):
         self.sources = sources
+        self.replaced_imports = replaced_imports or {}  # imported path -> the text to check instead
         self.diagnostics: list[Diagnostic] = []
         self.modules: dict[str, ast.Module] = {}
         self.definitions: dict[str, Definition] = {}

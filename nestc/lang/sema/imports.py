@@ -35,6 +35,11 @@ def read_source(path: str) -> SourceFile:
     return SourceFile(path, data.decode("utf-8").removeprefix("\ufeff"))
 
 
+def import_path(importer: str, path: str) -> str:
+    """Where `import "PATH"` in the file `importer` reads from: relative to the importing file."""
+    return os.path.normpath(os.path.join(os.path.dirname(importer), path))
+
+
 class Loader(Part):
     """Parses the main file and its imports, recording their definitions and sections."""
 
@@ -64,7 +69,7 @@ class Loader(Part):
             self.error("N0115", f"cannot import `{item.path}`: imports name `.nest` files", item.path_span,
                        label="not a .nest file")
             return
-        path = os.path.normpath(os.path.join(os.path.dirname(importer), item.path))
+        path = import_path(importer, item.path)
         if path in import_stack:
             chain = " -> ".join(import_stack[import_stack.index(path):] + (path,))
             self.error("N0115", "import cycle", item.path_span, label="imports a file that imports this one",
@@ -73,7 +78,8 @@ class Loader(Part):
         if path in self.analysis.modules:
             return
         try:
-            source = read_source(path)
+            # An imported file that `--set` changed is read from its changed text (lang/overrides.py).
+            source = self.analysis.replaced_imports.get(path) or read_source(path)
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8 text"
             self.error("N0115", f"cannot import `{item.path}`: {reason.lower()}", item.path_span,

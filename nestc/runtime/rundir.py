@@ -264,8 +264,8 @@ def load_run(run_directory: str, backend: str = "compiled"):
         raise CheckpointError(f"`{run_directory}` is not a run directory: `spec.nest` is missing")
     found = latest(run_directory)
     if found is None:
-        raise CheckpointError(f"`{run_directory}` has no checkpoint yet: train it with `nestc run`"
-                              + (" (it was written by an older nestc: retrain it)" if old_layout(run_directory) else ""))
+        older = " (it was written by an older nestc: retrain it)" if old_layout(run_directory) else ""
+        raise CheckpointError(f"`{run_directory}` has no checkpoint yet: train it with `nestc run`{older}")
     with open(spec_path, encoding="utf-8") as handle:
         result = analyze_source(SourceFile(spec_path, handle.read()))
     if not result.ok:

@@ -441,7 +441,8 @@ class _Session:
                     progress.update(self.step + 1, loss.item() / math.log(2), self.tokens, extra)
                     if due and on_eval is not None:
                         on_eval(self.step + 1, self.held_out)
-                    if (every and (self.step + 1) % every == 0) or (minutes and time.monotonic() - last_save >= 60 * minutes):
+                    by_count = every and (self.step + 1) % every == 0
+                    if by_count or (minutes and time.monotonic() - last_save >= 60 * minutes):
                         if self.lead:
                             os.fsync(metrics.fileno())  # the log reaches at least as far as the checkpoint
                             self._save(self.step + 1)

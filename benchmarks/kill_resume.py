@@ -5,8 +5,9 @@
 The run checkpoints every step (a tiny DeltaNet). Every other kill comes at a random moment; the
 others come as soon as a checkpoint's write has begun, so that many land inside it. After each
 kill the script checks that the run directory still has a complete checkpoint (or none yet, if
-the kill came before the first), and resumes from it. At the end it finishes the run and compares its losses and weights with an uninterrupted run of the same spec.
-It prints the count of each outcome; resume is exact when both comparisons say "equal".
+the kill came before the first), and resumes from it. At the end it finishes the run and
+compares its losses and weights with an uninterrupted run of the same spec. It prints the count
+of each outcome; resume is exact when both comparisons say "equal".
 """
 
 from __future__ import annotations

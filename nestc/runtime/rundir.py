@@ -118,14 +118,11 @@ def _step_directories(root: str) -> list[tuple[int, str]]:
 
 
 def _prune(root: str) -> None:
-    """Keep the newest KEPT complete checkpoints; remove the rest, damaged ones, and the partial
-    directories of writes that were killed."""
-    complete = 0
-    for step, path in _step_directories(root):
-        if complete < KEPT and problem(path, step) is None:
-            complete += 1
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+    """Keep the newest KEPT checkpoints (by name: a `step-N` directory exists only once its write
+    completed, and the newest is the one just written, so nothing is hashed again here); remove
+    the rest and the partial directories of writes that were killed."""
+    for _, path in _step_directories(root)[KEPT:]:
+        shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):
         if name.startswith((".partial-", ".damaged-")) and not name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)

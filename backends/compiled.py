@@ -45,7 +45,8 @@ from torch import Tensor
 from nestc.lang import ir
 from nestc.lang.queries import generators
 from nestc.backends.common import BackendError, concrete
-from nestc.backends.forms import KERNELS
+from nestc.backends.forms import run_form
+from nestc.backends.fused import run_fused
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.pipelines import Stage, rotate
@@ -108,11 +109,12 @@ class CompiledModel(ReferenceModel):
 
     prunes_history = True
 
-    def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None):
+    def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True):
         super().__init__(program)
         self.level_spans = {level.name: level.span for level in program.levels}
-        planned = plan_program(program)
+        planned = plan_program(program, fuse=fuse)
         self.plans: dict[str, LevelPlan] = {name: planned.levels[name] for name in self.layers[0].levels}
+        self.fused = planned.fused  # the levels stacked into one call (nestc/passes/fusion.py)
         self.fallback = self._whole_model_fallback(program)
         for name, plan in self.plans.items():
             if plan.kernel == "sequential":
@@ -130,6 +132,11 @@ class CompiledModel(ReferenceModel):
                     warnings.warn(f"{level.span}: the whole model runs token by token: the anchor of level "
                                   f"`{level.name}`, read by {reader}, moves every token", CompileWarning, stacklevel=2)
         self.layer_by_layer = self._layer_by_layer(program)
+        if self.layer_by_layer:
+            self.fused = ()  # fused levels step one segment together; this schedule runs whole calls
+        # each level of a fusion group -> the group's levels (run_layer steps them as one call)
+        self.fusion: dict[str, tuple[str, ...]] = {name: group.levels for group in self.fused
+                                                   for name in group.levels}
         # torch.compile's backend for the segment step (True: the default, inductor), or None
         self.compile_backend = ("inductor" if torch_compile is True else torch_compile) or None
         self._compiled_step = None  # made on first use
@@ -333,7 +340,7 @@ def _kernel_from_tensors(plan: str, kernel, layout: tuple, roles: tuple, k: Tens
     """A memory rule's segment as a pure function of tensors (what torch.compile traces)."""
     levels = [{"": LevelState()}]
     unflatten_levels(levels, layout, tensors)
-    y = KERNELS[plan](kernel, levels[0][""], k, v, q, dict(zip(roles, gates)), start)
+    y = run_form(plan, kernel, levels[0][""], k, v, q, dict(zip(roles, gates)), start)
     return y, tensors_at(levels, layout)
 
 
@@ -394,10 +401,20 @@ def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[s
 
     def run_level(name: str, value: Tensor) -> Tensor:
         for member in layer.order[name]:
-            if member not in stepped:
-                with fx_provenance(member, model.level_spans.get(member)):
-                    stepped[member] = run_module(model, layer.levels[member], model.plans[member], value, start,
-                                                 states[member], read_level)
+            if member in stepped:
+                continue
+            # the members of its fusion group stepped here too, on the same input: one call
+            group = [level for level in model.fusion.get(member, ()) if level in layer.order[name]
+                     and level not in stepped]
+            if len(group) > 1:
+                with fx_provenance("+".join(group), model.level_spans.get(member)):
+                    outputs = run_fused([layer.levels[level] for level in group], model.plans[member].kernel, value,
+                                        start, [states[level] for level in group], read_level)
+                stepped.update(zip(group, outputs))
+                continue
+            with fx_provenance(member, model.level_spans.get(member)):
+                stepped[member] = run_module(model, layer.levels[member], model.plans[member], value, start,
+                                             states[member], read_level)
         return stepped[name]
 
     def memory_as_context(block: ir.MemoryAsContext, path: str, value: Tensor) -> Tensor:
@@ -479,8 +496,8 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
     else:
         gates.setdefault("lr", x.new_ones(batch, heads, size))
         gates.setdefault("retain", x.new_ones(batch, heads, size))
-        kernel = KERNELS[plan.kernel]
-        read = query if (query is not None or plan.kernel == "sequential") else inputs["key"]
+        kernel = functools.partial(run_form, plan.kernel)
+        read = query  # None: nobody reads this memory (a generator), so no form computes a read
         spans = _spans(start, size, model.segment)
         lengths = [length for _, length in spans]
 
@@ -685,8 +702,8 @@ def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, strid
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
 
 
-def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None) -> CompiledModel:
-    return CompiledModel(program, torch_compile, graph_passes)
+def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True) -> CompiledModel:
+    return CompiledModel(program, torch_compile, graph_passes, fuse)
 
 
 def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],
@@ -701,7 +718,7 @@ def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor]
     full.setdefault("lr", k.new_ones(k.shape[:3]))
     full.setdefault("retain", k.new_ones(k.shape[:3]))
     outputs, t = [], 0
-    step = KERNELS["sequential" if plan.kernel == "frozen" else plan.kernel]
+    step = functools.partial(run_form, "sequential" if plan.kernel == "frozen" else plan.kernel)
     while t < k.shape[1]:
         size = min(k.shape[1] - t, length - (start + t) % length)
         part = slice(t, t + size)

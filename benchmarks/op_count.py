@@ -37,7 +37,8 @@ class _Counter(TorchDispatchMode):
 def count(spec: str, backend: str, batch: int, context: int, dim: int | None) -> collections.Counter:
     source = read_source(spec)
     assignments = [f"train.context={context}", f"train.batch={batch}"] + ([f"model.dim={dim}"] if dim else [])
-    result = analyze_source(overrides.apply(source, assignments))
+    overridden = overrides.apply(source, assignments)
+    result = analyze_source(overridden.main, replaced_imports=overridden.imported)
     if not result.ok:
         sys.exit("\n".join(d.message for d in result.diagnostics if d.is_error))
     torch.manual_seed(0)

@@ -28,7 +28,8 @@ def check(spec: str):
     return result.program
 
 
-def load(spec: str, backend: str = "reference", compile: bool | str = False, graph: bool | list[str] = False):
+def load(spec: str, backend: str = "reference", compile: bool | str = False, graph: bool | list[str] = False,
+         fuse: bool = True):
     """Build a runnable PyTorch model from a spec path (or spec text).
 
     `model(tokens, state=None) -> (logits, state)`: tokens are [batch, time] integers; `state`
@@ -58,7 +59,7 @@ def load(spec: str, backend: str = "reference", compile: bool | str = False, gra
         from nestc.backends.fx import DEFAULT_PASSES
 
         passes = None if graph is False else (DEFAULT_PASSES if graph is True else list(graph))
-        return compiled.build(program, torch_compile=compile, graph_passes=passes)
+        return compiled.build(program, torch_compile=compile, graph_passes=passes, fuse=fuse)
     from nestc.backends import reference
 
     return reference.build(program)

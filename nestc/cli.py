@@ -370,8 +370,10 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="The batch size the fx graph and the standalone model are traced for.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the standalone model's initial weights.")
+@click.option("--no-fuse", "fuse", flag_value=False, default=True,
+              help="Plan without horizontal fusion: every memory level runs as its own call.")
 @_color
-def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) -> None:
+def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, color) -> None:
     """Show what a spec compiles to, stage by stage, or write it as standalone PyTorch (-o DIR)."""
     import warnings
 
@@ -398,13 +400,13 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
         if program.model is None:
             raise click.UsageError(f"`{spec}` has no `model` section: nothing to plan")
         click.echo(f"--- after {name}: {PASSES[name].doc}")
-        click.echo(str(PASSES[name].run(program)))
+        click.echo(str(PASSES[name].run(program, fuse=fuse) if name == "plan" else PASSES[name].run(program)))
     print_after = tuple(name for name in print_after if name not in PASSES)
     if ir_passes and not print_after and emit is None and output is None:
         return
     emit = emit or ("plan" if output is None and not print_after else None)
     if output or print_after or emit in ("fx", "py"):
-        _emit_traced(program, spec, emit, output, passes, print_after, batch, seed)
+        _emit_traced(program, spec, emit, output, passes, print_after, batch, seed, fuse)
         return
     if passes is not None:
         raise click.UsageError("--passes rewrites the traced graph: use it with --emit fx, --emit py or -o")
@@ -427,7 +429,7 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", compiled.CompileWarning)
             try:
-                model = compiled.build(program)
+                model = compiled.build(program, fuse=fuse)
             except BackendError as error:  # a model too large for this machine, a width that does not split
                 raise click.ClickException(str(error)) from None
         schedule = "; layer by layer (each layer reads a whole call)" if model.layer_by_layer and not model.fallback else ""
@@ -443,6 +445,8 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
             else:
                 kind = "continuum memory, steps between segments" if level.every else "feed-forward block"
             click.echo(f"  {name:12s} {kind}" + (f" ({plan.reason})" if plan.reason else ""))
+        for group in model.fused:
+            click.echo(f"  fused: {group}")
         found = PASSES["estimate"].run(program)
         click.echo(f"{found.parameters:,} parameters ({format_bytes(found.parameter_bytes)}); a training step needs "
                    f"about {format_bytes(found.training_bytes)} (an estimate: `--print-after estimate` itemises it)")
@@ -451,7 +455,7 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, color) ->
 
 
 def _emit_traced(program, spec: str, emit: str | None, output: str | None, passes: str | None, print_after,
-                 batch: int, seed: int) -> None:
+                 batch: int, seed: int, fuse: bool) -> None:
     """The fx stages of `nestc compile`: trace the segment step, run the passes, print or write."""
     import warnings
 
@@ -474,7 +478,7 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", compiled.CompileWarning)
-            model = compiled.build(program)
+            model = compiled.build(program, fuse=fuse)
             graph = fx.trace_segment(model, batch, model.segment)
         changes = fx.run_passes(graph, passes, print_after, out=click.echo)
         click.echo("passes: " + (", ".join(f"{name} {count}" for name, count in changes.items()) or "none")

@@ -1,7 +1,7 @@
 """The compiled backend's segment forms: each computes one family of memory rules over a whole
 segment exactly as the reference does token by token. `KERNELS` maps a plan's form to its
-function; which rules a form computes is listed by the rules themselves (nestc/rules/, `forms`)
-and chosen by backends/planning.py."""
+function (`run_form` runs one and closes the chunk); which rules a form computes is listed by the
+rules themselves (nestc/rules/, `forms`) and chosen by nestc/passes/plan.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from nestc.backends.forms.anchored import anchored_segment, delta_segment
+from nestc.backends.forms.common import finish_segment
 from nestc.backends.forms.layered import layered_segment
 from nestc.backends.forms.trajectory import trajectory_segment
 from nestc.backends.state import LevelState
@@ -23,6 +24,16 @@ def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
     return torch.stack(outputs, dim=2) if q is not None else None
 
 
-
 KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": layered_segment,
            "trajectory": trajectory_segment, "sequential": sequential_segment}
+
+
+def run_form(form: str, kernel, state: LevelState, k, v, q, gates, start) -> Tensor | None:
+    """One segment of a memory rule in `form`: the form advances the weights (and returns the
+    reads of q, None for q None: nobody reads the memory), then the anchor moves where a chunk
+    closes. Stacked levels (backends/fused.py) call the form once and close each level's chunks
+    themselves. The sequential form steps the reference kernel, which moves its own anchor."""
+    y = KERNELS[form](kernel, state, k, v, q, gates, start)
+    if form != "sequential":
+        finish_segment(kernel, state, start, k.shape[2], gates["retain"])
+    return y

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestc.backends.forms.common import decay_matrix, finish_segment, ut_solve
+from nestc.backends.forms.common import decay_matrix, ut_solve
 from nestc.backends.state import LevelState
 
 
@@ -14,7 +14,6 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     """Matrix/vector memory with every gradient of the segment at one state. k, q [B, H, S, dk],
     v [B, H, S, dv], gates [B, H, S]. Returns reads [B, H, S, dv] and advances `state`."""
     lr, retain = gates["lr"], gates["retain"]
-    size = k.shape[2]
     matrix = not kernel.state.diagonal
     anchor = state.anchor[0]
     if kernel.order == "decay_first":
@@ -45,7 +44,9 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     # Reads after the update at t. With `meta stop` the written state is cut from the graph, so
     # only the query stays differentiable.
     cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
-    if matrix:
+    if q is None or kernel.read == "before":
+        y = None  # no read, or each token's read is at the anchor (below)
+    elif matrix:
         scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(kernel_matrix)
         y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(step)
         if kernel.optimizer.momentum_of_steps:
@@ -75,8 +76,7 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
         new = new.detach()
         state.momentum = [m.detach() for m in state.momentum]
     state.weights = [new]
-    finish_segment(kernel, state, start, size, retain)
-    if kernel.read == "before":
+    if kernel.read == "before" and q is not None:
         before = torch.einsum("bhvk,bhtk->bhtv", anchor, q) if matrix else anchor[:, :, None, :] * q
         return before
     return y
@@ -85,7 +85,6 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
 def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
     """The online delta rule (`every 1`, l2, gd, matrix) exactly, by the UT transform."""
     lr, retain = gates["lr"], gates["retain"]
-    size = k.shape[2]
     weights0 = state.weights[0]
     residual, decay = ut_solve(weights0, k, v, lr, retain, kernel.order)
     start_decay = torch.cumprod(retain, dim=-1)
@@ -94,9 +93,10 @@ def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tens
         residual, key = residual.detach(), k.detach()
     delta = lr[..., None] * residual
     cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
-    scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(decay)
-    y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(delta)
+    y = None
+    if q is not None:
+        scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(decay)
+        y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(delta)
     new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", decay[..., -1, :], delta, key)
     state.weights = [new.detach() if kernel.meta == "stop" else new]
-    finish_segment(kernel, state, start, size, retain)
     return y

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from nestc.backends.common import BackendError
-from nestc.backends.forms.common import (apply_sequence, decay_matrix, decay_row, finish_segment, ut_solve,
-                                         weighted_outer)
+from nestc.backends.forms.common import apply_sequence, decay_matrix, decay_row, ut_solve, weighted_outer
 from nestc.backends.state import LevelState
 from nestc.rules.states import activation
 
@@ -25,9 +24,8 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     only the last row of the retain decay matrix: a vector-matrix product where reads after need
     a matrix product."""
     lr, retain = gates["lr"], gates["retain"]
-    size = k.shape[2]
     inputs, errors = _errors_at_anchor(kernel, state, k, v, retain)
-    every_position = kernel.read == "after"
+    every_position = kernel.read == "after" and q is not None
     decay = decay_matrix(retain) if every_position else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
     start_decay = torch.cumprod(retain, dim=-1)
     if kernel.optimizer.momentum_of_steps:
@@ -58,14 +56,15 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
                 at = at + carried[..., None, None] * state.momentum[index][:, :, None]
             positions.append(at)
     cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
-    if kernel.read == "after":
+    if q is None:
+        y = None
+    elif kernel.read == "after":
         y = per_token_read(kernel, [cut(w) for w in positions], q)
     else:
         y = apply_sequence(kernel, state.anchor, q.transpose(1, 2)).transpose(1, 2)
     state.weights = [cut(w) for w in finals]
     if momenta:
         state.momentum = [cut(m) for m in momenta]
-    finish_segment(kernel, state, start, size, retain)
     return y
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestc.backends.forms.common import apply_sequence, finish_segment, gate_on_map, linear_scan
+from nestc.backends.forms.common import apply_sequence, gate_on_map, linear_scan
 from nestc.backends.forms.layered import errors_closed_form, per_token_read
 from nestc.backends.state import LevelState
 
@@ -49,14 +49,15 @@ def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
             drive = momentum if steps else -lr * kernel.optimizer.direction(kernel.optimizer_args, momentum)
         positions.append(linear_scan(retain, drive, weight0))
     cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
-    if kernel.read == "after":
+    if q is None:
+        y = None
+    elif kernel.read == "after":
         y = per_token_read(kernel, _mapped_positions(kernel, [cut(w) for w in positions]), q)
     else:
         y = apply_sequence(kernel, state.anchor, q.transpose(1, 2)).transpose(1, 2)
     state.weights = [cut(w[:, :, -1]) for w in positions]
     if momenta:
         state.momentum = [cut(m) for m in momenta]
-    finish_segment(kernel, state, start, k.shape[2], gates["retain"])
     return y
 
 

@@ -11,6 +11,7 @@ from nestc import rules
 from nestc.lang import ir
 from nestc.lang.queries import generators, is_memory
 from nestc.backends.common import concrete
+from nestc.passes.fusion import FusionGroup, fusion_groups
 
 MAX_SEGMENT = 64
 
@@ -105,21 +106,25 @@ def _per_channel(gate) -> bool:
 
 @dataclass(frozen=True)
 class ProgramPlan:
-    """What planning decides for a program: each level's plan and the segment length."""
+    """What planning decides for a program: each level's plan, the segment length, and the
+    levels that run stacked as one call (`fusion.py`; none when fusion is switched off)."""
 
     levels: dict[str, LevelPlan]
     segment: int
+    fused: tuple[FusionGroup, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"segment length {self.segment} tokens"]
         lines += [f"  {name:12s} {plan.kernel}" + (f" ({plan.reason})" if plan.reason else "")
                   for name, plan in self.levels.items()]
+        lines += [f"  fused: {group}" for group in self.fused]
         return "\n".join(lines)
 
 
-def plan_program(program: ir.Program) -> ProgramPlan:
+def plan_program(program: ir.Program, fuse: bool = True) -> ProgramPlan:
     levels = {level.name: plan_level(level) for level in program.levels}
-    return ProgramPlan(levels=levels, segment=segment_length(program, levels))
+    return ProgramPlan(levels=levels, segment=segment_length(program, levels),
+                       fused=fusion_groups(program, levels) if fuse else ())
 
 
 def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:

@@ -24,7 +24,9 @@ from nestc.lang import overrides
 from nestc.lang.sema import analyze_source, read_source
 
 
-class _Counter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen op that reaches the dispatcher inside it, by op name."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
@@ -54,7 +56,7 @@ def count(spec: str, backend: str, batch: int, context: int, dim: int | None) ->
         optimizer.zero_grad(set_to_none=True)
 
     step()  # the first step allocates the optimizer's moments
-    counter = _Counter()
+    counter = OpCounter()
     with counter:
         step()
     return counter.ops

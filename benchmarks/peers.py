@@ -3,6 +3,7 @@
     python benchmarks/peers.py [--device cpu|cuda] [--quick] [--only SECTION ...] [sizes, see --help]
 
 Sections (all by default, in this order):
+  base            the `hope` training step against the performance issue's base commit (a git worktree)
   titans          the `titans` memory layer vs titans-pytorch `NeuralMemory` (chunks 16 and 64)
   gated_deltanet  the gated delta rule kernel vs fla-core's naive chunk and recurrent versions
   hope            the `hope` spec vs nested-learning's HOPEModel, training step and online pass
@@ -37,7 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
-SECTIONS = ("titans", "gated_deltanet", "hope", "gflops", "memory")
+SECTIONS = ("base", "titans", "gated_deltanet", "hope", "gflops", "memory")
+# The commit before the performance work (issue 13) began: `base` measures against it.
+BASE_COMMIT = "c866724"
 GFLOPS_SPECS = ("deltanet", "gated_deltanet", "titans", "ttt_mlp", "hope")
 MEMORY_SPECS = ("deltanet", "gated_deltanet", "titans", "hope")
 PEER_MODULES = {"titans-pytorch": "titans_pytorch", "fla-core": "fla", "nested-learning": "nested_learning"}
@@ -96,15 +99,16 @@ def resident_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure_steps(step, device: str, repeats: int, warmup: bool = True) -> dict:
-    """Median seconds of `step` over `repeats` runs after one warm-up, and the peak memory."""
+def measure_steps(step, device: str, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of `step` over `repeats` runs after `warmup` untimed ones (the first steps
+    of a process also pay for the allocator's growth), and the peak memory."""
     import torch
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     baseline = torch.cuda.memory_allocated() / 2**20 if cuda else resident_mib()
-    if warmup:
+    for _ in range(int(warmup)):
         step()
         sync()
     if cuda:
@@ -157,6 +161,13 @@ def job_nestc_model(job: dict) -> dict:
         next_token_loss(logits, tokens).backward()
 
     result = measure_steps(train_step, job["device"], job["repeats"], job["warmup"])
+    if job.get("count_ops"):
+        from op_count import OpCounter  # benchmarks/, this script's folder
+
+        counter = OpCounter()
+        with counter:
+            train_step()
+        result["aten_ops"] = sum(counter.ops.values())
     if job.get("flops"):
         from nestc.search.sweep import measure
 
@@ -313,11 +324,13 @@ JOBS = {"nestc_model": job_nestc_model, "titans_pytorch": job_titans_pytorch,
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def run_job(job: dict, args) -> dict | str:
-    """One measurement in a fresh interpreter: its result, or why there is none."""
+def run_job(job: dict, args, code: Path | None = None) -> dict | str:
+    """One measurement in a fresh interpreter: its result, or why there is none. With `code`, the
+    interpreter imports nestc from that checkout instead of this one."""
     command = [sys.executable, __file__, "--job", json.dumps({**job, "threads": args.threads, "flush_denormal": args.flush_denormal})]
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
     try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=args.job_timeout, cwd=ROOT)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=args.job_timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return f"timed out after {args.job_timeout} s"
     if out.returncode != 0:
@@ -351,6 +364,77 @@ def speed_row(label: str, tokens: int, result: dict | str, *baselines: float | N
 
 
 SPEED_HEADER = ["implementation", "fwd+bwd tok/s", "peak MiB", "MiB above setup", "vs peer"]
+
+
+def base_checkout(commit: str, folder: Path) -> Path:
+    """A git worktree of `commit` whose `nestc` package imports from its folder as installed
+    (nestc.backends and nestc.grammars live in backends/ and grammars/, pyproject's package-dir)."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit], check=True,
+                   capture_output=True)
+    for package in ("backends", "grammars"):
+        (folder / "nestc" / package).symlink_to(Path("..") / package)
+    return folder
+
+
+def section_base(args) -> None:
+    length, heads, rounds = args.base_time, args.heads, args.base_rounds
+    print(f"## base: hope's training step (fwd+bwd, T={length}, {heads} heads, layers 2), this tree vs {args.base} "
+          "(the commit before the performance work), side by side
+")
+    print(f"Both run this tree's specs/hope.nest (the same structure and chunk sizes). Each figure: {rounds} rounds, "
+          f"each a fresh process per tree (this tree and the base alternating), each the median of {args.repeats} "
+          "steps after 2 untimed ones; the table gives the median over the rounds and their range. ATen ops: one "
+          "forward+backward under a dispatch counter (benchmarks/op_count.py counts the optimizer step too). "
+          "Of mm peak: useful FLOPs (`nestc.search.sweep.measure`, x3 for fwd+bwd) per second against "
+          "`torch.mm` measured in this run.
+")
+    import tempfile
+
+    peak = run_job({"kind": "matmul", "size": args.mm_size, "device": args.device, "repeats": 5}, args)
+    peak_gflops = peak["gflops"] if isinstance(peak, dict) else None
+    print(f"torch.mm {args.mm_size}x{args.mm_size} fp32: " + (f"{peak_gflops:.1f} GFLOP/s\n" if peak_gflops else f"{peak}\n"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nestc-base-") as scratch:
+        base = base_checkout(args.base, Path(scratch) / "base")
+        try:
+            for dim in args.base_dims:
+                for batch in args.base_batches:
+                    job = {"kind": "nestc_model", "name": "hope", "text": sized_spec("hope", dim, heads, length),
+                           "device": args.device, "batch": batch, "time": length, "repeats": args.repeats,
+                           "warmup": 2, "count_ops": True}
+                    ours, theirs, failure = [], [], ""
+                    for round_ in range(rounds):
+                        mine = run_job({**job, "flops": round_ == 0}, args)
+                        old = run_job(job, args, code=base)
+                        failure = next((f"{who}: {r}" for who, r in (("this tree", mine), ("base", old))
+                                        if isinstance(r, str)), "")
+                        if failure:
+                            break
+                        ours.append(mine)
+                        theirs.append(old)
+                    rows.append(base_row(dim, batch, length, ours, theirs, failure, peak_gflops))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
+    print_table(["dim", "B", "base s/step", "this tree s/step", "speed-up", "base ATen ops", "ATen ops",
+                 "this tree of mm peak"], rows)
+
+
+def base_row(dim: int, batch: int, length: int, ours: list, theirs: list, failure: str, peak_gflops) -> list[str]:
+    if failure:
+        return [str(dim), str(batch), failure, "", "", "", "", ""]
+
+    def spread(values: list[float], digits: int = 2) -> str:
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    mine = [r["seconds"] for r in ours]
+    old = [r["seconds"] for r in theirs]
+    ratios = [b / a for a, b in zip(mine, old)]
+    share = ""
+    if peak_gflops:
+        gflops = 3 * ours[0]["forward_flops_per_token"] * batch * length / statistics.median(mine) / 1e9
+        share = f"{100 * gflops / peak_gflops:.1f}%"
+    return [str(dim), str(batch), spread(old), spread(mine), spread(ratios) + "x", f"{theirs[0]['aten_ops']:,}",
+            f"{ours[0]['aten_ops']:,}", share]
 
 
 def section_titans(args) -> None:
@@ -566,6 +650,11 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--time", type=int, default=1024, help="T of the titans and gated_deltanet comparisons")
     parser.add_argument("--titans-chunks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--base", default=BASE_COMMIT, help="the commit the `base` section measures against")
+    parser.add_argument("--base-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--base-batches", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--base-time", type=int, default=256)
+    parser.add_argument("--base-rounds", type=int, default=3, help="fresh-process pairs per `base` row")
     parser.add_argument("--hope-time", type=int, default=512, help="T of the hope comparison")
     parser.add_argument("--gflops-time", type=int, default=512)
     parser.add_argument("--mm-size", type=int, default=2048)
@@ -608,7 +697,7 @@ def main() -> None:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} {NOT_INSTALLED}")
     print(f"# peers: {', '.join(versions)}\n", flush=True)
-    sections = {"titans": section_titans, "gated_deltanet": section_gated_deltanet, "hope": section_hope,
+    sections = {"base": section_base, "titans": section_titans, "gated_deltanet": section_gated_deltanet, "hope": section_hope,
                 "gflops": section_gflops, "memory": section_memory}
     for name in SECTIONS:
         if name in args.only:

@@ -248,8 +248,9 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
 @_task_options
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
               help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Data-parallel processes (torch.distributed, gloo); the batch is split among them.")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Data-parallel processes (torch.distributed, gloo); the batch is split among them "
+                   "(default: the spec's train.processes).")
 @click.option("--tokenizer", type=click.Path(dir_okay=False),
               help="A `tokenizers` JSON file: train on its token ids instead of bytes.")
 @click.option("--seed", type=int, help="Seed of initialisation and data order (default: the spec's train seed).")
@@ -298,7 +299,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
     if resume and overwrite:
         raise click.UsageError("--resume continues a run and --overwrite starts it over: give one")
     for field, value in (("seed", seed), ("checkpoint_every", checkpoint_every),
-                         ("checkpoint_minutes", checkpoint_minutes)):
+                         ("checkpoint_minutes", checkpoint_minutes), ("processes", nproc)):
         if value is not None:
             assignments = (*assignments, f"train.{field}={value}")
     try:
@@ -311,6 +312,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         sys.exit(EXIT_DIAGNOSTICS)
     if result.program.model is None:
         raise click.UsageError(f"`{spec}` has no `model` section: nothing to train")
+    nproc = result.program.train.processes
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if result.program.train.batch % nproc:
             raise click.UsageError(f"the batch ({result.program.train.batch}) must divide evenly among {nproc} "

@@ -286,11 +286,13 @@ def test_data_paths_train_on_those_files_and_bad_paths_are_usage_errors(tmp_path
     assert short.exit_code == 2 and "at least 1 KB" in short.output
 
 
-@pytest.mark.parametrize("spec", ["specs/deltanet.nest", "continuum"])
-def test_two_data_parallel_processes_take_the_single_process_step(spec, tmp_path):
-    """`--nproc 2` (torch.distributed with gloo, PyTorch's own launcher) splits each global batch in
-    two and averages the gradients: the weights after it equal one process on the whole batch,
-    for memories and for continuum levels, whose states are per sample."""
+@pytest.mark.parametrize("spec,parallel_flags", [("specs/deltanet.nest", ["--set", "train.processes=2"]),
+                                                 ("continuum", ["--nproc", "2"])])
+def test_two_data_parallel_processes_take_the_single_process_step(spec, parallel_flags, tmp_path):
+    """`--nproc 2` or the spec's `train { processes 2 }` (torch.distributed with gloo, PyTorch's own
+    launcher) splits each global batch in two and averages the gradients: the weights after it
+    equal one process on the whole batch, for memories and for continuum levels, whose states are
+    per sample. The number of processes is not part of the run's identity."""
     import subprocess
     import sys
 
@@ -303,10 +305,11 @@ def test_two_data_parallel_processes_take_the_single_process_step(spec, tmp_path
     single = _run(*args, "--runs", str(tmp_path / "single"))
     assert single.exit_code == 0, single.output
     parallel = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--runs", str(tmp_path / "parallel"),
-                               "--nproc", "2"], capture_output=True, text=True, timeout=1800)  # a bound on a hang only
+                               *parallel_flags], capture_output=True, text=True, timeout=1800)  # a bound on a hang only
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     assert "2 processes" in parallel.stderr
     (a,), (b,) = list((tmp_path / "single").iterdir()), list((tmp_path / "parallel").iterdir())
+    assert a.name == b.name
     one, two = _weights(a), _weights(b)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)

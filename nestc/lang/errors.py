@@ -123,7 +123,8 @@ Each name is defined once; to vary an imported level, extend it under a new name
 The field does not exist in this body (or the section name is unknown). Level fields: key,
 value, query, lr, retain, momentum, gamma, objective, optimizer, order, output, every, frozen,
 read, init, meta, heads. Model fields: vocab, dim, heads, layers, block, norm, tie_embeddings.
-Train fields: optimizer, schedule, context, batch, steps, clip, seed, checkpoint_every, checkpoint_minutes.
+Train fields: optimizer, schedule, context, batch, steps, clip, seed, checkpoint_every, checkpoint_minutes,
+processes.
 """),
     "N0104": ("unknown argument", """
 The call has a named argument its operator does not take. `docs/language.md` lists every

@@ -272,12 +272,14 @@ class Train(Node):
     seed: int | SearchValue
     checkpoint_every: int | SearchValue
     checkpoint_minutes: Number | SearchValue
+    processes: int | SearchValue
     span: Span | None = _span_field()
 
 
-# How often a run saves itself: train fields that leave the trained model unchanged, so they are
-# left out of the variant id (a resumed run may checkpoint at another cadence).
-RUN_ONLY_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_minutes")
+# How often a run saves itself and how many processes share its batch: train fields that leave the
+# trained model unchanged, so they are left out of the variant id (a resumed run may checkpoint at
+# another cadence, or run on another number of processes).
+RUN_ONLY_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_minutes", "processes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -192,6 +192,9 @@ TRAIN_FIELDS = {
               doc="steps between checkpoints (0: none by step count); not part of the variant (ir.RUN_ONLY_TRAIN_FIELDS)"),
         Param("checkpoint_minutes", "number", 10, minimum=0,
               doc="minutes between checkpoints (0: none by time); not part of the variant"),
+        Param("processes", "int", 1, minimum=1, maximum=1024,
+              doc="data-parallel processes `nestc run` starts, the batch split among them; not part of the "
+                  "variant (the trained weights equal one process's)"),
     )
 }
 

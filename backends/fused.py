@@ -29,8 +29,8 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
     batch, size = x.shape[:2]
     count, heads = len(modules), modules[0].heads
     kernel = modules[0].kernel  # the rules and arguments every member shares
-    # `self` reads each level's anchor, as the unfused read_level does
-    anchors = [torch.cat(parts, dim=1) for parts in zip(*(state.anchor for state in states))]
+    stacked_state = _stack_states(states)
+    anchors = stacked_state.anchor  # what `self` reads: each level's anchor, as the unfused read_level does
 
     def stacked(pipelines) -> Tensor:
         return _pipeline(pipelines, x, start, states, read_level, kernel, anchors, count)
@@ -50,7 +50,6 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
         query = run_pipeline(module.pipelines["query"], x, start, state, read_level)
         y = apply_sequence(module.kernel, state.anchor, query.reshape(batch, size, heads, -1))
         outputs.append(module.out(y.reshape(batch, size, -1)))
-    stacked_state = _stack_states(states)
     KERNELS[form](kernel, stacked_state, k, v, None, gates, start)
     _take_back(stacked_state, states, heads)
     for module, state, retain in zip(modules, states, gates["retain"].split(heads, dim=1)):

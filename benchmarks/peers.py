@@ -379,15 +379,13 @@ def base_checkout(commit: str, folder: Path) -> Path:
 def section_base(args) -> None:
     length, heads, rounds = args.base_time, args.heads, args.base_rounds
     print(f"## base: hope's training step (fwd+bwd, T={length}, {heads} heads, layers 2), this tree vs {args.base} "
-          "(the commit before the performance work), side by side
-")
+          "(the commit before the performance work), side by side\n")
     print(f"Both run this tree's specs/hope.nest (the same structure and chunk sizes). Each figure: {rounds} rounds, "
           f"each a fresh process per tree (this tree and the base alternating), each the median of {args.repeats} "
           "steps after 2 untimed ones; the table gives the median over the rounds and their range. ATen ops: one "
           "forward+backward under a dispatch counter (benchmarks/op_count.py counts the optimizer step too). "
           "Of mm peak: useful FLOPs (`nestc.search.sweep.measure`, x3 for fwd+bwd) per second against "
-          "`torch.mm` measured in this run.
-")
+          "`torch.mm` measured in this run.\n")
     import tempfile
 
     peak = run_job({"kind": "matmul", "size": args.mm_size, "device": args.device, "repeats": 5}, args)
@@ -402,10 +400,12 @@ def section_base(args) -> None:
                     job = {"kind": "nestc_model", "name": "hope", "text": sized_spec("hope", dim, heads, length),
                            "device": args.device, "batch": batch, "time": length, "repeats": args.repeats,
                            "warmup": 2, "count_ops": True}
+                    # `processes` (how many processes `nestc run` starts) came after the base
+                    older = {**job, "text": re.sub(r"^\s*processes \d+.*\n", "", job["text"], flags=re.MULTILINE)}
                     ours, theirs, failure = [], [], ""
                     for round_ in range(rounds):
                         mine = run_job({**job, "flops": round_ == 0}, args)
-                        old = run_job(job, args, code=base)
+                        old = run_job(older, args, code=base)
                         failure = next((f"{who}: {r}" for who, r in (("this tree", mine), ("base", old))
                                         if isinstance(r, str)), "")
                         if failure:

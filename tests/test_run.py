@@ -460,7 +460,7 @@ def test_bf16_trains_the_compiled_forms_that_solve_triangular_systems(tmp_path):
     """Hope's self-modifying memories take the UT transform's triangular solve, which torch has
     no bfloat16 kernel for; under --bf16 it once ended in an internal error (exit 3)."""
     result = _run("specs/hope.nest", "--steps", "1", "--backend", "compiled", "--bf16", "--runs", str(tmp_path),
-                  "--set", "model.dim=16", "--set", "model.layers=1")
+                  "--set", "model.dim=16", "--set", "model.layers=1", "--nproc", "1")
     assert result.exit_code == 0, result.output
     assert math.isfinite(_first_loss(tmp_path))
 

@@ -146,6 +146,42 @@ def test_training_steps_do_not_recompile():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_hopes_segment_step_with_its_fused_memories_is_one_graph_that_training_does_not_recompile():
+    """Hope's whole segment step (the five memories stacked into one call, the CMS reads) is one
+    graph: no break, and training steps whose calls cross the chunk ends of every memory (16 and
+    64) reuse it. The continuum levels' gradient calls still run between segments, outside it.
+    The compiled step equals the eager one (float64)."""
+    from nestc.lang import overrides
+    from nestc.lang.sema import analyze_source, read_source
+    from nestc.backends import compiled as backend
+
+    overridden = overrides.apply(read_source("specs/hope.nest"), ["model.dim=16", "model.layers=1"])
+    program = analyze_source(overridden.main, replaced_imports=overridden.imported).program
+    torch.manual_seed(0)
+    eager = backend.build(program).double()
+    model = backend.build(program, torch_compile="aot_eager").double()
+    model.load_state_dict(eager.state_dict())
+    assert model.fused and not model.layer_by_layer
+    tokens = torch.randint(0, model.vocab, (2, 80), generator=torch.Generator().manual_seed(4))
+
+    def train_step(net):
+        logits, _ = net(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, net.vocab), tokens[:, 1:].reshape(-1))
+        return logits, torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+
+    logits, grads = train_step(model)
+    expected_logits, expected_grads = train_step(eager)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-9, atol=1e-10)
+    for (name, _), a, b in zip(model.named_parameters(), grads, expected_grads, strict=True):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train_step(model)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compile_needs_the_compiled_backend():
     with pytest.raises(ValueError, match="compile=True needs backend='compiled'"):
         nestc.load(DELTANET, backend="reference", compile=True)

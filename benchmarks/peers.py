@@ -255,6 +255,12 @@ def job_gated_delta_kernel(job: dict) -> dict:
         def forward():
             q, k, v, beta, g = inputs()
             return run_kernel(kernel, k, v, q, {"lr": beta, "retain": g.exp()})[0]
+    elif job["impl"] == "fla_triton":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # Triton kernels: CUDA only
+
+        def forward():
+            q, k, v, beta, g = inputs()
+            return chunk_gated_delta_rule(q, k, v, g, beta, scale=1.0)[0]
     else:
         naive = load_fla_naive("gated_delta_rule")
 
@@ -499,6 +505,19 @@ def section_gated_deltanet(args) -> None:
         speed_row("fla-core naive_recurrent_gated_delta_rule", tokens, results["fla_recurrent"], baseline),
         speed_row("nestc compiled run_kernel (delta form)", tokens, results["nestc"], baseline),
     ])
+    if args.device != "cuda":
+        return
+    print("fla-core's Triton `chunk_gated_delta_rule` (the kernel fla users train with) against nestc's delta "
+          "form at long T, same inputs and loss:\n")
+    rows = []
+    for long in args.triton_times:
+        long_common = {**common, "time": long}
+        triton = run_job({**long_common, "impl": "fla_triton"}, args) if installed("fla-core") else NOT_INSTALLED
+        ours = run_job({**long_common, "impl": "nestc"}, args)
+        triton_rate = rate(batch * long, triton) if isinstance(triton, dict) else None
+        rows.append(speed_row(f"T={long}: fla-core chunk_gated_delta_rule (Triton)", batch * long, triton))
+        rows.append(speed_row(f"T={long}: nestc compiled run_kernel (delta form)", batch * long, ours, triton_rate))
+    print_table(SPEED_HEADER, rows)
 
 
 def section_hope(args) -> None:
@@ -649,6 +668,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--time", type=int, default=1024, help="T of the titans and gated_deltanet comparisons")
+    parser.add_argument("--triton-times", type=int, nargs="+", default=[2048, 8192],
+                        help="T of the comparison with fla's Triton kernel (--device cuda only)")
     parser.add_argument("--titans-chunks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--base", default=BASE_COMMIT, help="the commit the `base` section measures against")
     parser.add_argument("--base-dims", type=int, nargs="+", default=[64, 128])

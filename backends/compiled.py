@@ -49,7 +49,7 @@ from nestc.backends.forms import run_form
 from nestc.backends.fused import run_fused
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
-from nestc.backends.pipelines import Stage, rotate
+from nestc.backends.pipelines import Stage, causal_convolution, rotate
 from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_program
@@ -74,12 +74,7 @@ def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Te
             history = x.new_zeros(x.shape[0], window - 1, x.shape[2])
         frames = torch.cat([history, x], dim=1)  # oldest first
         state.buffers[stage.buffer_name] = frames[:, -(window - 1):, :] if window > 1 else frames[:, :0, :]
-        size = x.shape[1]
-        # a sum of shifted slices: faster than unfold + einsum forward and backward (no copies)
-        out = frames[:, :size] * stage.weight[:, 0]
-        for offset in range(1, window):
-            out = out + frames[:, offset:offset + size] * stage.weight[:, offset]
-        return out
+        return causal_convolution(frames, stage.weight, x.shape[1])
     if kind == "rope":
         heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
         # start is an int, a 0-dim tensor in the torch.compile step (one graph for all positions),

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from nestc.backends.forms import KERNELS
 from nestc.backends.forms.common import apply_sequence, finish_segment
+from nestc.backends.pipelines import causal_convolution
 from nestc.backends.state import LevelState
 
 
@@ -68,6 +69,10 @@ def _pipeline(pipelines: list, x: Tensor, start: int, states: list[LevelState], 
     from nestc.backends.compiled import stage_sequence  # compiled imports this module
 
     batch, size = x.shape[:2]
+
+    def spread(shared: Tensor) -> Tensor:  # [B, S, width], the same for all -> [B, S, L, width]
+        return shared[:, :, None].expand(batch, size, count, shared.shape[-1])
+
     h, apart = x, False  # apart: h is [B, S, L, width], one slice per level
     for index, (kind, _) in enumerate(pipelines[0].steps):
         if kind == "level":
@@ -77,7 +82,7 @@ def _pipeline(pipelines: list, x: Tensor, start: int, states: list[LevelState], 
                 h = read_level(target, h.flatten(1, 2)).unflatten(1, (size, count)) if apart \
                     else read_level(target, h)
             else:  # each level reads itself: the stacked anchors, one read
-                h = h if apart else h[:, :, None].expand(batch, size, count, h.shape[-1])
+                h = h if apart else spread(h)
                 heads = h.reshape(batch, size, anchors[0].shape[1], -1)
                 h = apply_sequence(kernel, anchors, heads).reshape(batch, size, count, -1)
                 apart = True
@@ -87,13 +92,13 @@ def _pipeline(pipelines: list, x: Tensor, start: int, states: list[LevelState], 
             h = _projection([stage.linear for stage in stages], h, apart)
             apart = True
         elif stages[0].kind == "conv":
-            h = _convolution(stages, h if apart else h[:, :, None].expand(batch, size, count, h.shape[-1]), states)
+            h = _convolution(stages, h if apart else spread(h), states)
             apart = True
         elif apart:  # a stage without parameters of its own that acts on each head alone
             h = stage_sequence(stages[0], h.flatten(1, 2), start, states[0]).unflatten(1, (size, count))
         else:
             h = stage_sequence(stages[0], h, start, states[0])
-    return h if apart else h[:, :, None].expand(batch, size, count, h.shape[-1])
+    return h if apart else spread(h)
 
 
 def _projection(linears: list, h: Tensor, apart: bool) -> Tensor:
@@ -119,11 +124,7 @@ def _convolution(stages: list, h: Tensor, states: list[LevelState]) -> Tensor:
     frames = torch.cat([history, h], dim=1)  # oldest first
     for member, (stage, state) in enumerate(zip(stages, states)):
         state.buffers[stage.buffer_name] = frames[:, frames.shape[1] - (window - 1):, member]
-    weight = torch.stack([stage.weight for stage in stages])  # [L, width, window]
-    out = frames[:, :size] * weight[..., 0]
-    for offset in range(1, window):
-        out = out + frames[:, offset:offset + size] * weight[..., offset]
-    return out
+    return causal_convolution(frames, torch.stack([stage.weight for stage in stages]), size)  # [L, width, window]
 
 
 def _gate(gates: list, x: Tensor, stacked) -> Tensor:

@@ -75,6 +75,17 @@ class Stage(nn.Module):
         raise BackendError(f"the reference backend has no stage `{kind}`")
 
 
+def causal_convolution(frames: Tensor, weight: Tensor, size: int) -> Tensor:
+    """The short convolution of a sequence: out_t = sum_j weight[..., j] * frames[:, t + j], for
+    frames [B, window - 1 + size, ..., width] (the history, then the sequence; oldest first) and
+    weight [..., width, window]. A sum of shifted slices: faster than unfold + einsum, forward and
+    backward (no copies)."""
+    out = frames[:, :size] * weight[..., 0]
+    for offset in range(1, weight.shape[-1]):
+        out = out + frames[:, offset:offset + size] * weight[..., offset]
+    return out
+
+
 def rotate(x: Tensor, position, base: float) -> Tensor:
     """Rotary position embedding (pairs of channels (i, i + d/2)) of x [..., d]: at one position
     (an int), or at positions broadcast against x's leading dimensions (a tensor)."""

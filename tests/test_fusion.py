@@ -87,7 +87,7 @@ def test_fused_hope_equals_unfused_across_chunk_ends_of_every_memory():
     assert_fused_equals_unfused(_small_hope(), length=150, cuts=[40, 64])
 
 
-def test_fused_hope_with_batch_one_and_two_layers_equals_the_reference():
+def test_fused_hope_with_two_layers_equals_the_reference():
     assert_equivalent(_small_hope("model.layers=2", "train.context=64"), length=70, split=33)
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nestc.lang import ir
-from nestc.lang.queries import generators
+from nestc.lang.queries import generators, model_nodes
 from nestc.backends.common import BackendError, concrete
 from nestc.backends.forms import run_form
 from nestc.backends.fused import run_fused
@@ -108,7 +108,7 @@ class CompiledModel(ReferenceModel):
         super().__init__(program)
         self.level_spans = {level.name: level.span for level in program.levels}
         planned = plan_program(program, fuse=fuse)
-        self.plans: dict[str, LevelPlan] = {name: planned.levels[name] for name in self.layers[0].levels}
+        self.plans: dict[str, LevelPlan] = {name: planned.levels[name] for name in self.level_modules()}
         self.fused = planned.fused  # the levels stacked into one call (nestc/passes/fusion.py)
         self.fallback = self._whole_model_fallback(program)
         for name, plan in self.plans.items():
@@ -151,7 +151,7 @@ class CompiledModel(ReferenceModel):
         schedule it compiles each memory rule's segment step (the rest already runs on whole
         calls); otherwise the whole segment step, which must then be one graph."""
         if self.layer_by_layer and not self.fallback:
-            if any(_compiles_alone(module, self.plans[name]) for name, module in self.layers[0].levels.items()):
+            if any(_compiles_alone(module, self.plans[name]) for name, module in self.level_modules().items()):
                 return ""
             return "no memory rule has a segment form to compile (the layers already run on whole calls)"
         return self._segment_obstacle()
@@ -160,7 +160,7 @@ class CompiledModel(ReferenceModel):
         """Why the whole segment step cannot be traced as one graph, or "" when it can."""
         if self.fallback:
             return self.fallback
-        for name, module in self.layers[0].levels.items():
+        for name, module in self.level_modules().items():
             plan = self.plans[name]
             if plan.kernel == "sequential":
                 return f"level `{name}` runs token by token"
@@ -215,7 +215,7 @@ class CompiledModel(ReferenceModel):
         level's pipelines read another level's anchor or a MAC window's cache."""
         if self.task_levels:
             return False
-        if any(isinstance(node, ir.MemoryAsContext) for node in ir.walk(program.model.block)):
+        if any(isinstance(node, ir.MemoryAsContext) for node in model_nodes(program.model)):
             return False
         return not any(is_generator(program, level.name) for level in program.levels)
 
@@ -240,8 +240,8 @@ class CompiledModel(ReferenceModel):
         so weights cut from any graph (inference, a detached state) become leaves."""
         for level_states in state.levels:
             for name in self.task_levels:
-                level_state = level_states[name]
-                if not all(w.requires_grad for w in level_state.weights):
+                level_state = level_states.get(name)
+                if level_state is not None and not all(w.requires_grad for w in level_state.weights):
                     level_state.weights = [w.detach().requires_grad_() for w in level_state.weights]
 
     def _compiled_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
@@ -315,7 +315,7 @@ class CompiledModel(ReferenceModel):
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
                                reduction="sum")
         for level_states in state.levels:
-            for name in self.task_levels:
+            for name in (name for name in self.task_levels if name in level_states):
                 level_state = level_states[name]
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
 

@@ -427,6 +427,8 @@ def _continuum_table(model, graph: SegmentGraph) -> list[dict]:
     table = []
     for name in model.task_levels:
         for layer_index, layer in enumerate(model.layers):
+            if name not in layer.levels:
+                continue
             level = layer.levels[name]
             if level.meta == "full":
                 raise BackendError(f"level `{name}` differentiates through its own updates (`meta full`), which "

@@ -23,7 +23,7 @@ from nestc.backends.common import BackendError, concrete, op_args
 from nestc.backends.pipelines import Gate, Pipeline
 from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
-from nestc.lang.queries import block_levels, generators
+from nestc.lang.queries import block_levels, generators, reachable_levels
 from nestc.passes.estimate import require_fits
 
 # --- memory functions ------------------------------------------------------------------------
@@ -379,14 +379,16 @@ class Norm(nn.Module):
 
 
 class Layer(nn.Module):
-    """One repetition of the model's block, with its own instance of every level it uses."""
+    """One layer: its block, with its own instance of every level the block runs."""
 
-    def __init__(self, program: ir.Program, dim: int, heads: int):
+    def __init__(self, program: ir.Program, block: ir.Block, dim: int, heads: int):
         super().__init__()
         self.program = program
         self.dim = dim
-        used = _used_levels(program)
-        read = set(block_levels(program.model.block))
+        uses = block_levels(block)
+        reached = reachable_levels({level.name: level for level in program.levels}, uses)
+        used = [name for name in program.level_names if name in reached]
+        read = set(uses)
         self.levels = nn.ModuleDict({name: _build_level(program.level(name), dim, heads, name in read)
                                      for name in used})
         for name in used:
@@ -395,7 +397,7 @@ class Layer(nn.Module):
                     raise BackendError(f"level `{generator}` generates inputs of `{name}` but is not a memory "
                                        "(key/value) level; only memories can be read as a pipeline stage")
         self.order = _step_order(program, used)
-        self.block = program.model.block
+        self.block = block
         self.parts = nn.ModuleDict()
         for path, block in ir.walk_blocks(self.block):
             self._add_parameters(block, path)
@@ -523,10 +525,6 @@ def _generators(level: ir.Level) -> set[str]:
     return generators(level) - {level.name}
 
 
-def _used_levels(program: ir.Program) -> list[str]:
-    return list(program.level_names)
-
-
 def _step_order(program: ir.Program, used: list[str]) -> dict[str, list[str]]:
     """For each level, the levels to step before reading it, ending with itself: its transitive
     generators, those read after their update first in dependency order."""
@@ -581,13 +579,22 @@ class ReferenceModel(nn.Module):
         self.vocab, self.dim = model.vocab, model.dim
         self.embedding = nn.Embedding(self.vocab, self.dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
-        self.layers = nn.ModuleList(Layer(program, self.dim, model.heads) for _ in range(model.layers))
+        self.layers = nn.ModuleList(Layer(program, block, self.dim, model.heads) for block in model.layer_blocks())
         self.norm = Norm(model.norm if model.norm != "none" else "identity", self.dim)
         self.head = None if model.tie_embeddings else nn.Linear(self.dim, self.vocab, bias=False)
-        self.task_levels = [name for name, level in self.layers[0].levels.items()
+        self.task_levels = [name for name, level in self.level_modules().items()
                             if isinstance(level, FeedForwardLevel) and level.every]
-        self.task_cycle = math.lcm(*(self.layers[0].levels[name].every for name in self.task_levels)) \
+        self.task_cycle = math.lcm(*(self.level_modules()[name].every for name in self.task_levels)) \
             if self.task_levels else 1
+
+    def level_modules(self) -> dict[str, nn.Module]:
+        """Each level the model runs, as its first layer with a copy builds it (the copies of
+        one level differ only in their parameters)."""
+        modules: dict[str, nn.Module] = {}
+        for layer in self.layers:
+            for name, module in layer.levels.items():
+                modules.setdefault(name, module)
+        return {name: modules[name] for name in self.program.level_names if name in modules}
 
     def initial_state(self, batch: int) -> ModelState:
         like = self.embedding.weight
@@ -656,7 +663,7 @@ class ReferenceModel(nn.Module):
         loss = F.cross_entropy(state.last_logits, token, reduction="sum")
         for name in self.task_levels:
             instances = [(layer.levels[name], level_states[name])
-                         for layer, level_states in zip(self.layers, state.levels)]
+                         for layer, level_states in zip(self.layers, state.levels) if name in layer.levels]
             for _, level_state in instances:
                 level_state.pending = loss if level_state.pending is None else level_state.pending + loss
             if state.position % instances[0][0].every == 0:

@@ -426,6 +426,7 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, col
             raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
         from nestc.backends import compiled
         from nestc.backends.common import BackendError
+        from nestc.graph import layer_groups
         from nestc.passes.estimate import format_bytes
 
         with warnings.catch_warnings(record=True) as caught:
@@ -436,10 +437,12 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, col
                 raise click.ClickException(str(error)) from None
         schedule = "; layer by layer (each layer reads a whole call)" if model.layer_by_layer and not model.fallback else ""
         click.echo(f"segment length {model.segment} tokens" + (f"; {model.fallback}" if model.fallback else schedule))
+        for group in layer_groups(program):
+            click.echo(f"  layers {group['layers']}: {', '.join(group['levels'])}")
         from nestc.backends.reference import CacheLevel
 
         for name, plan in model.plans.items():
-            level = model.layers[0].levels[name]
+            level = model.level_modules()[name]
             if plan.kernel != "module":
                 kind = f"memory, {plan.kernel} form"
             elif isinstance(level, CacheLevel):

@@ -21,7 +21,7 @@ import networkx as nx
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.queries import generated_roles
+from nestc.lang.queries import block_levels, generated_roles, reachable_levels
 
 OUTER = "outer"
 
@@ -59,7 +59,9 @@ def build(program: ir.Program) -> nx.MultiDiGraph:
         graph.add_edge(OUTER, level.name, kind="trains",
                        label="trains" if level.every.steps == 1 else f"trains every {ir.format_value(level.every.steps)} steps")
     if program.model is not None:
-        _data_edges(graph, program.model.block, [])
+        for block in program.model.blocks():
+            _data_edges(graph, block, [])
+        graph.graph["layers"] = layer_groups(program)
     for level in program.levels:
         if isinstance(level.init, ir.Op) and level.init.name == "nested":
             slower = _next_slower(graph, level.name)
@@ -92,6 +94,39 @@ def _data_edges(graph: nx.MultiDiGraph, block: ir.Block, upstream: list[str]) ->
     # choice of `combine`, use no level and add nothing.)
     produced = [n for child in block.children() for n in _data_edges(graph, child, upstream)]
     return produced + upstream if isinstance(block, ir.Residual) else produced
+
+
+def layer_groups(program: ir.Program) -> list[dict]:
+    """The model's distinct layer blocks, each with the layers that run it (as text: `0-2, 4`)
+    and the levels each of those layers holds a copy of."""
+    model = program.model
+    levels = {level.name: level for level in program.levels}
+    if model.pattern is None:
+        layers = f"0-{model.layers - 1}" if isinstance(model.layers, int) and model.layers > 1 else \
+            "0" if model.layers == 1 else f"every layer ({ir.format_value(model.layers)})"
+        indices = {model.block: layers}
+    else:
+        positions: dict[ir.Block, list[int]] = {}
+        for index, block in enumerate(model.pattern):
+            positions.setdefault(block, []).append(index)
+        indices = {block: _ranges(found) for block, found in positions.items()}
+    groups = []
+    for block, layers in indices.items():
+        reached = reachable_levels(levels, block_levels(block))
+        groups.append({"layers": layers, "block": ir.format_value(block),
+                       "levels": [name for name in program.level_names if name in reached]})
+    return groups
+
+
+def _ranges(indices: list[int]) -> str:
+    """`0-2, 4` for [0, 1, 2, 4]."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
 def _frequency_text(every: ir.Frequency) -> str:
@@ -155,6 +190,10 @@ def to_text(graph: nx.MultiDiGraph) -> str:
         if node["read"] != "-":
             details += f", read {node['read']}"
         lines.append(f"  {'':<{width}}  {'':<20} {details}  [{_rate_text(rate)}]")
+    if "layers" in graph.graph:
+        lines += ["", "layers:"]
+        for group in graph.graph["layers"]:
+            lines.append(f"  {group['layers']}: {group['block']}  [levels {', '.join(group['levels'])}]")
     lines += ["", "edges:"]
     grouped: dict[tuple[str, str], list[str]] = {}
     for source, target, data in _sorted_edges(graph):
@@ -222,4 +261,6 @@ def to_json(graph: nx.MultiDiGraph) -> str:
         node["updates_per_token"] = str(rate)
         nodes.append({"id": name, **node})
     edges = [{"source": s, "target": t, "kind": d["kind"], "label": d["label"]} for s, t, d in _sorted_edges(graph)]
-    return json.dumps({"name": graph.graph["name"], "order": order, "nodes": nodes, "edges": edges}, indent=2) + "\n"
+    layers = {"layers": graph.graph["layers"]} if "layers" in graph.graph else {}
+    return json.dumps({"name": graph.graph["name"], "order": order, "nodes": nodes, "edges": edges, **layers},
+                      indent=2) + "\n"

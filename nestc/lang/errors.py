@@ -144,7 +144,8 @@ The number is outside the range its field allows (for example a depth of 0, a ne
 a beta above 1).
 """),
     "N0107": ("missing field or argument", """
-A required field or argument is absent. The model needs `vocab`, `dim` and `block`;
+A required field or argument is absent. The model needs `vocab`, `dim` and `block` (unless
+`layers` lists each layer's block); a list of layers needs at least one;
 `pretrained(source=LEVEL)` needs its source; `parallel` needs at least two branches.
 """),
     "N0108": ("too many arguments", """
@@ -152,8 +153,8 @@ The call has more positional arguments than its operator takes, or arguments whe
 (`rmsnorm(4)`).
 """),
     "N0116": ("given twice", """
-A field or argument appears twice in the same body or call, or a level is both `frozen` and
-updated `every ...`. Keep one.
+A field or argument appears twice in the same body or call, a level is both `frozen` and
+updated `every ...`, or the model gives both `block` and a list of the layers' blocks. Keep one.
 """),
     "N0123": ("reserved name", """
 Built-in names cannot be redefined: `x`, `self`, `true`, `false`, pipeline stages (`proj`,

@@ -179,11 +179,25 @@ def _field(f: ast.Field, table: dict) -> str:
     if f.value is None:
         return INDENT + f.key
     param = table.get(f.key)
-    assign = param.type in _ASSIGNED_TYPES if param is not None else f.assign
+    assign = _is_assigned(param, f.value) if param is not None else f.assign
     if assign and f.unit is None:  # a unit only exists in the setting form: keep it there
         return _wrap(f"{INDENT}{f.key} = ", f.value, INDENT)
     text = f"{INDENT}{f.key} {format_expr(f.value)}"
     return text + (f" {f.unit}" if f.unit else "")
+
+
+def _is_assigned(param, value: ast.Expr) -> bool:
+    """Dataflow fields are written `key = expr`, settings `key expr`; `layers` is a setting when
+    it is a number and dataflow when it lists the layers' blocks."""
+    if param.type == "layers":
+        return _lists_blocks(value)
+    return param.type in _ASSIGNED_TYPES
+
+
+def _lists_blocks(value: ast.Expr) -> bool:
+    if isinstance(value, ast.ListExpr):
+        return True
+    return isinstance(value, ast.BinOp) and (_lists_blocks(value.left) or _lists_blocks(value.right))
 
 
 def _wrap(prefix: str, value: ast.Expr, indent: str) -> str:

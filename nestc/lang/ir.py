@@ -251,14 +251,26 @@ def walk_blocks(block: Block, path: str = ROOT_PATH) -> Iterator[tuple[str, Bloc
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Model(Node):
+    """The network: `layers` copies of `block`, or, when the layers differ, one block per layer in
+    `pattern` (then `block` is None and `layers` is the pattern's length)."""
+
     vocab: int
     dim: int | SearchValue
     heads: int | SearchValue
     layers: int | SearchValue
-    block: Block
+    block: Block | None
     norm: str | Choice
     tie_embeddings: bool | Choice
+    pattern: tuple[Block, ...] | None = None
     span: Span | None = _span_field()
+
+    def layer_blocks(self) -> tuple[Block, ...]:
+        """The block of each layer, first layer first (a repeated block needs a fixed `layers`)."""
+        return self.pattern if self.pattern is not None else (self.block,) * self.layers
+
+    def blocks(self) -> tuple[Block, ...]:
+        """The distinct blocks of the layers, in the order they first appear."""
+        return tuple(dict.fromkeys(self.pattern)) if self.pattern is not None else (self.block,)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -374,8 +386,11 @@ def dump(program: Program, *, identity: bool = False) -> str:
     if program.model is not None:
         lines.append("  model")
         for f in dataclasses.fields(program.model):
-            if f.name != "span":
-                lines.append(f"    {f.name:<10} {format_value(getattr(program.model, f.name))}")
+            value = getattr(program.model, f.name)
+            if f.name == "pattern" and value is not None:
+                lines.extend(f"    layer {index:<4} {format_value(block)}" for index, block in enumerate(value))
+            elif f.name != "span" and value is not None:  # `block` is None when `pattern` gives the layers
+                lines.append(f"    {f.name:<10} {format_value(value)}")
     lines.append("  train")
     skipped = ("span", *RUN_ONLY_TRAIN_FIELDS) if identity else ("span",)
     for f in dataclasses.fields(program.train):

@@ -17,7 +17,8 @@ class Param:
 
     `type` is one of: int, number, bool, string, enum (value in `choices`), level (the name of a
     level), list (of numbers), or a *kind* of operator ("objective", "stage", ...), or one of the
-    structured kinds: "source" (a key/value/query pipeline), "gate", "block", "frequency".
+    structured kinds: "source" (a key/value/query pipeline), "gate", "block", "frequency", "layers"
+    (an int, or a list with each layer's block).
     """
 
     name: str

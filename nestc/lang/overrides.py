@@ -131,5 +131,6 @@ def _splice(text: str, module: ast.Module, parts: list[str], value: str) -> str:
 
 def _line(key: str, value: str) -> str:
     param = schema.LEVEL_FIELDS.get(key) or schema.MODEL_FIELDS.get(key) or schema.TRAIN_FIELDS.get(key)
-    assigned = param is not None and param.type in ("source", "gate", "block")
+    assigned = param is not None and (param.type in ("source", "gate", "block")
+                                      or (param.type == "layers" and value.lstrip().startswith("[")))
     return f"{key} = {value}" if assigned else f"{key} {value}"

@@ -48,6 +48,36 @@ def block_levels(block: ir.Block) -> list[str]:
     return [name for node in ir.walk(block) for name in _levels_of(node)]
 
 
+def model_levels(model: ir.Model) -> list[str]:
+    """The levels the layers' blocks use, in order, once per use in each distinct block."""
+    return [name for block in model.blocks() for name in block_levels(block)]
+
+
+def model_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of every distinct layer block."""
+    return (node for block in model.blocks() for node in ir.walk(block))
+
+
+def reachable_levels(levels: dict[str, ir.Level | object], roots) -> set[str]:
+    """The levels a model runs from `roots` (the levels its blocks use): with them, those that
+    generate their inputs and those whose parameters their initial states copy, transitively.
+    Entries of `levels` that are not `ir.Level`s (levels that did not check) end the search."""
+    used: set[str] = set()
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        if name in used or name not in levels:
+            continue
+        used.add(name)
+        level = levels[name]
+        if not isinstance(level, ir.Level):
+            continue
+        pending.extend(generators(level))
+        if isinstance(level.init, ir.Op) and level.init.name == "pretrained":
+            pending.append(level.init.arg("source"))
+    return used
+
+
 def level_uses(block: ir.Block) -> Counter:
     """How often each level is used; alternatives of a choice count once (the most of any option)."""
     if isinstance(block, ir.Choice):

@@ -170,8 +170,9 @@ MODEL_FIELDS = {
         Param("vocab", "int", REQUIRED, minimum=2, fixed=True),
         Param("dim", "int", REQUIRED, minimum=1),
         Param("heads", "int", 1, minimum=1),
-        Param("layers", "int", 1, minimum=1),
-        Param("block", "block", REQUIRED),
+        Param("layers", "layers", 1, minimum=1,
+              doc="how many times `block` is repeated, or a list with each layer's block (`[a, a, b] * 2`)"),
+        Param("block", "block", None, doc="the block of every layer (required unless `layers` lists them)"),
         Param("norm", "enum", "rmsnorm", choices=NORMS, doc="the final normalisation before the LM head"),
         Param("tie_embeddings", "bool", True),
     )

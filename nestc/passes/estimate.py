@@ -30,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 from nestc import rules
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
-from nestc.lang.queries import block_levels
+from nestc.lang.queries import block_levels, reachable_levels
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
@@ -50,7 +51,7 @@ class ModelTooLarge(BackendError):
 @dataclass(frozen=True)
 class Estimate:
     parameters: int  # exact
-    parameters_per_layer: int
+    layer_parameters: tuple[int, ...]  # the distinct parameter counts of the layers, smallest first
     state_bytes: int  # per sequence
     activation_bytes: int  # one training step, the whole batch
     batch: int
@@ -71,9 +72,14 @@ class Estimate:
         return (self.parameter_bytes * (2 + self.outer_moments) + self.state_bytes * self.batch
                 + self.activation_bytes)
 
+    @property
+    def _per_layer(self) -> str:
+        smallest, largest = self.layer_parameters[0], self.layer_parameters[-1]
+        return f"{smallest:,}" if smallest == largest else f"{smallest:,} to {largest:,}"
+
     def __str__(self) -> str:
         return "\n".join([
-            f"parameters   {self.parameters:,} ({self.parameters_per_layer:,} per layer): "
+            f"parameters   {self.parameters:,} ({self._per_layer} per layer): "
             f"{format_bytes(self.parameter_bytes)}",
             f"state        {format_bytes(self.state_bytes)} per sequence (estimate)",
             f"activations  {format_bytes(self.activation_bytes)} per training step of {self.batch} sequences "
@@ -89,20 +95,31 @@ def estimate(program: ir.Program) -> Estimate:
     if program.model is None:
         raise BackendError(f"{program.file} has no `model` section: it is a library of levels")
     model = program.model
-    vocab, dim, layers = model.vocab, concrete(model.dim), concrete(model.layers)
+    vocab, dim = model.vocab, concrete(model.dim)
     heads = concrete(model.heads)
     context, batch = _largest(program.train.context), _largest(program.train.batch)
-    readable = set(block_levels(model.block))
-    per_layer = _LayerTally()
-    for level in program.levels:
-        per_layer.add_level(level, dim, heads, level.name in readable, context)
-    for _, block in ir.walk_blocks(model.block):
-        per_layer.add_block(block, dim)
+    levels = {level.name: level for level in program.levels}
+    # one tally per distinct layer block, counted as often as layers repeat it
+    repeats = Counter(model.pattern) if model.pattern is not None else Counter({model.block: concrete(model.layers)})
+    tallies = {}
+    for block in repeats:
+        tally = tallies[block] = _LayerTally()
+        read = block_levels(block)
+        reached = reachable_levels(levels, read)
+        for level in program.levels:
+            if level.name in reached:
+                tally.add_level(level, dim, heads, level.name in read, context)
+        for _, node in ir.walk_blocks(block):
+            tally.add_block(node, dim)
+    def total(measure) -> int:
+        return sum(count * measure(tallies[block]) for block, count in repeats.items())
+
     outside = vocab * dim + (dim if concrete(model.norm) != "none" else 0)
     outside += 0 if concrete(model.tie_embeddings) else dim * vocab
-    activations = batch * context * (layers * per_layer.per_token + 2 * vocab)
-    return Estimate(parameters=outside + layers * per_layer.parameters, parameters_per_layer=per_layer.parameters,
-                    state_bytes=FLOAT_BYTES * layers * per_layer.state, activation_bytes=FLOAT_BYTES * activations,
+    activations = batch * context * (total(lambda tally: tally.per_token) + 2 * vocab)
+    return Estimate(parameters=outside + total(lambda tally: tally.parameters),
+                    layer_parameters=tuple(sorted({tally.parameters for tally in tallies.values()})),
+                    state_bytes=FLOAT_BYTES * total(lambda tally: tally.state), activation_bytes=FLOAT_BYTES * activations,
                     batch=batch, outer_moments=max(OUTER_MOMENTS[option.name]
                                                    for option in _options(program.train.optimizer)))
 
@@ -272,6 +289,8 @@ def _refusal(program: ir.Program, found: Estimate, training: bool, available: tu
     for section, name, least in SIZE_FIELDS:
         value = getattr(getattr(program, section), name)
         if not isinstance(value, int):  # a search value: the sweep chooses it
+            continue
+        if name == "layers" and program.model.pattern is not None:  # the list gives each layer: shorten it
             continue
         largest = _largest_fitting(program, section, name, least, training, available[0])
         if largest is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.queries import generators, is_memory
+from nestc.lang.queries import generators, is_memory, model_nodes
 from nestc.backends.common import concrete
 from nestc.passes.fusion import FusionGroup, fusion_groups
 
@@ -140,7 +140,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
             constrained = every > 0
         if (every > 1 and constrained) or (every > 0 and anchor_reader(program, level.name)):
             length = math.gcd(length, every)
-    for node in ir.walk(program.model.block):
+    for node in model_nodes(program.model):
         if isinstance(node, ir.MemoryAsContext):  # a segment never straddles two MAC windows
             length = math.gcd(length, concrete(node.segment))
     return max(length, 1)
@@ -152,7 +152,7 @@ def anchor_reader(program: ir.Program, name: str) -> str:
     retrieval (each token's M*(q_t) at the anchor, `mac_segment`)."""
     if is_generator(program, name):
         return "the levels it generates for"
-    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in ir.walk(program.model.block)):
+    if any(isinstance(node, ir.MemoryAsContext) and node.memory == name for node in model_nodes(program.model)):
         return "its `mac` block's retrieval"
     return ""
 

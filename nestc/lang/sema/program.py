@@ -8,7 +8,8 @@ import math
 from nestc import rules
 from nestc.lang import ast, ir
 from nestc.lang.diagnostics import Label
-from nestc.lang.queries import block_levels, first_use, generators, is_memory, level_uses, search_values
+from nestc.lang.queries import (first_use, generators, is_memory, level_uses, model_levels, model_nodes,
+                                reachable_levels, search_values)
 from nestc.lang.sema.context import INVALID, Analysis, Definition, Part, options
 from nestc.lang.sema.levels import Levels
 from nestc.lang.sema.values import Values
@@ -31,6 +32,7 @@ class ProgramBuilder(Part):
         if "model" in self.sections:
             values = self.values.section_values("model")
             self._check_model_heads(values.get("dim"), values.get("heads"))
+            values = self._layer_blocks(values)
             if INVALID not in values.values():
                 model = ir.Model(span=self.sections["model"].name_span, **values)
                 self._check_model_uses(model)
@@ -46,7 +48,7 @@ class ProgramBuilder(Part):
                          **train_values) if INVALID not in train_values.values() else None
         if model is None and "model" in self.sections:
             return None
-        used = self._reachable(model, levels) if model is not None else set(level_names)
+        used = reachable_levels(levels, model_levels(model)) if model is not None else set(level_names)
         # Only the levels the model runs must fit its context: a library may define others.
         for name, every, context, field in self.levels.chunked:
             if name in used:
@@ -67,6 +69,28 @@ class ProgramBuilder(Part):
         program = ir.Program(file=self.analysis.main_file, levels=ordered, model=model, train=train)
         self._check_named_dimensions(program)
         return program
+
+    def _layer_blocks(self, values: dict) -> dict:
+        """Either one block that every layer repeats (`layers N`, `block = ...`) or a list with
+        each layer's block (`layers = [a, a, b] * 2`, no `block`)."""
+        fields = {f.key: f for f in self.sections["model"].fields}
+        if isinstance(values["layers"], tuple):
+            if "block" in fields:
+                return {**values, "block": self.error(
+                    "N0116", "the layers' blocks are given twice: by `block` and by the list in `layers`",
+                    fields["block"].key_span, secondary=(Label(span=fields["layers"].value.span,
+                                                              message="each layer's block"),),
+                    help="remove `block`, or write `layers N` to repeat it")}
+            pattern = values["layers"]
+            if len(set(pattern)) == 1:  # one block repeated: the same program as `layers N`
+                return {**values, "layers": len(pattern), "block": pattern[0]}
+            return {**values, "layers": len(pattern), "block": None, "pattern": pattern}
+        if "block" not in fields and values["layers"] is not INVALID:
+            return {**values, "block": self.error(
+                "N0107", "`model` needs the field `block`", self.sections["model"].name_span,
+                label="`block` missing",
+                help="write `block = residual(rmsnorm |> mixer)`, or list each layer's block: `layers = [a, a, b] * 2`")}
+        return values
 
     def _check_named_dimensions(self, program: ir.Program) -> None:
         """Search values that share a `name` are one dimension: their options must be the same."""
@@ -99,13 +123,16 @@ class ProgramBuilder(Part):
                                help=f"use a number of heads that divides {width}")
 
     def _check_model_uses(self, model: ir.Model) -> None:
-        counts = level_uses(model.block)
-        for level, count in counts.items():
-            if count > 1:
-                first = first_use(model.block, level)
-                self.error("N0122", f"level `{level}` is used {count} times in the model's block",
-                           first.span if first else model.span, label="each use would share one state",
-                           help=f"define a copy: `level {level}_2 extends {level}`")
+        """Within one layer a level has one state, so a block may use it once (each layer has its
+        own copy of every level its block uses)."""
+        for block in model.blocks():
+            for level, count in level_uses(block).items():
+                if count > 1:
+                    first = first_use(block, level)
+                    where = "the model's block" if model.pattern is None else "one layer's block"
+                    self.error("N0122", f"level `{level}` is used {count} times in {where}",
+                               first.span if first else model.span, label="each use would share one state",
+                               help=f"define a copy: `level {level}_2 extends {level}`")
 
     def _check_heads(self, model: ir.Model, levels) -> None:
         for level in levels:
@@ -122,7 +149,7 @@ class ProgramBuilder(Part):
     def _check_memory_as_context(self, model: ir.Model, levels: dict) -> None:
         """A `mac` block retrieves from a memory (keys and values, an inner rule) and attends with a
         cache: other levels in those places have nothing the block could call."""
-        for node in ir.walk(model.block):
+        for node in model_nodes(model):
             if not isinstance(node, ir.MemoryAsContext):
                 continue
             memory, attention = levels.get(node.memory), levels.get(node.attention)
@@ -134,22 +161,6 @@ class ProgramBuilder(Part):
                     and rules.STATES[attention.state.name].memory:
                 self.error("N0105", f"the attention of `mac` must be a cache level, but `{node.attention}` is not",
                            node.span, label="not softmax attention", help="give it the state `cache`")
-
-    def _reachable(self, model: ir.Model, levels: dict) -> set[str]:
-        used: set[str] = set()
-        pending = list(block_levels(model.block))
-        while pending:
-            name = pending.pop()
-            if name in used or name not in levels:
-                continue
-            used.add(name)
-            level = levels[name]
-            if level is INVALID:
-                continue
-            pending.extend(generators(level))
-            if isinstance(level.init, ir.Op) and level.init.name == "pretrained":
-                pending.append(level.init.arg("source"))
-        return used
 
     def _check_generation_cycles(self, levels: dict[str, ir.Level]) -> None:
         import networkx as nx

@@ -3,6 +3,8 @@ body, each checked against its schema parameter."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Label, did_you_mean
 from nestc.lang.schema import Param
@@ -23,6 +25,10 @@ class Values(Part):
         expr = self.analysis.deref(expr)
         if expr is INVALID:
             return INVALID
+        if param.type == "layers":  # a list of the layers' blocks, or else their number
+            if _holds_list(self.analysis, expr):
+                return self.layer_list(expr, what)
+            param = dataclasses.replace(param, type="int")
         if isinstance(expr, ast.Call) and expr.func in schema.SEARCH:
             return self.search(expr, param, what)
         kind = param.type
@@ -98,6 +104,45 @@ class Values(Part):
         self._check_range(low, param, what, call.span)
         self._check_range(high, param, what, call.span)
         return ir.Range(low=low, high=high, step=step, name=name, span=call.span)
+
+    def layer_list(self, expr: ast.Expr, what: str):
+        """Each layer's block, from a list of blocks, repeated (`* N`) and joined (`+`)."""
+        expr = self.analysis.deref(expr)
+        if expr is INVALID:
+            return INVALID
+        if isinstance(expr, ast.ListExpr):
+            if not expr.items:
+                return self.error("N0107", f"{what} lists no layer", expr.span, label="empty list",
+                                  help="give each layer's block: `[mixer_block, ffn_block]`")
+            blocks = [self.blocks.block(item, f"a layer of {what}") for item in expr.items]
+            return INVALID if INVALID in blocks else tuple(blocks)
+        if isinstance(expr, ast.BinOp) and expr.op == "+":
+            parts = [self.layer_list(side, what) if _holds_list(self.analysis, side) else
+                     self.error("N0105", f"`+` in {what} joins lists of layers", side.span,
+                                label=f"found {describe(self.analysis.deref(side))}", help="write `[a] * 3 + [b]`")
+                     for side in (expr.left, expr.right)]
+            return INVALID if INVALID in parts else parts[0] + parts[1]
+        if isinstance(expr, ast.BinOp) and expr.op == "*":
+            listed, count = (expr.left, expr.right) if _holds_list(self.analysis, expr.left) else (expr.right, expr.left)
+            if _holds_list(self.analysis, count):
+                return self.error("N0105", f"`*` in {what} repeats a list of layers a number of times", expr.span,
+                                  help="write `[a, b] * 3`")
+            times = self.arith(count, f"the repetitions in {what}")
+            if isinstance(times, ir.Choice):
+                return self.error("N0119", f"the repetitions in {what} cannot be a search-space value yet", count.span,
+                                  help="search inside the layers' blocks, or write one spec per number of layers")
+            blocks = self.layer_list(listed, what)
+            if INVALID in (times, blocks):
+                return INVALID
+            if not isinstance(times, int) or times < 1:
+                return self.error("N0106", f"the repetitions in {what} must be a whole number of at least 1",
+                                  count.span, label=f"got {times}")
+            return blocks * times
+        if isinstance(expr, ast.Call) and expr.func in schema.SEARCH:
+            return self.error("N0119", f"a list of layers cannot be a search-space value yet", expr.span,
+                              help="search inside the layers' blocks: `[choice(a, b), c]`")
+        return self.error("N0105", f"{what} must be a number or a list of blocks", expr.span,
+                          label=f"found {describe(expr)}", help="write `layers 4` or `layers = [a, a, b] * 2`")
 
     def number(self, expr: ast.Expr, param: Param, what: str):
         value = self.arith(expr, what)
@@ -445,6 +490,25 @@ def _combine(left, right, op: str):
     if isinstance(right, ir.Choice):
         return _map_choice(right, lambda v: apply(left, v))
     return apply(left, right)
+
+
+def _holds_list(analysis: Analysis, expr: ast.Expr) -> bool:
+    """Whether an expression is made of lists (a list, or lists repeated and joined). Constants
+    are looked through without reporting (their own checks report a cycle once)."""
+    seen: set[str] = set()
+    while isinstance(expr, ast.Name) and expr.id not in seen:
+        definition = analysis.definitions.get(expr.id)
+        if definition is None or definition.kind != "const":
+            break
+        seen.add(expr.id)
+        expr = definition.node.value
+    if isinstance(expr, ast.ListExpr):
+        return True
+    if isinstance(expr, ast.BinOp) and expr.op in "+*":
+        return _holds_list(analysis, expr.left) or _holds_list(analysis, expr.right)
+    if isinstance(expr, ast.Call) and expr.func in schema.SEARCH:
+        return any(_holds_list(analysis, arg.value) for arg in expr.args)
+    return False
 
 
 def _describe_as_stage(expr) -> str:

@@ -25,8 +25,8 @@ Lengths: T = 13 (one compiled segment, a multiple of no chunk here) and T = 67 r
 with the state carried, split at 29, so that the compiled backend's 64-token segments end inside
 the second call (segments 0-29, 29-64, 64-67).
 
-Not used: fla's `titans` and `ttt` naive files, which are wrong (PEERS.md; docs/language.md §10,
-"fla's naive oracles"), and `naive_chunk_comba`, which disagrees with `naive_recurrent_comba`
+Not used: fla's `titans` and `ttt` naive files, which are wrong (docs/language.md §10, "fla's
+naive oracles"), and `naive_chunk_comba`, which disagrees with `naive_recurrent_comba`
 (shown below).
 """
 
@@ -431,9 +431,10 @@ def test_zoo_level_equals_fla_oracle(spec, family, function, case, length):
 # --- what the comparisons rest on -------------------------------------------------------------------
 
 
-# The segment form the compiled backend runs each level in (nestc/passes/plan.py); KDA's per-channel
-# decay applied before the step has none yet (the delta form takes per-head gates only, the
-# trajectory form no `order decay_first`), so its compiled run is token by token (issue 14, item 10).
+# The segment form the compiled backend runs each level in (nestc/passes/plan.py). KDA has none yet:
+# the delta form (the online delta rule) takes per-head gates only, and the trajectory form, which
+# takes per-channel ones, needs `every C > 1` for the l2 objective; so its compiled run is token by
+# token (issue 14, item 10).
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
                   "retnet": "anchored", "gla": "trajectory", "kda": "sequential"}
 

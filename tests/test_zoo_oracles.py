@@ -85,8 +85,12 @@ def ends_in_l2norm(pipeline: ir.Pipeline) -> bool:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-# Values a data-dependent gate takes, at the ends of the zoo's gate ranges: every lr pipeline here
-# ends in `sigmoid` (0, 1), every retain pipeline in `exp` of a negative number (0, 1).
+# Values a data-dependent gate takes, random and at the ends of its range: every lr pipeline here
+# ends in `sigmoid` (0, 1), every retain pipeline in `exp` of a negative number (0, 1), which
+# gate_inputs checks (LAST_STAGE).
+LAST_STAGE = {"lr": ("sigmoid", {"max": 1.0}), "retain": ("exp", {})}
+
+
 def lr_values(case: str, seed: int, shape) -> torch.Tensor:
     if case == "uniform":
         return uniform(seed, *shape)
@@ -144,18 +148,22 @@ def gate_inputs(spec: str, case: str, T: int) -> dict[str, torch.Tensor]:
         shape = (B, T, H, DK) if form == "channel" else (B, T, H)
         if form == "constant":
             gates[role] = torch.full(shape, float(gate.value))
-        else:
-            gates[role] = GATE_VALUES[role](chosen[role], 100 + seed, shape)
+            continue
+        last = gate.stages[-1]
+        assert (last.name, dict(last.args)) == LAST_STAGE[role], f"{spec}: the {role} cases assume {LAST_STAGE[role]}"
+        gates[role] = GATE_VALUES[role](chosen[role], 100 + seed, shape)
     return gates
 
 
 def qkv_inputs(spec: str, T: int):
     """Random q, k [B, T, H, d_k], v [B, T, H, d_v]; keys and queries unit-norm where the
-    spec's pipeline ends in l2norm (the delta rule's stability needs |k| <= 1)."""
+    spec's pipeline ends in l2norm (as the level sees them: the delta rule with lr up to 1 is
+    stable only for |k| <= sqrt(2))."""
     level = zoo_level(spec)
     g = generator(sum(map(ord, spec)) + T)
-    q, k, v = torch.randn(B, T, H, DK, generator=g), torch.randn(B, T, H, DK, generator=g), \
-        torch.randn(B, T, H, DV, generator=g)
+    q = torch.randn(B, T, H, DK, generator=g)
+    k = torch.randn(B, T, H, DK, generator=g)
+    v = torch.randn(B, T, H, DV, generator=g)
     if ends_in_l2norm(level.key):
         k = F.normalize(k, dim=-1)
     if ends_in_l2norm(level.query):

@@ -1,0 +1,499 @@
+"""The zoo's memory levels, as their specs write them, against fla-core 0.6.0's naive oracles.
+
+test_reference_oracles.py checks kernels whose bodies it writes itself; here each case takes the
+level `mixer` of a zoo spec (specs/<name>.nest) from the checked IR: its state, objective,
+optimizer, order, read and schedule, and the form of each gate (a constant the spec writes, or a
+pipeline, per head or per channel). Only the values a pipeline would produce are chosen here:
+random, and at the ends of the gate's range. The same k, v, q and gate values go to the level's
+kernel in both backends (`kernel_backend`) and to every fla oracle that computes that family, by
+path (`oracles.fla_naive`), in float32, compared at oracles.RTOL / ATOL.
+
+Conventions bridged here (as in test_reference_oracles.py):
+- fla's state is S [B, H, d_k, d_v] (o = S^T q); nestc's matrix memory is M [B, H, d_v, d_k]
+  (y = M q): final states are compared as M^T == S.
+- every oracle used here multiplies q by d_k^-0.5 (its default `scale`, or always); nestc reads
+  M q with q as given, so the kernel gets q * d_k^-0.5 (QUERY_SCALE).
+- fla's decays are logs (g, gk): g = log(retain). Its beta is nestc's lr.
+- Some oracles are more general families that reduce to a zoo level at one setting of their extra
+  inputs; each such reduction is stated where the oracle is called (e.g. Comba with p = k is Gated
+  DeltaNet, GDN-2 with b = w = beta is KDA, the DPLR recurrence with a = k exp(g), b = -beta k is
+  KDA's transition).
+- Chunk oracles that need T to be a multiple of their chunk get inputs padded at the end with
+  zeros: a zero key, value and lr and a zero log decay change neither the state nor earlier outputs.
+
+Lengths: T = 13 (one compiled segment, a multiple of no chunk here) and T = 67 run as two calls
+with the state carried, split at 29, so that the compiled backend's 64-token segments end inside
+the second call (segments 0-29, 29-64, 64-67).
+
+Not used: fla's `titans` and `ttt` naive files, which are wrong (docs/language.md §10, "fla's
+naive oracles"), and `naive_chunk_comba`, which disagrees with `naive_recurrent_comba`
+(shown below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nestc
+import oracles
+from nestc.backends.reference import MemoryKernel
+from nestc.lang import ir
+from nestc.passes.plan import plan_level
+from nesttest import REPO
+from oracles import assert_close, fla_naive, generator, uniform
+
+B, H, DK, DV = 2, 2, 8, 6  # d_k != d_v: a transposed state or read fails on shape, not by chance
+QUERY_SCALE = DK ** -0.5   # fla's default query scale (see the module docstring)
+CHUNK = 16                 # the fla chunk oracles' chunk size: 67 is a multiple of neither 16 nor 64
+LENGTHS = {"T=13": (13, None), "T=67-split-29": (67, 29)}
+LEVEL = "mixer"            # the memory level of every zoo spec matched here
+
+
+# --- the zoo level ---------------------------------------------------------------------------------
+
+
+@cache
+def zoo_level(spec: str) -> ir.Level:
+    return nestc.check(str(REPO / "specs" / f"{spec}.nest")).level(LEVEL)
+
+
+def gate_form(gate) -> str:
+    """`constant`, `head` or `channel`: how the spec gives this gate."""
+    if isinstance(gate, ir.Constant):
+        return "constant"
+    if isinstance(gate, ir.Pipeline):
+        per_channel = any(isinstance(stage, ir.Op) and stage.name == "proj" and dict(stage.args)["per"] == "channel"
+                          for stage in gate.stages)
+        return "channel" if per_channel else "head"
+    raise AssertionError(f"no oracle case chooses values for the gate {ir.format_value(gate)}")
+
+
+def gate_roles(level: ir.Level) -> dict[str, object]:
+    return {role: getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None}
+
+
+def ends_in_l2norm(pipeline: ir.Pipeline) -> bool:
+    last = pipeline.stages[-1]
+    return isinstance(last, ir.Op) and last.name == "l2norm"
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+# Values a data-dependent gate takes, random and at the ends of its range: every lr pipeline here
+# ends in `sigmoid` (0, 1), every retain pipeline in `exp` of a negative number (0, 1), which
+# gate_inputs checks (LAST_STAGE).
+LAST_STAGE = {"lr": ("sigmoid", {"max": 1.0}), "retain": ("exp", {})}
+
+
+def lr_values(case: str, seed: int, shape) -> torch.Tensor:
+    if case == "uniform":
+        return uniform(seed, *shape)
+    if case == "tiny":  # almost no write
+        return torch.full(shape, 1e-6)
+    if case == "top":  # the largest step the sigmoid reaches: a full delta-rule overwrite
+        return torch.full(shape, 1.0 - 1e-6)
+    if case == "binary":  # each token either writes fully or not at all
+        return torch.where(uniform(seed, *shape) < 0.5, 1e-6, 1.0 - 1e-6)
+    raise ValueError(case)
+
+
+def retain_values(case: str, seed: int, shape) -> torch.Tensor:
+    if case == "uniform":
+        return uniform(seed, *shape, low=0.5, high=1.0)
+    if case == "wide":  # spread over many orders of magnitude
+        return (-uniform(seed, *shape, low=0.0, high=8.0)).exp()
+    if case == "near0":  # forget almost everything every token
+        return torch.full(shape, 1e-12)
+    if case == "near1":  # forget almost nothing
+        return torch.full(shape, 1.0 - 1e-6)
+    if case == "mixed":  # each token (and channel) either keeps or forgets almost everything
+        return torch.where(uniform(seed, *shape) < 0.5, 1e-12, 1.0 - 1e-6)
+    raise ValueError(case)
+
+
+GATE_VALUES = {"lr": lr_values, "retain": retain_values}
+# (lr case, retain case); a case names values only for the gates the spec computes from x.
+GATE_CASES = [("uniform", "uniform"), ("uniform", "wide"), ("tiny", "near1"), ("top", "near0"),
+              ("top", "near1"), ("binary", "mixed")]
+
+
+def cases_for(spec: str) -> list[str]:
+    """The gate cases that differ for this spec (in GATE_CASES order): one when all its gates are
+    constants."""
+    varying = [role for role, gate in gate_roles(zoo_level(spec)).items() if gate_form(gate) != "constant"]
+    if not varying:
+        return ["constants"]
+    names = []
+    for lr, retain in GATE_CASES:
+        chosen = {"lr": lr, "retain": retain}
+        name = "-".join(f"{role}={chosen[role]}" for role in varying)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def gate_inputs(spec: str, case: str, T: int) -> dict[str, torch.Tensor]:
+    """Every gate of the level as [B, T, H] or [B, T, H, d_k]: the spec's constants as written,
+    the named case's values for its pipelines."""
+    chosen = dict(part.split("=") for part in case.split("-")) if case != "constants" else {}
+    gates = {}
+    for seed, (role, gate) in enumerate(sorted(gate_roles(zoo_level(spec)).items())):
+        form = gate_form(gate)
+        shape = (B, T, H, DK) if form == "channel" else (B, T, H)
+        if form == "constant":
+            gates[role] = torch.full(shape, float(gate.value))
+            continue
+        last = gate.stages[-1]
+        assert (last.name, dict(last.args)) == LAST_STAGE[role], f"{spec}: the {role} cases assume {LAST_STAGE[role]}"
+        gates[role] = GATE_VALUES[role](chosen[role], 100 + seed, shape)
+    return gates
+
+
+def qkv_inputs(spec: str, T: int):
+    """Random q, k [B, T, H, d_k], v [B, T, H, d_v]; keys and queries unit-norm where the
+    spec's pipeline ends in l2norm (as the level sees them: the delta rule with lr up to 1 is
+    stable only for |k| <= sqrt(2))."""
+    level = zoo_level(spec)
+    g = generator(sum(map(ord, spec)) + T)
+    q = torch.randn(B, T, H, DK, generator=g)
+    k = torch.randn(B, T, H, DK, generator=g)
+    v = torch.randn(B, T, H, DV, generator=g)
+    if ends_in_l2norm(level.key):
+        k = F.normalize(k, dim=-1)
+    if ends_in_l2norm(level.query):
+        q = F.normalize(q, dim=-1)
+    return q, k, v
+
+
+# --- nestc ------------------------------------------------------------------------------------------
+
+
+@cache
+def nestc_result(spec: str, case: str, length: str, backend: str):
+    """The zoo level's reads [B, T, H, d_v] and final state M^T [B, H, d_k, d_v] on the inputs."""
+    T, split = LENGTHS[length]
+    q, k, v = qkv_inputs(spec, T)
+    gates = gate_inputs(spec, case, T)
+    kern = MemoryKernel(zoo_level(spec), heads=H, key_dim=DK, value_dim=DV)
+    run = oracles.RUN_KERNEL[backend]
+    pieces = [slice(0, T)] if split is None else [slice(0, split), slice(split, T)]
+    state, reads = None, []
+    with torch.no_grad():
+        for part in pieces:
+            y, state = run(kern, k[:, part], v[:, part], q[:, part] * QUERY_SCALE,
+                           {role: gate[:, part] for role, gate in gates.items()}, state=state, start=part.start)
+            reads.append(y)
+    return torch.cat(reads, dim=1), state.weights[0].transpose(-1, -2)
+
+
+# --- the oracles, on nestc's layout [B, T, H, D] ----------------------------------------------------
+# Each takes q (unscaled), k, v and the gate dict and returns (o [B, T, H, d_v], S [B, H, d_k, d_v] or
+# None when the oracle gives no final state).
+
+
+def bhtd(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, ...] <-> [B, H, T, ...] (the layout of fla's older naive files)."""
+    return x.transpose(1, 2).contiguous()
+
+
+def padded(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Zero-padded along time ([B, T, ...]) to a multiple of CHUNK (see the module docstring)."""
+    extra = -xs[0].shape[1] % CHUNK
+    return [F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra)) for x in xs]
+
+
+def log_decay(gates) -> torch.Tensor:
+    return gates["retain"].log()
+
+
+# DeltaNet
+
+
+def delta_rule_recurrence(q, k, v, gates):
+    o, S = fla_naive("delta_rule").delta_rule_recurrence(bhtd(q), bhtd(k), bhtd(v), bhtd(gates["lr"]))
+    return bhtd(o), S
+
+
+def delta_rule_chunkwise(q, k, v, gates):
+    T = q.shape[1]
+    q, k, v, beta = padded(q, k, v, gates["lr"])
+    o, S = fla_naive("delta_rule").delta_rule_chunkwise(bhtd(q), bhtd(k), bhtd(v), bhtd(beta), chunk_size=CHUNK)
+    return bhtd(o)[:, :T], S
+
+
+def iplr_as_delta_rule(q, k, v, gates, chunked=False):
+    """The identity-plus-low-rank recurrence S_t = (I + b a^T) S_{t-1} + k v^T with a = k,
+    b = -beta k and v -> beta v is the delta rule (I - beta k k^T) S + beta k v^T."""
+    T = q.shape[1]
+    beta = gates["lr"][..., None]
+    args = [q, k, beta * v, k, -beta * k]
+    iplr = fla_naive("generalized_delta_rule/iplr")
+    if chunked:
+        o, S = iplr.iplr_chunkwise(*map(bhtd, padded(*args)), chunk_size=CHUNK)
+    else:
+        o, S = iplr.iplr_recurrence(*map(bhtd, args))
+    return bhtd(o)[:, :T], S
+
+
+def gated_delta_product_one_step(q, k, v, gates, gated: bool):
+    """Gated DeltaProduct with one Householder step per token is Gated DeltaNet (g given) or
+    DeltaNet (g = None)."""
+    g = log_decay(gates) if gated else None
+    return fla_naive("gated_delta_product").naive_recurrent_gated_delta_product(
+        q, k, v, g, gates["lr"], scale=QUERY_SCALE, output_final_state=True, num_householder=1)
+
+
+# Gated DeltaNet
+
+
+def naive_recurrent_gated_delta_rule(q, k, v, gates):
+    return fla_naive("gated_delta_rule").naive_recurrent_gated_delta_rule(
+        q, k, v, gates["lr"], log_decay(gates), output_final_state=True)
+
+
+def naive_chunk_gated_delta_rule(q, k, v, gates):
+    return fla_naive("gated_delta_rule").naive_chunk_gated_delta_rule(
+        q, k, v, log_decay(gates), gates["lr"], chunk_size=CHUNK, output_final_state=True)
+
+
+def comba_with_p_equal_k(q, k, v, gates, chunked=False):
+    """Comba reads the state at its own key p for the erase term; with p = k its recurrent oracle
+    is Gated DeltaNet. Its chunk oracle is another recurrence (test_fla_comba_chunk_is_not_its_recurrence)."""
+    comba = fla_naive("comba")
+    if chunked:
+        return comba.naive_chunk_comba(q, k, v, k, log_decay(gates), gates["lr"], chunk_size=CHUNK,
+                                       output_final_state=True)
+    return comba.naive_recurrent_comba(q, k, v, k, gates["lr"], log_decay(gates), output_final_state=True)
+
+
+# linear attention
+
+
+def naive_recurrent_linear_attn(q, k, v, gates):
+    return fla_naive("linear_attn").naive_recurrent_linear_attn(q, k, v, output_final_state=True)
+
+
+def naive_chunk_linear_attn(q, k, v, gates):
+    """Its chunk is fixed at 64 and it returns no state: inputs padded to a multiple of 64."""
+    T = q.shape[1]
+    extra = -T % 64
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, extra)) for x in (q, k, v))
+    return fla_naive("linear_attn").naive_chunk_linear_attn(q, k, v)[:, :T], None
+
+
+# RetNet (one decay for every head and token)
+
+
+def naive_retention(q, k, v, gates):
+    """fla's retention gives head h the decay 1 - 2^(-5-h) (RetNet's multi-scale heads) and has no
+    other argument; the zoo's retnet uses head 0's decay on every head, so each nestc head goes to the
+    oracle as a one-head input. No final state."""
+    Bq, T, Hq, _ = q.shape
+
+    def one_head_each(x):
+        return x.permute(0, 2, 1, 3).reshape(Bq * Hq, 1, T, x.shape[-1])
+
+    o = fla_naive("retention").naive_retention(one_head_each(q), one_head_each(k), one_head_each(v))
+    return o.reshape(Bq, Hq, T, -1).transpose(1, 2), None
+
+
+def naive_recurrent_simple_gla(q, k, v, gates):
+    return fla_naive("simple_gla").naive_recurrent_simple_gla(q, k, v, log_decay(gates), output_final_state=True)
+
+
+def naive_chunk_simple_gla(q, k, v, gates):
+    return fla_naive("simple_gla").naive_chunk_simple_gla(q, k, v, log_decay(gates), output_final_state=True,
+                                                          chunk_size=CHUNK)
+
+
+def naive_parallel_simple_gla(q, k, v, gates):
+    o, _attention = fla_naive("simple_gla").naive_parallel_simple_gla(q, k, v, log_decay(gates))
+    return o, None
+
+
+# GLA (a decay per key channel)
+
+
+def naive_recurrent_gla(q, k, v, gates):
+    return fla_naive("gla").naive_recurrent_gla(q, k, v, log_decay(gates), output_final_state=True)
+
+
+def dplr(q, k, v, a, b, gk, chunked: bool):
+    """The diagonal-plus-low-rank recurrence S_t = diag(exp(gk_t)) S_{t-1} + k v^T + b (a^T S_{t-1})."""
+    T = q.shape[1]
+    module = fla_naive("generalized_delta_rule/dplr")
+    args = [q, k, v, a, b, gk]
+    if chunked:
+        o, S = module.dplr_chunkwise(*map(bhtd, padded(*args)), chunk_size=CHUNK)
+    else:
+        o, S = module.dplr_recurrence(*map(bhtd, args))
+    return bhtd(o)[:, :T], S
+
+
+def dplr_as_gla(q, k, v, gates, chunked=False):
+    """With a = b = 0 the DPLR recurrence is GLA's S_t = diag(exp(gk_t)) S_{t-1} + k v^T."""
+    zero = torch.zeros_like(k)
+    return dplr(q, k, v, zero, zero, log_decay(gates), chunked)
+
+
+# KDA (the delta rule at a state decayed per key channel)
+
+
+def naive_recurrent_kda(q, k, v, gates):
+    return fla_naive("kda").naive_recurrent_kda(q, k, v, log_decay(gates), gates["lr"], output_final_state=True)
+
+
+def naive_chunk_kda(q, k, v, gates):
+    T = q.shape[1]
+    q, k, v, g, beta = padded(q, k, v, log_decay(gates), gates["lr"])
+    o, S = fla_naive("kda").naive_chunk_kda(q, k, v, g, beta, chunk_size=CHUNK, output_final_state=True)
+    return o[:, :T], S
+
+
+def gdn2_with_scalar_gates(q, k, v, gates, chunked=False):
+    """GDN-2's erase gate b (per key channel) and write gate w (per value channel) both equal to
+    beta: KDA (as its naive file says)."""
+    beta = gates["lr"][..., None]
+    b, w = beta.expand_as(k).contiguous(), beta.expand_as(v).contiguous()
+    gdn2 = fla_naive("gdn2")
+    if chunked:
+        return gdn2.naive_chunk_gdn2(q, k, v, log_decay(gates), b, w, output_final_state=True, chunk_size=CHUNK)
+    return gdn2.naive_recurrent_gdn2(q, k, v, log_decay(gates), b, w, output_final_state=True)
+
+
+def dplr_as_kda(q, k, v, gates, chunked=False):
+    """KDA's S_t = (I - beta k k^T) diag(alpha) S_{t-1} + beta k v^T is DPLR with gk = log alpha,
+    a = alpha * k (so that a^T S_{t-1} = k^T diag(alpha) S_{t-1}), b = -beta k and v -> beta v."""
+    beta = gates["lr"][..., None]
+    alpha = gates["retain"]
+    return dplr(q, k, beta * v, alpha * k, -beta * k, log_decay(gates), chunked)
+
+
+# (zoo spec, fla family, oracle function name, the call on nestc's layout)
+ORACLES = [
+    ("deltanet", "delta_rule", "delta_rule_recurrence", delta_rule_recurrence),
+    ("deltanet", "delta_rule", "delta_rule_chunkwise", delta_rule_chunkwise),
+    ("deltanet", "generalized_delta_rule/iplr", "iplr_recurrence", iplr_as_delta_rule),
+    ("deltanet", "generalized_delta_rule/iplr", "iplr_chunkwise",
+     lambda *a: iplr_as_delta_rule(*a, chunked=True)),
+    ("deltanet", "gated_delta_product", "naive_recurrent_gated_delta_product",
+     lambda *a: gated_delta_product_one_step(*a, gated=False)),
+    ("gated_deltanet", "gated_delta_rule", "naive_recurrent_gated_delta_rule", naive_recurrent_gated_delta_rule),
+    ("gated_deltanet", "gated_delta_rule", "naive_chunk_gated_delta_rule", naive_chunk_gated_delta_rule),
+    ("gated_deltanet", "gated_delta_product", "naive_recurrent_gated_delta_product",
+     lambda *a: gated_delta_product_one_step(*a, gated=True)),
+    ("gated_deltanet", "comba", "naive_recurrent_comba", comba_with_p_equal_k),
+    ("linear_attention", "linear_attn", "naive_recurrent_linear_attn", naive_recurrent_linear_attn),
+    ("linear_attention", "linear_attn", "naive_chunk_linear_attn", naive_chunk_linear_attn),
+    ("retnet", "retention", "naive_retention", naive_retention),
+    ("retnet", "simple_gla", "naive_recurrent_simple_gla", naive_recurrent_simple_gla),
+    ("retnet", "simple_gla", "naive_chunk_simple_gla", naive_chunk_simple_gla),
+    ("retnet", "simple_gla", "naive_parallel_simple_gla", naive_parallel_simple_gla),
+    ("gla", "gla", "naive_recurrent_gla", naive_recurrent_gla),
+    ("gla", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_gla),
+    ("gla", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_gla(*a, chunked=True)),
+    ("kda", "kda", "naive_recurrent_kda", naive_recurrent_kda),
+    ("kda", "kda", "naive_chunk_kda", naive_chunk_kda),
+    ("kda", "gdn2", "naive_recurrent_gdn2", gdn2_with_scalar_gates),
+    ("kda", "gdn2", "naive_chunk_gdn2", lambda *a: gdn2_with_scalar_gates(*a, chunked=True)),
+    ("kda", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_kda),
+    ("kda", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_kda(*a, chunked=True)),
+]
+CALLS = {(spec, function): call for spec, _, function, call in ORACLES}
+
+
+@cache
+def oracle_result(spec: str, function: str, case: str, length: str):
+    T, _ = LENGTHS[length]
+    q, k, v = qkv_inputs(spec, T)
+    with torch.no_grad():
+        return CALLS[spec, function](q, k, v, gate_inputs(spec, case, T))
+
+
+def oracle_params():
+    for spec, family, function, _ in ORACLES:
+        for case in cases_for(spec):
+            for length in LENGTHS:
+                yield pytest.param(spec, family, function, case, length,
+                                   id=f"{spec}-{family}.{function}-{case}-{length}")
+
+
+@pytest.mark.usefixtures("kernel_backend")
+@pytest.mark.parametrize("spec, family, function, case, length", list(oracle_params()))
+def test_zoo_level_equals_fla_oracle(spec, family, function, case, length):
+    """The zoo level's reads (and final state, where the oracle gives one) equal the oracle's."""
+    expected_o, expected_S = oracle_result(spec, function, case, length)
+    y, state = nestc_result(spec, case, length, oracles.backend)
+    tag = f"zoo {spec} | fla {family}.{function} | {oracles.backend} | {case} | {length}"
+    assert_close(y, expected_o, f"{tag} | outputs")
+    if expected_S is not None:
+        assert_close(state, expected_S, f"{tag} | final state")
+
+
+# --- what the comparisons rest on -------------------------------------------------------------------
+
+
+# The segment form the compiled backend runs each level in (nestc/passes/plan.py). KDA has none yet:
+# the delta form (the online delta rule) takes per-head gates only, and the trajectory form, which
+# takes per-channel ones, needs `every C > 1` for the l2 objective; so its compiled run is token by
+# token (issue 14, item 10).
+COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
+                  "retnet": "anchored", "gla": "trajectory", "kda": "sequential"}
+
+
+def test_every_matched_spec_has_its_compiled_form():
+    """So the `compiled` runs above exercise the segment forms named here, not the token loop."""
+    matched = {spec for spec, *_ in ORACLES}
+    assert matched == set(COMPILED_FORMS)
+    assert {spec: plan_level(zoo_level(spec)).kernel for spec in matched} == COMPILED_FORMS
+
+
+def test_the_spec_constants_reach_the_oracle_comparison():
+    """retnet's decay is the spec's constant (not a value restated here), and changing it breaks the
+    match with fla's retention: the comparison sees the constant."""
+    assert gate_form(zoo_level("retnet").retain) == "constant"
+    T = 13
+    q, k, v = qkv_inputs("retnet", T)
+    gates = gate_inputs("retnet", "constants", T)
+    expected, _ = naive_retention(q, k, v, gates)
+    kern = MemoryKernel(zoo_level("retnet"), heads=H, key_dim=DK, value_dim=DV)
+    other = dict(gates, retain=gates["retain"] * 0.99)
+    y, _ = oracles.run(kern, k, v, q * QUERY_SCALE, other)
+    assert (y - expected).abs().max() > 1e-3
+
+
+def test_the_zero_padding_of_the_chunk_oracles_changes_nothing():
+    """The end padding used for the chunk oracles: the padded recurrence gives the same outputs
+    and final state as the unpadded one."""
+    spec, case, T = "kda", "lr=uniform-retain=wide", 13
+    q, k, v = qkv_inputs(spec, T)
+    gates = gate_inputs(spec, case, T)
+    plain_o, plain_S = naive_recurrent_kda(q, k, v, gates)
+    q_p, k_p, v_p, g_p, beta_p = padded(q, k, v, log_decay(gates), gates["lr"])
+    padded_o, padded_S = fla_naive("kda").naive_recurrent_kda(q_p, k_p, v_p, g_p, beta_p, output_final_state=True)
+    assert q_p.shape[1] == CHUNK > T
+    torch.testing.assert_close(padded_o[:, :T], plain_o, rtol=0, atol=0)
+    torch.testing.assert_close(padded_S, plain_S, rtol=0, atol=0)
+
+
+def test_fla_comba_chunk_is_not_its_recurrence():
+    """Evidence for leaving `comba.naive_chunk_comba` out: with the same inputs (p = k) it differs
+    from `naive_recurrent_comba` by far more than float32 rounding. The recurrent one decays the
+    state before the erase term (M' = alpha M; M' - beta (M' p - v) k^T: the zoo's gated_deltanet);
+    the chunk one erases at the undecayed state (alpha M - beta (M p - v) k^T), which is the same
+    level with `order grad_first`."""
+    spec, case, T = "gated_deltanet", "lr=uniform-retain=wide", 13
+    q, k, v = qkv_inputs(spec, T)
+    gates = gate_inputs(spec, case, T)
+    recurrent, _ = comba_with_p_equal_k(q, k, v, gates)
+    chunk, _ = comba_with_p_equal_k(q, k, v, gates, chunked=True)
+    assert (chunk - recurrent).abs().max() > 1e-2
+    grad_first = dataclasses.replace(zoo_level(spec), order="grad_first")
+    y, _ = oracles.run(MemoryKernel(grad_first, heads=H, key_dim=DK, value_dim=DV), k, v, q * QUERY_SCALE, gates)
+    assert_close(y, chunk, "fla comba.naive_chunk_comba vs the gated_deltanet level with order grad_first")

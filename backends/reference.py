@@ -23,7 +23,7 @@ from nestc.backends.common import BackendError, concrete, op_args
 from nestc.backends.pipelines import Gate, Pipeline
 from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
-from nestc.lang.queries import block_levels, generators, reachable_levels
+from nestc.lang.queries import GATE_ROLES, block_levels, generators, reachable_levels
 from nestc.passes.estimate import require_fits
 
 # --- memory functions ------------------------------------------------------------------------
@@ -84,28 +84,39 @@ class MemoryKernel(nn.Module):
     def apply(self, weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
         return self.state.apply(self.state_args, self.mapped(weights), x, inputs)
 
-    def loss(self, weights: list[Tensor], k: Tensor, v: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
-        """The per-(batch, head) objective, summed: each slice's gradient is its own."""
-        return self.objective.pair_loss(self.objective_args, self.apply(weights, k, inputs), v).sum()
+    def gradient(self, at: list[Tensor], k: Tensor, v: Tensor, window, gates: dict[str, Tensor]
+                 ) -> tuple[list[Tensor], list[Tensor]]:
+        """The inner gradient at the stored weights `at` and the input of each linear map (for DGD);
+        `gates` are the token's gates, of which the objective reads its own.
 
-    def gradient(self, at: list[Tensor], k: Tensor, v: Tensor, window) -> tuple[list[Tensor], list[Tensor]]:
-        """The inner gradient at `at` and the input of each linear map (for DGD)."""
+        With an output map it is the gradient with respect to the mapped weights map(at), which
+        the optimizer applies to the stored ones (MIRAS eqs. 24-27); `gradient=stored` takes it
+        through the map instead, with respect to `at`."""
+        through_map = self.output.gradient_through_map(self.output_args)
+        points = at if through_map else self.mapped(at)
+
+        def predict(weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+            return self.apply(weights, x, inputs) if through_map else self.state.apply(self.state_args, weights, x,
+                                                                                       inputs)
+
         # The gradient is taken with respect to the memory inside M(k) only: keys and values a level
         # generates from its own state (`self`) are inputs of the objective, so differentiate at
         # new aliases of the state that they do not depend on. A view keeps the outer graph; under
         # no_grad, where tensors may claim requires_grad without a graph, use fresh leaves.
         outer = torch.is_grad_enabled()
-        leaves = [w.view_as(w) if (outer and w.requires_grad) else w.detach().requires_grad_() for w in at]
+        leaves = [w.view_as(w) if (outer and w.requires_grad) else w.detach().requires_grad_() for w in points]
         inputs: list[Tensor] = []
         with torch.enable_grad():
             if self.objective.windowed:
                 pair = self.objective.per_pair(self.objective_args)
-                total = sum(pair.pair_loss({}, self.apply(leaves, k_i), v_i)
+                total = sum(pair.pair_loss({}, predict(leaves, k_i), v_i, {})
                             .mul(gamma_i if gamma_i.dim() == 2 else gamma_i.mean(-1)).sum()
                             for k_i, v_i, gamma_i in window)
-                self.apply(leaves, k, inputs)
+                predict(leaves, k, inputs)
             else:
-                total = self.loss(leaves, k, v, inputs)
+                # summed over (batch, head): each slice's gradient is its own
+                own = {role: gates[role] for role in self.objective.gates}
+                total = self.objective.pair_loss(self.objective_args, predict(leaves, k, inputs), v, own).sum()
             grads = torch.autograd.grad(total, leaves, create_graph=self.meta == "full" and outer)
         if self.meta != "full":
             grads = [g.detach() for g in grads]
@@ -131,7 +142,7 @@ class MemoryKernel(nn.Module):
             at = [self._scale(w, state.retain_product) for w in state.anchor]
         else:
             at = state.anchor
-        grads, inputs = self.gradient(at, k, v, window)
+        grads, inputs = self.gradient(at, k, v, window, gates)
         new = []
         for index, (weight, grad) in enumerate(zip(state.weights, grads)):
             weight, momentum = self.optimizer.step(
@@ -197,7 +208,7 @@ class MemoryLevel(nn.Module):
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
         self.gates = nn.ModuleDict({
             role: Gate(getattr(level, role), dim, heads, key_dim, role)
-            for role in ("lr", "retain", "momentum", "gamma") if getattr(level, role) is not None
+            for role in GATE_ROLES if getattr(level, role) is not None
         })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
         self.out = nn.Linear(heads * value_dim, dim, bias=False) if readable else None

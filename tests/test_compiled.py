@@ -118,7 +118,7 @@ level mem : {state} {{
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     state=st.sampled_from(["matrix", "vector", "mlp(depth=1)", "mlp(depth=2, expand=2)"]),
-    objective=st.sampled_from(["dot", "l2", "lp(p=3)", "huber(delta=0.5)"]),
+    objective=st.sampled_from(["dot", "l2", "lp(p=3)", "huber(delta=0.5)", "huber_token"]),
     optimizer=st.sampled_from(["gd", "momentum", "dgd"]),
     every=st.sampled_from([1, 2, 4]),
     read=st.sampled_from(["before", "after"]),
@@ -161,9 +161,11 @@ level mem : {state} {{
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     state=st.sampled_from(["matrix", "mlp(depth=2, expand=2)", "mlp(depth=2, expand=1, norm=layernorm)"]),
-    objective=st.sampled_from(["l2", "lp(p=3)", "huber(delta=0.5)", "omega(window=3)", "omega(window=2, base=dot)"]),
+    objective=st.sampled_from(["l2", "lp(p=3)", "huber(delta=0.5)", "huber_token", "omega(window=3)",
+                               "omega(window=2, base=dot)"]),
     optimizer=st.sampled_from(["gd", "momentum", "muon(steps=2)"]),
-    output=st.sampled_from(["none", "softmax", "normalize(q=4)"]),
+    output=st.sampled_from(["none", "softmax", "normalize(q=4)", "softmax(gradient=stored)",
+                            "normalize(q=4, gradient=stored)"]),
     per=st.sampled_from(["", "(per=channel)"]),
     momentum=st.sampled_from(["0.9", "x |> proj(per=channel) |> sigmoid"]),
     every=st.sampled_from([2, 4]),

@@ -47,8 +47,11 @@ def test_each_objectives_closed_form_error_is_the_gradient_of_its_loss(name):
     args = _defaults(objective)
     prediction = _random(3, 2, 5, seed=1).requires_grad_()
     value = _random(3, 2, 5, seed=2)
-    expected, = torch.autograd.grad(objective.pair_loss(args, prediction, value).sum(), prediction)
-    torch.testing.assert_close(objective.pair_error(args, prediction, value), expected, rtol=1e-12, atol=1e-12)
+    # the objective's own gates, one value per pair, spread over the residuals' norms (1 to 5 here)
+    gates = {role: 1 + 4 * torch.rand(3, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+             for role in objective.gates}
+    expected, = torch.autograd.grad(objective.pair_loss(args, prediction, value, gates).sum(), prediction)
+    torch.testing.assert_close(objective.pair_error(args, prediction, value, gates), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(rules.OUTPUTS))

@@ -336,6 +336,9 @@ def test_memory_as_context_with_the_same_level_twice():
     ("level mixer : cache { objective l2 }", "mixer", "N0117"),               # attention has no objective
     ("level mixer : matrix { momentum = 0.5 }", "mixer", "N0117"),            # momentum gate without momentum
     ("level mixer : mlp { objective task; key = x |> proj }", "mixer", "N0117"),
+    ("level mixer : matrix { threshold = 0.5 }", "mixer", "N0117"),           # only huber_token reads it
+    ("level mixer : matrix { objective huber_token; threshold = x |> proj(per=channel) |> softplus }", "mixer",
+     "N0117"),                                                                # one threshold per head
     ("level mixer : matrix { key = proj |> silu }", "mixer", "N0120"),        # pipelines start with x
     ("const A = B\nconst B = A\nlevel mixer : matrix { heads A }", "mixer", "N0121"),
     ("block b = b\nlevel mixer : matrix", "b", "N0121"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestc.backends.forms.common import decay_matrix, ut_solve
+from nestc.backends.forms.common import decay_matrix, objective_gates, ut_solve
 from nestc.backends.state import LevelState
 
 
@@ -24,7 +24,7 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     else:
         at_anchor = anchor[:, :, None, :] * k
     prediction = decayed[..., None] * at_anchor if kernel.order == "decay_first" else at_anchor
-    error = kernel.objective.pair_error(kernel.objective_args, prediction, v)
+    error = kernel.objective.pair_error(kernel.objective_args, prediction, v, objective_gates(kernel, gates))
     key = k
     if kernel.meta != "full":
         error, key = error.detach(), k.detach()

@@ -15,6 +15,11 @@ def apply_sequence(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
     return kernel.state.apply_sequence(kernel.state_args, kernel.mapped(weights), x)
 
 
+def objective_gates(kernel, gates: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The gates the level's objective reads itself ([B, H, S] each), from all of its gates."""
+    return {role: gates[role] for role in kernel.objective.gates}
+
+
 def decay_matrix(gates: Tensor) -> Tensor:
     """P[..., t, i] = prod_{j=i+1..t} gate_j for i <= t, else 0; gates [..., S] (exact for zeros)."""
     size = gates.shape[-1]

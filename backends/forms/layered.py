@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from nestc.backends.common import BackendError
-from nestc.backends.forms.common import apply_sequence, decay_matrix, decay_row, ut_solve, weighted_outer
+from nestc.backends.forms.common import (apply_sequence, decay_matrix, decay_row, objective_gates, ut_solve,
+                                         weighted_outer)
 from nestc.backends.state import LevelState
 from nestc.rules.states import activation
 
@@ -24,7 +25,7 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     only the last row of the retain decay matrix: a vector-matrix product where reads after need
     a matrix product."""
     lr, retain = gates["lr"], gates["retain"]
-    inputs, errors = _errors_at_anchor(kernel, state, k, v, retain)
+    inputs, errors = _errors_at_anchor(kernel, state, k, v, gates)
     every_position = kernel.read == "after" and q is not None
     decay = decay_matrix(retain) if every_position else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
     start_decay = torch.cumprod(retain, dim=-1)
@@ -68,15 +69,16 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     return y
 
 
-def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, retain: Tensor):
+def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, gates: dict[str, Tensor]):
     """Inputs u_l and output errors d_l of each linear map, for every token, at the anchor (the
     anchor times the retain gates since it under `order decay_first`)."""
+    retain = gates["retain"]
     if kernel.order == "decay_first":
         previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
         scale = previous[..., None] * torch.cumprod(retain, dim=-1)  # [B, H, S]
     else:
         scale = None
-    return errors_closed_form(kernel, state.anchor, k, v, scale)
+    return errors_closed_form(kernel, state.anchor, k, v, scale, objective_gates(kernel, gates))
 
 
 def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None):
@@ -94,12 +96,14 @@ def _forward_maps(kernel, anchor: list[Tensor], k: Tensor, scale: Tensor | None)
     return inputs, pre_activations, kernel.state.finish(kernel.state_args, h, k)
 
 
-def errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None):
+def errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None,
+                       own_gates: dict[str, Tensor]):
     """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
-    call, so the outer level differentiates plain tensor operations."""
+    call, so the outer level differentiates plain tensor operations. `own_gates` are the gates
+    the objective reads, one value per pair."""
     act = kernel.state.map_activation(kernel.state_args)
     inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
-    error = kernel.objective.pair_error(kernel.objective_args, prediction, v)
+    error = kernel.objective.pair_error(kernel.objective_args, prediction, v, own_gates)
     error = through_norm(kernel.state.output_norm(kernel.state_args), error, pre_activations[-1])
     errors = [error]
     for index in range(len(anchor) - 1, 0, -1):

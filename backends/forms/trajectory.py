@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestc.backends.forms.common import apply_sequence, gate_on_map, linear_scan
+from nestc.backends.forms.common import apply_sequence, gate_on_map, linear_scan, objective_gates
 from nestc.backends.forms.layered import errors_closed_form, per_token_read
 from nestc.backends.state import LevelState
 
@@ -23,14 +23,18 @@ def trajectory_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
     keys, values = k, v
     if kernel.objective.windowed:
         keys, values, band = _omega_pairs(kernel, state, k, v, gates["gamma"])
-    inputs, errors = errors_closed_form(kernel, kernel.mapped(state.anchor), keys, values, None)
+    # the gradients with respect to the mapped anchor, pulled back to the stored one where the
+    # output map says so (`gradient=stored`)
+    inputs, errors = errors_closed_form(kernel, kernel.mapped(state.anchor), keys, values, None,
+                                        objective_gates(kernel, gates))
+    through_map = kernel.output.gradient_through_map(kernel.output_args)
     grads = []
     for anchor, u, d in zip(state.anchor, inputs, errors):
         if band is None:
             grad = torch.einsum("bhso,bhsi->bhsoi", d, u)
         else:  # each token's objective sums the weighted pairs of its window
             grad = torch.einsum("bhtj,bhjo,bhji->bhtoi", band, d, u)
-        grads.append(kernel.output.pullback(kernel.output_args, anchor, grad))
+        grads.append(kernel.output.pullback(kernel.output_args, anchor, grad) if through_map else grad)
     if kernel.meta != "full":
         grads = [g.detach() for g in grads]
     dk = k.shape[-1]

@@ -121,8 +121,8 @@ Each name is defined once; to vary an imported level, extend it under a new name
 """),
     "N0103": ("unknown field or section", """
 The field does not exist in this body (or the section name is unknown). Level fields: key,
-value, query, lr, retain, momentum, gamma, objective, optimizer, order, output, every, frozen,
-read, init, meta, heads. Model fields: vocab, dim, heads, layers, block, norm, tie_embeddings.
+value, query, lr, retain, momentum, threshold, gamma, objective, optimizer, order, output, every,
+frozen, read, init, meta, heads. Model fields: vocab, dim, heads, layers, block, norm, tie_embeddings.
 Train fields: optimizer, schedule, context, batch, steps, clip, seed, checkpoint_every, checkpoint_minutes,
 processes.
 """),
@@ -204,7 +204,8 @@ choice's `name`, and the arguments of search functions themselves.
     "N0117": ("field has no meaning for this level", """
 The field is legal in general but not for this level: key/value/query or gates on a `cache`
 level; key/value/query on a level trained on the task loss; a `momentum` gate without optimizer
-`momentum` or `muon`; a `gamma` gate without objective `omega`.
+`momentum` or `muon`; a `gamma` gate without objective `omega`, a `threshold` gate without
+objective `huber_token`, or a per-channel `threshold` (it is one value per head).
 """),
     "N0118": ("heads do not divide the width", """
 The model width `dim` is split evenly across heads: `dim` must be a multiple of `heads` (for the

@@ -143,6 +143,7 @@ class Level(Node):
     retain: Gate | None
     momentum: Gate | None
     gamma: Gate | None
+    threshold: Gate | None
     objective: Op | Choice | None
     optimizer: Op | Choice | None
     order: str | Choice | None

@@ -10,7 +10,19 @@ from typing import Iterator
 from nestc import rules
 from nestc.lang import ir
 
-GENERATED_ROLES = ("key", "value", "query", "lr", "retain", "momentum", "gamma")
+# A memory level's gates: those of its optimizer, then those its objective reads.
+GATE_ROLES = ("lr", "retain", "momentum", *rules.OBJECTIVE_GATES)
+GENERATED_ROLES = ("key", "value", "query", *GATE_ROLES)
+
+
+def per_channel(gate: ir.Gate | None) -> bool:
+    """Whether a gate gives one value per channel (`proj(per=channel)`, `learned(per=channel)`)."""
+    if isinstance(gate, ir.Op) and gate.name == "learned":
+        return dict(gate.args)["per"] == "channel"
+    if isinstance(gate, ir.Pipeline):
+        return any(isinstance(s, ir.Op) and s.name == "proj" and dict(s.args)["per"] == "channel"
+                   for s in gate.stages)
+    return False
 
 
 def _level_refs(value: ir.Node | None) -> set[str]:

@@ -148,7 +148,8 @@ LEVEL_FIELDS = {
         Param("lr", "gate", None, doc="inner learning rate"),
         Param("retain", "gate", None, doc="keep factor of the old state (1 = no forgetting)"),
         Param("momentum", "gate", None, doc="decay of the inner momentum"),
-        Param("gamma", "gate", None, doc="weights of the pairs in an omega window"),
+        # the gates that only an objective reads (omega's gamma, huber_token's threshold)
+        *(Param(role, "gate", None, doc=gate.doc) for role, gate in rules.OBJECTIVE_GATES.items()),
         Param("objective", "objective", None),
         Param("optimizer", "optimizer", "gd"),
         Param("order", "enum", "grad_first", choices=("grad_first", "decay_first"),

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from nestc import rules
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
-from nestc.lang.queries import block_levels, reachable_levels
+from nestc.lang.queries import GATE_ROLES, block_levels, reachable_levels
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
@@ -159,7 +159,7 @@ class _LayerTally:
         roles = ("key", "value", "query") if readable else ("key", "value")
         widths = {role: self._pipeline(getattr(level, role), dim, dim, heads) for role in roles}
         key_dim, value_dim = widths["key"] // heads, widths["value"] // heads
-        for role in ("lr", "retain", "momentum", "gamma"):
+        for role in GATE_ROLES:
             self._gate(getattr(level, role), dim, heads, key_dim)
         shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim)
         maps = _elements(shapes)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.queries import is_memory
+from nestc.lang.queries import GATE_ROLES, is_memory
 
 # The segment forms whose math is per (batch, head) slice, so that levels stacked along the head
 # axis compute exactly what each would alone.
@@ -74,7 +74,7 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
             tuple(pipelines))
 
 
-INPUT_ROLES = ("key", "value", "lr", "retain", "momentum", "gamma")
+INPUT_ROLES = ("key", "value", *GATE_ROLES)
 _UNFUSABLE = object()
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.queries import generators, is_memory, model_nodes
+from nestc.lang.queries import generators, is_memory, model_nodes, per_channel
 from nestc.backends.common import concrete
 from nestc.passes.fusion import FusionGroup, fusion_groups
 
@@ -46,7 +46,7 @@ def plan_level(level: ir.Level) -> LevelPlan:
     if not is_memory(level):
         return LevelPlan("module")
     gates = [getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None]
-    return plan_kernel(MemoryRule.of(level), any(_per_channel(g) for g in gates))
+    return plan_kernel(MemoryRule.of(level), any(per_channel(g) for g in gates))
 
 
 def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
@@ -93,15 +93,6 @@ def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
     if form == "trajectory" and kernel.order == "decay_first":
         return "has no `order decay_first`"
     return ""
-
-
-def _per_channel(gate) -> bool:
-    if isinstance(gate, ir.Op) and gate.name == "learned":
-        return dict(gate.args)["per"] == "channel"
-    if isinstance(gate, ir.Pipeline):
-        return any(isinstance(s, ir.Op) and s.name == "proj" and dict(s.args)["per"] == "channel"
-                   for s in gate.stages)
-    return False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Output maps (mirror maps): what a memory's stored weights become before any use.
 
-`map` is applied by both backends; `pullback` carries gradients with respect to the mapped
-weights back to the stored ones, which the reference leaves to autograd and the trajectory form
+`map` is applied by both backends. The optimizer moves the stored weights A with the gradient
+taken with respect to the mapped weights W = map(A) (MIRAS eqs. 24-27, mirror descent), or, with
+`gradient=stored`, with the gradient through the map, with respect to A itself: `pullback`
+carries the one to the other, which the reference leaves to autograd and the trajectory form
 writes out.
 """
 
@@ -11,6 +13,12 @@ from nestc.lang.operators import Param, op_spec
 from nestc.rules.base import Rule, registry
 
 ALL_FORMS = frozenset({"anchored", "delta", "layered", "trajectory"})
+
+
+# Where the inner gradient is taken: at the mapped weights (the paper's mirror descent) or at
+# the stored ones, through the map (plain gradient descent on A of l(map(A))).
+GRADIENT = Param("gradient", "enum", "mapped", choices=("mapped", "stored"),
+                 doc="take the inner gradient with respect to the mapped weights (MIRAS) or the stored ones")
 
 
 class OutputMap(Rule):
@@ -24,6 +32,10 @@ class OutputMap(Rule):
         """grad [B, H, S, o, i] with respect to the mapped weights at the stored `weight`
         [B, H, o, i] -> with respect to the stored weight."""
         raise NotImplementedError
+
+    def gradient_through_map(self, args: dict) -> bool:
+        """Whether the optimizer steps with the gradient with respect to the stored weights."""
+        return not self.identity and args["gradient"] == "stored"
 
 
 class NoMap(OutputMap):
@@ -39,14 +51,17 @@ class NoMap(OutputMap):
 
 
 class Normalize(OutputMap):
-    spec = op_spec("output", "normalize", Param("q", "number", 4, minimum=1),
-                   doc="l_q normalisation of the state after each update (MIRAS Moneta)")
+    spec = op_spec("output", "normalize", Param("q", "number", 4, minimum=1), GRADIENT,
+                   doc="W = A / ||A||_q^(q-2) after each update (MIRAS Moneta)")
     forms = frozenset({"trajectory"})
 
     def map(self, args, weights):
+        # ||A||_q^(q-2) with the norm clamped at 1e-6, the clamp taken on ||A||_q^q: the root's
+        # derivative is infinite at A = 0 (a zero initial state), where the clamp's zero
+        # derivative would make the outer gradient 0 * inf = nan.
         power = args["q"]
-        return [w / (w.abs().pow(power).flatten(2).sum(-1).pow(1.0 / power)
-                     .clamp_min(1e-6).pow(power - 2).reshape(w.shape[:2] + (1,) * (w.dim() - 2)))
+        return [w / (w.abs().pow(power).flatten(2).sum(-1).clamp_min(1e-6 ** power).pow((power - 2) / power)
+                     .reshape(w.shape[:2] + (1,) * (w.dim() - 2)))
                 for w in weights]
 
     def pullback(self, args, weight, grad):
@@ -64,7 +79,7 @@ class Normalize(OutputMap):
 
 
 class Softmax(OutputMap):
-    spec = op_spec("output", "softmax", doc="softmax renormalisation of the state (MIRAS Memora)")
+    spec = op_spec("output", "softmax", GRADIENT, doc="W = softmax(A) over each row after each update (MIRAS Memora)")
     forms = frozenset({"trajectory"})
 
     def map(self, args, weights):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from nestc import rules
 from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Label, did_you_mean
+from nestc.lang.queries import per_channel
 from nestc.lang.schema import Param
 from nestc.lang.sema.context import INVALID, Analysis, Invalid, Part, options
 from nestc.lang.sema.values import Values
@@ -164,13 +165,7 @@ class Levels(Part):
                        fields["momentum"].key_span, label="unused gate",
                        help=f"use `optimizer {first}`" + (f" (or `{'`, `'.join(others)}`)" if others else "")
                        + ", or remove the gate")
-        gamma = values.get("gamma")
-        if any(rules.OBJECTIVES[o].windowed for o in objectives):
-            gamma = gamma or ir.Constant(value=1.0)
-        elif gamma is not None and objectives:
-            windowed = next(n for n, rule in rules.OBJECTIVES.items() if rule.windowed)
-            self.error("N0117", f"a gamma gate only weights the pairs of an `{windowed}` objective",
-                       fields["gamma"].key_span, label="unused gate", help=f"use `objective {windowed}(window=...)`")
+        objective_gates = self._objective_gates(values, objectives, fields)
         order = values.get("order", "grad_first")
 
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
@@ -189,7 +184,7 @@ class Levels(Part):
             lr=values.get("lr") or (ir.Constant(value=1.0) if is_parametric else None),
             retain=values.get("retain") or (ir.Constant(value=1.0) if is_parametric else None),
             momentum=momentum,
-            gamma=gamma,
+            **objective_gates,
             objective=objective,
             optimizer=optimizer,
             order=order if is_parametric else None,
@@ -201,6 +196,29 @@ class Levels(Part):
             heads=values.get("heads"),
             span=span,
         )
+
+    def _objective_gates(self, values: dict, objectives: set[str], fields) -> dict:
+        """The gates that objectives read (rules.OBJECTIVE_GATES): the declared ones, their default
+        where the level gives none; an error for one that the level's objective does not read,
+        or that is per channel where the objective needs one value per head."""
+        gates = {}
+        for role, gate in rules.OBJECTIVE_GATES.items():
+            value = values.get(role)
+            readers = sorted(name for name in objectives if role in rules.OBJECTIVES[name].gates)
+            owner = next(name for name, rule in rules.OBJECTIVES.items() if role in rule.gates)
+            if readers:
+                value = value or ir.Constant(value=gate.default)
+                if not gate.per_channel and per_channel(value):
+                    self.error("N0117", f"the {role} gate of objective `{readers[0]}` is one value per head",
+                               fields[role].value.span, label="per channel here",
+                               help="drop `per=channel` from this gate")
+            elif value is not None and objectives:
+                self.error("N0117", f"a {role} gate has no effect with objective `{' or '.join(sorted(objectives))}`",
+                           fields[role].key_span, label="unused gate",
+                           notes=(f"{role}: {gate.doc}, read by objective `{owner}` only",),
+                           help=f"use `objective {owner}`, or remove the gate")
+            gates[role] = value
+        return gates
 
     def _frequency(self, f: ast.Field | None, frozen, frozen_field: ast.Field | None, level: str):
         if frozen and f is not None:

@@ -47,10 +47,11 @@ def memory_kernel(body: str, seed: int):
     return kern
 
 
-def by_hand(kern, q, k, v, gates, mirror, step_loss):
+def by_hand(kern, q, k, v, gates, mirror, step_loss, objective_gates=()):
     """The rule for every (b, h): A_t = alpha_t A_{t-1} - eta_t g_t with g_t the gradient of
     `step_loss` at the anchor (the state at the previous chunk end, MIRAS' t' = t - mod(t, b)),
-    W = mirror(A), y_t = M_{W_t}(q_t). Returns y [B, T, H, d] and the final W."""
+    W = mirror(A), y_t = M_{W_t}(q_t). `step_loss` also receives the token's values of the
+    `objective_gates`. Returns y [B, T, H, d] and the final W."""
     ys = torch.zeros(B, T, H, D, dtype=torch.float64)
     finals = []
     for b in range(B):
@@ -58,7 +59,7 @@ def by_hand(kern, q, k, v, gates, mirror, step_loss):
             stored = [w[h].detach().double() for w in kern.initial]
             anchor = stored
             for t in range(T):
-                grads = step_loss(anchor, k[b, t, h], v[b, t, h])
+                grads = step_loss(anchor, k[b, t, h], v[b, t, h], *(gates[role][b, t, h] for role in objective_gates))
                 stored = [gates["retain"][b, t, h] * a - gates["lr"][b, t, h] * g for a, g in zip(stored, grads)]
                 if (t + 1) % EVERY == 0:
                     anchor = stored
@@ -173,19 +174,7 @@ def test_yaad_switches_per_token_on_the_residual_norm():
         branches["l1 with every coordinate within delta"] += int(residual.abs().max() <= threshold)
         return [threshold * g for g in gradient_wrt(anchor, lambda w: (memory(w, key) - value).abs().sum())]
 
-    ys = torch.zeros(B, T, H, D, dtype=torch.float64)
-    finals = []
-    for b in range(B):
-        for h in range(H):
-            weights = [w[h].detach().double() for w in kern.initial]
-            anchor = weights
-            for t in range(T):
-                grads = step_loss(anchor, k[b, t, h], v[b, t, h], gates["threshold"][b, t, h])
-                weights = [gates["retain"][b, t, h] * w - gates["lr"][b, t, h] * g for w, g in zip(weights, grads)]
-                if (t + 1) % EVERY == 0:
-                    anchor = weights
-                ys[b, t, h] = memory(weights, q[b, t, h])
-            finals.append(weights)
+    ys, finals = by_hand(kern, q, k, v, gates, lambda weights: weights, step_loss, objective_gates=("threshold",))
     assert_matches(kern, q, k, v, gates, ys, finals)
     # both branches are taken, and some tokens switch on the norm alone
     assert branches["l2"] > 0 and branches["l1 with every coordinate within delta"] > 0, branches

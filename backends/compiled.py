@@ -49,7 +49,7 @@ from nestc.backends.forms import run_form
 from nestc.backends.fused import run_fused
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
-from nestc.backends.pipelines import Stage, causal_convolution, rotate
+from nestc.backends.pipelines import Stage, causal_convolution, combine_gates, compute_lets, rotate
 from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_program
@@ -348,7 +348,8 @@ def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None
             level_state = level_states[name]
             if not isinstance(module, MemoryLevel):
                 continue
-            pipelines = list(module.pipelines.values()) + [g.pipeline for g in module.gates.values() if g.pipeline]
+            gates = list(module.gates.values()) + list(module.lets.values())
+            pipelines = list(module.pipelines.values()) + [p for gate in gates for p in gate.pipelines()]
             for stage in (stage for pipeline in pipelines for stage in pipeline.stages):
                 if stage.kind == "conv" and stage.buffer_name not in level_state.buffers:
                     level_state.buffers[stage.buffer_name] = like.new_zeros(batch, stage.args["window"] - 1,
@@ -482,7 +483,9 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
     heads = module.heads
     inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
               for role, p in module.pipelines.items()}
-    gates = {role: _gate_sequence(gate, x, start, state, read_level, heads) for role, gate in module.gates.items()}
+    lets = compute_lets(module.lets, lambda gate, earlier: _gate_sequence(gate, x, start, state, read_level, heads,
+                                                                          earlier))
+    gates = {role: _gate_sequence(gate, x, start, state, read_level, heads, lets) for role, gate in module.gates.items()}
     query = inputs.get("query")
     if plan.kernel == "frozen":
         if query is None:
@@ -528,11 +531,18 @@ def _spans(start: int | Tensor, size: int, period: int) -> list[tuple[int, int]]
     return spans
 
 
-def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, heads: int) -> Tensor:
-    """A gate over the segment as [B, H, S] (or [B, H, S, d] per channel)."""
+def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, heads: int,
+                   lets: dict[str, Tensor] | None = None) -> Tensor:
+    """A gate over the segment as [B, H, S] (or [B, H, S, d] per channel); `lets`: the level's
+    bindings over the segment."""
     batch, size = x.shape[:2]
     if gate.constant is not None:
-        return x.new_full((batch, heads, size), gate.constant)
+        return gate.constant_tensor(x)[None, :, None].expand(batch, heads, size)
+    if gate.binding is not None:
+        return lets[gate.binding]
+    if gate.op is not None:
+        return combine_gates(gate.op, [_gate_sequence(operand, x, start, state, read_level, heads, lets)
+                                       for operand in gate.operands])
     if gate.learned is not None:
         values = gate.learned.expand(batch, size, *gate.learned.shape)
     else:

@@ -27,7 +27,14 @@ class Stage(nn.Module):
         self.out_width = out_width
         self.buffer_name = name
         if self.kind == "proj":
-            self.linear = nn.Linear(width, out_width, bias=bool(self.args["bias"]))
+            bias = self.args["bias"]  # false, true (torch's initialisation) or the initial value(s)
+            self.linear = nn.Linear(width, out_width, bias=bias is not False)
+            if not isinstance(bias, bool):
+                values = torch.as_tensor(bias, dtype=self.linear.bias.dtype)
+                if values.dim() and values.numel() != out_width:
+                    raise BackendError(f"`proj(bias=...)` gives {values.numel()} initial values for {out_width} outputs")
+                with torch.no_grad():
+                    self.linear.bias.copy_(values.expand(out_width))
         elif self.kind == "conv":
             window = self.args["window"]
             self.weight = nn.Parameter(torch.zeros(width, window))
@@ -133,20 +140,36 @@ class Pipeline(nn.Module):
 
 
 class Gate(nn.Module):
-    """lr / retain / momentum / gamma: a constant, a learned scalar or a pipeline, as [B, H] or [B, H, d]."""
+    """lr / retain / momentum / ... or a `let` binding: a constant (one, or one per head), a learned
+    value, a pipeline, a binding of the level, or arithmetic on gates; [B, H] or [B, H, d] per token."""
 
     def __init__(self, gate, width: int, heads: int, head_dim: int, role: str):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.constant: float | None = None
+        self.constant: float | tuple[float, ...] | None = None
         self.learned: nn.Parameter | None = None
         self.pipeline: Pipeline | None = None
+        self.binding: str | None = None  # a `let` of the level, computed before the gates
+        self.op: str | None = None  # arithmetic on `operands` (ir.GateExpr)
+        self.operands = nn.ModuleList()
         if isinstance(gate, ir.Constant):
-            self.constant = float(concrete(gate.value))
+            value = concrete(gate.value)
+            self.constant = tuple(float(v) for v in value) if isinstance(value, tuple) else float(value)
+            if isinstance(value, tuple) and len(value) != heads:
+                raise BackendError(f"the {role} gate gives {len(value)} values, one per head, but the level has "
+                                   f"{heads} heads")
         elif isinstance(gate, ir.Op) and gate.name == "learned":
             args = op_args(gate)
             shape = (heads,) if args["per"] == "head" else (heads, head_dim)
-            self.learned = nn.Parameter(torch.full(shape, float(args["init"])))
+            init = args["init"]
+            if isinstance(init, tuple):
+                if len(init) != heads:
+                    raise BackendError(f"`learned(init=...)` in the {role} gate gives {len(init)} values, one per "
+                                       f"head, but the level has {heads} heads")
+                values = torch.tensor(init, dtype=torch.get_default_dtype())
+                self.learned = nn.Parameter(values if args["per"] == "head" else values[:, None].repeat(1, head_dim))
+            else:
+                self.learned = nn.Parameter(torch.full(shape, float(init)))
         elif isinstance(gate, ir.Pipeline):
             per_channel = any(isinstance(s, ir.Op) and s.name == "proj" and op_args(s)["per"] == "channel"
                               for s in gate.stages)
@@ -156,18 +179,75 @@ class Gate(nn.Module):
                 raise BackendError(f"the {role} gate pipeline gives {self.pipeline.out_width} values per token; "
                                    f"a gate needs one per head ({heads}) or per channel ({heads * head_dim}): "
                                    f"end it with `proj` or `proj(per=channel)`")
+        elif isinstance(gate, ir.LetRef):
+            self.binding = gate.name
+        elif isinstance(gate, ir.GateExpr):
+            self.op = gate.op
+            self.operands.extend(Gate(operand, width, heads, head_dim, f"{role}.{index}")
+                                 for index, operand in enumerate(gate.operands))
         else:
             raise BackendError(f"cannot build the {role} gate from {ir.format_value(gate)}")
 
-    def forward(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
+    def pipelines(self):
+        """The pipelines inside this gate (their convolutions keep histories in the state)."""
+        if self.pipeline is not None:
+            yield self.pipeline
+        for operand in self.operands:
+            yield from operand.pipelines()
+
+    def constant_tensor(self, like: Tensor) -> Tensor:
+        """The constant as [H] (one value, or one per head)."""
+        if isinstance(self.constant, tuple):
+            return like.new_tensor(self.constant)
+        return like.new_full((self.heads,), self.constant)
+
+    def forward(self, x: Tensor, position: int, state: LevelState, read_level, lets=None) -> Tensor:
         batch = x.shape[0]
         if self.constant is not None:
-            return x.new_full((batch, self.heads), self.constant)
+            return self.constant_tensor(x).expand(batch, self.heads)
         if self.learned is not None:
             return self.learned.expand(batch, *self.learned.shape)
+        if self.binding is not None:
+            return lets[self.binding]
+        if self.op is not None:
+            return combine_gates(self.op, [operand(x, position, state, read_level, lets) for operand in self.operands])
         values = self.pipeline(x, position, state, read_level)
         if values.shape[-1] == self.heads:
             return values
         return values.reshape(batch, self.heads, self.head_dim)
+
+
+def combine_gates(op: str, values: list[Tensor]) -> Tensor:
+    """An ir.GateExpr on its operands' values, per head ([B, H] per token, [B, H, S] over a
+    sequence) or per channel (one more, last, dimension), a per-head value broadcasting over the
+    channels of its head."""
+    if op == "neg":
+        return -values[0]
+    if op in ("exp", "log", "sigmoid"):
+        return getattr(torch, op)(values[0])
+    if op == "softplus":
+        return F.softplus(values[0])
+    left, right = values
+    if left.dim() < right.dim():
+        left = left.unsqueeze(-1)
+    elif right.dim() < left.dim():
+        right = right.unsqueeze(-1)
+    if op == "+":
+        return left + right
+    if op == "-":
+        return left - right
+    if op == "*":
+        return left * right
+    if op == "/":
+        return left / right
+    raise BackendError(f"unknown gate operator `{op}`")
+
+
+def compute_lets(lets: nn.ModuleDict, compute) -> dict[str, Tensor]:
+    """The level's `let` bindings, in order, each computed by `compute(gate, earlier values)`."""
+    values: dict[str, Tensor] = {}
+    for name, gate in lets.items():
+        values[name] = compute(gate, values)
+    return values
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
-from nestc.backends.pipelines import Gate, Pipeline
+from nestc.backends.pipelines import Gate, Pipeline, compute_lets
 from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
 from nestc.lang.queries import GATE_ROLES, block_levels, generators, reachable_levels
@@ -206,6 +206,8 @@ class MemoryLevel(nn.Module):
         value_dim = self.pipelines["value"].out_width // heads
         if readable and self.pipelines["query"].out_width // heads != key_dim:
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
+        # `let` bindings first: the gates may name them
+        self.lets = nn.ModuleDict({name: Gate(value, dim, heads, key_dim, f"let {name}") for name, value in level.lets})
         self.gates = nn.ModuleDict({
             role: Gate(getattr(level, role), dim, heads, key_dim, role)
             for role in GATE_ROLES if getattr(level, role) is not None
@@ -225,7 +227,8 @@ class MemoryLevel(nn.Module):
 
     def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor | None:
         inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
-        gates = {role: g(x, position, state, read_level) for role, g in self.gates.items()}
+        lets = compute_lets(self.lets, lambda gate, earlier: gate(x, position, state, read_level, earlier))
+        gates = {role: g(x, position, state, read_level, lets) for role, g in self.gates.items()}
         query = inputs.get("query")
         if self.kernel.every == 0:
             y = self.kernel.apply(state.weights, query) if query is not None else None

@@ -43,6 +43,7 @@ import nestc
 import oracles
 from nestc.backends.reference import MemoryKernel
 from nestc.lang import ir
+from nestc.lang.queries import per_channel
 from nestc.passes.plan import plan_level
 from nesttest import REPO
 from oracles import assert_close, fla_naive, generator, uniform
@@ -62,15 +63,24 @@ def zoo_level(spec: str) -> ir.Level:
     return nestc.check(str(REPO / "specs" / f"{spec}.nest")).level(LEVEL)
 
 
-def gate_form(gate) -> str:
-    """`constant`, `head` or `channel`: how the spec gives this gate."""
+def gate_form(gate, lets=()) -> str:
+    """`constant`, `head` or `channel`: how the spec gives this gate (`lets`: its level's bindings)."""
     if isinstance(gate, ir.Constant):
         return "constant"
-    if isinstance(gate, ir.Pipeline):
-        per_channel = any(isinstance(stage, ir.Op) and stage.name == "proj" and dict(stage.args)["per"] == "channel"
-                          for stage in gate.stages)
-        return "channel" if per_channel else "head"
+    if isinstance(gate, (ir.Pipeline, ir.GateExpr, ir.LetRef)):
+        return "channel" if per_channel(gate, lets) else "head"
     raise AssertionError(f"no oracle case chooses values for the gate {ir.format_value(gate)}")
+
+
+def outermost(gate, lets=()) -> tuple[str, dict]:
+    """The last operation a data-dependent gate applies, which decides its range (`lets`: its
+    level's bindings)."""
+    if isinstance(gate, ir.LetRef):
+        return outermost(dict(lets)[gate.name], lets)
+    if isinstance(gate, ir.GateExpr):
+        return gate.op, {}
+    last = gate.stages[-1]
+    return last.name, dict(last.args)
 
 
 def gate_roles(level: ir.Level) -> dict[str, object]:
@@ -85,10 +95,10 @@ def ends_in_l2norm(pipeline: ir.Pipeline) -> bool:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-# Values a data-dependent gate takes, random and at the ends of its range: every lr pipeline here
-# ends in `sigmoid` (0, 1), every retain pipeline in `exp` of a negative number (0, 1), which
-# gate_inputs checks (LAST_STAGE).
-LAST_STAGE = {"lr": ("sigmoid", {"max": 1.0}), "retain": ("exp", {})}
+# Values a data-dependent gate takes, random and at the ends of its range: every lr here ends in
+# `sigmoid` (0, 1) or `softplus` (0, inf: Mamba-2's dt, of which (0, 1) is a part), every retain in
+# `exp` of a negative number (0, 1), which gate_inputs checks (LAST_STAGE).
+LAST_STAGE = {"lr": (("sigmoid", {"max": 1.0}), ("softplus", {})), "retain": (("exp", {}),)}
 
 
 def lr_values(case: str, seed: int, shape) -> torch.Tensor:
@@ -126,7 +136,8 @@ GATE_CASES = [("uniform", "uniform"), ("uniform", "wide"), ("tiny", "near1"), ("
 def cases_for(spec: str) -> list[str]:
     """The gate cases that differ for this spec (in GATE_CASES order): one when all its gates are
     constants."""
-    varying = [role for role, gate in gate_roles(zoo_level(spec)).items() if gate_form(gate) != "constant"]
+    level = zoo_level(spec)
+    varying = [role for role, gate in gate_roles(level).items() if gate_form(gate, level.lets) != "constant"]
     if not varying:
         return ["constants"]
     names = []
@@ -144,13 +155,15 @@ def gate_inputs(spec: str, case: str, T: int) -> dict[str, torch.Tensor]:
     chosen = dict(part.split("=") for part in case.split("-")) if case != "constants" else {}
     gates = {}
     for seed, (role, gate) in enumerate(sorted(gate_roles(zoo_level(spec)).items())):
-        form = gate_form(gate)
+        form = gate_form(gate, zoo_level(spec).lets)
         shape = (B, T, H, DK) if form == "channel" else (B, T, H)
         if form == "constant":
-            gates[role] = torch.full(shape, float(gate.value))
+            # one number, or one per head: the spec's first H heads (the test's levels have H)
+            value = torch.tensor(gate.value[:H] if isinstance(gate.value, tuple) else [gate.value] * H)
+            gates[role] = value.view(1, 1, H, *([1] * (len(shape) - 3))).expand(shape).clone()
             continue
-        last = gate.stages[-1]
-        assert (last.name, dict(last.args)) == LAST_STAGE[role], f"{spec}: the {role} cases assume {LAST_STAGE[role]}"
+        assert outermost(gate, zoo_level(spec).lets) in LAST_STAGE[role], \
+            f"{spec}: the {role} cases assume one of {LAST_STAGE[role]}"
         gates[role] = GATE_VALUES[role](chosen[role], 100 + seed, shape)
     return gates
 
@@ -287,20 +300,14 @@ def naive_chunk_linear_attn(q, k, v, gates):
     return fla_naive("linear_attn").naive_chunk_linear_attn(q, k, v)[:, :T], None
 
 
-# RetNet (one decay for every head and token)
+# RetNet (one decay per head, the same for every token)
 
 
 def naive_retention(q, k, v, gates):
-    """fla's retention gives head h the decay 1 - 2^(-5-h) (RetNet's multi-scale heads) and has no
-    other argument; the zoo's retnet uses head 0's decay on every head, so each nestc head goes to the
-    oracle as a one-head input. No final state."""
-    Bq, T, Hq, _ = q.shape
-
-    def one_head_each(x):
-        return x.permute(0, 2, 1, 3).reshape(Bq * Hq, 1, T, x.shape[-1])
-
-    o = fla_naive("retention").naive_retention(one_head_each(q), one_head_each(k), one_head_each(v))
-    return o.reshape(Bq, Hq, T, -1).transpose(1, 2), None
+    """fla's retention gives head h the decay 1 - 2^(-5-h) (RetNet's multi-scale heads), as the zoo's
+    retnet does, and has no other argument. Its layout is [B, H, T, d]. No final state."""
+    o = fla_naive("retention").naive_retention(*(x.transpose(1, 2) for x in (q, k, v)))
+    return o.transpose(1, 2), None
 
 
 def naive_recurrent_simple_gla(q, k, v, gates):
@@ -315,6 +322,23 @@ def naive_chunk_simple_gla(q, k, v, gates):
 def naive_parallel_simple_gla(q, k, v, gates):
     o, _attention = fla_naive("simple_gla").naive_parallel_simple_gla(q, k, v, log_decay(gates))
     return o, None
+
+
+# Mamba-2 (a decay per head, and its step dt scaling the write: fla's k is dt_t k_t)
+
+
+def dt_scaled(gates, k):
+    return k * gates["lr"][..., None]
+
+
+def naive_recurrent_mamba2(q, k, v, gates):
+    return fla_naive("simple_gla").naive_recurrent_simple_gla(q, dt_scaled(gates, k), v, log_decay(gates),
+                                                               output_final_state=True)
+
+
+def naive_chunk_mamba2(q, k, v, gates):
+    return fla_naive("simple_gla").naive_chunk_simple_gla(q, dt_scaled(gates, k), v, log_decay(gates),
+                                                          output_final_state=True, chunk_size=CHUNK)
 
 
 # GLA (a decay per key channel)
@@ -395,6 +419,8 @@ ORACLES = [
     ("retnet", "simple_gla", "naive_recurrent_simple_gla", naive_recurrent_simple_gla),
     ("retnet", "simple_gla", "naive_chunk_simple_gla", naive_chunk_simple_gla),
     ("retnet", "simple_gla", "naive_parallel_simple_gla", naive_parallel_simple_gla),
+    ("mamba2", "simple_gla", "naive_recurrent_simple_gla", naive_recurrent_mamba2),
+    ("mamba2", "simple_gla", "naive_chunk_simple_gla", naive_chunk_mamba2),
     ("gla", "gla", "naive_recurrent_gla", naive_recurrent_gla),
     ("gla", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_gla),
     ("gla", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_gla(*a, chunked=True)),
@@ -444,7 +470,7 @@ def test_zoo_level_equals_fla_oracle(spec, family, function, case, length):
 # takes per-channel ones, needs `every C > 1` for the l2 objective; so its compiled run is token by
 # token (issue 14, item 10).
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
-                  "retnet": "anchored", "gla": "trajectory", "kda": "sequential"}
+                  "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "sequential"}
 
 
 def test_every_matched_spec_has_its_compiled_form():

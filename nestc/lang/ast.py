@@ -92,12 +92,14 @@ Expr = Union[Number, String, Name, Call, ListExpr, Pipe, BinOp, Neg]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Field:
-    """One line of a body: `key = expr` (assign), `key expr [unit]` (setting) or `key` (flag)."""
+    """One line of a body: `key = expr` (assign), `key expr [unit]` (setting), `key` (flag) or
+    `let key = expr` (a binding: a level's named value, `binding` set)."""
 
     key: str
     value: Expr | None
     unit: str | None = None
     assign: bool = field(default=False, compare=False)  # `key = v` and `key v` mean the same
+    binding: bool = False
     key_span: Span | None = _span_field()
     unit_span: Span | None = _span_field()
     span: Span | None = _span_field()

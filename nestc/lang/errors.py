@@ -250,6 +250,13 @@ slower level and reset each time that level moves) used to train silently as `in
 The level is defined in this file but neither used by the model's block nor generating another
 level's inputs. Library files without a `model` section get no such warning.
 """),
+    "N0202": ("unused binding (warning)", """
+A level's `let NAME = ...` is named by none of its gates or other bindings: its projection would
+be trained for nothing.
+
+    let dt = x |> proj |> softplus
+    retain = exp(-dt)                # uses it
+"""),
 }
 
 

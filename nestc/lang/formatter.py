@@ -176,6 +176,8 @@ def _body_item(printer: _Printer, item: ast.LevelDef | ast.Section) -> None:
 
 
 def _field(f: ast.Field, table: dict) -> str:
+    if f.binding:
+        return _wrap(f"{INDENT}let {f.key} = ", f.value, INDENT)
     if f.value is None:
         return INDENT + f.key
     param = table.get(f.key)

@@ -115,12 +115,35 @@ class Pipeline(Node):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Constant(Node):
-    value: Number | SearchValue
+    """A number, or one number per head (`[0.9, 0.99]`)."""
+
+    value: Number | SearchValue | tuple[Number, ...]
     span: Span | None = _span_field()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateExpr(Node):
+    """Arithmetic on gates, elementwise per token (a per-head value broadcasts over a head's
+    channels): `op` is one of GATE_OPERATORS (two operands) or GATE_FUNCTIONS (one)."""
+
+    op: str
+    operands: tuple[Gate, ...]
+    span: Span | None = _span_field()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LetRef(Node):
+    """The value of one of the level's `let` bindings: computed once per token, its parameters
+    shared by every field that names it."""
+
+    name: str
+    span: Span | None = _span_field()
+
+
+GATE_OPERATORS = ("+", "-", "*", "/")
+GATE_FUNCTIONS = ("neg", "exp", "log", "sigmoid", "softplus")
 Stage = Union[Op, LevelRef, Choice]  # a choice of stages
-Gate = Union[Constant, Op, Pipeline]  # Op is `learned(...)`
+Gate = Union[Constant, Op, Pipeline, GateExpr, LetRef]  # Op is `learned(...)`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +176,7 @@ class Level(Node):
     init: Op | Choice
     meta: str | Choice | None
     heads: int | SearchValue | None
+    lets: tuple[tuple[str, Gate], ...] = ()  # `let NAME = ...`, each after the bindings it names
     span: Span | None = _span_field()
 
 
@@ -339,6 +363,18 @@ def format_value(value: Option | Frequency | None) -> str:
         return " |> ".join(["x"] + [format_value(s) for s in value.stages])
     if isinstance(value, Constant):
         return format_value(value.value)
+    if isinstance(value, GateExpr):
+        operands = [format_value(operand) for operand in value.operands]
+        if value.op in GATE_OPERATORS:  # a pipeline binds looser than arithmetic
+            operands = [f"({text})" if isinstance(operand, Pipeline) else text
+                        for operand, text in zip(value.operands, operands)]
+        if value.op == "neg":
+            return f"-({operands[0]})"
+        if value.op in GATE_FUNCTIONS:
+            return f"{value.op}({operands[0]})"
+        return f"({operands[0]} {value.op} {operands[1]})"
+    if isinstance(value, LetRef):
+        return value.name
     if isinstance(value, Frequency):
         if value.tokens == 0:
             return "frozen" if value.steps == 1 else f"{format_value(value.steps)} steps"
@@ -381,9 +417,10 @@ def dump(program: Program, *, identity: bool = False) -> str:
             if f.name in ("name", "span"):
                 continue
             value = getattr(level, f.name)
-            if value is None:
-                continue
-            lines.append(f"    {f.name:<10} {format_value(value)}")
+            if f.name == "lets":
+                lines.extend(f"    let {name:<6} {format_value(bound)}" for name, bound in value)
+            elif value is not None:
+                lines.append(f"    {f.name:<10} {format_value(value)}")
     if program.model is not None:
         lines.append("  model")
         for f in dataclasses.fields(program.model):

@@ -15,13 +15,18 @@ GATE_ROLES = ("lr", "retain", "momentum", *rules.OBJECTIVE_GATES)
 GENERATED_ROLES = ("key", "value", "query", *GATE_ROLES)
 
 
-def per_channel(gate: ir.Gate | None) -> bool:
-    """Whether a gate gives one value per channel (`proj(per=channel)`, `learned(per=channel)`)."""
+def per_channel(gate: ir.Gate | None, lets: tuple[tuple[str, ir.Gate], ...] = ()) -> bool:
+    """Whether a gate gives one value per channel (`proj(per=channel)`, `learned(per=channel)`,
+    or arithmetic with such a gate); `lets`: the level's bindings, which a gate may name."""
     if isinstance(gate, ir.Op) and gate.name == "learned":
         return dict(gate.args)["per"] == "channel"
     if isinstance(gate, ir.Pipeline):
         return any(isinstance(s, ir.Op) and s.name == "proj" and dict(s.args)["per"] == "channel"
                    for s in gate.stages)
+    if isinstance(gate, ir.GateExpr):
+        return any(per_channel(operand, lets) for operand in gate.operands)
+    if isinstance(gate, ir.LetRef):
+        return per_channel(dict(lets).get(gate.name), lets)
     return False
 
 
@@ -34,7 +39,8 @@ def _level_refs(value: ir.Node | None) -> set[str]:
 
 def generators(level: ir.Level) -> set[str]:
     """Levels whose output this level reads through its key/value/query/gate pipelines."""
-    return set().union(*(_level_refs(getattr(level, role)) for role in GENERATED_ROLES))
+    return set().union(*(_level_refs(getattr(level, role)) for role in GENERATED_ROLES),
+                       *(_level_refs(value) for _, value in level.lets))
 
 
 def generated_roles(level: ir.Level) -> dict[str, set[str]]:
@@ -43,6 +49,9 @@ def generated_roles(level: ir.Level) -> dict[str, set[str]]:
     for role in GENERATED_ROLES:
         for name in _level_refs(getattr(level, role)):
             roles.setdefault(name, set()).add(role)
+    for binding, value in level.lets:
+        for name in _level_refs(value):
+            roles.setdefault(name, set()).add(f"let {binding}")
     return roles
 
 

@@ -37,7 +37,8 @@ STAGES = {
         op_spec("stage", "proj",
             Param("dim", "int", 0, minimum=0, doc="output width; 0 = the level's width"),
             Param("per", "enum", "head", choices=("head", "channel"), doc="gates: one value per head or per channel"),
-            Param("bias", "bool", False),
+            Param("bias", "bias", False, doc="true: a learned bias; a number (or one per output): "
+                                                   "a learned bias initialised to it"),
             doc="a linear projection, trained by the outer level"),
         op_spec("stage", "conv", Param("window", "int", 4, minimum=1), doc="short causal depthwise convolution"),
         op_spec("stage", "silu"), op_spec("stage", "gelu"), op_spec("stage", "relu"), op_spec("stage", "tanh"),
@@ -57,7 +58,7 @@ STAGES = {
 }
 
 GATE_SOURCES = {
-    "learned": op_spec("gate", "learned", Param("init", "number", 0.5),
+    "learned": op_spec("gate", "learned", Param("init", "numbers", 0.5, doc="initial value, or one per head"),
                    Param("per", "enum", "head", choices=("head", "channel")),
                    doc="a learned scalar (per head or channel), trained by the outer level"),
 }

@@ -151,6 +151,12 @@ class _Builder(Transformer):
         return ast.Field(key=str(key), value=value, assign=True, key_span=self._s(key), span=self._s(meta))
 
     @v_args(meta=True)
+    def binding(self, meta, children):
+        key, value = children
+        return ast.Field(key=str(key), value=value, assign=True, binding=True, key_span=self._s(key),
+                         span=self._s(meta))
+
+    @v_args(meta=True)
     def setting(self, meta, children):
         key, value, unit = children
         return ast.Field(

@@ -159,8 +159,8 @@ class _LayerTally:
         roles = ("key", "value", "query") if readable else ("key", "value")
         widths = {role: self._pipeline(getattr(level, role), dim, dim, heads) for role in roles}
         key_dim, value_dim = widths["key"] // heads, widths["value"] // heads
-        for role in GATE_ROLES:
-            self._gate(getattr(level, role), dim, heads, key_dim)
+        for gate in [getattr(level, role) for role in GATE_ROLES] + [value for _, value in level.lets]:
+            self._gate(gate, dim, heads, key_dim)
         shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim)
         maps = _elements(shapes)
         self.per_token += 2 * _hidden(shapes)
@@ -181,7 +181,11 @@ class _LayerTally:
         return 1 + (1 if anchor and concrete(level.every.tokens) > 1 else 0) + (1 if momentum else 0)
 
     def _gate(self, gate, dim: int, heads: int, head_dim: int) -> None:
-        if gate is None or isinstance(gate, ir.Constant):
+        if gate is None or isinstance(gate, (ir.Constant, ir.LetRef)):  # a binding is counted once, where bound
+            return
+        if isinstance(gate, ir.GateExpr):
+            for operand in gate.operands:
+                self._gate(operand, dim, heads, head_dim)
             return
         if _is_learned(gate):
             self.parameters += heads if op_args(gate)["per"] == "head" else heads * head_dim
@@ -200,7 +204,7 @@ class _LayerTally:
             args = op_args(stage)
             if stage.name == "proj":
                 out = args["dim"] or (final_width if index == projections[-1] else width)
-                self.parameters += current * out + (out if args["bias"] else 0)
+                self.parameters += current * out + (out if args["bias"] is not False else 0)
                 current = out
             elif stage.name == "conv":
                 self.parameters += current * args["window"]

@@ -59,6 +59,8 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         return None
     if rules.OBJECTIVES[level.objective.name].windowed:
         return None  # an omega window is a list of pairs per level, not a tensor to stack
+    if level.lets:
+        return None  # a level's bindings have no stacked form yet
     if level.read != "before":
         # Levels stepped together are a level and the generators it steps first, which are read
         # before their update (the compiled backend runs read-after generators token by token).
@@ -81,6 +83,8 @@ _UNFUSABLE = object()
 def _input_signature(part):
     if part is None:
         return None
+    if isinstance(part, (ir.GateExpr, ir.LetRef)) or (isinstance(part, ir.Constant) and isinstance(part.value, tuple)):
+        return _UNFUSABLE  # arithmetic, bindings and per-head constants have no stacked form yet
     if isinstance(part, ir.Constant):
         return "constant"  # the values may differ: the backend stacks them
     if isinstance(part, ir.Op):  # learned(...): a parameter per level, stacked (its initial value may differ)

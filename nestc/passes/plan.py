@@ -46,7 +46,7 @@ def plan_level(level: ir.Level) -> LevelPlan:
     if not is_memory(level):
         return LevelPlan("module")
     gates = [getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None]
-    return plan_kernel(MemoryRule.of(level), any(per_channel(g) for g in gates))
+    return plan_kernel(MemoryRule.of(level), any(per_channel(g, level.lets) for g in gates))
 
 
 def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:

@@ -39,6 +39,7 @@ class Analysis:
         self.sections: dict[str, ast.Section] = {}
         self.main_file = ""
         self.current_level: str | None = None  # the level being built: `self` and its own name refer to it
+        self.bindings: tuple[str, ...] = ()  # the `let` names a gate of that level may name here
         self.train_context: int | ir.SearchValue | None = None  # chunked levels must divide it
 
     def error(self, code: str, message: str, span: Span | None, label: str = "", help: str | None = None,

@@ -12,6 +12,9 @@ from nestc.lang.sema.context import INVALID, Analysis, Invalid, Part, options
 from nestc.lang.sema.values import Values
 
 
+LET = "let"  # the key prefix under which a level's fields hold its bindings
+
+
 class Levels(Part):
     """Builds each level once, when it is first asked for."""
 
@@ -58,7 +61,37 @@ class Levels(Part):
         return self._fields[name]
 
     def _own_fields(self, name: str) -> dict[str, ast.Field]:
-        return self.values.fields(self.definitions[name].node.fields, schema.LEVEL_FIELDS, f"level `{name}`")
+        """The level's own fields by key, and its `let` bindings under `let NAME` (a key no field
+        has), so that `extends` overrides a binding by name as it overrides a field."""
+        node_fields = self.definitions[name].node.fields
+        fields = self.values.fields(tuple(f for f in node_fields if not f.binding), schema.LEVEL_FIELDS,
+                                    f"level `{name}`")
+        for binding in (f for f in node_fields if f.binding):
+            key = f"{LET} {binding.key}"
+            if key in fields:
+                self.error("N0116", f"`let {binding.key}` is given twice in level `{name}`", binding.key_span,
+                           secondary=(Label(span=fields[key].key_span, message="first given here"),))
+            elif self._bad_binding_name(binding):
+                continue
+            fields[key] = binding
+        return fields
+
+    def _bad_binding_name(self, binding: ast.Field) -> bool:
+        """A binding may not take a built-in name or the name of a definition (a gate naming it
+        would be ambiguous)."""
+        from nestc.lang.sema.imports import RESERVED
+
+        definition = self.definitions.get(binding.key)
+        if binding.key in RESERVED or binding.key in schema.LEVEL_FIELDS or binding.key in ir.GATE_FUNCTIONS:
+            self.error("N0123", f"`{binding.key}` is a built-in name and cannot be bound", binding.key_span,
+                       label="reserved", help=f"choose another name, e.g. `{binding.key}_t`")
+            return True
+        if definition is not None:
+            self.error("N0102", f"`let {binding.key}` has the name of a {definition.kind}", binding.key_span,
+                       label="already defined", secondary=(Label(span=definition.span, message="defined here"),)
+                       if definition.span else (), help=f"choose another name, e.g. `{binding.key}_t`")
+            return True
+        return False
 
     def _bad_base(self, node: ast.LevelDef, base) -> Invalid:
         if base is None:
@@ -94,8 +127,17 @@ class Levels(Part):
 
     def _build_level(self, name, node, state_expr, fields, context):
         state = self.values.op(state_expr, "state", f"the state of level `{name}`")
-        values = {key: self.values.field_value(f, schema.LEVEL_FIELDS[key], f"level `{name}`")
-                  for key, f in fields.items() if key != "every"}
+        bindings = {key.split(" ", 1)[1]: f for key, f in fields.items() if key.startswith(f"{LET} ")}
+        fields = {key: f for key, f in fields.items() if not key.startswith(f"{LET} ")}
+        lets = self._lets(bindings)
+        self.analysis.bindings = tuple(bindings)
+        try:
+            values = {key: self.values.field_value(f, schema.LEVEL_FIELDS[key], f"level `{name}`")
+                      for key, f in fields.items() if key != "every"}
+        finally:
+            self.analysis.bindings = ()
+        if lets is INVALID:
+            return INVALID
         every = self._frequency(fields.get("every"), values.pop("frozen", False), fields.get("frozen"), name)
         if every not in (None, INVALID) and every.tokens not in (0, 1) and context is not None:
             self.chunked.append((name, every, context, fields.get("every")))
@@ -141,6 +183,23 @@ class Levels(Part):
                                fields[key].key_span, label="the level reads its input directly",
                                notes=("with `objective task` the level is a continuum-memory block: y = M(x), "
                                       "updated with the gradient of the model's own loss",))
+            for key in ("lr", "retain", "momentum"):
+                gate = values.get(key)
+                if key in fields and not (isinstance(gate, ir.Constant) and not isinstance(gate.value, tuple)
+                                          or isinstance(gate, (ir.Op, ir.Choice))):
+                    self.error("N0117", f"the {key} of a level trained on the task loss is one number or "
+                               "`learned(...)`", fields[key].value.span, label="applied once per chunk",
+                               notes=("a continuum-memory level steps once per chunk, with the gradient of the "
+                                      "chunk's loss: its gates have no value per token or per head",))
+        if bindings and (continuum or not is_parametric):
+            binding = next(iter(bindings.values()))
+            self.error("N0117", "`let` has no meaning for a "
+                       + ("level trained on the task loss" if continuum else f"`{kind}` level"), binding.key_span,
+                       label="nothing here reads per-token gates", help="remove the binding")
+        for name_bound, binding in bindings.items() if is_parametric and not continuum else ():
+            if not self._binding_used(name_bound, fields, bindings):
+                self.warning("N0202", f"`let {name_bound}` is never used", binding.key_span, label="unused binding",
+                             help=f"name it in a gate (`retain = exp(-{name_bound})`), or remove it")
         for state_kind in kinds:
             for objective_name in objectives:
                 self._check_objective(state_kind, objective_name, fields, state_expr)
@@ -165,7 +224,7 @@ class Levels(Part):
                        fields["momentum"].key_span, label="unused gate",
                        help=f"use `optimizer {first}`" + (f" (or `{'`, `'.join(others)}`)" if others else "")
                        + ", or remove the gate")
-        objective_gates = self._objective_gates(values, objectives, fields)
+        objective_gates = self._objective_gates(values, objectives, fields, lets)
         order = values.get("order", "grad_first")
 
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
@@ -194,10 +253,30 @@ class Levels(Part):
             init=init,
             meta=meta if is_parametric else None,
             heads=values.get("heads"),
+            lets=lets,
             span=span,
         )
 
-    def _objective_gates(self, values: dict, objectives: set[str], fields) -> dict:
+    @staticmethod
+    def _binding_used(name: str, fields: dict[str, ast.Field], bindings: dict[str, ast.Field]) -> bool:
+        """Whether a field or another binding names `name` (a name in the syntax tree)."""
+        others = [f.value for f in fields.values()] + [b.value for key, b in bindings.items() if key != name]
+        return any(isinstance(node, ast.Name) and node.id == name for value in others for node in ast.walk(value))
+
+    def _lets(self, bindings: dict[str, ast.Field]):
+        """The bindings' values, in order: each is a gate that may name the bindings above it."""
+        lets, ok = [], True
+        for index, (key, binding) in enumerate(bindings.items()):
+            self.analysis.bindings = tuple(bindings)[:index]
+            try:
+                value = self.values.gate(binding.value, f"`let {key}`")
+            finally:
+                self.analysis.bindings = ()
+            ok = ok and value is not INVALID
+            lets.append((key, value))
+        return tuple(lets) if ok else INVALID
+
+    def _objective_gates(self, values: dict, objectives: set[str], fields, lets) -> dict:
         """The gates that objectives read (rules.OBJECTIVE_GATES): the declared ones, their default
         where the level gives none; an error for one that the level's objective does not read,
         or that is per channel where the objective needs one value per head."""
@@ -208,7 +287,7 @@ class Levels(Part):
             owner = next(name for name, rule in rules.OBJECTIVES.items() if role in rule.gates)
             if readers:
                 value = value or ir.Constant(value=gate.default)
-                if not gate.per_channel and per_channel(value):
+                if not gate.per_channel and per_channel(value, lets):
                     self.error("N0117", f"the {role} gate of objective `{readers[0]}` is one value per head",
                                fields[role].value.span, label="per channel here",
                                help="drop `per=channel` from this gate")

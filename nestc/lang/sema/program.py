@@ -8,7 +8,7 @@ import math
 from nestc import rules
 from nestc.lang import ast, ir
 from nestc.lang.diagnostics import Label
-from nestc.lang.queries import (first_use, generators, is_memory, level_uses, model_levels, model_nodes,
+from nestc.lang.queries import (GATE_ROLES, first_use, generators, is_memory, level_uses, model_levels, model_nodes,
                                 reachable_levels, search_values)
 from nestc.lang.sema.context import INVALID, Analysis, Definition, Part, options
 from nestc.lang.sema.levels import Levels
@@ -136,6 +136,7 @@ class ProgramBuilder(Part):
 
     def _check_heads(self, model: ir.Model, levels) -> None:
         for level in levels:
+            self._check_per_head_lists(model, level)
             if level.heads is None:
                 continue
             for dim in options(model.dim):
@@ -145,6 +146,23 @@ class ProgramBuilder(Part):
                         span = next((f.value.span for f in node.fields if f.key == "heads"), level.span)
                         self.error("N0118", f"{heads} heads do not divide the model width {dim}", span,
                                    label=f"in level `{level.name}`")
+
+    def _check_per_head_lists(self, model: ir.Model, level: ir.Level) -> None:
+        """A list in a gate (a constant, `learned(init=...)`) gives one value per head."""
+        heads = level.heads if level.heads is not None else model.heads
+        if not isinstance(heads, int):
+            return
+        gates = [(role, getattr(level, role)) for role in GATE_ROLES] + [(f"let {n}", v) for n, v in level.lets]
+        for role, gate in gates:
+            if gate is None:
+                continue
+            for node in ir.walk(gate):
+                values = node.value if isinstance(node, ir.Constant) else \
+                    node.arg("init") if isinstance(node, ir.Op) and node.name == "learned" else None
+                if isinstance(values, tuple) and len(values) != heads:
+                    self.error("N0105", f"`{role}` gives {len(values)} values, one per head, but level "
+                               f"`{level.name}` has {heads} heads", node.span, label=f"{len(values)} values",
+                               help=f"give {heads} values, or one number for every head")
 
     def _check_memory_as_context(self, model: ir.Model, levels: dict) -> None:
         """A `mac` block retrieves from a memory (keys and values, an inner rule) and attends with a

@@ -44,6 +44,12 @@ class Values(Part):
             return self.enum(expr, param, what)
         if kind == "level":
             return self.level_name(expr, what)
+        if kind == "numbers":  # a number, or a list of them (one per head)
+            return self.numbers(expr, what) if isinstance(expr, ast.ListExpr) else self.number(expr, param, what)
+        if kind == "bias":  # `false`, `true`, or the bias's initial value(s)
+            if isinstance(expr, ast.Name) and expr.id in schema.BOOLEANS:
+                return schema.BOOLEANS[expr.id]
+            return self.numbers(expr, what) if isinstance(expr, ast.ListExpr) else self.number(expr, param, what)
         if kind == "list":
             if not isinstance(expr, ast.ListExpr):
                 return self.error("N0105", f"{what} must be a list", expr.span, label="expected [a, b, ...]")
@@ -334,6 +340,10 @@ class Values(Part):
         if first is INVALID:
             return INVALID
         if not (isinstance(first, ast.Name) and first.id == schema.INPUT_NAME):
+            if gate and isinstance(first, (ast.BinOp, ast.Neg)):  # `1 - x |> proj` is `(1 - x) |> proj`
+                return self.error("N0120", f"{what} must be a pipeline that starts with `x`", stages[0].span,
+                                  label="`|>` binds loosest: this arithmetic is the pipeline's start",
+                                  help="put the pipeline in parentheses: `1 - (x |> proj |> sigmoid)`")
             return self.error("N0120", f"{what} must be a pipeline that starts with `x`", stages[0].span,
                               label="expected `x`, the level's input",
                               help=f"for example `x |> {_describe_as_stage(first)}`"
@@ -385,12 +395,30 @@ class Values(Part):
         return ir.Choice(options=tuple(options), name=bound["name"], span=call.span)
 
     def gate(self, expr: ast.Expr, what: str):
+        """A gate: a number (or one per head, `[0.9, 0.99]`), `learned(...)`, a pipeline from `x`,
+        a `let` binding of the level, or arithmetic and functions of gates (`1 - g`,
+        `exp(-a * b)`)."""
         expr = self.analysis.deref(expr)
         if expr is INVALID:
             return INVALID
-        if isinstance(expr, (ast.Number, ast.Neg, ast.BinOp)):
+        if _numeric_only(self.analysis, expr):
             value = self.number(expr, Param("gate", "number"), what)
             return INVALID if value is INVALID else ir.Constant(value=value, span=expr.span)
+        if isinstance(expr, ast.ListExpr):
+            values = self.numbers(expr, what)
+            return INVALID if values is INVALID else ir.Constant(value=values, span=expr.span)
+        if isinstance(expr, ast.BinOp):
+            operands = (self.gate(expr.left, what), self.gate(expr.right, what))
+            return INVALID if INVALID in operands else ir.GateExpr(op=expr.op, operands=operands, span=expr.span)
+        if isinstance(expr, ast.Neg):
+            operand = self.gate(expr.operand, what)
+            return INVALID if operand is INVALID else ir.GateExpr(op="neg", operands=(operand,), span=expr.span)
+        if isinstance(expr, ast.Call) and expr.func in ir.GATE_FUNCTIONS and expr.func != "neg":
+            if len(expr.args) != 1 or expr.args[0].name is not None:
+                return self.error("N0108", f"`{expr.func}(...)` in {what} takes one gate", expr.span,
+                                  help=f"write `{expr.func}(x |> proj)`, or use `|> {expr.func}` as a stage")
+            operand = self.gate(expr.args[0].value, what)
+            return INVALID if operand is INVALID else ir.GateExpr(op=expr.func, operands=(operand,), span=expr.span)
         if isinstance(expr, ast.Call) and expr.func in schema.GATE_SOURCES:
             spec = schema.GATE_SOURCES[expr.func]
             args = self.bind(expr, spec, f"`{expr.func}`")
@@ -400,14 +428,29 @@ class Values(Part):
         if isinstance(expr, ast.Name) and expr.id in schema.GATE_SOURCES:
             return ir.Op(name=expr.id, args=tuple((p.name, p.default) for p in schema.GATE_SOURCES[expr.id].params),
                          span=expr.span)
+        if isinstance(expr, ast.Name) and expr.id in self.analysis.bindings:
+            return ir.LetRef(name=expr.id, span=expr.span)
         if isinstance(expr, ast.Pipe) or (isinstance(expr, ast.Name) and expr.id == schema.INPUT_NAME):
             return self.pipeline(expr, what, gate=True)
         if isinstance(expr, ast.Name):
             return self.error("N0101", f"unknown name `{expr.id}` in {what}", expr.span, label="not defined",
-                              help=did_you_mean(expr.id, ["learned", "x"] + self.analysis.names("const"))
+                              help=did_you_mean(expr.id, ["learned", "x"] + list(self.analysis.bindings)
+                                                + self.analysis.names("const"))
                               or "a gate is a number, `learned(...)` or a pipeline such as `x |> proj |> sigmoid`")
-        return self.error("N0105", f"{what} must be a number, `learned(...)` or a pipeline from `x`", expr.span,
-                          label=f"found {describe(expr)}")
+        return self.error("N0105", f"{what} must be a number, `learned(...)`, a pipeline from `x` or arithmetic "
+                          "on gates", expr.span, label=f"found {describe(expr)}")
+
+    def numbers(self, expr: ast.ListExpr, what: str):
+        """A list of numbers (one per head): at least one."""
+        if not expr.items:
+            return self.error("N0107", f"{what} lists no number", expr.span, label="empty list")
+        values = tuple(self.number(item, Param("item", "number"), f"an item of {what}") for item in expr.items)
+        if INVALID in values:
+            return INVALID
+        if any(isinstance(value, ir.SEARCH_TYPES) for value in values):
+            return self.error("N0119", f"the items of {what} cannot be search-space values yet", expr.span,
+                              help="search over the whole gate instead: `choice(0.9, [0.9, 0.99])`")
+        return values
 
     # --- sections --------------------------------------------------------------------------------
 
@@ -490,6 +533,27 @@ def _combine(left, right, op: str):
     if isinstance(right, ir.Choice):
         return _map_choice(right, lambda v: apply(left, v))
     return apply(left, right)
+
+
+def _numeric_only(analysis: Analysis, expr: ast.Expr) -> bool:
+    """Whether an expression is arithmetic on numbers, constants and search values only (a
+    plain number, folded to one value), rather than on gates."""
+    seen: set[str] = set()
+    while isinstance(expr, ast.Name) and expr.id not in seen:
+        definition = analysis.definitions.get(expr.id)
+        if definition is None or definition.kind != "const" or expr.id in analysis.bindings:
+            break
+        seen.add(expr.id)
+        expr = definition.node.value
+    if isinstance(expr, ast.Number):
+        return True
+    if isinstance(expr, ast.Neg):
+        return _numeric_only(analysis, expr.operand)
+    if isinstance(expr, ast.BinOp):
+        return _numeric_only(analysis, expr.left) and _numeric_only(analysis, expr.right)
+    return isinstance(expr, ast.Call) and expr.func in schema.SEARCH and expr.func != "choice" or (
+        isinstance(expr, ast.Call) and expr.func == "choice"
+        and all(_numeric_only(analysis, arg.value) for arg in expr.args if arg.name is None))
 
 
 def _holds_list(analysis: Analysis, expr: ast.Expr) -> bool:

@@ -37,6 +37,7 @@ from nestc import rules
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
 from nestc.lang.queries import GATE_ROLES, block_levels, reachable_levels
+from nestc.lang.schema import FEATURE_WIDTHS
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
@@ -206,6 +207,8 @@ class _LayerTally:
                 self.parameters += current * args["window"]
             elif stage.name == "poly":
                 self.parameters += args["degree"] + 1
+            elif stage.name in FEATURE_WIDTHS:  # widens each head's channels
+                current = heads * FEATURE_WIDTHS[stage.name](current // heads, args)
         return current
 
     def add_block(self, block: ir.Block, dim: int) -> None:

@@ -180,6 +180,10 @@ LEVEL_FIELDS = {
         Param("every", "frequency", None, doc="update period: `every N` tokens, `every N steps`"),
         Param("frozen", "bool", False, doc="never updated inside a sequence"),
         Param("read", "enum", "after", choices=("before", "after")),
+        Param("normalize", "bool", False,
+              doc="divide each read by the memory's read of a value channel held at 1: y = M q / (z.q + 1e-6), "
+                  "z updated as M is with every value 1 (normalised linear attention); a matrix memory with "
+                  "objective dot"),
         Param("init", "init", None),
         Param("meta", "enum", None, choices=("full", "first_order", "stop"),
               doc="how outer gradients flow through the level's in-sequence updates"),

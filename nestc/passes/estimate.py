@@ -162,7 +162,8 @@ class _LayerTally:
         key_dim, value_dim = widths["key"] // heads, widths["value"] // heads
         for role in GATE_ROLES:
             self._gate(getattr(level, role), dim, heads, key_dim)
-        shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim)
+        # a normalised memory stores its normaliser as one more value row
+        shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim + bool(concrete(level.normalize)))
         maps = _elements(shapes)
         self.per_token += 2 * _hidden(shapes)
         if level.init.name in INITS_WITH_PARAMETERS:

@@ -61,6 +61,8 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         return None
     if rules.OBJECTIVES[level.objective.name].windowed:
         return None  # an omega window is a list of pairs per level, not a tensor to stack
+    if level.normalize:
+        return None  # its reads are divided after the form (forms.run_form), which a stacked call skips
     if level.read != "before":
         # Levels stepped together are a level and the generators it steps first, which are read
         # before their update (the compiled backend runs read-after generators token by token).

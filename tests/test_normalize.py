@@ -82,3 +82,56 @@ def test_the_ir_of_a_level_without_it_is_unchanged():
     normalized = nestc.check("level m : matrix {\n    objective dot\n    every 1\n    normalize\n}\n")
     assert "normalize" not in ir.dump(plain)
     assert "    normalize  true" in ir.dump(normalized)
+
+
+GENERATED = """
+level gen : matrix {
+    key = x |> proj |> elu1
+    query = x |> proj |> elu1
+    objective dot
+    every 1
+    read before
+    normalize
+}
+level mem : matrix {
+    key = x |> proj |> gen |> l2norm
+    objective dot
+    every 1
+    normalize
+}
+level retrieval : matrix {
+    key = x |> proj |> elu1
+    query = x |> proj |> elu1
+    objective dot
+    every 1
+    normalize
+}
+level attn : cache(window=8)
+model {
+    vocab 9
+    dim 8
+    heads 2
+    block = residual(rmsnorm |> mem) |> residual(rmsnorm |> mac(memory=retrieval, attention=attn, segment=4,
+                                                                persistent=2))
+}
+"""
+
+
+@pytest.mark.parametrize("reader", ["gen", "retrieval"])
+def test_generated_keys_and_memory_as_context_read_the_normalised_memory(reader):
+    """A normalised level read as another's key stage (`gen`) and as the memory of `mac`
+    (`retrieval`): both backends divide those reads too, and dropping that level's division
+    changes the logits."""
+    from nestc.backends import reference
+
+    program = nestc.check(GENERATED)
+    assert_equivalent(program, length=13, split=6)
+    torch.manual_seed(0)
+    model = reference.build(program).double()
+    tokens = torch.randint(0, 9, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        normalised, _ = model(tokens)
+        kernel = next(m for m in model.modules() if isinstance(m, MemoryKernel) and m.level.name == reader)
+        kernel.normalized_read = lambda y: None if y is None else y[..., :-1]
+        plain, _ = model(tokens)
+    assert (normalised - plain).abs().max() > 1e-3

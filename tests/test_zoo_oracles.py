@@ -25,6 +25,10 @@ Lengths: T = 13 (one compiled segment, a multiple of no chunk here) and T = 67 r
 with the state carried, split at 29, so that the compiled backend's 64-token segments end inside
 the second call (segments 0-29, 29-64, 64-67).
 
+Based (specs/based.nest) and linear_attention's level with `normalize` are matched on their own
+feature maps: random q and k go through the last stage of the spec's key and query pipelines
+(`taylor`, `elu1`) as each backend runs it; fla's `based` applies its kernel to the raw q and k.
+
 Not used: fla's `titans` and `ttt` naive files, which are wrong (docs/language.md §10, "fla's
 naive oracles"), and `naive_chunk_comba`, which disagrees with `naive_recurrent_comba`
 (shown below).

@@ -142,3 +142,17 @@ def test_poly_stays_elementwise():
     assert pipeline.out_width == 4
     x = torch.tensor([[3.0, -2.0, 0.5, 4.0]], dtype=torch.float64)
     torch.testing.assert_close(apply(pipeline, x).double(), 1 + x + x ** 2 / 2)
+
+
+def test_the_atlas_spec_stores_pairs_of_phi_2_features():
+    """specs/atlas.nest (ATLAS Prop. 2): keys and queries of 8 channels per head go through phi_2,
+    so its memory's first map reads C(8 + 2, 2) = 45 channels per head and maps to 16 value channels."""
+    from nesttest import REPO
+
+    program = nestc.check(str(REPO / "specs" / "atlas.nest"))
+    level = program.level("memory")
+    assert level.key.stages[-1].name == level.query.stages[-1].name == "tensor_poly"
+    kernel = next(m for m in reference.build(program).modules()
+                  if isinstance(m, reference.MemoryKernel) and m.level.name == "memory")
+    assert (kernel.key_dim, kernel.value_dim) == (45, 16)
+    assert [shape[1:] for shape in kernel._shapes] == [(180, 45), (16, 180)]

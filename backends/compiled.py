@@ -393,7 +393,8 @@ def run_layer(model: CompiledModel, layer, x: Tensor, start: int, states: dict[s
     def read_level(name: str, value: Tensor) -> Tensor:
         level = layer.levels[name]
         heads = value.reshape(value.shape[0], value.shape[1], level.heads, -1)
-        return apply_sequence(level.kernel, snapshot[name], heads).reshape(value.shape[0], value.shape[1], -1)
+        read = level.kernel.normalized_read(apply_sequence(level.kernel, snapshot[name], heads))
+        return read.reshape(value.shape[0], value.shape[1], -1)
 
     def run_level(name: str, value: Tensor) -> Tensor:
         for member in layer.order[name]:
@@ -442,7 +443,8 @@ def mac_segment(model, layer, block: ir.MemoryAsContext, path: str, x: Tensor, s
         entry_positions.append(torch.zeros(persistent.shape[0], dtype=torch.long, device=x.device) + start)
     query = run_pipeline(memory.pipelines["query"], x, start, retrieval, read_level)
     query = query.reshape(batch, size, memory.heads, -1)
-    retrieved = memory.out(apply_sequence(memory.kernel, snapshot[memory_name], query).reshape(batch, size, -1))
+    retrieved = memory.out(memory.kernel.normalized_read(apply_sequence(memory.kernel, snapshot[memory_name], query))
+                           .reshape(batch, size, -1))
     entries.append(torch.stack([retrieved, x], dim=2).reshape(batch, 2 * size, -1))
     entry_positions.append(positions.repeat_interleave(2))
     entries, entry_positions = torch.cat(entries, dim=1), torch.cat(entry_positions)

@@ -4,6 +4,8 @@ backend's sequence forms (`compiled.stage_sequence`)."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.backends.state import LevelState
 from nestc.lang import ir
+from nestc.lang.schema import FEATURE_WIDTHS
 
 
 class Stage(nn.Module):
@@ -70,6 +73,10 @@ class Stage(nn.Module):
             return F.elu(x) + 1.0
         if kind == "poly":
             return sum(a * x**i for i, a in enumerate(self.coefficients))
+        if kind == "tensor_poly":
+            return tensor_polynomial(x.unflatten(-1, (self.heads, -1)), args["degree"]).flatten(-2)
+        if kind == "taylor":
+            return taylor_features(x.unflatten(-1, (self.heads, -1))).flatten(-2)
         per_head = x.reshape(x.shape[0], self.heads, -1)
         if kind == "l2norm":
             return F.normalize(per_head, dim=-1).reshape(x.shape)
@@ -80,6 +87,34 @@ class Stage(nn.Module):
         if kind == "rope":
             return rotate(per_head, position, args["base"]).reshape(x.shape)
         raise BackendError(f"the reference backend has no stage `{kind}`")
+
+
+def tensor_polynomial(x: Tensor, degree: int) -> Tensor:
+    """ATLAS's phi_p on the last axis of x [..., d]: x^b / sqrt(b!) for every multi-index b with
+    |b| <= p, C(d + p, p) of them. A monomial of degree <= p is a multiset of p factors drawn from
+    (1, x_1, ..., x_d), so it is a product over a gather of x with a 1 in front."""
+    index, weight = _monomials(x.shape[-1], degree)
+    with_one = torch.cat([x.new_ones(x.shape[:-1] + (1,)), x], dim=-1)
+    return with_one[..., index.to(x.device)].prod(dim=-1) * weight.to(x)
+
+
+@functools.cache
+def _monomials(head_dim: int, degree: int) -> tuple[Tensor, Tensor]:
+    """The factors of each monomial ([count, p] indices into (1, x_1, ..., x_d), 0 the constant)
+    and its weight 1 / sqrt(b!) (the constant's repeats do not count)."""
+    factors = list(itertools.combinations_with_replacement(range(head_dim + 1), degree))
+    weights = [1.0 / math.sqrt(math.prod(math.factorial(chosen.count(channel)) for channel in set(chosen) - {0}))
+               for chosen in factors]
+    return torch.tensor(factors, dtype=torch.long), torch.tensor(weights, dtype=torch.float64)
+
+
+def taylor_features(x: Tensor) -> Tensor:
+    """Based's feature map on the last axis of x [..., d]: [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))],
+    the second-order Taylor expansion of exp(q.k / sqrt(d)) as an inner product."""
+    head_dim = x.shape[-1]
+    square = (x[..., :, None] * x[..., None, :]).flatten(-2)
+    return torch.cat([x.new_ones(x.shape[:-1] + (1,)), x / head_dim ** 0.25,
+                      square / math.sqrt(2 * head_dim)], dim=-1)
 
 
 def causal_convolution(frames: Tensor, weight: Tensor, size: int) -> Tensor:
@@ -124,6 +159,11 @@ class Pipeline(nn.Module):
             if stage.name == "proj":
                 requested = op_args(stage)["dim"]
                 out = requested or (final_width if index == projections[-1] else width)
+            elif stage.name in FEATURE_WIDTHS:
+                if current % heads:
+                    raise BackendError(f"the {role} pipeline's `{stage.name}` acts on each head's channels, but "
+                                       f"{heads} heads do not divide its input's width {current}")
+                out = heads * FEATURE_WIDTHS[stage.name](current // heads, op_args(stage))
             module = Stage(stage, current, out, heads, f"{role}.{index}")
             self.steps.append(("stage", len(self.stages)))
             self.stages.append(module)

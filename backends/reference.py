@@ -28,6 +28,10 @@ from nestc.passes.estimate import require_fits
 
 # --- memory functions ------------------------------------------------------------------------
 
+# Added to a normalised read's denominator z.q (Katharopoulos et al.'s implementation, fla's based):
+# a read before any write, or of a query orthogonal to every key, is 0 rather than nan.
+NORMALIZER_EPS = 1e-6
+
 
 class MemoryKernel(nn.Module):
     """The update and read rule of one memory level, on per-head tensors.
@@ -51,7 +55,10 @@ class MemoryKernel(nn.Module):
         self.order = level.order
         self.meta = level.meta
         self.init_kind = level.init.name
-        shapes = self.state.weight_shapes(self.state_args, heads, key_dim, value_dim)
+        # A normalised memory stores one more value row, the normaliser z: its read of a value
+        # channel held at 1 (SEMANTICS §3).
+        self.normalized = bool(concrete(level.normalize))
+        shapes = self.state.weight_shapes(self.state_args, heads, key_dim, value_dim + self.normalized)
         if self.init_kind in ("meta", "nested", "pretrained"):
             self.initial = nn.ParameterList(nn.Parameter(self._initial_value(s, i, len(shapes)))
                                             for i, s in enumerate(shapes))
@@ -123,11 +130,27 @@ class MemoryKernel(nn.Module):
             inputs = [i.detach() for i in inputs]
         return list(grads), inputs
 
+    # the normaliser
+
+    def with_unit_value(self, v: Tensor) -> Tensor:
+        """v [..., dv] with the normaliser's value channel, 1, after it (a normalised memory)."""
+        return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1) if self.normalized else v
+
+    def normalized_read(self, y: Tensor | None) -> Tensor | None:
+        """The read M q [..., dv + 1] of a normalised memory divided by its last channel z.q."""
+        if y is None or not self.normalized:
+            return y
+        return y[..., :-1] / (y[..., -1:] + NORMALIZER_EPS)
+
     # one token
 
     def step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
              position: int) -> Tensor | None:
         """Update `state` with the pair (k, v) of the token at `position`; return the read of q."""
+        return self.normalized_read(self._step(state, k, self.with_unit_value(v), q, gates, position))
+
+    def _step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
+              position: int) -> Tensor | None:
         retain = gates["retain"]
         anchor_before = state.anchor
         output_before = self.apply(anchor_before, q) if (q is not None and self.read == "before") else None
@@ -223,7 +246,7 @@ class MemoryLevel(nn.Module):
 
     def generate(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """This level's output on `x` (as another level's pipeline stage), without projection."""
-        return self.kernel.apply(weights, self.heads_of(x)).reshape(x.shape[0], -1)
+        return self.kernel.normalized_read(self.kernel.apply(weights, self.heads_of(x))).reshape(x.shape[0], -1)
 
     def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor | None:
         inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
@@ -505,7 +528,8 @@ class Layer(nn.Module):
         # the attention outputs. Each stream keeps its own convolution history.
         retrieval = segment.setdefault(f"{path}:retrieval", LevelState())
         query = memory.heads_of(memory.pipelines["query"](x, position, retrieval, read_level))
-        retrieved = memory.out(memory.kernel.apply(snapshot[memory_name], query).reshape(x.shape[0], -1))
+        retrieved = memory.out(memory.kernel.normalized_read(memory.kernel.apply(snapshot[memory_name], query))
+                               .reshape(x.shape[0], -1))
         for entry in (retrieved, x):
             attention.append(cache, attention.project("key", entry, position, cache, read_level),
                              attention.project("value", entry, position, cache, read_level))

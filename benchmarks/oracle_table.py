@@ -5,7 +5,8 @@
         NESTC_ORACLE_REPORT=REPORT python -m pytest -q tests/test_zoo_oracles.py
 
 Every comparison of that test file is one JSON line of the report (tests/oracles.py `assert_close`:
-`what` is "zoo SPEC | fla FAMILY.FUNCTION | BACKEND | CASE | LENGTH | outputs or final state",
+`what` is "zoo SPEC | fla FAMILY.FUNCTION | BACKEND | CASE | LENGTH | outputs or final state", SPEC
+possibly "SPEC + FIELD" (the spec's level with that field added),
 `max_abs` its largest absolute difference). A row is one fla family matched by one zoo spec; its
 figures are the largest difference over that family's functions, every gate case and length, reads
 and final states, per backend (float32), and the largest ratio of a difference to the bound it was
@@ -51,7 +52,10 @@ def table(report: Path) -> str:
             "|---|---|---|---|---|---|"]
     for family, spec in sorted(functions, key=lambda key: (key[1], key[0])):
         names = ", ".join(f"`{name}`" for name in sorted(functions[family, spec]))
-        rows.append(f"| `{family}` | `{spec}.nest` | {names} | {worst[family, spec, 'reference']:.1e} "
+        # "SPEC + FIELD": the spec's level with one field added (linear_attention + normalize)
+        file, _, added = spec.partition(" + ")
+        level = f"`{file}.nest`" + (f" with `{added}`" if added else "")
+        rows.append(f"| `{family}` | {level} | {names} | {worst[family, spec, 'reference']:.1e} "
                     f"| {worst[family, spec, 'compiled']:.1e} | {share[family, spec]:.2f} |")
     return "\n".join(rows)
 

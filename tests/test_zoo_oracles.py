@@ -25,6 +25,10 @@ Lengths: T = 13 (one compiled segment, a multiple of no chunk here) and T = 67 r
 with the state carried, split at 29, so that the compiled backend's 64-token segments end inside
 the second call (segments 0-29, 29-64, 64-67).
 
+Based (specs/based.nest) and linear_attention's level with `normalize` are matched on their own
+feature maps: random q and k go through the last stage of the spec's key and query pipelines
+(`taylor`, `elu1`) as each backend runs it; fla's `based` applies its kernel to the raw q and k.
+
 Not used: fla's `titans` and `ttt` naive files, which are wrong (docs/language.md §10, "fla's
 naive oracles"), and `naive_chunk_comba`, which disagrees with `naive_recurrent_comba`
 (shown below).
@@ -462,6 +466,118 @@ def test_zoo_level_equals_fla_oracle(spec, family, function, case, length):
         assert_close(state, expected_S, f"{tag} | final state")
 
 
+# --- feature maps and normalised reads: Based, normalised linear attention --------------------------
+# These levels are matched with the spec's own feature map on k and q (the last stage of its key and
+# query pipelines, as each backend runs it) on random inputs, and the spec's `normalize`: the oracles
+# apply the map (based) or need positive features (linear_attn with normalize=True).
+
+
+def feature_map(spec: str, role: str, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """x [B, T, H, d] through the last stage of the zoo level's `role` pipeline, per backend: the
+    reference's stage module token by token, the compiled backend's sequence version."""
+    from nestc.backends.compiled import stage_sequence
+    from nestc.backends.pipelines import Pipeline
+    from nestc.backends.state import LevelState
+
+    last = getattr(zoo_level(spec), role).stages[-1]
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    stage = Pipeline(ir.Pipeline(stages=(last,)), flat.shape[-1], flat.shape[-1], H, role).stages[0]
+    if backend == "compiled":
+        out = stage_sequence(stage, flat, 0, LevelState())
+    else:
+        out = torch.stack([stage(flat[:, t], t, LevelState()) for t in range(flat.shape[1])], dim=1)
+    return out.reshape(x.shape[0], x.shape[1], H, -1)
+
+
+def normalized_level(spec: str) -> ir.Level:
+    """The zoo level with `normalize` (said by based.nest; added to linear_attention's, whose spec
+    is fla's unnormalised default)."""
+    level = zoo_level(spec)
+    return level if level.normalize else dataclasses.replace(level, normalize=True)
+
+
+def normalized_run(spec: str, length: str, q, k, v, query_scale: float = 1.0):
+    """The normalised level on featured q, k [B, T, H, d_k] and v: its reads [B, T, H, d_v], final
+    memory M^T [B, H, d_k, d_v] and normaliser z [B, H, d_k] (the state's last value row)."""
+    T, split = LENGTHS[length]
+    level = normalized_level(spec)
+    kern = MemoryKernel(level, heads=H, key_dim=k.shape[-1], value_dim=DV)
+    gates = {role: torch.full((B, T, H), float(gate.value)) for role, gate in gate_roles(level).items()}
+    pieces = [slice(0, T)] if split is None else [slice(0, split), slice(split, T)]
+    state, reads = None, []
+    with torch.no_grad():
+        for part in pieces:
+            y, state = oracles.run(kern, k[:, part], v[:, part], q[:, part] * query_scale,
+                                   {role: gate[:, part] for role, gate in gates.items()}, state=state,
+                                   start=part.start)
+            reads.append(y)
+    stored = state.weights[0]  # [B, H, d_v + 1, d_k]
+    assert stored.shape[-2] == DV + 1
+    return torch.cat(reads, dim=1), stored[:, :, :DV].transpose(-1, -2), stored[:, :, DV]
+
+
+def raw_inputs(spec: str, T: int):
+    g = generator(sum(map(ord, spec)) + T)
+    q, k = (torch.randn(B, T, H, DK, generator=g) for _ in range(2))
+    return q, k, torch.randn(B, T, H, DV, generator=g)
+
+
+def naive_based(function: str, q, k, v) -> torch.Tensor:
+    """fla's Based on raw q, k (it applies the Taylor kernel 1 + s + s^2/2, s = q.k d^-0.5, and
+    normalises by its row sums + 1e-6) in its layout [B, H, T, D]; the chunk one pads T to CHUNK."""
+    based = fla_naive("based")
+    T = q.shape[1]
+    if function == "naive_parallel_based":
+        return bhtd(based.naive_parallel_based(bhtd(q), bhtd(k), bhtd(v), use_norm=True))
+    q, k, v = padded(q, k, v)
+    return bhtd(based.naive_chunk_based(bhtd(q), bhtd(k), bhtd(v), chunk_size=CHUNK))[:, :T]
+
+
+@pytest.mark.usefixtures("kernel_backend")
+@pytest.mark.parametrize("function", ["naive_parallel_based", "naive_chunk_based"])
+@pytest.mark.parametrize("length", list(LENGTHS))
+def test_zoo_based_equals_fla_based(function, length):
+    """specs/based.nest's mixer (the Taylor map on k and q, a dot-objective matrix memory with lr 1,
+    `normalize`) reads what fla's Based computes from the raw q and k. The map carries Based's
+    1/sqrt(d) itself, so the kernel gets q unscaled; fla's eps (1e-6) is nestc's."""
+    level = zoo_level("based")
+    assert level.key.stages[-1].name == level.query.stages[-1].name == "taylor" and level.normalize
+    q, k, v = raw_inputs("based", LENGTHS[length][0])
+    featured = {role: feature_map("based", role, x, oracles.backend) for role, x in (("query", q), ("key", k))}
+    assert featured["key"].shape[-1] == 1 + DK + DK * DK
+    y, _, _ = normalized_run("based", length, featured["query"], featured["key"], v)
+    assert_close(y, naive_based(function, q, k, v),
+                 f"zoo based | fla based.{function} | {oracles.backend} | constants | {length} | outputs")
+
+
+@pytest.mark.usefixtures("kernel_backend")
+@pytest.mark.parametrize("function", ["naive_recurrent_linear_attn", "naive_chunk_linear_attn"])
+@pytest.mark.parametrize("length", list(LENGTHS))
+def test_normalized_linear_attention_equals_fla_normalize(function, length):
+    """linear_attention.nest's mixer with `normalize`, on its own elu(x) + 1 features, equals fla's
+    linear_attn with normalize=True: reads o / (q.sum k + 1e-10) (q scaled by d_k^-0.5 in both; the
+    eps differs from nestc's 1e-6 by far less than the tolerance with positive features), and the
+    recurrent one's final state (S, the key sum) is nestc's memory and normaliser row."""
+    q, k, v = raw_inputs("linear_attention", LENGTHS[length][0])
+    q, k = (feature_map("linear_attention", role, x, oracles.backend) for role, x in (("query", q), ("key", k)))
+    assert (q > 0).all() and (k > 0).all()
+    y, memory, normaliser = normalized_run("linear_attention", length, q, k, v, query_scale=QUERY_SCALE)
+    linear_attn = fla_naive("linear_attn")
+    tag = f"zoo linear_attention + normalize | fla linear_attn.{function}(normalize) | {oracles.backend} | constants " \
+          f"| {length}"
+    if function == "naive_recurrent_linear_attn":
+        expected, (S, key_sum) = linear_attn.naive_recurrent_linear_attn(q, k, v, output_final_state=True,
+                                                                         normalize=True)
+        assert_close(memory, S, f"{tag} | final state")
+        assert_close(normaliser, key_sum[:, 0], f"{tag} | final normaliser")
+    else:
+        T = q.shape[1]
+        extra = -T % 64  # its chunk is fixed at 64
+        expected = linear_attn.naive_chunk_linear_attn(*(F.pad(x, (0, 0, 0, 0, 0, extra)) for x in (q, k, v)),
+                                                       normalize=True)[:, :T]
+    assert_close(y, expected, f"{tag} | outputs")
+
+
 # --- what the comparisons rest on -------------------------------------------------------------------
 
 
@@ -478,6 +594,11 @@ def test_every_matched_spec_has_its_compiled_form():
     matched = {spec for spec, *_ in ORACLES}
     assert matched == set(COMPILED_FORMS)
     assert {spec: plan_level(zoo_level(spec)).kernel for spec in matched} == COMPILED_FORMS
+
+
+def test_the_normalised_levels_run_in_the_anchored_form():
+    """So the compiled runs of the Based and normalised linear attention tests are the segment form."""
+    assert {plan_level(normalized_level(spec)).kernel for spec in ("based", "linear_attention")} == {"anchored"}
 
 
 def test_the_spec_constants_reach_the_oracle_comparison():

@@ -32,8 +32,11 @@ def run_form(form: str, kernel, state: LevelState, k, v, q, gates, start) -> Ten
     """One segment of a memory rule in `form`: the form advances the weights (and returns the
     reads of q, None for q None: nobody reads the memory), then the anchor moves where a chunk
     closes. Stacked levels (backends/fused.py) call the form once and close each level's chunks
-    themselves. The sequential form steps the reference kernel, which moves its own anchor."""
-    y = KERNELS[form](kernel, state, k, v, q, gates, start)
-    if form != "sequential":
-        finish_segment(kernel, state, start, k.shape[2], gates["retain"])
-    return y
+    themselves. The sequential form steps the reference kernel, which moves its own anchor and
+    normalises its own reads; the other forms see a normalised memory's unit value channel as one
+    more value channel (`MemoryKernel.with_unit_value`)."""
+    if form == "sequential":
+        return sequential_segment(kernel, state, k, v, q, gates, start)
+    y = KERNELS[form](kernel, state, k, kernel.with_unit_value(v), q, gates, start)
+    finish_segment(kernel, state, start, k.shape[2], gates["retain"])
+    return kernel.normalized_read(y)

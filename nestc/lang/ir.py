@@ -177,6 +177,9 @@ class Level(Node):
     meta: str | Choice | None
     heads: int | SearchValue | None
     lets: tuple[tuple[str, Gate], ...] = ()  # `let NAME = ...`, each after the bindings it names
+    # True: reads divided by the normaliser's read (SEMANTICS §3); None when not normalised, so
+    # that the IR (and each variant's id) of a level without it is what it was before the field.
+    normalize: bool | Choice | None = None
     span: Span | None = _span_field()
 
 

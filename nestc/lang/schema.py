@@ -8,6 +8,8 @@ answered with the closest entry of the right table.
 
 from __future__ import annotations
 
+import math
+
 from nestc import rules
 from nestc.lang.operators import REQUIRED, OpSpec, Param, op_spec  # noqa: F401  (the tables' vocabulary)
 from nestc.rules.states import ACTIVATIONS, NORMS  # noqa: F401  (shared with the state specs)
@@ -51,11 +53,31 @@ STAGES = {
         op_spec("stage", "l2norm", doc="L2 normalisation over each head's channels"),
         op_spec("stage", "layernorm"), op_spec("stage", "rmsnorm"),
         op_spec("stage", "elu1", doc="feature map elu(x) + 1"),
-        op_spec("stage", "poly", Param("degree", "int", 2, minimum=1), doc="polynomial feature map sum_i a_i x^i, learnable a_i (ATLAS)"),
+        op_spec("stage", "poly", Param("degree", "int", 2, minimum=1),
+            doc="elementwise polynomial sum_i a_i x^i of each channel, learnable a_i (initially 1/i!); "
+                "keeps the width (ATLAS's phi_p is `tensor_poly`)"),
+        op_spec("stage", "tensor_poly", Param("degree", "int", 2, minimum=1),
+            doc="ATLAS's polynomial feature map phi_p: every monomial x^b of degree |b| <= p of each head's d "
+                "channels, weighted 1/sqrt(b!), so that phi(x).phi(y) = sum_{i<=p} (x.y)^i / i!; "
+                "C(d + p, p) channels per head"),
+        op_spec("stage", "taylor",
+            doc="Based's 2nd-order Taylor feature map [1, x / d^(1/4), x (x) x / (sqrt(2) sqrt(d))] of each "
+                "head's d channels, so that phi(q).phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d); "
+                "1 + d + d^2 channels per head"),
         op_spec("stage", "rope", Param("base", "number", 10000.0, minimum=1),
             doc="rotary position embedding of each head's channels (queries and keys)"),
     )
 }
+
+
+
+# The feature maps that widen each head: channels per head out, from the d channels in and the
+# stage's arguments (every other stage keeps the width but `proj`, which chooses its own).
+FEATURE_WIDTHS = {
+    "tensor_poly": lambda d, args: math.comb(d + args["degree"], args["degree"]),  # monomials of degree <= p
+    "taylor": lambda d, args: 1 + d + d * d,
+}
+
 
 GATE_SOURCES = {
     "learned": op_spec("gate", "learned", Param("init", "numbers", 0.5, doc="initial value, or one per head"),
@@ -159,6 +181,10 @@ LEVEL_FIELDS = {
         Param("every", "frequency", None, doc="update period: `every N` tokens, `every N steps`"),
         Param("frozen", "bool", False, doc="never updated inside a sequence"),
         Param("read", "enum", "after", choices=("before", "after")),
+        Param("normalize", "bool", False,
+              doc="divide each read by the memory's read of a value channel held at 1: y = M q / (z.q + 1e-6), "
+                  "z updated as M is with every value 1 (normalised linear attention); a matrix memory with "
+                  "objective dot"),
         Param("init", "init", None),
         Param("meta", "enum", None, choices=("full", "first_order", "stop"),
               doc="how outer gradients flow through the level's in-sequence updates"),

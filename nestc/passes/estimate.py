@@ -37,6 +37,7 @@ from nestc import rules
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
 from nestc.lang.queries import GATE_ROLES, block_levels, reachable_levels
+from nestc.lang.schema import FEATURE_WIDTHS
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
@@ -161,7 +162,8 @@ class _LayerTally:
         key_dim, value_dim = widths["key"] // heads, widths["value"] // heads
         for gate in [getattr(level, role) for role in GATE_ROLES] + [value for _, value in level.lets]:
             self._gate(gate, dim, heads, key_dim)
-        shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim)
+        # a normalised memory stores its normaliser as one more value row
+        shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim + bool(concrete(level.normalize)))
         maps = _elements(shapes)
         self.per_token += 2 * _hidden(shapes)
         if level.init.name in INITS_WITH_PARAMETERS:
@@ -210,6 +212,8 @@ class _LayerTally:
                 self.parameters += current * args["window"]
             elif stage.name == "poly":
                 self.parameters += args["degree"] + 1
+            elif stage.name in FEATURE_WIDTHS:  # widens each head's channels
+                current = heads * FEATURE_WIDTHS[stage.name](current // heads, args)
         return current
 
     def add_block(self, block: ir.Block, dim: int) -> None:

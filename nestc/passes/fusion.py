@@ -26,7 +26,9 @@ from nestc.lang.queries import GATE_ROLES, is_memory
 FUSABLE_FORMS = ("anchored", "delta", "layered", "trajectory")
 # Stages that carry no parameters of their own and act on each channel or head alone, so that one
 # call on stacked levels is each level's call; `proj` and `conv` stack their parameters instead.
-# `rope` (position-dependent across the stacked axis) and `poly` (learned coefficients) do not fuse.
+# `rope` (position-dependent across the stacked axis) and `poly` (learned coefficients) do not fuse;
+# nor do the widening feature maps `tensor_poly` and `taylor`: a level read as another's stage
+# takes keys of its input's width, so the generators a level is stacked with never widen theirs.
 _SHARED_STAGES = frozenset({"identity", "silu", "gelu", "relu", "tanh", "softplus", "exp", "sigmoid", "scale",
                             "elu1", "l2norm", "layernorm", "rmsnorm"})
 _STACKED_STAGES = frozenset({"proj", "conv"})
@@ -61,6 +63,8 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         return None  # an omega window is a list of pairs per level, not a tensor to stack
     if level.lets:
         return None  # a level's bindings have no stacked form yet
+    if level.normalize:
+        return None  # its reads are divided after the form (forms.run_form), which a stacked call skips
     if level.read != "before":
         # Levels stepped together are a level and the generators it steps first, which are read
         # before their update (the compiled backend runs read-after generators token by token).

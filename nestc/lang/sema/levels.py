@@ -234,6 +234,9 @@ class Levels(Part):
         if any(isinstance(option, ir.Op) and option.name == "nested" for option in options(init)):
             self._reject_nested_init(fields["init"])
         meta = values.get("meta") or ("first_order" if task else "full")
+        normalize = values.get("normalize")
+        if True in options(normalize):
+            self._check_normalize(kinds, objectives, every, fields)
         return ir.Level(
             name=name,
             state=state,
@@ -254,6 +257,7 @@ class Levels(Part):
             meta=meta if is_parametric else None,
             heads=values.get("heads"),
             lets=lets,
+            normalize=normalize or None,
             span=span,
         )
 
@@ -275,6 +279,23 @@ class Levels(Part):
             ok = ok and value is not INVALID
             lets.append((key, value))
         return tuple(lets) if ok else INVALID
+
+    def _check_normalize(self, kinds: set[str], objectives: set[str], every: ir.Frequency, fields) -> None:
+        """The normaliser is the memory's read of a value channel held at 1, which follows
+        Katharopoulos' running sum of keys only where each value channel is learned alone and
+        linearly: a matrix memory on the dot objective, updated in the sequence."""
+        span = fields["normalize"].key_span
+        notes = ("`normalize` divides y = M q by z.q, where z is updated as M is with every value 1: with "
+                 "`objective dot` that is the (decayed, lr-weighted) running sum of the keys",)
+        if kinds - {"matrix"}:
+            self.error("N0117", f"`normalize` has no meaning for a `{sorted(kinds - {'matrix'})[0]}` level", span,
+                       label="needs a matrix memory", notes=notes)
+        elif objectives - {"dot"}:
+            self.error("N0117", f"`normalize` has no meaning with objective `{sorted(objectives - {'dot'})[0]}`",
+                       span, label="needs objective dot", notes=notes, help="use `objective dot`")
+        elif every.tokens == 0:
+            self.error("N0117", "`normalize` has no meaning for a level not updated in the sequence", span,
+                       label="no running sum to divide by", notes=notes, help="update the level `every N`")
 
     def _objective_gates(self, values: dict, objectives: set[str], fields, lets) -> dict:
         """The gates that objectives read (rules.OBJECTIVE_GATES): the declared ones, their default

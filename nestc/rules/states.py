@@ -48,6 +48,7 @@ class State(Rule):
     default_every_tokens = 1  # a level without `every` updates every token...
     default_init = "zero"
     fields: frozenset[str] | None = None  # the level fields it takes; None: all of them
+    no_form_reason = ""  # why no segment form computes it, where it lists none
 
     def default_objective(self, reads_pairs: bool) -> str:
         return "l2"
@@ -202,6 +203,51 @@ class Mlp(State):
         return args["norm"]
 
 
+class Glu(Mlp):
+    spec = op_spec(
+        "state", "glu",
+        Param("expand", "number", 4, minimum=0, exclusive_minimum=True, doc="hidden width / input width"),
+        Param("act", "enum", "silu", choices=ACTIVATIONS, doc="activation of the gating branch (silu: SwiGLU)"),
+        Param("residual", "bool", True, doc="M(x) = x + f(x)"),
+        Param("norm", "enum", "none", choices=NORMS, doc="normalisation of f(x) before the residual"),
+        doc="a gated MLP (SwiGLU), M(x) = x + norm(W2 (act(W1 x) * (W3 x)))",
+    )
+    # The layered and trajectory forms backpropagate through a chain of maps by hand; the product
+    # of two branches is not one, so a glu memory updated inside a sequence steps token by token.
+    forms = frozenset()
+    no_form_reason = "a glu state's product of two branches is not the chain of linear maps the layered form " \
+                     "backpropagates through by hand"
+
+    # Its maps in order: W1 (the activated branch), W3 (the linear branch), W2 (the output map).
+
+    def weight_shapes(self, args, heads, key_dim, value_dim):
+        hidden = max(1, int(round(args["expand"] * key_dim)))
+        return [(heads, hidden, key_dim), (heads, hidden, key_dim), (heads, value_dim, hidden)]
+
+    def apply(self, args, weights, x, inputs=None):
+        import torch
+
+        first, linear, last = weights
+        if inputs is not None:
+            inputs.extend([x, x])
+        h = activation(args["act"], torch.einsum("bhoi,bhi->bho", first, x)) * torch.einsum("bhoi,bhi->bho", linear, x)
+        if inputs is not None:
+            inputs.append(h)
+        return self.finish(args, torch.einsum("bhoi,bhi->bho", last, h), x)
+
+    def apply_sequence(self, args, weights, x):
+        import torch
+
+        first, linear, last = weights
+        if first.shape[0] == 1:  # one memory for the batch (a feed-forward block): one matmul per map
+            h = activation(args["act"], torch.einsum("bshi,hoi->bsho", x, first[0])) \
+                * torch.einsum("bshi,hoi->bsho", x, linear[0])
+            return self.finish(args, torch.einsum("bshi,hoi->bsho", h, last[0]), x)
+        per_head = x.transpose(1, 2)  # [B, H, S, d]
+        h = activation(args["act"], per_head @ first.transpose(-1, -2)) * (per_head @ linear.transpose(-1, -2))
+        return self.finish(args, h @ last.transpose(-1, -2), per_head).transpose(1, 2)
+
+
 class Cache(State):
     spec = op_spec("state", "cache",
                    Param("window", "int", 0, minimum=0, doc="keep the last N pairs; 0 keeps all (global attention)"),
@@ -210,4 +256,4 @@ class Cache(State):
     fields = frozenset({"key", "value", "query", "heads", "read"})
 
 
-STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Cache())
+STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Glu(), Cache())

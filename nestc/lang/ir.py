@@ -153,6 +153,8 @@ class Level(Node):
     init: Op | Choice
     meta: str | Choice | None
     heads: int | SearchValue | None
+    output_norm: str | Choice | None = None  # none: the read-out as it is
+    output_gate: Pipeline | None = None
     span: Span | None = _span_field()
 
 

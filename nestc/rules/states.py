@@ -253,7 +253,7 @@ class Cache(State):
                    Param("window", "int", 0, minimum=0, doc="keep the last N pairs; 0 keeps all (global attention)"),
                    doc="the non-parametric KV cache read by softmax attention")
     memory = False
-    fields = frozenset({"key", "value", "query", "heads", "read"})
+    fields = frozenset({"key", "value", "query", "heads", "read", "retain", "output_norm", "output_gate"})
 
 
 STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Glu(), Cache())

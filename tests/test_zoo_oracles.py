@@ -25,9 +25,14 @@ Lengths: T = 13 (one compiled segment, a multiple of no chunk here) and T = 67 r
 with the state carried, split at 29, so that the compiled backend's 64-token segments end inside
 the second call (segments 0-29, 29-64, 64-67).
 
+The Forgetting Transformer's level is attention (a cache with a retain gate): its reads go through
+each backend's `run_cache`, with no state to compare, and q unscaled (attention scales by d_k^-0.5
+itself, as fla's oracle does).
+
 Not used: fla's `titans` and `ttt` naive files, which are wrong (docs/language.md §10, "fla's
 naive oracles"), and `naive_chunk_comba`, which disagrees with `naive_recurrent_comba`
-(shown below).
+(shown below). `naive_forgetting_attn` is used except in the one case where its float32 prefix
+sums miss the tolerance (shown below, and compared with its formula in float64 there).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The gated-MLP state `glu` (SwiGLU): M(x) = [x +] norm(W2 (act(W1 x) * (W3 x))). As a frozen
 feed-forward block and as a memory (its per-token gradient by autograd in the reference), against
-hand-written torch; compiled == reference in float64; the plan says why a glu memory steps token by
-token; the estimate's count."""
+hand-written torch; compiled (the layered and trajectory forms) == reference in float64; the
+estimate's count."""
 
 from __future__ import annotations
 
@@ -74,24 +74,34 @@ def test_one_step_of_a_glu_memory_is_its_gradient_by_hand():
 MEMORY = """level mixer : glu(expand=2, residual=true, norm=rmsnorm) {{
     key = x |> proj |> l2norm
     lr = x |> proj |> sigmoid(max=0.1)
+    retain = {retain}
     objective l2
     optimizer {optimizer}
+    order {order}
     every {every}
     read {read}
 }}
 """
+PER_HEAD = "x |> proj(bias=true) |> sigmoid"
+PER_CHANNEL = "x |> proj(per=channel, bias=true) |> sigmoid"
 
 
-@pytest.mark.parametrize("optimizer, every, read", [("gd", 1, "after"), ("momentum", 4, "before"),
-                                                   ("dgd", 4, "after")])
-def test_a_glu_memory_steps_token_by_token_and_equals_the_reference(optimizer, every, read):
-    program = nestc.check(spec(MEMORY.format(optimizer=optimizer, every=every, read=read),
-                               block="residual(rmsnorm |> mixer) |> residual(rmsnorm |> ffn)")
-                          + "level ffn : glu(residual=false)\n")
-    plan = plan_level(program.level("mixer"))
-    assert plan.kernel == "sequential" and "product of two branches" in plan.reason
-    with pytest.warns(compiled.CompileWarning, match="runs token by token: no segment form computes it"):
-        compiled.build(program)
+@pytest.mark.parametrize("optimizer, every, read, order, retain, form", [
+    ("gd", 4, "after", "grad_first", PER_HEAD, "layered"),
+    ("momentum", 4, "before", "grad_first", PER_HEAD, "layered"),
+    ("dgd", 4, "after", "grad_first", PER_HEAD, "layered"),
+    ("gd", 4, "after", "decay_first", PER_HEAD, "layered"),
+    ("momentum", 4, "after", "grad_first", PER_CHANNEL, "trajectory"),
+    ("gd", 1, "after", "grad_first", PER_HEAD, "sequential"),  # every 1: the gradient moves with the state
+])
+def test_a_glu_memory_in_its_segment_form_equals_the_reference(optimizer, every, read, order, retain, form):
+    """The layered form's backward through W2 (act(W1 k) * (W3 k)), written out by hand, and the
+    trajectory form on it, against the reference's autograd step by step: logits, states, outer
+    gradients."""
+    text = MEMORY.format(optimizer=optimizer, every=every, read=read, order=order, retain=retain)
+    program = nestc.check(spec(text + "level ffn : glu(residual=false)\n",
+                               block="residual(rmsnorm |> mixer) |> residual(rmsnorm |> ffn)"))
+    assert plan_level(program.level("mixer")).kernel == form
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", compiled.CompileWarning)
         assert_equivalent(program, length=19, split=7)

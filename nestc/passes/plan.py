@@ -58,8 +58,6 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
         return LevelPlan("frozen")
     parts = (kernel.state, kernel.objective, kernel.optimizer, kernel.output)
     candidates = [form for form in rules.FORMS if all(form in part.forms for part in parts)]
-    if not kernel.state.forms and kernel.state.no_form_reason:
-        return LevelPlan("sequential", f"no segment form computes it: {kernel.state.no_form_reason}")
     if not candidates:
         described = ", ".join(f"{part.spec.kind} `{part.name}`" for part in parts[1:])
         return LevelPlan("sequential", f"no segment form computes state `{kernel.state.name}` with {described} "

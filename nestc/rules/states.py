@@ -2,7 +2,8 @@
 
 A memory state is read through `apply` (per-head tensors, one token) and `apply_sequence` (a
 segment). The layered and trajectory forms see a weight-map state as a chain of linear maps with
-`map_activation` between them and `finish` after the last.
+`map_activation` between them and `finish` after the last, or (`gated`) as two maps of the input
+whose outputs, one through `map_activation`, multiply before the last map.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class State(Rule):
     default_every_tokens = 1  # a level without `every` updates every token...
     default_init = "zero"
     fields: frozenset[str] | None = None  # the level fields it takes; None: all of them
-    no_form_reason = ""  # why no segment form computes it, where it lists none
+    gated = False  # weight maps W1, W3, W2: W2 (act(W1 x) * (W3 x)) instead of a chain
 
     def default_objective(self, reads_pairs: bool) -> str:
         return "l2"
@@ -212,13 +213,7 @@ class Glu(Mlp):
         Param("norm", "enum", "none", choices=NORMS, doc="normalisation of f(x) before the residual"),
         doc="a gated MLP (SwiGLU), M(x) = x + norm(W2 (act(W1 x) * (W3 x)))",
     )
-    # The layered and trajectory forms backpropagate through a chain of maps by hand; the product
-    # of two branches is not one, so a glu memory updated inside a sequence steps token by token.
-    forms = frozenset()
-    no_form_reason = "a glu state's product of two branches is not the chain of linear maps the layered form " \
-                     "backpropagates through by hand"
-
-    # Its maps in order: W1 (the activated branch), W3 (the linear branch), W2 (the output map).
+    gated = True  # its maps in order: W1 (the activated branch), W3 (the linear branch), W2 (the output map)
 
     def weight_shapes(self, args, heads, key_dim, value_dim):
         hidden = max(1, int(round(args["expand"] * key_dim)))

@@ -488,8 +488,7 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
     if plan.kernel == "frozen":
         if query is None:
             return None
-        y = apply_sequence(module.kernel, state.weights, query.transpose(1, 2))
-        return module.read_out(y, output_gate(module, x, start, state, read_level))
+        y = apply_sequence(module.kernel, state.weights, query.transpose(1, 2)).transpose(1, 2)
     else:
         gates.setdefault("lr", x.new_ones(batch, heads, size))
         gates.setdefault("retain", x.new_ones(batch, heads, size))

@@ -222,7 +222,7 @@ def is_feedforward(level: ir.Level) -> bool:
 
 
 class MemoryLevel(ReadOut, nn.Module):
-    """A matrix / vector / mlp memory with its input pipelines, gates and output projection."""
+    """A matrix / vector / mlp / glu memory with its input pipelines, gates and read-out."""
 
     def __init__(self, level: ir.Level, dim: int, heads: int, readable: bool = True):
         super().__init__()

@@ -88,6 +88,16 @@ def test_memory_and_attention_read_outs_equal_the_reference(norm, gate):
     assert_equivalent(program, length=40, split=23)
 
 
+def test_a_frozen_memory_read_at_its_queries_gates_its_read_out_too():
+    """An mlp with key, value and query but no `every`: frozen, read at each query (the plan's
+    `frozen` kernel), its read-out normalised and gated."""
+    text = ("level mixer : mlp(depth=1, residual=false) {\n    key = x |> proj\n    value = x |> proj\n"
+            "    query = x |> proj\n    output_norm layernorm\n    output_gate = x |> proj |> tanh\n}\n")
+    program = nestc.check(spec(text, block="residual(rmsnorm |> mixer)"))
+    fast = assert_equivalent(program, length=12, split=5)
+    assert fast.plans["mixer"].kernel == "frozen"
+
+
 def test_the_estimate_counts_the_read_out_exactly():
     """On top of the output projection: the norm's gain (one per channel of a head) and the gate's
     projection (width to the read-out's width)."""

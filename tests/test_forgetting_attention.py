@@ -142,3 +142,20 @@ def test_the_zoo_spec_runs_attention_in_one_masked_softmax_per_segment():
         warnings.simplefilter("error", compiled.CompileWarning)
         model = compiled.build(nestc.check(str(REPO / "specs" / "forgetting_transformer.nest")))
     assert model.plans["mixer"].kernel == "module"
+
+
+def test_a_forgetting_cache_saved_mid_stream_continues_exactly(tmp_path):
+    """The entries' forget biases are part of the state a file keeps."""
+    from nestc.runtime.checkpoint import load_state, save_state
+
+    program = nestc.check(str(REPO / "specs" / "forgetting_transformer.nest"))
+    torch.manual_seed(0)
+    model = reference.build(program)
+    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, state = model(tokens[:, :6])
+        assert state.levels[0]["mixer"].forget.shape == (2, 4, 6)
+        save_state(state, str(tmp_path / "state.safetensors"))
+        expected, _ = model(tokens[:, 6:], state)
+        actual, _ = model(tokens[:, 6:], load_state(str(tmp_path / "state.safetensors"), model))
+    assert torch.equal(actual, expected)

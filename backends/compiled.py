@@ -50,7 +50,7 @@ from nestc.backends.fused import run_fused
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.pipelines import Stage, causal_convolution, combine_gates, compute_lets, rotate
-from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
+from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel, log_retain
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_program
 
@@ -350,6 +350,7 @@ def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None
                 continue
             gates = list(module.gates.values()) + list(module.lets.values())
             pipelines = list(module.pipelines.values()) + [p for gate in gates for p in gate.pipelines()]
+            pipelines += [module.output_gate] if module.output_gate is not None else []
             for stage in (stage for pipeline in pipelines for stage in pipeline.stages):
                 if stage.kind == "conv" and stage.buffer_name not in level_state.buffers:
                     level_state.buffers[stage.buffer_name] = like.new_zeros(batch, stage.args["window"] - 1,
@@ -517,7 +518,12 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         if query is None:
             return None
         y = torch.cat(outputs, dim=2)
-    return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+    return module.read_out(y.transpose(1, 2), output_gate(module, x, start, state, read_level))
+
+
+def output_gate(module, x: Tensor, start: int, state: LevelState, read_level) -> Tensor | None:
+    """The level's output gate over the segment x [B, S, D]: [B, S, H * d_v], or None."""
+    return None if module.output_gate is None else run_pipeline(module.output_gate, x, start, state, read_level)
 
 
 def _spans(start: int | Tensor, size: int, period: int) -> list[tuple[int, int]]:
@@ -557,14 +563,16 @@ def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, h
 def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
     batch, size = x.shape[:2]
     first = 0 if module.read == "after" else -1  # each token's own entry closes its view of the cache (`read after`)
+    forget = None if module.forget_gate is None else \
+        log_retain(_gate_sequence(module.forget_gate, x, start, state, read_level, module.heads))
     base = rotary_pairs_base(module) if state.keys is None else None
     if base is not None:
-        y = attend_rotary_pairs(module, x, start, state, read_level, base, first)
+        y = attend_rotary_pairs(module, x, start, state, read_level, base, first, forget)
     else:
         k, v, q = (projected.reshape(batch, size, module.heads, -1).transpose(1, 2) for projected in
                    run_pipelines(module.pipelines, ("key", "value", "query"), x, start, state, read_level))
-        y = attend_cached(module, state, k, v, q, first)
-    return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+        y = attend_cached(module, state, k, v, q, first, log_forget=forget)
+    return module.read_out(y.transpose(1, 2), output_gate(module, x, start, state, read_level))
 
 
 def rotary_pairs_base(module: CacheLevel) -> float | None:
@@ -587,7 +595,7 @@ def rotary_pairs_base(module: CacheLevel) -> float | None:
 
 
 def attend_rotary_pairs(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level, base: float,
-                        first: int) -> Tensor:
+                        first: int, log_forget: Tensor | None) -> Tensor:
     """`attend_segment` from an empty cache for keys and queries `proj |> rope`: RoPE rotates the
     channel pairs (i, i + d/2) of each head, and reordering the projections' rows makes each pair
     adjacent, so the rotation is one complex multiplication (forward and backward) instead of
@@ -611,9 +619,10 @@ def attend_rotary_pairs(module: CacheLevel, x: Tensor, start: int, state: LevelS
     v = run_pipeline(module.pipelines["value"], pieces[2], start, state, read_level, skip=1) if len(pieces) == 3 \
         else run_pipeline(module.pipelines["value"], x, start, state, read_level)
     v = v.reshape(batch, size, heads, -1).transpose(1, 2)
-    y = causal_attention(q, k, v, first, 1, module.window)
+    bias, forget = forget_bias(state, log_forget, first)
+    y = causal_attention(q, k, v, first, 1, module.window, bias)
     in_order = k.unflatten(-1, (width // 2, 2)).transpose(-1, -2).flatten(-2)  # the pairs back to (i, i + d/2)
-    _keep_cache(module, state, in_order, v)
+    _keep_cache(module, state, in_order, v, forget)
     return y
 
 
@@ -665,32 +674,67 @@ def _opening_projection(pipeline) -> torch.nn.Linear | None:
 
 
 def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, first: int,
-                  stride: int = 1) -> Tensor:
+                  stride: int = 1, log_forget: Tensor | None = None) -> Tensor:
     """Append the entries k, v [B, H, N, d] to the cache, then let query t read the cached entries
     up to the new entry `first + stride * t` (-1: only older ones), within the window; the cache
-    keeps the last `window` entries. Returns [B, H, S, d]."""
+    keeps the last `window` entries. With a forget gate (log_forget [B, H, S], one entry per query:
+    stride 1), the logits get the bias of `forget_bias`. Returns [B, H, S, d]."""
     previous = 0 if state.keys is None else state.keys.shape[2]
     keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
     values = v if state.values is None else torch.cat([state.values, v], dim=2)
-    y = causal_attention(q, keys, values, previous + first, stride, module.window)
-    _keep_cache(module, state, keys, values)
+    bias, forget = forget_bias(state, log_forget, first)
+    y = causal_attention(q, keys, values, previous + first, stride, module.window, bias)
+    _keep_cache(module, state, keys, values, forget)
     return y
 
 
-def _keep_cache(module: CacheLevel, state: LevelState, keys: Tensor, values: Tensor) -> None:
+def forget_bias(state: LevelState, log_forget: Tensor | None, first: int) -> tuple[Tensor | None, Tensor | None]:
+    """The Forgetting Transformer's logit bias for a segment that appends one entry per query:
+    entry j's logit for query s gets the sum of the gates' logs after j up to s (up to s - 1 when
+    each query reads before its own entry, first = -1); a cached entry's sum up to the segment's
+    start is its `forget`. Each sum runs from the query back to the entry (a suffix sum of the
+    gates the query has seen), as the reference adds them: a difference of prefix sums would lose
+    the near entries' digits to the magnitude of the far ones'. Returns the bias [B, H, S, N] and
+    each entry's forget after the segment [B, H, N] (None, None without a gate)."""
+    if log_forget is None:
+        return None, None
+    size = log_forget.shape[-1]
+    position = torch.arange(size, device=log_forget.device)
+
+    def since(last: int) -> Tensor:
+        # [B, H, S, S + 1]: at (s, u), the sum of the logs of tokens u .. s + last (0 past the end)
+        seen = log_forget[..., None, :].masked_fill(position[None, :] > position[:, None] + last, 0.0)
+        return F.pad(seen.flip(-1).cumsum(-1).flip(-1), (0, 1))
+
+    reads = since(first)
+    bias = reads[..., 1:]  # new entry u: the tokens after u
+    after = since(0)[..., -1, :]  # the segment's last token has seen all of it
+    forget = after[..., 1:]
+    if state.forget is not None:
+        bias = torch.cat([state.forget[..., None, :] + reads[..., :1], bias], dim=-1)
+        forget = torch.cat([state.forget + after[..., :1], forget], dim=-1)
+    return bias, forget
+
+
+def _keep_cache(module: CacheLevel, state: LevelState, keys: Tensor, values: Tensor,
+                forget: Tensor | None = None) -> None:
     """The cache after a call: all its entries, or the last `window`."""
     if module.window:
         keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
-    state.keys, state.values = keys, values
+        forget = None if forget is None else forget[:, :, -module.window:]
+    state.keys, state.values, state.forget = keys, values, forget
 
 
-def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v per head, where query t [B, H, S, d] reads the entries j of keys
-    and values [B, H, N, d] with `newest + stride * t - window < j <= newest + stride * t` (window
-    0: no lower bound). A query with no entry to read (newest + stride * t < 0) reads zero.
+def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int,
+                     bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v per head, where query t [B, H, S, d] reads the entries j
+    of keys and values [B, H, N, d] with `newest + stride * t - window < j <= newest + stride * t`
+    (window 0: no lower bound), and bias [B, H, S, N] (or None) is added to the logits. A query
+    with no entry to read (newest + stride * t < 0) reads zero.
 
     PyTorch's scaled_dot_product_attention computes it: its causal kernel where query t reads
-    entries 0 .. t (a call from an empty cache), otherwise with the mask of allowed entries."""
+    entries 0 .. t (a call from an empty cache) without a bias, otherwise with the mask of allowed
+    entries (as -inf logits where a bias is added)."""
     size = q.shape[2]
     empty = min(size, -(newest // stride)) if newest < 0 else 0  # the leading queries with nothing to read
     if empty:
@@ -698,15 +742,16 @@ def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, strid
         if empty == size:
             return zeros
         return torch.cat([zeros, causal_attention(q[:, :, empty:], keys, values, newest + stride * empty, stride,
-                                                  window)], dim=2)
-    if newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
+                                                  window, None if bias is None else bias[:, :, empty:])], dim=2)
+    if bias is None and newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
         return F.scaled_dot_product_attention(q, keys[:, :, :size], values[:, :, :size], is_causal=True)
     last = (newest + stride * torch.arange(size, device=q.device))[:, None]
     index = torch.arange(keys.shape[2], device=q.device)[None, :]
     allowed = index <= last
     if window:
         allowed &= index > last - window
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+    mask = allowed if bias is None else bias.masked_fill(~allowed, -math.inf)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True) -> CompiledModel:
@@ -734,4 +779,19 @@ def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor]
         outputs.append(step(kernel, state, k[:, part].transpose(1, 2), v[:, part].transpose(1, 2),
                             q[:, part].transpose(1, 2), at, start + t))
         t += size
+    return torch.cat(outputs, dim=2).transpose(1, 2), state
+
+
+def run_cache(module: CacheLevel, k: Tensor, v: Tensor, q: Tensor, retain: Tensor | None,
+              state: LevelState | None = None, start: int = 0) -> tuple[Tensor, LevelState]:
+    """The compiled counterpart of `reference.run_cache` (same arguments and layout): one masked
+    softmax per segment of positions start .. start + T - 1 cut as the segment schedule cuts them."""
+    state = LevelState() if state is None else state
+    first = 0 if module.read == "after" else -1
+    outputs = []
+    for offset, length in _spans(start, k.shape[1], MAX_SEGMENT):
+        part = slice(offset, offset + length)
+        k_part, v_part, q_part = (x[:, part].transpose(1, 2) for x in (k, v, q))
+        forget = None if retain is None else log_retain(retain[:, part].transpose(1, 2))
+        outputs.append(attend_cached(module, state, k_part, v_part, q_part, first, log_forget=forget))
     return torch.cat(outputs, dim=2).transpose(1, 2), state

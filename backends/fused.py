@@ -25,7 +25,7 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
     """Step the memory levels `modules` (one fusion group, all planned to `form`, all read before
     their update) on one segment x [B, S, D]. Returns each level's output [B, S, D], None for a
     level that nobody reads with a query."""
-    from nestc.backends.compiled import run_pipeline  # compiled imports this module
+    from nestc.backends.compiled import output_gate, run_pipeline  # compiled imports this module
 
     batch, size = x.shape[:2]
     count, heads = len(modules), modules[0].heads
@@ -50,7 +50,7 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
             continue
         query = run_pipeline(module.pipelines["query"], x, start, state, read_level)
         y = apply_sequence(module.kernel, state.anchor, query.reshape(batch, size, heads, -1))
-        outputs.append(module.out(y.reshape(batch, size, -1)))
+        outputs.append(module.read_out(y, output_gate(module, x, start, state, read_level)))
     KERNELS[form](kernel, stacked_state, k, v, None, gates, start)
     _take_back(stacked_state, states, heads)
     for module, state, retain in zip(modules, states, gates["retain"].split(heads, dim=1)):

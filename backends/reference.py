@@ -25,6 +25,7 @@ from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
 from nestc.lang.queries import GATE_ROLES, block_levels, generators, reachable_levels
 from nestc.passes.estimate import require_fits
+from nestc.rules.states import normalise
 
 # --- memory functions ------------------------------------------------------------------------
 
@@ -202,13 +203,49 @@ class MemoryKernel(nn.Module):
 # --- levels ----------------------------------------------------------------------------------
 
 
+class OutputNorm(nn.Module):
+    """norm(y) of each head's read-out y [..., H, d_v], times a learned gain per channel of a
+    head, shared by the heads (as fla's gated norms)."""
+
+    def __init__(self, kind: str, width: int):
+        super().__init__()
+        self.kind = kind
+        self.gain = nn.Parameter(torch.ones(width))
+
+    def forward(self, y: Tensor) -> Tensor:
+        return normalise(self.kind, y) * self.gain
+
+
+class ReadOut:
+    """A level's output from its heads' read-out: o = out(norm(y) * gate(x)), the norm and the
+    gate each where the level has one (`output_norm`, `output_gate`)."""
+
+    def _build_read_out(self, level: ir.Level, dim: int, heads: int, value_dim: int) -> None:
+        kind = level.output_norm
+        self.output_norm = OutputNorm(kind, value_dim) if kind not in (None, "none") else None
+        self.output_gate = None
+        if level.output_gate is not None:
+            self.output_gate = Pipeline(level.output_gate, dim, heads * value_dim, heads, "output_gate")
+            if self.output_gate.out_width != heads * value_dim:
+                raise BackendError(f"level `{level.name}`: its output gate has width {self.output_gate.out_width}, "
+                                   f"but its read-out has {heads * value_dim} channels")
+        self.out = nn.Linear(heads * value_dim, dim, bias=False)
+
+    def read_out(self, y: Tensor, gate: Tensor | None) -> Tensor:
+        """y [..., H, d_v] and the output gate's values [..., H * d_v] (None without a gate)."""
+        if self.output_norm is not None:
+            y = self.output_norm(y)
+        y = y.flatten(-2)
+        return self.out(y if gate is None else y * gate)
+
+
 def is_feedforward(level: ir.Level) -> bool:
     """Levels without keys and values act on the full width: y = M(x) (FFN, continuum memory)."""
     return level.key is None
 
 
-class MemoryLevel(nn.Module):
-    """A matrix / vector / mlp memory with its input pipelines, gates and output projection."""
+class MemoryLevel(ReadOut, nn.Module):
+    """A matrix / vector / mlp / glu memory with its input pipelines, gates and read-out."""
 
     def __init__(self, level: ir.Level, dim: int, heads: int, readable: bool = True):
         super().__init__()
@@ -236,7 +273,10 @@ class MemoryLevel(nn.Module):
             for role in GATE_ROLES if getattr(level, role) is not None
         })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
-        self.out = nn.Linear(heads * value_dim, dim, bias=False) if readable else None
+        if readable:
+            self._build_read_out(level, dim, heads, value_dim)
+        else:
+            self.out = self.output_norm = self.output_gate = None
 
     def initial_state(self, batch: int, like: Tensor) -> LevelState:
         return self.kernel.initial_state(batch, like)
@@ -257,7 +297,10 @@ class MemoryLevel(nn.Module):
             y = self.kernel.apply(state.weights, query) if query is not None else None
         else:
             y = self.kernel.step(state, inputs["key"], inputs["value"], query, gates, position)
-        return None if y is None else self.out(y.reshape(x.shape[0], -1))
+        if y is None:
+            return None
+        gate = None if self.output_gate is None else self.output_gate(x, position, state, read_level)
+        return self.read_out(y, gate)
 
 
 class FeedForwardLevel(nn.Module):
@@ -354,8 +397,18 @@ def update_continuum_levels(instances: list[tuple[FeedForwardLevel, LevelState]]
         offset += count
 
 
-class CacheLevel(nn.Module):
-    """Softmax attention: the non-parametric level whose state is the (windowed) KV cache."""
+def log_retain(retain: Tensor) -> Tensor:
+    """The log of a cache's retain gate, floored at the log of the dtype's smallest normal number:
+    a gate of exactly 0 then forgets an entry by a factor e^-87 (float32) per token instead of
+    making every logit -inf, which would leave a `read before` query nothing to normalise over."""
+    return retain.clamp_min(torch.finfo(retain.dtype).tiny).log()
+
+
+class CacheLevel(ReadOut, nn.Module):
+    """Softmax attention: the non-parametric level whose state is the (windowed) KV cache. With a
+    retain gate f (the Forgetting Transformer), each token's step decays every entry already in the
+    cache by its f before appending its own: entry j's logit for the query at i gets the bias
+    log prod_{j<s<=i} f_s (s <= i - 1 when read before), kept per entry in `state.forget`."""
 
     def __init__(self, level: ir.Level, dim: int, heads: int):
         super().__init__()
@@ -366,22 +419,33 @@ class CacheLevel(nn.Module):
         self.pipelines = nn.ModuleDict({
             role: Pipeline(getattr(level, role), dim, dim, heads, role) for role in ("key", "value", "query")
         })
-        self.out = nn.Linear(self.pipelines["value"].out_width, dim, bias=False)
+        key_dim = self.pipelines["key"].out_width // heads
+        self.forget_gate = Gate(level.retain, dim, heads, key_dim, "retain") if level.retain is not None else None
+        self._build_read_out(level, dim, heads, self.pipelines["value"].out_width // heads)
 
     def initial_state(self, batch: int, like: Tensor) -> LevelState:
         return LevelState()
 
-    def append(self, state: LevelState, k: Tensor, v: Tensor) -> None:
+    def append(self, state: LevelState, k: Tensor, v: Tensor, log_forget: Tensor | None = None) -> None:
+        """Decay the cached entries by the token's gate (log_forget [B, H]), then append (k, v)."""
+        if log_forget is not None:
+            fresh = log_forget.new_zeros(log_forget.shape + (1,))
+            state.forget = fresh if state.forget is None else torch.cat([state.forget + log_forget[..., None], fresh],
+                                                                        dim=2)
         k, v = k[:, :, None, :], v[:, :, None, :]
         state.keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
         state.values = v if state.values is None else torch.cat([state.values, v], dim=2)
         if self.window:
             state.keys, state.values = state.keys[:, :, -self.window:], state.values[:, :, -self.window:]
+            if state.forget is not None:
+                state.forget = state.forget[:, :, -self.window:]
 
     def attend(self, state: LevelState, q: Tensor) -> Tensor:
         if state.keys is None:
             return q.new_zeros(q.shape[0], self.heads, self.pipelines["value"].out_width // self.heads)
         scores = torch.einsum("bhd,bhnd->bhn", q, state.keys) / math.sqrt(q.shape[-1])
+        if state.forget is not None:
+            scores = scores + state.forget
         return torch.einsum("bhn,bhnd->bhd", torch.softmax(scores, dim=-1), state.values)
 
     def project(self, role: str, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
@@ -389,13 +453,11 @@ class CacheLevel(nn.Module):
 
     def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
         k, v, q = (self.project(r, x, position, state, read_level) for r in ("key", "value", "query"))
-        if self.read == "before":
-            y = self.attend(state, q)
-            self.append(state, k, v)
-        else:
-            self.append(state, k, v)
-            y = self.attend(state, q)
-        return self.out(y.reshape(x.shape[0], -1))
+        retain = None if self.forget_gate is None else self.forget_gate(x, position, state, read_level)
+        y, _ = run_cache(self, k[:, None], v[:, None], q[:, None], None if retain is None else retain[:, None], state)
+        y = y[:, 0]
+        gate = None if self.output_gate is None else self.output_gate(x, position, state, read_level)
+        return self.read_out(y, gate)
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -735,4 +797,24 @@ def run_kernel(kernel: MemoryKernel, k: Tensor, v: Tensor, q: Tensor, gates: dic
         at_t.setdefault("lr", k.new_ones(k.shape[0], k.shape[2]))
         at_t.setdefault("retain", k.new_ones(k.shape[0], k.shape[2]))
         outputs.append(kernel.step(state, k[:, t], v[:, t], q[:, t], at_t, start + t))
+    return torch.stack(outputs, dim=1), state
+
+
+def run_cache(module: CacheLevel, k: Tensor, v: Tensor, q: Tensor, retain: Tensor | None,
+              state: LevelState | None = None, start: int = 0) -> tuple[Tensor, LevelState]:
+    """Attention over precomputed inputs, token by token: k, q [B, T, H, dk], v [B, T, H, dv],
+    the retain gate [B, T, H] (None without one). Returns the reads [B, T, H, dv] (before the
+    read-out) and the cache: the counterpart of `run_kernel` for a cache level. Attention does
+    not depend on positions; `start` is taken so both backends' versions are called alike."""
+    del start
+    state = LevelState() if state is None else state
+    outputs = []
+    for t in range(k.shape[1]):
+        forget = None if retain is None else log_retain(retain[:, t])
+        if module.read == "before":
+            outputs.append(module.attend(state, q[:, t]))
+            module.append(state, k[:, t], v[:, t], forget)
+        else:
+            module.append(state, k[:, t], v[:, t], forget)
+            outputs.append(module.attend(state, q[:, t]))
     return torch.stack(outputs, dim=1), state

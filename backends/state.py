@@ -3,8 +3,8 @@
 A LevelState's tensors sit in slots, each named by its field and a key: a list field's index
 (`weights`, `anchor`, `momentum`), a buffer's name (`buffers`), an omega window entry's
 (index, part) (`window`: parts k, v, gamma), or None for a single tensor (`retain_product`,
-`keys`, `values`, `pending`). `slots`, `get_slot` and `set_slot` are the only code that knows
-this; everything that flattens a state walks them: the torch.compile and fx segment steps (the
+`keys`, `values`, `forget`, `pending`). `slots`, `get_slot` and `set_slot` are the only code that
+knows this; everything that flattens a state walks them: the torch.compile and fx segment steps (the
 state as a flat list of tensors, `flatten_levels`), state files (`nestc.runtime.checkpoint`),
 `ModelState.detach` and the standalone module's initial state (`fx.standalone`).
 """
@@ -26,6 +26,9 @@ class LevelState:
     window: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # omega: recent (k, v, gamma)
     keys: Tensor | None = None  # cache levels
     values: Tensor | None = None
+    # cache levels with a retain gate: per entry [B, H, N], the log of the product of the gates
+    # of the tokens after it (the bias its attention logits get)
+    forget: Tensor | None = None
     pending: Tensor | None = None  # task levels: loss accumulated since the last update
     retain_product: Tensor | None = None  # decay-first: product of retain gates since the anchor
     buffers: dict[str, Tensor] = field(default_factory=dict)  # short-convolution histories
@@ -84,7 +87,7 @@ def holds_graph(state: ModelState) -> bool:
 LIST_FIELDS = ("weights", "anchor", "momentum")  # a slot per list index
 # What a compiled segment step carries in and out: fixed tensors. (An omega window is a list
 # that grows; a pending loss is a graph.)
-STEP_FIELDS = (*LIST_FIELDS, "retain_product", "keys", "values", "buffers")
+STEP_FIELDS = (*LIST_FIELDS, "retain_product", "keys", "values", "forget", "buffers")
 # What a state file keeps: the pending loss of an unfinished chunk is a graph, not a value (a
 # file rebuilds it by a `Replay`).
 SAVED_FIELDS = (*STEP_FIELDS, "window")

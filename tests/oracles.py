@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import nestc
+from nestc.backends.compiled import run_cache as compiled_run_cache
 from nestc.backends.compiled import run_kernel as compiled_run_kernel
-from nestc.backends.reference import MemoryKernel, run_kernel
+from nestc.backends.reference import MemoryKernel, run_cache, run_kernel
 
 FLA_VERSION = "0.6.0"
 
@@ -89,6 +90,7 @@ def kernel(body: str, heads: int, key_dim: int, value_dim: int, state: str = "ma
 # Which backend's run_kernel the oracle tests exercise; the `kernel_backend` fixture (conftest)
 # runs every such test once per backend.
 RUN_KERNEL = {"reference": run_kernel, "compiled": compiled_run_kernel}
+RUN_CACHE = {"reference": run_cache, "compiled": compiled_run_cache}  # the same, for attention levels
 backend = "reference"
 
 

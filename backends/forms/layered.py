@@ -1,6 +1,6 @@
-"""The `layered` form: matrix and MLP memories as chains of linear maps, every token's error at the
-anchor found by backpropagation written out by hand; and those hand-written backward pieces,
-which the trajectory form shares."""
+"""The `layered` form: matrix and MLP memories as chains of linear maps (and a gated MLP's two
+branches into its last map), every token's error at the anchor found by backpropagation written
+out by hand; and those hand-written backward pieces, which the trajectory form shares."""
 
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ def errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale
     """Backpropagation through the memory written out by hand (as TTT-MLP does): no autograd
     call, so the outer level differentiates plain tensor operations. `own_gates` are the gates
     the objective reads, one value per pair."""
+    if kernel.state.gated:
+        return _gated_errors(kernel, anchor, k, v, scale, own_gates)
     act = kernel.state.map_activation(kernel.state_args)
     inputs, pre_activations, prediction = _forward_maps(kernel, anchor, k, scale)
     error = kernel.objective.pair_error(kernel.objective_args, prediction, v, own_gates)
@@ -111,6 +113,34 @@ def errors_closed_form(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale
         if scale is not None:
             back = scale[..., None] * back
         errors.insert(0, _through_activation(act, back, pre_activations[index - 1]))
+    if kernel.meta != "full":
+        errors = [e.detach() for e in errors]
+        inputs = [u.detach() for u in inputs]
+    return inputs, errors
+
+
+def _gated_errors(kernel, anchor: list[Tensor], k: Tensor, v: Tensor, scale: Tensor | None,
+                  own_gates: dict[str, Tensor]):
+    """`errors_closed_form` for a gated MLP, W2 (act(W1 k) * (W3 k)): W1 and W3 both read k, and
+    each branch's error is the hidden error times the other branch (through act' for W1)."""
+    act = kernel.state.map_activation(kernel.state_args)
+    first, linear, last = anchor
+
+    def through(weight: Tensor, x: Tensor) -> Tensor:
+        z = x @ weight.transpose(-1, -2)
+        return z if scale is None else scale[..., None] * z
+
+    activated, gate = through(first, k), through(linear, k)
+    hidden = activation(act, activated) * gate
+    out = through(last, hidden)
+    error = kernel.objective.pair_error(kernel.objective_args, kernel.state.finish(kernel.state_args, out, k), v,
+                                        own_gates)
+    error = through_norm(kernel.state.output_norm(kernel.state_args), error, out)
+    back = error @ last
+    if scale is not None:
+        back = scale[..., None] * back
+    inputs = [k, k, hidden]
+    errors = [_through_activation(act, back * gate, activated), back * activation(act, activated), error]
     if kernel.meta != "full":
         errors = [e.detach() for e in errors]
         inputs = [u.detach() for u in inputs]
@@ -157,6 +187,11 @@ def activation_derivative(name: str, x: Tensor) -> Tensor:
 def per_token_read(kernel, weights: list[Tensor], x: Tensor) -> Tensor:
     """M_t(x_t) with one set of weights per position: weights [B, H, S, o, i], x [B, H, S, d]."""
     act = kernel.state.map_activation(kernel.state_args)
+    if kernel.state.gated:
+        first, linear, last = weights
+        hidden = activation(act, torch.einsum("bhsoi,bhsi->bhso", first, x)) \
+            * torch.einsum("bhsoi,bhsi->bhso", linear, x)
+        return kernel.state.finish(kernel.state_args, torch.einsum("bhsoi,bhsi->bhso", last, hidden), x)
     h = x
     for index, weight in enumerate(weights):
         h = torch.einsum("bhsoi,bhsi->bhso", weight, h)

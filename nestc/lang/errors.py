@@ -202,11 +202,14 @@ choice's `name`, and the arguments of search functions themselves.
     dim choice(64, 128)              # ok
 """),
     "N0117": ("field has no meaning for this level", """
-The field is legal in general but not for this level: key/value/query or gates on a `cache`
-level; key/value/query on a level trained on the task loss; a `momentum` gate without optimizer
-`momentum` or `muon`; a `gamma` gate without objective `omega`, a `threshold` gate without
-objective `huber_token`, or a per-channel `threshold` (it is one value per head); `normalize` on
-a level that is not a matrix memory with objective `dot` updated in the sequence.
+The field is legal in general but not for this level: an objective, an optimizer, `every` or
+any gate but `retain` on a `cache` level, or a per-channel `retain` there (it biases each head's
+logits: one value per head); key/value/query, `output_norm` or `output_gate` on a level trained
+on the task loss (a feed-forward block has no heads' read-out); a `momentum` gate without
+optimizer `momentum` or `muon`; a `gamma` gate without objective `omega`, a `threshold` gate
+without objective `huber_token`, or a per-channel `threshold` (it is one value per head); an
+output norm or gate on the memory of a `mac` block, or those or `retain` on its attention;
+`normalize` on a level that is not a matrix memory with objective `dot` updated in the sequence.
 """),
     "N0118": ("heads do not divide the width", """
 The model width `dim` is split evenly across heads: `dim` must be a multiple of `heads` (for the

@@ -180,6 +180,8 @@ class Level(Node):
     # True: reads divided by the normaliser's read (SEMANTICS §3); None when not normalised, so
     # that the IR (and each variant's id) of a level without it is what it was before the field.
     normalize: bool | Choice | None = None
+    output_norm: str | Choice | None = None  # none: the read-out as it is
+    output_gate: Pipeline | None = None
     span: Span | None = _span_field()
 
 

@@ -189,6 +189,12 @@ LEVEL_FIELDS = {
         Param("meta", "enum", None, choices=("full", "first_order", "stop"),
               doc="how outer gradients flow through the level's in-sequence updates"),
         Param("heads", "int", None, minimum=1),
+        # The read-out o = norm(y) * gate(x) before the level's output projection (GDN, RetNet,
+        # FoX-Pro): each head's read normalised, then multiplied by a pipeline of the level's input.
+        Param("output_norm", "enum", None, choices=NORMS,
+              doc="normalisation of each head's read-out, with a learned gain (GDN, RetNet)"),
+        Param("output_gate", "source", None,
+              doc="multiplies the read-out, channel by channel: a pipeline from x (`x |> proj |> silu`)"),
     )
 }
 

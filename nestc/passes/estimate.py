@@ -141,7 +141,8 @@ class _LayerTally:
         if not state_rule.memory:  # attention: key, value and query pipelines, an output map, a cache
             heads = concrete(level.heads) or model_heads
             widths = {role: self._pipeline(getattr(level, role), dim, dim, heads) for role in ("key", "value", "query")}
-            self.parameters += widths["value"] * dim
+            self._gate(level.retain, dim, heads, widths["key"] // heads)
+            self._read_out(level, dim, heads, widths["value"] // heads)
             keys = min(state_args.get("window") or context, context)
             self.state += keys * (widths["key"] + widths["value"])
             self.per_token += 3 * heads * keys
@@ -169,7 +170,7 @@ class _LayerTally:
         if level.init.name in INITS_WITH_PARAMETERS:
             self.parameters += maps
         if readable:
-            self.parameters += heads * value_dim * dim
+            self._read_out(level, dim, heads, value_dim)
         if every:
             self.state += maps * self._copies(level, anchor=True)
             self.per_token += maps
@@ -181,6 +182,15 @@ class _LayerTally:
         """The maps themselves, the anchor they were at when the chunk began, a momentum buffer."""
         momentum = rules.OPTIMIZERS[level.optimizer.name].keeps_momentum
         return 1 + (1 if anchor and concrete(level.every.tokens) > 1 else 0) + (1 if momentum else 0)
+
+    def _read_out(self, level: ir.Level, dim: int, heads: int, value_dim: int) -> None:
+        """The output projection of the heads' read-out, with the output norm's gain and the
+        output gate's pipeline where the level has them."""
+        self.parameters += heads * value_dim * dim
+        if level.output_norm not in (None, "none"):
+            self.parameters += value_dim
+        if level.output_gate is not None:
+            self._pipeline(level.output_gate, dim, heads * value_dim, heads)
 
     def _gate(self, gate, dim: int, heads: int, head_dim: int) -> None:
         if gate is None or isinstance(gate, (ir.Constant, ir.LetRef)):  # a binding is counted once, where bound

@@ -6,7 +6,9 @@ and agree on everything that form computes with: state (with its arguments), obj
 optimizer, output map, order, meta, heads, and the structure of their key, value and gate pipelines (the same stages with the same
 arguments, reading the same other levels, or each its own state through `self`). Their weights,
 gate constants and update periods may differ: parameters are stacked, and each level's anchor
-moves at its own chunk ends after the call. The backend fuses the members of a group that it
+moves at its own chunk ends after the call. So may their read-outs (`output_norm`,
+`output_gate`): the read of a level stepped in a group is its anchor's, computed for that level
+alone, and its own read-out follows, elementwise in time. The backend fuses the members of a group that it
 steps together (a level and the generators it steps first, on one input), so Hope's five
 self-modifying memories run as one call per segment: one convolution per pipeline position, one
 read of each generator, one batched solve.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from nestc.lang.operators import Param, op_spec
 from nestc.rules.base import Rule, registry
 
-MEMORY_STATES = frozenset({"matrix", "vector", "mlp"})
+MEMORY_STATES = frozenset({"matrix", "vector", "mlp", "glu"})
 CLOSED_FORMS = frozenset({"anchored", "layered", "trajectory"})
 
 
@@ -162,7 +162,7 @@ class Omega(Objective):
                    Param("window", "int", 4, minimum=1, doc="number of recent pairs in the objective"),
                    Param("base", "enum", "l2", choices=("l2", "dot"), doc="per-pair loss"),
                    doc="sum of the base loss over the last `window` pairs, weighted by the gamma gate (ATLAS)")
-    states = frozenset({"matrix", "mlp"})
+    states = frozenset({"matrix", "mlp", "glu"})
     forms = frozenset({"trajectory"})
     windowed = True
     # the backends weigh each pair of the window by its gamma (a per-channel gamma by its mean)

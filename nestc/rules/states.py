@@ -2,7 +2,8 @@
 
 A memory state is read through `apply` (per-head tensors, one token) and `apply_sequence` (a
 segment). The layered and trajectory forms see a weight-map state as a chain of linear maps with
-`map_activation` between them and `finish` after the last.
+`map_activation` between them and `finish` after the last, or (`gated`) as two maps of the input
+whose outputs, one through `map_activation`, multiply before the last map.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class State(Rule):
     default_every_tokens = 1  # a level without `every` updates every token...
     default_init = "zero"
     fields: frozenset[str] | None = None  # the level fields it takes; None: all of them
+    gated = False  # weight maps W1, W3, W2: W2 (act(W1 x) * (W3 x)) instead of a chain
 
     def default_objective(self, reads_pairs: bool) -> str:
         return "l2"
@@ -202,12 +204,51 @@ class Mlp(State):
         return args["norm"]
 
 
+class Glu(Mlp):
+    spec = op_spec(
+        "state", "glu",
+        Param("expand", "number", 4, minimum=0, exclusive_minimum=True, doc="hidden width / input width"),
+        Param("act", "enum", "silu", choices=ACTIVATIONS, doc="activation of the gating branch (silu: SwiGLU)"),
+        Param("residual", "bool", True, doc="M(x) = x + f(x)"),
+        Param("norm", "enum", "none", choices=NORMS, doc="normalisation of f(x) before the residual"),
+        doc="a gated MLP (SwiGLU), M(x) = x + norm(W2 (act(W1 x) * (W3 x)))",
+    )
+    gated = True  # its maps in order: W1 (the activated branch), W3 (the linear branch), W2 (the output map)
+
+    def weight_shapes(self, args, heads, key_dim, value_dim):
+        hidden = max(1, int(round(args["expand"] * key_dim)))
+        return [(heads, hidden, key_dim), (heads, hidden, key_dim), (heads, value_dim, hidden)]
+
+    def apply(self, args, weights, x, inputs=None):
+        import torch
+
+        first, linear, last = weights
+        if inputs is not None:
+            inputs.extend([x, x])
+        h = activation(args["act"], torch.einsum("bhoi,bhi->bho", first, x)) * torch.einsum("bhoi,bhi->bho", linear, x)
+        if inputs is not None:
+            inputs.append(h)
+        return self.finish(args, torch.einsum("bhoi,bhi->bho", last, h), x)
+
+    def apply_sequence(self, args, weights, x):
+        import torch
+
+        first, linear, last = weights
+        if first.shape[0] == 1:  # one memory for the batch (a feed-forward block): one matmul per map
+            h = activation(args["act"], torch.einsum("bshi,hoi->bsho", x, first[0])) \
+                * torch.einsum("bshi,hoi->bsho", x, linear[0])
+            return self.finish(args, torch.einsum("bshi,hoi->bsho", h, last[0]), x)
+        per_head = x.transpose(1, 2)  # [B, H, S, d]
+        h = activation(args["act"], per_head @ first.transpose(-1, -2)) * (per_head @ linear.transpose(-1, -2))
+        return self.finish(args, h @ last.transpose(-1, -2), per_head).transpose(1, 2)
+
+
 class Cache(State):
     spec = op_spec("state", "cache",
                    Param("window", "int", 0, minimum=0, doc="keep the last N pairs; 0 keeps all (global attention)"),
                    doc="the non-parametric KV cache read by softmax attention")
     memory = False
-    fields = frozenset({"key", "value", "query", "heads", "read"})
+    fields = frozenset({"key", "value", "query", "heads", "read", "retain", "output_norm", "output_gate"})
 
 
-STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Cache())
+STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Glu(), Cache())

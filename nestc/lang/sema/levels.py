@@ -156,7 +156,14 @@ class Levels(Part):
                 self.error("N0117", f"`{key}` has no meaning for a `{kind}` level", fields[key].key_span,
                            label="not a field of attention",
                            notes=(f"a {kind} level is softmax attention: its update is the closed form "
-                                  "'append (k, v)', with no objective, optimizer or gates",))
+                                  "'append (k, v)', with no objective, optimizer or gates other than "
+                                  "`retain` (a forget gate on the attention logits)",))
+            if "retain" in fields and per_channel(values.get("retain")):
+                self.error("N0117", f"the retain gate of a `{kind}` level is one value per head",
+                           fields["retain"].value.span, label="per channel here",
+                           notes=("it biases each head's attention logits by the log of the product of the "
+                                  "gates since each entry (the Forgetting Transformer)",),
+                           help="drop `per=channel` from this gate")
             if "every" in fields:
                 self.error("N0117", f"`every` has no meaning for a `{kind}` level", fields["every"].key_span,
                            label="attention appends every token")
@@ -214,6 +221,7 @@ class Levels(Part):
                        help="remove `read after` (these levels always read before their update)")
         if task and "read" not in fields:
             read = "before"
+        self._check_read_out(fields, values.get("output_gate"), task)
 
         momentum = values.get("momentum")
         if any(rules.OPTIMIZERS[o].keeps_momentum for o in optimizers):
@@ -258,6 +266,8 @@ class Levels(Part):
             heads=values.get("heads"),
             lets=lets,
             normalize=normalize or None,
+            output_norm=values.get("output_norm"),
+            output_gate=values.get("output_gate"),
             span=span,
         )
 
@@ -296,6 +306,21 @@ class Levels(Part):
         elif every.tokens == 0:
             self.error("N0117", "`normalize` has no meaning for a level not updated in the sequence", span,
                        label="no running sum to divide by", notes=notes, help="update the level `every N`")
+
+    def _check_read_out(self, fields, gate, task: bool) -> None:
+        """The output norm and gate act on the heads' read-out before the output projection: a
+        feed-forward or task-loss level has none; the gate reads x itself, not another level."""
+        if task:
+            for key in ("output_norm", "output_gate"):
+                if key in fields:
+                    self.error("N0117", f"`{key}` has no meaning for a level trained on the task loss",
+                               fields[key].key_span, label="no read-out to normalise or gate",
+                               notes=("with `objective task` (or an mlp without key, value and query) the level is "
+                                      "a feed-forward block y = M(x) on the full width, without heads' reads",))
+        if isinstance(gate, ir.Pipeline) and any(isinstance(stage, ir.LevelRef) for stage in gate.stages):
+            self.error("N0105", "the output gate cannot read a level", fields["output_gate"].value.span,
+                       label="a level stage here",
+                       help="build the gate from x with stages such as `x |> proj |> silu`")
 
     def _objective_gates(self, values: dict, objectives: set[str], fields, lets) -> dict:
         """The gates that objectives read (rules.OBJECTIVE_GATES): the declared ones, their default

@@ -179,6 +179,20 @@ class ProgramBuilder(Part):
                     and rules.STATES[attention.state.name].memory:
                 self.error("N0105", f"the attention of `mac` must be a cache level, but `{node.attention}` is not",
                            node.span, label="not softmax attention", help="give it the state `cache`")
+            # The block reads both levels its own way (the memory's retrieval, an interleaved cache):
+            # neither backend has a read-out gate or a forget gate for them there.
+            for role, level in (("memory", memory), ("attention", attention)):
+                if level in (None, INVALID):
+                    continue
+                given = [key for key in ("output_norm", "output_gate") if getattr(level, key) not in (None, "none")]
+                if role == "attention" and level.retain is not None and isinstance(level.state, ir.Op) \
+                        and not rules.STATES[level.state.name].memory:
+                    given.append("retain")
+                if given:
+                    self.error("N0117", f"the {role} of `mac` cannot have `{'`, `'.join(given)}`", node.span,
+                               label=f"`{level.name}` has {'them' if len(given) > 1 else 'it'}",
+                               help=f"remove {'them' if len(given) > 1 else 'it'} from level `{level.name}`, "
+                                    "or use the levels in a block such as `residual(rmsnorm |> ...)`")
 
     def _check_generation_cycles(self, levels: dict[str, ir.Level]) -> None:
         import networkx as nx

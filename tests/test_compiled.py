@@ -141,6 +141,38 @@ def test_random_small_specs_equal_the_reference(state, objective, optimizer, eve
     assert_equivalent(result.program, length=11, split=5, diverged=lambda: assume(False))
 
 
+DELTA_LEVEL = """
+level mem : matrix {{
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> l2norm
+    lr = x |> proj{lr} |> sigmoid
+    retain = x |> proj{retain} |> sigmoid
+    objective l2
+    order {order}
+    meta {meta}
+    every 1
+    {fields}
+}}
+""" + ONE_LAYER_MODEL
+PER_CHANNEL = "(per=channel)"
+
+
+@pytest.mark.parametrize("lr, retain, order, meta", [
+    ("", PER_CHANNEL, "decay_first", "full"),  # KDA
+    (PER_CHANNEL, "", "grad_first", "full"),
+    (PER_CHANNEL, PER_CHANNEL, "grad_first", "first_order"),
+    (PER_CHANNEL, PER_CHANNEL, "decay_first", "stop"),
+])
+def test_delta_form_equals_the_reference(lr, retain, order, meta):
+    """The delta form (planned, not the token loop) with per-head or per-key-channel lr and retain:
+    the reads, the state and every parameter's gradient equal the reference's in float64, over
+    two calls whose segments cut the 64-token segment at 20 and at 64."""
+    text = DELTA_LEVEL.format(lr=lr, retain=retain, order=order, meta=meta, fields="")
+    fast = assert_equivalent(nestc.check(text), length=70, split=20)
+    assert fast.plans["mem"].kernel == "delta"
+
+
 TRAJECTORY_LEVEL = """
 level mem : {state} {{
     key = x |> proj |> l2norm
@@ -462,7 +494,8 @@ def test_constructs_without_a_parallel_form_say_so_with_their_span():
 
 def test_parallel_plans_cover_the_zoo_memories():
     """Which zoo memories run in parallel, so a regression to token-by-token shows up here."""
-    expected = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
+    expected = {"deltanet": "delta", "gated_deltanet": "delta", "kda": "delta", "gla": "trajectory",
+                "linear_attention": "anchored",
                 "retnet": "anchored", "titans": "layered", "ttt_linear": "layered", "ttt_mlp": "layered",
                 "memora": "trajectory", "moneta": "trajectory", "yaad": "trajectory", "atlas": "trajectory"}
     for name, kernel in expected.items():

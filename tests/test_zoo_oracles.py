@@ -439,12 +439,10 @@ def test_zoo_level_equals_fla_oracle(spec, family, function, case, length):
 # --- what the comparisons rest on -------------------------------------------------------------------
 
 
-# The segment form the compiled backend runs each level in (nestc/passes/plan.py). KDA has none yet:
-# the delta form (the online delta rule) takes per-head gates only, and the trajectory form, which
-# takes per-channel ones, needs `every C > 1` for the l2 objective; so its compiled run is token by
-# token (issue 14, item 10).
+# The segment form the compiled backend runs each level in (nestc/passes/plan.py). KDA's per-channel
+# decay runs in the delta form (the UT solve sums its key channels, forms/common.py `delta_solve`).
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
-                  "retnet": "anchored", "gla": "trajectory", "kda": "sequential"}
+                  "retnet": "anchored", "gla": "trajectory", "kda": "delta"}
 
 
 def test_every_matched_spec_has_its_compiled_form():

@@ -73,7 +73,7 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
 
 def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
     """Why `form` cannot compute this rule although its rules list the form, or ""."""
-    if per_channel and form != "trajectory":
+    if per_channel and form not in ("delta", "trajectory"):
         return "takes per-head gates only"
     if kernel.every == 1:
         if kernel.read == "before":

@@ -483,7 +483,9 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
     heads = module.heads
     inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
               for role, p in module.pipelines.items()}
-    gates = {role: _gate_sequence(gate, x, start, state, read_level, heads) for role, gate in module.gates.items()}
+    gates = {role: _steps_side_by_side(_gate_sequence(gate, x, start, state, read_level, heads * module.copies[role]),
+                                       module.copies[role], heads)
+             for role, gate in module.gates.items()}
     query = inputs.get("query")
     if plan.kernel == "frozen":
         if query is None:
@@ -514,6 +516,16 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
             return None
         y = torch.cat(outputs, dim=2)
     return module.out(y.transpose(1, 2).reshape(batch, size, -1))
+
+
+def _steps_side_by_side(gate: Tensor, steps: int, heads: int) -> Tensor:
+    """A per-step gate over the segment, [B, H * N, S] or [B, H * N, S, d] (heads major), as
+    [B, H, S, N] or [B, H, S, N * d]: what the delta form reads (forms/delta.py `delta_inputs`)."""
+    if steps == 1:
+        return gate
+    batch, _, size = gate.shape[:3]
+    by_step = gate.reshape(batch, heads, steps, size, -1).transpose(2, 3)
+    return by_step.reshape(batch, heads, size, -1)
 
 
 def _spans(start: int | Tensor, size: int, period: int) -> list[tuple[int, int]]:

@@ -205,7 +205,11 @@ choice's `name`, and the arguments of search functions themselves.
 The field is legal in general but not for this level: key/value/query or gates on a `cache`
 level; key/value/query on a level trained on the task loss; a `momentum` gate without optimizer
 `momentum` or `muon`; a `gamma` gate without objective `omega`, a `threshold` gate without
-objective `huber_token`, or a per-channel `threshold` (it is one value per head).
+objective `huber_token`, or a per-channel `threshold` (it is one value per head); `erase`,
+`write`, `substeps` or `gd(implicit=true)` on a level that is not the online delta rule (a
+`matrix` state, objective `l2`, optimizer `gd`, `every 1`, no output map).
+
+    level m : matrix { substeps 2; every 16 }    # error: substeps are steps of the online rule
 """),
     "N0118": ("heads do not divide the width", """
 The model width `dim` is split evenly across heads: `dim` must be a multiple of `heads` (for the

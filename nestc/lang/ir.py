@@ -142,6 +142,8 @@ class Level(Node):
     lr: Gate | None
     retain: Gate | None
     momentum: Gate | None
+    erase: Gate | None  # the generalised delta rule's gates (SEMANTICS §3); None: 1
+    write: Gate | None
     gamma: Gate | None
     threshold: Gate | None
     objective: Op | Choice | None
@@ -153,6 +155,7 @@ class Level(Node):
     init: Op | Choice
     meta: str | Choice | None
     heads: int | SearchValue | None
+    substeps: int | SearchValue = 1
     span: Span | None = _span_field()
 
 

@@ -148,6 +148,9 @@ LEVEL_FIELDS = {
         Param("lr", "gate", None, doc="inner learning rate"),
         Param("retain", "gate", None, doc="keep factor of the old state (1 = no forgetting)"),
         Param("momentum", "gate", None, doc="decay of the inner momentum"),
+        # the generalised delta rule's (SEMANTICS §3): R = write * v - M' (erase * k)
+        Param("erase", "gate", None, doc="scales the key at which the delta rule reads the memory for its residual"),
+        Param("write", "gate", None, doc="scales the value the delta rule writes (per head or per value channel)"),
         # the gates that only an objective reads (omega's gamma, huber_token's threshold)
         *(Param(role, "gate", None, doc=gate.doc) for role, gate in rules.OBJECTIVE_GATES.items()),
         Param("objective", "objective", None),
@@ -162,6 +165,8 @@ LEVEL_FIELDS = {
         Param("meta", "enum", None, choices=("full", "first_order", "stop"),
               doc="how outer gradients flow through the level's in-sequence updates"),
         Param("heads", "int", None, minimum=1),
+        Param("substeps", "int", 1, minimum=1,
+              doc="delta-rule steps per token, each with its own key, value, lr, erase and write (DeltaProduct)"),
     )
 }
 

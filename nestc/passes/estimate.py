@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from nestc import rules
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
-from nestc.lang.queries import GATE_ROLES, block_levels, reachable_levels
+from nestc.lang.queries import GATE_ROLES, block_levels, gate_side, reachable_levels, step_copies
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
@@ -157,10 +157,12 @@ class _LayerTally:
             return
         heads = concrete(level.heads) or model_heads
         roles = ("key", "value", "query") if readable else ("key", "value")
-        widths = {role: self._pipeline(getattr(level, role), dim, dim, heads) for role in roles}
-        key_dim, value_dim = widths["key"] // heads, widths["value"] // heads
+        copies = {role: concrete(step_copies(level, role)) for role in (*roles, *GATE_ROLES)}  # `substeps`
+        widths = {role: self._pipeline(getattr(level, role), dim, dim * copies[role], heads) for role in roles}
+        key_dim, value_dim = widths["key"] // (heads * copies["key"]), widths["value"] // (heads * copies["value"])
+        channels = {"key": key_dim, "value": value_dim}
         for role in GATE_ROLES:
-            self._gate(getattr(level, role), dim, heads, key_dim)
+            self._gate(getattr(level, role), dim, heads * copies[role], channels[gate_side(role)])
         shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim)
         maps = _elements(shapes)
         self.per_token += 2 * _hidden(shapes)

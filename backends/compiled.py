@@ -11,9 +11,10 @@ as single calls, and each memory level through a closed form of its rule (backen
   (every C with the segment inside a chunk, or a `dot` objective, whose gradient ignores the
   state). Every token's gradient is `e_i k_i^T` at that state; retain and momentum are linear
   recurrences, solved with decay matrices (SEMANTICS section 4, the TTT/Titans dual form).
-- `delta`: the online delta rule (`every 1`, `l2`, `gd`, matrix) with lr and retain per head or
-  per key channel, in either order: the chunkwise UT transform, a triangular solve per segment
-  (DeltaNet, Gated DeltaNet, KDA).
+- `delta`: the online (generalised) delta rule (`every 1`, `l2`, `gd`, matrix) with lr and retain
+  per head or per key channel, erase and write gates, the implicit step and substeps, in either
+  order: the chunkwise UT transform, a triangular solve per segment (DeltaNet, Gated DeltaNet,
+  KDA, GDN-2, Comba, DeltaProduct, Longhorn).
 - `layered`: MLP memories (and DGD on a matrix) under `every C`: each map's gradient is d u^T,
   with every token's error d found at the anchor at once by backpropagation written out by hand;
   gd and momentum then use the same decay matrices, DGD the UT solve per map.

@@ -133,24 +133,16 @@ class MemoryKernel(nn.Module):
     def step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
              position: int) -> Tensor | None:
         """Update `state` with the pair (k, v) of the token at `position`; return the read of q."""
-        retain = gates["retain"]
         anchor_before = state.anchor
         output_before = self.apply(anchor_before, q) if (q is not None and self.read == "before") else None
         window = None
         if self.objective.windowed:
             state.window = (state.window + [(k, v, gates["gamma"])])[-self.objective_args["window"]:]
             window = state.window
-        if self.order == "decay_first":
-            # Gradient at the anchor decayed by the retain gates accumulated since the anchor
-            # (a per-channel gate keeps its channels: the product has the gate's own shape).
-            state.retain_product = retain if state.retain_product is None else state.retain_product * retain
-            at = [self._scale(w, state.retain_product) for w in state.anchor]
-        else:
-            at = state.anchor
-        if self.delta_extras:
+        if self.delta_extras:  # updated every token (the checker's condition): the anchor is the state
             new = [self._delta_step(state.weights[0], k, v, gates)]
         else:
-            new = self._gradient_step(state, at, k, v, window, gates)
+            new = self._gradient_step(state, k, v, window, gates)
         if self.meta == "stop":
             new = [w.detach() for w in new]
         state.weights = new
@@ -161,8 +153,16 @@ class MemoryKernel(nn.Module):
             return None
         return output_before if self.read == "before" else self.apply(state.weights, q)
 
-    def _gradient_step(self, state: LevelState, at: list[Tensor], k, v, window, gates) -> list[Tensor]:
-        """The optimizer's step on the objective's gradient at `at` (autograd), weight by weight."""
+    def _gradient_step(self, state: LevelState, k, v, window, gates) -> list[Tensor]:
+        """The optimizer's step on the objective's gradient at the anchor (autograd), weight by weight."""
+        if self.order == "decay_first":
+            # Gradient at the anchor decayed by the retain gates accumulated since the anchor
+            # (a per-channel gate keeps its channels: the product has the gate's own shape).
+            retain = gates["retain"]
+            state.retain_product = retain if state.retain_product is None else state.retain_product * retain
+            at = [self._scale(w, state.retain_product) for w in state.anchor]
+        else:
+            at = state.anchor
         grads, inputs = self.gradient(at, k, v, window, gates)
         new = []
         for index, (weight, grad) in enumerate(zip(state.weights, grads)):

@@ -11,8 +11,10 @@ as single calls, and each memory level through a closed form of its rule (backen
   (every C with the segment inside a chunk, or a `dot` objective, whose gradient ignores the
   state). Every token's gradient is `e_i k_i^T` at that state; retain and momentum are linear
   recurrences, solved with decay matrices (SEMANTICS section 4, the TTT/Titans dual form).
-- `delta`: the online delta rule (`every 1`, `l2`, `gd`, matrix) with per-head gates in either
-  order: the chunkwise UT transform, a triangular solve per segment (DeltaNet, Gated DeltaNet).
+- `delta`: the online (generalised) delta rule (`every 1`, `l2`, `gd`, matrix) with lr and retain
+  per head or per key channel, erase and write gates, the implicit step and substeps, in either
+  order: the chunkwise UT transform, a triangular solve per segment (DeltaNet, Gated DeltaNet,
+  KDA, GDN-2, Comba, DeltaProduct, Longhorn).
 - `layered`: MLP memories (and DGD on a matrix) under `every C`: each map's gradient is d u^T,
   with every token's error d found at the anchor at once by backpropagation written out by hand;
   gd and momentum then use the same decay matrices, DGD the UT solve per map.
@@ -488,7 +490,9 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
               for role, p in module.pipelines.items()}
     lets = compute_lets(module.lets, lambda gate, earlier: _gate_sequence(gate, x, start, state, read_level, heads,
                                                                           earlier))
-    gates = {role: _gate_sequence(gate, x, start, state, read_level, heads, lets) for role, gate in module.gates.items()}
+    gates = {role: _steps_side_by_side(_gate_sequence(gate, x, start, state, read_level, heads * module.copies[role],
+                                                      lets), module.copies[role], heads)
+             for role, gate in module.gates.items()}
     query = inputs.get("query")
     if plan.kernel == "frozen":
         if query is None:
@@ -524,6 +528,16 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
 def output_gate(module, x: Tensor, start: int, state: LevelState, read_level) -> Tensor | None:
     """The level's output gate over the segment x [B, S, D]: [B, S, H * d_v], or None."""
     return None if module.output_gate is None else run_pipeline(module.output_gate, x, start, state, read_level)
+
+
+def _steps_side_by_side(gate: Tensor, steps: int, heads: int) -> Tensor:
+    """A per-step gate over the segment, [B, H * N, S] or [B, H * N, S, d] (heads major), as
+    [B, H, S, N] or [B, H, S, N * d]: what the delta form reads (forms/delta.py `delta_inputs`)."""
+    if steps == 1:
+        return gate
+    batch, _, size = gate.shape[:3]
+    by_step = gate.reshape(batch, heads, steps, size, -1).transpose(2, 3)
+    return by_step.reshape(batch, heads, size, -1)
 
 
 def _spans(start: int | Tensor, size: int, period: int) -> list[tuple[int, int]]:

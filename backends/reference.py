@@ -23,7 +23,8 @@ from nestc.backends.common import BackendError, concrete, op_args
 from nestc.backends.pipelines import Gate, Pipeline, compute_lets
 from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
-from nestc.lang.queries import GATE_ROLES, block_levels, generators, reachable_levels
+from nestc.lang.queries import (GATE_ROLES, block_levels, delta_extras, gate_side, generators, reachable_levels,
+                                step_copies)
 from nestc.passes.estimate import require_fits
 from nestc.rules.states import normalise
 
@@ -55,6 +56,10 @@ class MemoryKernel(nn.Module):
         self.read = level.read
         self.order = level.order
         self.meta = level.meta
+        # the generalised delta rule (SEMANTICS §3): `_delta_step` steps it, the delta form solves it
+        self.delta_extras = tuple(delta_extras(level))
+        self.substeps = concrete(level.substeps)
+        self.implicit = bool(self.optimizer_args.get("implicit", False))
         self.init_kind = level.init.name
         # A normalised memory stores one more value row, the normaliser z: its read of a value
         # channel held at 1 (SEMANTICS §3).
@@ -152,16 +157,32 @@ class MemoryKernel(nn.Module):
 
     def _step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
               position: int) -> Tensor | None:
-        retain = gates["retain"]
         anchor_before = state.anchor
         output_before = self.apply(anchor_before, q) if (q is not None and self.read == "before") else None
         window = None
         if self.objective.windowed:
             state.window = (state.window + [(k, v, gates["gamma"])])[-self.objective_args["window"]:]
             window = state.window
+        if self.delta_extras:  # updated every token (the checker's condition): the anchor is the state
+            new = [self._delta_step(state.weights[0], k, v, gates)]
+        else:
+            new = self._gradient_step(state, k, v, window, gates)
+        if self.meta == "stop":
+            new = [w.detach() for w in new]
+        state.weights = new
+        if (position + 1) % self.every == 0:
+            state.anchor = list(new)
+            state.retain_product = None
+        if q is None:
+            return None
+        return output_before if self.read == "before" else self.apply(state.weights, q)
+
+    def _gradient_step(self, state: LevelState, k, v, window, gates) -> list[Tensor]:
+        """The optimizer's step on the objective's gradient at the anchor (autograd), weight by weight."""
         if self.order == "decay_first":
             # Gradient at the anchor decayed by the retain gates accumulated since the anchor
             # (a per-channel gate keeps its channels: the product has the gate's own shape).
+            retain = gates["retain"]
             state.retain_product = retain if state.retain_product is None else state.retain_product * retain
             at = [self._scale(w, state.retain_product) for w in state.anchor]
         else:
@@ -175,15 +196,39 @@ class MemoryKernel(nn.Module):
             if momentum is not None:
                 state.momentum[index] = momentum
             new.append(weight)
-        if self.meta == "stop":
-            new = [w.detach() for w in new]
-        state.weights = new
-        if (position + 1) % self.every == 0:
-            state.anchor = list(new)
-            state.retain_product = None
-        if q is None:
-            return None
-        return output_before if self.read == "before" else self.apply(state.weights, q)
+        return new
+
+    def _delta_step(self, weight: Tensor, k: Tensor, v: Tensor, gates: dict[str, Tensor]) -> Tensor:
+        """One token of the generalised delta rule (SEMANTICS §3), written out: for each of its N
+        steps j, with e = erase * k_j and w = lr_j * k_j (divided by 1 + w.e for the implicit step),
+        R = write * v_j - M' e and M = M' + R w^T. M' is the state decayed by retain before the
+        first step (decay_first), or the undecayed one, decayed in the update (grad_first); later
+        steps read the state the previous one left. k [B, H, N * dk], v [B, H, N * dv]; the
+        per-step gates hold N values (or N * channels) per head, retain one per token."""
+        batch, heads = k.shape[:2]
+        steps = self.substeps
+
+        def per_step(x: Tensor) -> Tensor:  # [B, H], [B, H, N] or [B, H, N * d] -> [B, H, N, 1 or d]
+            return x[:, :, None, None].expand(batch, heads, steps, 1) if x.dim() == 2 else x.reshape(batch, heads,
+                                                                                                       steps, -1)
+
+        keys, values, lrs = per_step(k), per_step(v), per_step(gates["lr"])
+        erases = per_step(gates["erase"]) if "erase" in gates else None
+        writes = per_step(gates["write"]) if "write" in gates else None
+        for j in range(steps):
+            key = keys[:, :, j]
+            erase_key = key if erases is None else erases[:, :, j] * key
+            target = values[:, :, j] if writes is None else writes[:, :, j] * values[:, :, j]
+            lr = lrs[:, :, j]
+            if self.implicit:  # the residual at the updated memory: lr / (1 + (lr k).e)
+                lr = lr / (1.0 + (lr * key * erase_key).sum(-1, keepdim=True))
+            decayed = self._scale(weight, gates["retain"]) if j == 0 else weight
+            read_at = decayed if (self.order == "decay_first" or j > 0) else weight
+            residual = target - torch.einsum("bhvk,bhk->bhv", read_at, erase_key)
+            if self.meta != "full":  # as the gradient is under first_order: a constant of the outer level
+                residual, key = residual.detach(), key.detach()
+            weight = decayed + residual[..., :, None] * (lr * key)[..., None, :]
+        return weight
 
     def _scale(self, weight: Tensor, gate: Tensor) -> Tensor:
         """gate * weight, a per-head gate broadcast, a per-channel gate along the key side."""
@@ -255,21 +300,26 @@ class MemoryLevel(ReadOut, nn.Module):
         # A level that only generates other levels' inputs is never read with a query and has no
         # output projection: its read-out is the raw M(input).
         roles = ("key", "value", "query") if readable else ("key", "value")
+        # Under `substeps N` a key or value pipeline gives N of them per head, side by side: it is
+        # built N times as wide, with N times the heads, so that per-head stages (l2norm) see each.
+        self.copies = {role: concrete(step_copies(level, role)) for role in (*roles, *GATE_ROLES)}
         self.pipelines = nn.ModuleDict({
-            role: Pipeline(getattr(level, role), dim, dim, heads, role) for role in roles
+            role: Pipeline(getattr(level, role), dim, dim * self.copies[role], heads * self.copies[role], role)
+            for role in roles
         })
         for role, pipeline in self.pipelines.items():
-            if pipeline.out_width % heads:
+            if pipeline.out_width % (heads * self.copies[role]):
                 raise BackendError(f"level `{level.name}`: its {role} has width {pipeline.out_width}, "
-                                   f"which {heads} heads do not divide")
-        key_dim = self.pipelines["key"].out_width // heads
-        value_dim = self.pipelines["value"].out_width // heads
+                                   f"which {heads * self.copies[role]} heads (and steps) do not divide")
+        key_dim = self.pipelines["key"].out_width // (heads * self.copies["key"])
+        value_dim = self.pipelines["value"].out_width // (heads * self.copies["value"])
         if readable and self.pipelines["query"].out_width // heads != key_dim:
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
+        channels = {"key": key_dim, "value": value_dim}
         # `let` bindings first: the gates may name them
         self.lets = nn.ModuleDict({name: Gate(value, dim, heads, key_dim, f"let {name}") for name, value in level.lets})
         self.gates = nn.ModuleDict({
-            role: Gate(getattr(level, role), dim, heads, key_dim, role)
+            role: Gate(getattr(level, role), dim, heads * self.copies[role], channels[gate_side(role)], role)
             for role in GATE_ROLES if getattr(level, role) is not None
         })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
@@ -284,6 +334,12 @@ class MemoryLevel(ReadOut, nn.Module):
     def heads_of(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], self.heads, -1)
 
+    def steps_side_by_side(self, gate: Tensor, role: str) -> Tensor:
+        """A per-step gate ([B, H * N] or [B, H * N, d], heads major) as [B, H, N] or [B, H, N * d]."""
+        if self.copies[role] == 1:
+            return gate
+        return gate.reshape(gate.shape[0], self.heads, -1)
+
     def generate(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """This level's output on `x` (as another level's pipeline stage), without projection."""
         return self.kernel.normalized_read(self.kernel.apply(weights, self.heads_of(x))).reshape(x.shape[0], -1)
@@ -291,7 +347,8 @@ class MemoryLevel(ReadOut, nn.Module):
     def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor | None:
         inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
         lets = compute_lets(self.lets, lambda gate, earlier: gate(x, position, state, read_level, earlier))
-        gates = {role: g(x, position, state, read_level, lets) for role, g in self.gates.items()}
+        gates = {role: self.steps_side_by_side(g(x, position, state, read_level, lets), role)
+                 for role, g in self.gates.items()}
         query = inputs.get("query")
         if self.kernel.every == 0:
             y = self.kernel.apply(state.weights, query) if query is not None else None

@@ -141,6 +141,61 @@ def test_random_small_specs_equal_the_reference(state, objective, optimizer, eve
     assert_equivalent(result.program, length=11, split=5, diverged=lambda: assume(False))
 
 
+DELTA_LEVEL = """
+level mem : matrix {{
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> l2norm
+    lr = x |> proj{lr} |> sigmoid
+    retain = x |> proj{retain} |> sigmoid
+    objective l2
+    order {order}
+    meta {meta}
+    every 1
+    {fields}
+}}
+""" + ONE_LAYER_MODEL
+PER_CHANNEL = "(per=channel)"
+
+
+@pytest.mark.parametrize("lr, retain, order, meta, fields", [
+    ("", PER_CHANNEL, "decay_first", "full", ""),  # KDA
+    (PER_CHANNEL, "", "grad_first", "full", ""),
+    (PER_CHANNEL, PER_CHANNEL, "grad_first", "first_order", ""),
+    (PER_CHANNEL, PER_CHANNEL, "decay_first", "stop", ""),
+    # the generalised delta rule's fields
+    ("", "", "decay_first", "full", "erase = x |> proj |> sigmoid"),
+    ("", PER_CHANNEL, "decay_first", "full",
+     "erase = x |> proj(per=channel) |> sigmoid\n    write = x |> proj(per=channel) |> sigmoid"),  # GDN-2
+    (PER_CHANNEL, "", "grad_first", "full", "write = x |> proj |> sigmoid\n    optimizer gd(implicit=true)"),
+    ("", "", "decay_first", "full", "substeps 2"),  # Gated DeltaProduct
+    (PER_CHANNEL, PER_CHANNEL, "grad_first", "first_order",
+     "substeps 3\n    erase = learned(init=0.7)\n    write = x |> proj(per=channel) |> sigmoid\n"
+     "    optimizer gd(implicit=true)"),
+    ("", "", "decay_first", "stop", "substeps 2\n    erase = learned(init=0.7, per=channel)\n    write = 0.5"),
+])
+def test_delta_form_equals_the_reference(lr, retain, order, meta, fields):
+    """The delta form (planned, not the token loop) with per-head or per-key-channel lr and retain,
+    the erase and write gates, the implicit step and several steps per token: the reads, the
+    state and every parameter's gradient equal the reference's in float64, over two calls whose
+    segments cut the 64-token segment at 20 and at 64."""
+    text = DELTA_LEVEL.format(lr=lr, retain=retain, order=order, meta=meta, fields=fields)
+    fast = assert_equivalent(nestc.check(text), length=70, split=20)
+    assert fast.plans["mem"].kernel == "delta"
+
+
+def test_the_generalised_delta_rule_read_before_says_why_it_steps_token_by_token():
+    """No form reads before an every-token update; the other forms do not compute erase or substeps."""
+    text = DELTA_LEVEL.format(lr="", retain="", order="grad_first", meta="full", fields="erase = 0.5\n    read before")
+    with pytest.warns(compiled.CompileWarning) as warned:
+        model = compiled.build(nestc.check(text))
+    reason = model.plans["mem"].reason
+    assert model.plans["mem"].kernel == "sequential"
+    assert "the anchored form does not compute the generalised delta rule (erase)" in reason
+    assert "the delta form has no `read before` for a memory updated every token" in reason
+    assert reason in str(warned[0].message)
+
+
 TRAJECTORY_LEVEL = """
 level mem : {state} {{
     key = x |> proj |> l2norm
@@ -462,7 +517,8 @@ def test_constructs_without_a_parallel_form_say_so_with_their_span():
 
 def test_parallel_plans_cover_the_zoo_memories():
     """Which zoo memories run in parallel, so a regression to token-by-token shows up here."""
-    expected = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
+    expected = {"deltanet": "delta", "gated_deltanet": "delta", "kda": "delta", "gla": "trajectory",
+                "linear_attention": "anchored",
                 "retnet": "anchored", "titans": "layered", "ttt_linear": "layered", "ttt_mlp": "layered",
                 "memora": "trajectory", "moneta": "trajectory", "yaad": "trajectory", "atlas": "trajectory"}
     for name, kernel in expected.items():

@@ -149,6 +149,14 @@ def test_bad_gates_are_reported_where_they_stand(fields, code, message):
     assert found and found[0] == (code, message), found
 
 
+def test_bindings_are_refused_with_substeps():
+    text = _spec("    let dt = x |> proj |> sigmoid\n    lr = dt\n    substeps 2").replace(
+        "key = x |> proj |> l2norm", "key = x |> proj(dim=16) |> l2norm").replace("value = x |> proj\n",
+                                                                               "value = x |> proj(dim=16)\n")
+    errors = [(d.code, d.message) for d in analyze_source(SourceFile("s.nest", text)).diagnostics if d.is_error]
+    assert errors == [("N0117", "`let` has no meaning with `substeps`")]
+
+
 def test_a_binding_no_gate_names_is_a_warning():
     result = analyze_source(SourceFile("gates.nest", _spec("    let unused = x |> proj")))
     assert result.ok

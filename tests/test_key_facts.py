@@ -46,7 +46,7 @@ def test_deltanet_mixer_is_the_delta_rule(path, at_repo_root):
     assert mixer.state == ir.Op(name="matrix")
     assert mixer.every.tokens == 1 and mixer.every.steps == 1  # one update per token
     assert isinstance(mixer.objective, ir.Op) and mixer.objective.name == "l2"
-    assert mixer.optimizer == ir.Op(name="gd")
+    assert mixer.optimizer == ir.Op(name="gd", args=(("implicit", False),))  # the explicit step
     assert mixer.read == "after"
     # beta_t: a data-dependent step size x |> proj |> sigmoid
     assert isinstance(mixer.lr, ir.Pipeline)

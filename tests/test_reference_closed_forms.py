@@ -427,6 +427,97 @@ def test_mlp_memory_against_autograd(optimizer, every):
     assert_close(ours, torch.stack([torch.stack(row) for row in finals]), f"{what}: final weights")
 
 
+# --- the generalised delta rule (SEMANTICS §3) ---------------------------------------------------
+
+
+def generalised_delta_rule(k, v, q, g, steps=1, order="decay_first", implicit=False):
+    """Each token's steps j = 1..N in order, with k_j, v_j the j-th of the token's N keys and values
+    and the j-th lr, erase and write gates: e = erase k_j, u = write v_j, w = lr k_j (w / (1 + w.e)
+    for the implicit step), R = u - A e and M = M' + R w^T, where M' = M diag(retain_t) at the
+    first step (the token's one decay) and M after; A = M' under decay_first, the undecayed M at
+    the first step under grad_first."""
+    dk, dv = k.shape[-1] // steps, v.shape[-1] // steps
+    M = torch.zeros(dv, dk)
+    ones = torch.ones(k.shape[0], steps)
+    lr, erase, write = (g.get(role, ones) for role in ("lr", "erase", "write"))
+    ys = []
+    for t in range(k.shape[0]):
+        by_step = [gate[t].reshape(steps, -1) for gate in (lr, erase, write)]
+        for j in range(steps):
+            key, value = k[t, j * dk:(j + 1) * dk], v[t, j * dv:(j + 1) * dv]
+            step_lr, step_erase, step_write = (gate[j] for gate in by_step)
+            decayed = cols(M, g["retain"][t]) if j == 0 else M
+            read_at = M if (j == 0 and order == "grad_first") else decayed
+            e, w = step_erase * key, step_lr * key
+            if implicit:
+                w = w / (1 + w @ e)
+            M = decayed + outer(step_write * value - read_at @ e, w)
+        ys.append(M @ q[t])
+    return torch.stack(ys), M
+
+
+GENERALISED_CASES = [
+    # (name, body, steps, lr, erase, write and retain widths per step: 1 per head, "k" / "v" per channel)
+    ("GDN-2: erase per key channel, write per value channel", "order decay_first", 1, "1", "k", "v", "k"),
+    ("implicit, per-channel lr, grad_first", "optimizer gd(implicit=true)", 1, "k", "1", "1", "1"),
+    ("Gated DeltaProduct, 2 steps", "order decay_first", 2, "1", None, None, "1"),
+    ("3 steps, every gate, implicit", "optimizer gd(implicit=true)", 3, "k", "k", "1", "k"),
+]
+
+
+@pytest.mark.parametrize("body, steps, lr, erase, write, retain", [c[1:] for c in GENERALISED_CASES],
+                         ids=[c[0] for c in GENERALISED_CASES])
+def test_the_generalised_delta_rule_is_its_loop(body, steps, lr, erase, write, retain):
+    T, dk, dv = 13, 4, 6
+    q, k_all, v_all = qkv(190, B, T, H * steps, dk, dv)
+    # a token's N keys side by side in each head (the layout a key pipeline gives under `substeps`)
+    k, v = (x.reshape(B, T, H, steps * x.shape[-1]) for x in (k_all, v_all))
+    q = q[:, :, :H]
+    width = {"1": 1, "k": dk, "v": dv}
+
+    def gate(seed, kind, low=0.0, high=1.0):
+        shape = (B, T, H) if (kind == "1" and steps == 1) else (B, T, H, steps * width[kind])
+        return uniform(seed, *shape, low=low, high=high)
+
+    # retain decays the state once per token
+    gates = {"lr": gate(191, lr), "retain": head_gate(192, T, 0.3, 1.0) if retain == "1" else
+             channel_gate(192, T, dk, 0.3, 1.0)}
+    fields = [body, f"substeps {steps}"]
+    for role, kind, seed in (("erase", erase, 193), ("write", write, 194)):
+        if kind is not None:
+            gates[role] = gate(seed, kind, 0.2, 1.0)
+            fields.append(f"{role} = x |> proj{'(per=channel)' if kind != '1' else ''} |> sigmoid")
+    order = "decay_first" if "decay_first" in body else "grad_first"
+    kern = kernel("\n".join(["objective l2", "every 1", *fields]), H, dk, dv)
+    state, final = compare(kern, k, v, q, gates, generalised_delta_rule, body, steps=steps, order=order,
+                           implicit="implicit" in body)
+    assert_close(state.weights[0], final, f"{body}: final state")
+
+
+def test_the_implicit_step_takes_the_residual_at_the_updated_memory():
+    """gd(implicit=true) is the proximal step: M_t = M' + (u - M_t e)(lr k)^T, the residual read at
+    the memory it produces (with the erase gate: e = erase k), checked at the last token of a run."""
+    T, dk, dv = 6, 4, 5
+    q, k, v = qkv(195, B, T, H, dk, dv, normalize_keys=False)
+    gates = {"lr": head_gate(196, T, 0.5, 2.0), "retain": head_gate(197, T, 0.5, 1.0),
+             "erase": channel_gate(198, T, dk, 0.5, 1.0)}
+    kern = kernel("objective l2\nevery 1\norder decay_first\noptimizer gd(implicit=true)\n"
+                  "erase = x |> proj(per=channel) |> sigmoid", H, dk, dv)
+    _, before = run(kern, k[:, :-1], v[:, :-1], q[:, :-1], {n: g[:, :-1] for n, g in gates.items()})
+    previous = before.weights[0].clone()
+    _, after = run(kern, k[:, -1:], v[:, -1:], q[:, -1:], {n: g[:, -1:] for n, g in gates.items()},
+                   state=before, start=T - 1)
+    new = after.weights[0]
+    key, value, erase_key = k[:, -1], v[:, -1], gates["erase"][:, -1] * k[:, -1]
+    decayed = previous * gates["retain"][:, -1, :, None, None]
+    residual_at_new = value - torch.einsum("bhvk,bhk->bhv", new, erase_key)
+    expected = decayed + gates["lr"][:, -1, :, None, None] * residual_at_new[..., :, None] * key[..., None, :]
+    assert_close(new, expected, "implicit step: M_t - M' = (v - M_t e)(lr k)^T")
+    explicit = decayed + gates["lr"][:, -1, :, None, None] * (
+        value - torch.einsum("bhvk,bhk->bhv", decayed, erase_key))[..., :, None] * key[..., None, :]
+    assert (new - explicit).abs().max() > 1e-2  # the explicit step is another memory
+
+
 # --- streaming: two halves equal one call --------------------------------------------------------
 
 

@@ -325,6 +325,41 @@ def test_per_channel_decay_first_equals_fla_naive_recurrent_kda(g_case, dk, dv):
     assert_close(state.weights[0].transpose(-1, -2), S, f"{tag} final state")
 
 
+# --- the generalised delta rule: vector lr, erase and write gates (DPLR) -------------------------
+
+# The delta rule with an lr per key channel, an erase gate per key channel and a write gate per
+# value channel (SEMANTICS §3): M_t = M' + (w * v - M' (b * k)) (lr * k)^T.
+GENERALISED = """
+    objective l2
+    lr = x |> proj(per=channel) |> sigmoid
+    erase = x |> proj(per=channel) |> sigmoid
+    write = x |> proj(per=channel) |> sigmoid
+    retain = x |> proj(per=channel) |> sigmoid
+    every 1
+"""
+
+
+@pytest.mark.parametrize("dk, dv", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("order", ["grad_first", "decay_first"])
+@pytest.mark.parametrize("g_case", ["keep", "wide", "mixed"])
+def test_vector_lr_erase_and_write_equal_fla_dplr_recurrence(g_case, order, dk, dv):
+    """fla `dplr_recurrence`, S_t = diag(exp(gk)) S_{t-1} + k v^T + b (a^T S_{t-1}) in fla's
+    layout S = M^T: with c = lr * k, e = erase * k, u = write * v the level's step is S_t = D S + c u^T
+    - c (e^T S') with S' = D S (decay_first: a = exp(gk) e) or S (grad_first: a = e), b = -c."""
+    q, k, v = qkv(18, B, T, H, dk, dv)
+    lr, erase = uniform(19, B, T, H, dk), uniform(20, B, T, H, dk, low=0.2, high=1.0)
+    write = uniform(21, B, T, H, dv, low=0.2, high=1.0)
+    g = log_decay_case(g_case, 22, B, T, H, dk)
+    c, e = lr * k, erase * k
+    a = g.exp() * e if order == "decay_first" else e
+    o, S = fla_naive("generalized_delta_rule/dplr").dplr_recurrence(*map(to_bhtd, (q, c, write * v, a, -c, g)))
+    y, state = run(kernel(GENERALISED + f"    order {order}", H, dk, dv), k, v, q * dk ** -0.5,
+                   {"lr": lr, "erase": erase, "write": write, "retain": g.exp()})
+    tag = f"fla dplr as the generalised delta rule [g={g_case}, {order}, dk={dk}, dv={dv}]"
+    assert_close(y, to_bhtd(o), f"{tag} outputs")
+    assert_close(state.weights[0].transpose(-1, -2), S, f"{tag} final state")
+
+
 # --- the oracles themselves ---------------------------------------------------------------------
 
 

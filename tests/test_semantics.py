@@ -357,6 +357,37 @@ def test_other_checks(levels, block, code):
     assert code in codes(analyze(spec(levels, block)))
 
 
+@pytest.mark.parametrize("body, field, column, differs", [
+    ("erase = 0.5; every 4", "erase", 24, "it updates every 4 tokens"),
+    ("write = x |> proj |> sigmoid; objective dot", "write", 24, "objective `dot` is not one"),
+    ("substeps 2; optimizer momentum", "substeps", 24, "optimizer `momentum` is not one"),
+    ("optimizer gd(implicit=true); output softmax", "gd(implicit=true)", 34, "output `softmax` is not one"),
+])
+def test_the_delta_rule_fields_have_no_meaning_off_the_online_delta_rule(body, field, column, differs):
+    """erase, write, substeps and gd's implicit step extend the delta rule: on a level whose rules
+    the delta form does not compute, each is N0117 at the field, with what differs."""
+    diagnostic = only(analyze(spec(f"level mixer : matrix {{ {body} }}")), "N0117")
+    assert diagnostic.message == f"`{field}` has no meaning for level `mixer`"
+    assert (diagnostic.span.line, diagnostic.span.column) == (1, column)
+    assert diagnostic.notes[0].endswith("; here " + differs)
+
+
+def test_the_delta_rule_fields_on_a_vector_state_and_on_attention():
+    assert "state `vector` is not one" in only(analyze(spec("level mixer : vector { write = 0.5 }")), "N0117").notes[0]
+    assert codes(analyze(spec("level mixer : cache { substeps 2 }"))) == ["N0117"]  # not a field of attention
+    assert codes(analyze(spec("level mixer : matrix { substeps 0 }"))) == ["N0106"]
+
+
+def test_the_generalised_delta_rule_checks_and_fills_its_fields():
+    level = analyze(spec("level mixer : matrix {\n    erase = x |> proj(per=channel) |> sigmoid\n"
+                         "    write = learned(init=0.5)\n    substeps 2\n    optimizer gd(implicit=true)\n}")
+                    ).program.level("mixer")
+    assert level.substeps == 2 and isinstance(level.erase, ir.Pipeline) and isinstance(level.write, ir.Op)
+    assert level.optimizer == ir.Op(name="gd", args=(("implicit", True),))
+    plain = analyze(spec("level mixer : matrix")).program.level("mixer")
+    assert (plain.erase, plain.write, plain.substeps) == (None, None, 1)
+
+
 @pytest.mark.parametrize("init", ["init nested", "init choice(meta, nested)"])
 def test_init_nested_is_refused_until_it_is_implemented(init):
     """`init nested` (NL eq. 72) used to train silently as `init meta`; both backends lack it."""

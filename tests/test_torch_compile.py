@@ -42,6 +42,14 @@ model {
 }
 """
 
+# The generalised delta rule (SEMANTICS §3): every field the delta form adds, with per-channel gates.
+GENERALISED_DELTANET = DELTANET.replace("    optimizer gd\n", """    optimizer gd(implicit=true)
+    substeps 2
+    erase = x |> proj(per=channel) |> sigmoid
+    write = x |> proj(per=channel) |> sigmoid
+    retain = x |> proj(per=channel) |> sigmoid
+    order decay_first
+""")
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +96,8 @@ level cms : mlp(expand=2, residual=false) {
 """
 
 
-@pytest.mark.parametrize("spec", [DELTANET, TITANS], ids=["deltanet", "titans"])
+@pytest.mark.parametrize("spec", [DELTANET, GENERALISED_DELTANET, TITANS],
+                         ids=["deltanet", "generalised_deltanet", "titans"])
 def test_the_memory_rule_is_one_graph_without_breaks(spec):
     """Layer by layer, torch.compile takes each memory rule's segment step."""
     _, compiled = _pair(spec, compile="aot_eager")  # the rule compiles with fullgraph=True

@@ -17,7 +17,10 @@ Conventions bridged here (as in test_reference_oracles.py):
 - Some oracles are more general families that reduce to a zoo level at one setting of their extra
   inputs; each such reduction is stated where the oracle is called (e.g. Comba with p = k is Gated
   DeltaNet, GDN-2 with b = w = beta is KDA, the DPLR recurrence with a = k exp(g), b = -beta k is
-  KDA's transition).
+  KDA's transition, DeltaNet's oracles with beta / (1 + beta ||k||^2) are Longhorn's implicit step).
+- Under `substeps N` a token's N keys, values and lrs sit side by side in each head (nestc's
+  layout); fla's gated_delta_product takes them one after another along time (`steps_in_time`).
+- A learned gate (Comba's `erase = learned(...)`) takes the spec's init.
 - Chunk oracles that need T to be a multiple of their chunk get inputs padded at the end with
   zeros: a zero key, value and lr and a zero log decay change neither the state nor earlier outputs.
 
@@ -52,7 +55,7 @@ import nestc
 import oracles
 from nestc.backends.reference import CacheLevel, MemoryKernel
 from nestc.lang import ir
-from nestc.lang.queries import is_memory, per_channel
+from nestc.lang.queries import STEP_ROLES, is_memory, per_channel
 from nestc.passes.plan import plan_level
 from nesttest import REPO
 from oracles import assert_close, fla_naive, generator, uniform
@@ -73,9 +76,12 @@ def zoo_level(spec: str) -> ir.Level:
 
 
 def gate_form(gate, lets=()) -> str:
-    """`constant`, `head` or `channel`: how the spec gives this gate (`lets`: its level's bindings)."""
+    """`constant`, `learned`, `head` or `channel`: how the spec gives this gate (`lets`: its
+    level's bindings)."""
     if isinstance(gate, ir.Constant):
         return "constant"
+    if isinstance(gate, ir.Op) and gate.name == "learned":
+        return "learned"
     if isinstance(gate, (ir.Pipeline, ir.GateExpr, ir.LetRef)):
         return "channel" if per_channel(gate, lets) else "head"
     raise AssertionError(f"no oracle case chooses values for the gate {ir.format_value(gate)}")
@@ -93,7 +99,20 @@ def outermost(gate, lets=()) -> tuple[str, dict]:
 
 
 def gate_roles(level: ir.Level) -> dict[str, object]:
-    return {role: getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None}
+    return {role: getattr(level, role) for role in ("lr", "retain", "momentum", "erase", "write")
+            if getattr(level, role) is not None}
+
+
+def gate_shape(level: ir.Level, role: str, form: str, T: int) -> tuple[int, ...]:
+    """A gate's values as the kernel reads them: [B, T, H] or per channel [B, T, H, d] (d_v for the
+    write gate); under `substeps N` a per-step gate has N of them per head ([B, T, H, N] or
+    [B, T, H, N * d]), a constant or learned per-head one is shared by the steps."""
+    steps = level.substeps if role in STEP_ROLES else 1
+    channels = (DV if role == "write" else DK) if per_channel(getattr(level, role), level.lets) else 1
+    if form in ("constant", "learned") and channels == 1:
+        steps = 1  # one value per head for every step
+    width = steps * channels
+    return (B, T, H) if width == 1 else (B, T, H, width)
 
 
 def ends_in_l2norm(pipeline: ir.Pipeline) -> bool:
@@ -104,10 +123,11 @@ def ends_in_l2norm(pipeline: ir.Pipeline) -> bool:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-# Values a data-dependent gate takes, random and at the ends of its range: every lr here ends in
-# `sigmoid` (0, 1) or `softplus` (0, inf: Mamba-2's dt, of which (0, 1) is a part), every retain in
-# `exp` of a negative number or in `sigmoid` (0, 1), which gate_inputs checks (LAST_STAGE).
-LAST_STAGE = {"lr": (("sigmoid", {"max": 1.0}), ("softplus", {})), "retain": (("exp", {}), ("sigmoid", {"max": 1.0}))}
+# Values a data-dependent gate takes, random and at the ends of its range, by the operation it
+# ends in (gate_inputs checks it): `sigmoid` (0, 1) for lr, erase and write, `softplus` (0, inf) for
+# Longhorn's lr and Mamba-2's dt, `exp` of a negative number or `sigmoid` (0, 1) for retain.
+LAST_STAGE = {"lr": (("sigmoid", {"max": 1.0}), ("softplus", {})), "erase": (("sigmoid", {"max": 1.0}),),
+              "write": (("sigmoid", {"max": 1.0}),), "retain": (("exp", {}), ("sigmoid", {"max": 1.0}))}
 
 
 def lr_values(case: str, seed: int, shape) -> torch.Tensor:
@@ -119,6 +139,19 @@ def lr_values(case: str, seed: int, shape) -> torch.Tensor:
         return torch.full(shape, 1.0 - 1e-6)
     if case == "binary":  # each token either writes fully or not at all
         return torch.where(uniform(seed, *shape) < 0.5, 1e-6, 1.0 - 1e-6)
+    raise ValueError(case)
+
+
+def positive_values(case: str, seed: int, shape) -> torch.Tensor:
+    """A softplus lr: the same cases over (0, inf), `top` far past the explicit step's stability."""
+    if case == "uniform":
+        return uniform(seed, *shape, high=4.0)
+    if case == "tiny":
+        return torch.full(shape, 1e-6)
+    if case == "top":  # the implicit step lr / (1 + lr) stays below 1 (unit keys)
+        return torch.full(shape, 1e3)
+    if case == "binary":
+        return torch.where(uniform(seed, *shape) < 0.5, 1e-6, 1e3)
     raise ValueError(case)
 
 
@@ -136,8 +169,9 @@ def retain_values(case: str, seed: int, shape) -> torch.Tensor:
     raise ValueError(case)
 
 
-GATE_VALUES = {"lr": lr_values, "retain": retain_values}
-# (lr case, retain case); a case names values only for the gates the spec computes from x.
+GATE_VALUES = {"sigmoid": lr_values, "softplus": positive_values, "exp": retain_values}
+# (lr case, retain case); a case names values only for the gates the spec computes from x. The
+# erase and write gates (sigmoids as lr) take the lr column's case.
 GATE_CASES = [("uniform", "uniform"), ("uniform", "wide"), ("tiny", "near1"), ("top", "near0"),
               ("top", "near1"), ("binary", "mixed")]
 
@@ -146,12 +180,13 @@ def cases_for(spec: str) -> list[str]:
     """The gate cases that differ for this spec (in GATE_CASES order): one when all its gates are
     constants."""
     level = zoo_level(spec)
-    varying = [role for role, gate in gate_roles(level).items() if gate_form(gate, level.lets) != "constant"]
+    varying = [role for role, gate in gate_roles(level).items()
+               if gate_form(gate, level.lets) not in ("constant", "learned")]
     if not varying:
         return ["constants"]
     names = []
     for lr, retain in GATE_CASES:
-        chosen = {"lr": lr, "retain": retain}
+        chosen = {"lr": lr, "erase": lr, "write": lr, "retain": retain}
         name = "-".join(f"{role}={chosen[role]}" for role in varying)
         if name not in names:
             names.append(name)
@@ -159,21 +194,24 @@ def cases_for(spec: str) -> list[str]:
 
 
 def gate_inputs(spec: str, case: str, T: int) -> dict[str, torch.Tensor]:
-    """Every gate of the level as [B, T, H] or [B, T, H, d_k]: the spec's constants as written,
-    the named case's values for its pipelines."""
+    """Every gate of the level in the kernel's layout (`gate_shape`): the spec's constants as
+    written, a learned gate at the spec's init, the named case's values for its pipelines."""
     chosen = dict(part.split("=") for part in case.split("-")) if case != "constants" else {}
+    level = zoo_level(spec)
     gates = {}
-    for seed, (role, gate) in enumerate(sorted(gate_roles(zoo_level(spec)).items())):
-        form = gate_form(gate, zoo_level(spec).lets)
-        shape = (B, T, H, DK) if form == "channel" else (B, T, H)
-        if form == "constant":
+    for seed, (role, gate) in enumerate(sorted(gate_roles(level).items())):
+        form = gate_form(gate, level.lets)
+        shape = gate_shape(level, role, form, T)
+        if form in ("constant", "learned"):
+            value = gate.value if form == "constant" else dict(gate.args)["init"]
             # one number, or one per head: the spec's first H heads (the test's levels have H)
-            value = torch.tensor(gate.value[:H] if isinstance(gate.value, tuple) else [gate.value] * H)
-            gates[role] = value.view(1, 1, H, *([1] * (len(shape) - 3))).expand(shape).clone()
+            per_head = torch.tensor(value[:H] if isinstance(value, tuple) else [value] * H, dtype=torch.float32)
+            gates[role] = per_head.view(1, 1, H, *([1] * (len(shape) - 3))).expand(shape).clone()
             continue
-        assert outermost(gate, zoo_level(spec).lets) in LAST_STAGE[role], \
-            f"{spec}: the {role} cases assume one of {LAST_STAGE[role]}"
-        gates[role] = GATE_VALUES[role](chosen[role], 100 + seed, shape)
+        last = outermost(gate, level.lets)
+        assert last in LAST_STAGE[role], f"{spec}: the {role} cases assume {LAST_STAGE[role]}"
+        values = retain_values if role == "retain" else GATE_VALUES[last[0]]  # every retain lies in (0, 1)
+        gates[role] = values(chosen[role], 100 + seed, shape)
     return gates
 
 
@@ -182,15 +220,16 @@ def qkv_inputs(spec: str, T: int):
     spec's pipeline ends in l2norm (as the level sees them: the delta rule with lr up to 1 is
     stable only for |k| <= sqrt(2))."""
     level = zoo_level(spec)
+    steps = level.substeps  # each head's N keys and values side by side (SEMANTICS §3)
     g = generator(sum(map(ord, spec)) + T)
     q = torch.randn(B, T, H, DK, generator=g)
-    k = torch.randn(B, T, H, DK, generator=g)
-    v = torch.randn(B, T, H, DV, generator=g)
+    k = torch.randn(B, T, H, steps, DK, generator=g)
+    v = torch.randn(B, T, H, steps * DV, generator=g)
     if ends_in_l2norm(level.key):
         k = F.normalize(k, dim=-1)
     if ends_in_l2norm(level.query):
         q = F.normalize(q, dim=-1)
-    return q, k, v
+    return q, k.reshape(B, T, H, steps * DK), v
 
 
 # --- nestc ------------------------------------------------------------------------------------------
@@ -427,6 +466,66 @@ def naive_forgetting_attn(q, k, v, gates):
     return o, None
 
 
+# DeltaProduct (several delta steps per token)
+
+
+def steps_in_time(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, T, H, N * d] (each head's N steps side by side) -> [B, T * N, H, d] (fla's layout: the
+    N steps of token t at positions t * N .. t * N + N - 1)."""
+    batch, length, heads, width = x.shape
+    return x.reshape(batch, length, heads, steps, width // steps).transpose(2, 3).reshape(
+        batch, length * steps, heads, width // steps)
+
+
+def gated_delta_product(q, k, v, gates, gated: bool, steps: int = 2):
+    """fla's Gated DeltaProduct with `num_householder` = the spec's substeps; g = None: DeltaProduct."""
+    beta = steps_in_time(gates["lr"], steps)[..., 0]
+    return fla_naive("gated_delta_product").naive_recurrent_gated_delta_product(
+        q, steps_in_time(k, steps), steps_in_time(v, steps), log_decay(gates) if gated else None, beta,
+        scale=QUERY_SCALE, output_final_state=True, num_householder=steps)
+
+
+# Longhorn (the implicit step)
+
+
+def implicit_step(gates, k) -> torch.Tensor:
+    """The delta rule's step that Longhorn's closed form takes: beta / (1 + beta ||k||^2)."""
+    beta = gates["lr"]
+    return beta / (1.0 + beta * k.pow(2).sum(-1))
+
+
+def delta_rule_with_the_implicit_step(q, k, v, gates, chunked=False):
+    """fla's DeltaNet oracles with beta replaced by the implicit step (`implicit_step`)."""
+    implicit = dict(gates, lr=implicit_step(gates, k))
+    return (delta_rule_chunkwise if chunked else delta_rule_recurrence)(q, k, v, implicit)
+
+
+# Comba (the erase gate per head) and GDN-2 (erase per key channel, write per value channel)
+
+
+def naive_recurrent_comba(q, k, v, gates):
+    """Comba's p is the key scaled by the spec's erase gate (`erase = learned(...)`: p = d k)."""
+    return fla_naive("comba").naive_recurrent_comba(q, k, v, gates["erase"][..., None] * k, gates["lr"],
+                                                    log_decay(gates), output_final_state=True)
+
+
+def gdn2(q, k, v, gates, chunked=False):
+    """GDN-2 with its erase gate b = the spec's erase and its write gate w = the spec's write (lr 1)."""
+    module = fla_naive("gdn2")
+    if chunked:
+        return module.naive_chunk_gdn2(q, k, v, log_decay(gates), gates["erase"], gates["write"],
+                                       output_final_state=True, chunk_size=CHUNK)
+    return module.naive_recurrent_gdn2(q, k, v, log_decay(gates), gates["erase"], gates["write"],
+                                       output_final_state=True)
+
+
+def dplr_as_gdn2(q, k, v, gates, chunked=False):
+    """GDN-2's S_t = (I - k (b k)^T) diag(alpha) S_{t-1} + k (w v)^T is DPLR with gk = log alpha,
+    a = alpha * b * k (so that a^T S_{t-1} = (b k)^T diag(alpha) S_{t-1}), b = -k and v -> w v."""
+    alpha = gates["retain"]
+    return dplr(q, k, gates["write"] * v, alpha * gates["erase"] * k, -k, log_decay(gates), chunked)
+
+
 # (zoo spec, fla family, oracle function name, the call on nestc's layout)
 ORACLES = [
     ("deltanet", "delta_rule", "delta_rule_recurrence", delta_rule_recurrence),
@@ -459,6 +558,17 @@ ORACLES = [
     ("kda", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_kda),
     ("kda", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_kda(*a, chunked=True)),
     ("forgetting_transformer", "forgetting_attn", "naive_forgetting_attn", naive_forgetting_attn),
+    ("deltaproduct", "gated_delta_product", "naive_recurrent_gated_delta_product",
+     lambda *a: gated_delta_product(*a, gated=False)),
+    ("gated_deltaproduct", "gated_delta_product", "naive_recurrent_gated_delta_product",
+     lambda *a: gated_delta_product(*a, gated=True)),
+    ("longhorn", "delta_rule", "delta_rule_recurrence", delta_rule_with_the_implicit_step),
+    ("longhorn", "delta_rule", "delta_rule_chunkwise", lambda *a: delta_rule_with_the_implicit_step(*a, chunked=True)),
+    ("comba", "comba", "naive_recurrent_comba", naive_recurrent_comba),
+    ("gdn2", "gdn2", "naive_recurrent_gdn2", gdn2),
+    ("gdn2", "gdn2", "naive_chunk_gdn2", lambda *a: gdn2(*a, chunked=True)),
+    ("gdn2", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_gdn2),
+    ("gdn2", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_gdn2(*a, chunked=True)),
 ]
 CALLS = {(spec, function): call for spec, _, function, call in ORACLES}
 
@@ -614,13 +724,12 @@ def test_normalized_linear_attention_equals_fla_normalize(function, length):
 # --- what the comparisons rest on -------------------------------------------------------------------
 
 
-# The segment form the compiled backend runs each level in (nestc/passes/plan.py). KDA has none yet:
-# the delta form (the online delta rule) takes per-head gates only, and the trajectory form, which
-# takes per-channel ones, needs `every C > 1` for the l2 objective; so its compiled run is token by
-# token (issue 14, item 10).
+# The segment form the compiled backend runs each level in (nestc/passes/plan.py). KDA's per-channel
+# decay runs in the delta form (the UT solve sums its key channels, forms/common.py `delta_solve`).
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
-                  "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "sequential",
-                  "forgetting_transformer": "module"}  # attention: one masked softmax per segment
+                  "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "delta",
+                  "deltaproduct": "delta", "gated_deltaproduct": "delta", "longhorn": "delta", "comba": "delta",
+                  "gdn2": "delta", "forgetting_transformer": "module"}  # attention: one masked softmax per segment
 
 
 def test_every_matched_spec_has_its_compiled_form():

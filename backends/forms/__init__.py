@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nestc.backends.forms.anchored import anchored_segment, delta_segment
+from nestc.backends.forms.anchored import anchored_segment
 from nestc.backends.forms.common import finish_segment
+from nestc.backends.forms.delta import delta_segment
 from nestc.backends.forms.layered import layered_segment
 from nestc.backends.forms.trajectory import trajectory_segment
 from nestc.backends.state import LevelState

@@ -1,12 +1,12 @@
-"""The `anchored` and `delta` forms: matrix and vector memories whose every gradient in the segment
-sits at one state (anchored), and the online delta rule solved by the UT transform (delta)."""
+"""The `anchored` form: matrix and vector memories whose every gradient in the segment sits at one
+state."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from nestc.backends.forms.common import decay_matrix, objective_gates, ut_solve
+from nestc.backends.forms.common import decay_matrix, objective_gates
 from nestc.backends.state import LevelState
 
 
@@ -79,24 +79,4 @@ def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> T
     if kernel.read == "before" and q is not None:
         before = torch.einsum("bhvk,bhtk->bhtv", anchor, q) if matrix else anchor[:, :, None, :] * q
         return before
-    return y
-
-
-def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
-    """The online delta rule (`every 1`, l2, gd, matrix) exactly, by the UT transform."""
-    lr, retain = gates["lr"], gates["retain"]
-    weights0 = state.weights[0]
-    residual, decay = ut_solve(weights0, k, v, lr, retain, kernel.order)
-    start_decay = torch.cumprod(retain, dim=-1)
-    key = k
-    if kernel.meta != "full":  # the inner gradient -R k^T is a constant of the outer level
-        residual, key = residual.detach(), k.detach()
-    delta = lr[..., None] * residual
-    cut = (lambda t: t.detach()) if kernel.meta == "stop" else (lambda t: t)
-    y = None
-    if q is not None:
-        scores = torch.einsum("bhtk,bhik->bhti", q, cut(key)) * cut(decay)
-        y = cut(start_decay)[..., None] * torch.einsum("bhvk,bhtk->bhtv", cut(weights0), q) + scores @ cut(delta)
-    new = start_decay[..., -1, None, None] * weights0 + torch.einsum("bhi,bhiv,bhik->bhvk", decay[..., -1, :], delta, key)
-    state.weights = [new.detach() if kernel.meta == "stop" else new]
     return y

@@ -62,25 +62,37 @@ def finish_segment(kernel, state: LevelState, start: int | Tensor, size: int, re
 
 def ut_solve(weights0: Tensor, keys: Tensor, values: Tensor, lr: Tensor, retain: Tensor, order: str):
     """The delta rule M_t = retain_t M_{t-1} + lr_t R_t k_t^T, R_t = v_t - M' k_t (M' = M_{t-1}, or
-    retain_t M_{t-1} under decay_first), over a segment: returns delta_t = lr_t R_t.
+    retain_t M_{t-1} under decay_first), over a segment, gates per head [B, H, S]: returns R_t
+    and the decay matrix D[t, i] (`delta_solve` with the key as the erase key)."""
+    residual, decay = delta_solve(weights0, keys, lr[..., None] * keys, values, retain[..., None], order)
+    return residual, decay[:, :, 0]
 
-    Unrolled, M_t = b_t M_0 + sum_{i<=t} D[t, i] delta_i k_i^T, so the R_t solve one unit
-    lower-triangular system (I + A) R = V - c * (K M_0^T), A[t, i] = E[t, i] (k_t . k_i) lr_i for
-    i < t, where E and c are the decay from i (or from the segment start) to t (decay_first) or
-    to t - 1 (grad_first). This is the UT transform of DeltaNet's chunkwise algorithm."""
-    size = keys.shape[2]
-    decay = decay_matrix(retain)
-    start_decay = torch.cumprod(retain, dim=-1)
+
+def delta_solve(weights0: Tensor, erase: Tensor, write: Tensor, targets: Tensor, retain: Tensor, order: str):
+    """The generalised delta rule over a segment: M_t = M'_t + R_t w_t^T with R_t = u_t - M'_t e_t,
+    where M'_t = M_{t-1} diag(retain_t) under decay_first (R_t is read at the decayed state) and
+    R_t is read at M_{t-1} under grad_first (then M_t = M_{t-1} diag(retain_t) + R_t w_t^T).
+    erase e, write w [B, H, S, dk], targets u [B, H, S, dv], retain [B, H, S, C]: C = 1 (per head)
+    or dk (per key channel). Returns R [B, H, S, dv] and the decay matrices D [B, H, C, S, S],
+    D[c, t, i] = prod_{j=i+1..t} retain_j[c].
+
+    Unrolled, M_t = M_0 diag(b_t) + sum_{i<=t} R_i (w_i * D[:, t, i])^T (b_t the decay since the
+    segment start), so the R_t solve one unit lower-triangular system (I + A) R = U - M_0 (c_t * e_t),
+    A[t, i] = sum_c e_t[c] w_i[c] E[c, t, i] for i < t, where E and c are the decay from i (or from
+    the segment start) to t (decay_first) or to t - 1 (grad_first). This is the UT transform of
+    DeltaNet's chunkwise algorithm, with KDA's per-channel decay inside the sum over channels."""
+    size = erase.shape[2]
+    decay = decay_matrix(retain.transpose(-1, -2))  # [B, H, C, S, S]
+    start_decay = torch.cumprod(retain, dim=2)  # [B, H, S, C]
     if order == "decay_first":
         error_decay, error_start = decay, start_decay
     else:
         error_decay = torch.cat([torch.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], dim=-2)
-        error_start = torch.cat([torch.ones_like(start_decay[..., :1]), start_decay[..., :-1]], dim=-1)
-    strict = torch.ones(size, size, dtype=torch.bool, device=keys.device).tril(-1)
-    system = torch.where(strict, error_decay * torch.einsum("bhtk,bhik->bhti", keys, keys) * lr[..., None, :],
-                         torch.zeros((), dtype=keys.dtype, device=keys.device))
-    identity = torch.eye(size, dtype=keys.dtype, device=keys.device)
-    right = values - error_start[..., None] * torch.einsum("bhvk,bhtk->bhtv", weights0, keys)
+        error_start = torch.cat([torch.ones_like(start_decay[:, :, :1]), start_decay[:, :, :-1]], dim=2)
+    strict = torch.ones(size, size, dtype=erase.dtype, device=erase.device).tril(-1)
+    system = decayed_scores(erase, write, error_decay) * strict
+    identity = torch.eye(size, dtype=erase.dtype, device=erase.device)
+    right = targets - torch.einsum("bhvk,bhtk->bhtv", weights0, error_start * erase)
     # torch has no triangular solve in bfloat16 (on CPU or CUDA): under `--bf16` autocast the
     # system is solved in float32, and the result handed on in the dtype the arithmetic gave.
     dtype = torch.promote_types(system.dtype, right.dtype)
@@ -88,6 +100,14 @@ def ut_solve(weights0: Tensor, keys: Tensor, values: Tensor, lr: Tensor, retain:
     residual = torch.linalg.solve_triangular((identity + system).to(solve_dtype), right.to(solve_dtype), upper=False,
                                              unitriangular=True).to(dtype)
     return residual, decay
+
+
+def decayed_scores(left: Tensor, right: Tensor, decay: Tensor) -> Tensor:
+    """S[t, i] = sum_c left_t[c] right_i[c] decay[c, t, i] for left, right [B, H, S, d] and decay
+    [B, H, C, S, S]: one matmul when the decay is per head (C = 1), a sum over channels otherwise."""
+    if decay.shape[2] == 1:
+        return (left @ right.transpose(-1, -2)) * decay[:, :, 0]
+    return torch.einsum("bhtc,bhic,bhcti->bhti", left, right, decay)
 
 
 def gate_on_map(gate: Tensor, shape: tuple[int, int], channels: int) -> Tensor:

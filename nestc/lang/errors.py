@@ -209,7 +209,11 @@ on the task loss (a feed-forward block has no heads' read-out); a `momentum` gat
 optimizer `momentum` or `muon`; a `gamma` gate without objective `omega`, a `threshold` gate
 without objective `huber_token`, or a per-channel `threshold` (it is one value per head); an
 output norm or gate on the memory of a `mac` block, or those or `retain` on its attention;
-`normalize` on a level that is not a matrix memory with objective `dot` updated in the sequence.
+`normalize` on a level that is not a matrix memory with objective `dot` updated in the sequence; `erase`,
+`write`, `substeps` or `gd(implicit=true)` on a level that is not the online delta rule (a
+`matrix` state, objective `l2`, optimizer `gd`, `every 1`, no output map).
+
+    level m : matrix { substeps 2; every 16 }    # error: substeps are steps of the online rule
 """),
     "N0118": ("heads do not divide the width", """
 The model width `dim` is split evenly across heads: `dim` must be a multiple of `heads` (for the

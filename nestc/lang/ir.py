@@ -165,6 +165,8 @@ class Level(Node):
     lr: Gate | None
     retain: Gate | None
     momentum: Gate | None
+    erase: Gate | None  # the generalised delta rule's gates (SEMANTICS §3); None: 1
+    write: Gate | None
     gamma: Gate | None
     threshold: Gate | None
     objective: Op | Choice | None
@@ -182,6 +184,7 @@ class Level(Node):
     normalize: bool | Choice | None = None
     output_norm: str | Choice | None = None  # none: the read-out as it is
     output_gate: Pipeline | None = None
+    substeps: int | SearchValue = 1
     span: Span | None = _span_field()
 
 

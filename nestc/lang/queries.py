@@ -10,9 +10,37 @@ from typing import Iterator
 from nestc import rules
 from nestc.lang import ir
 
-# A memory level's gates: those of its optimizer, then those its objective reads.
-GATE_ROLES = ("lr", "retain", "momentum", *rules.OBJECTIVE_GATES)
+# The generalised delta rule's own gates (SEMANTICS §3): `erase` scales the key at which the memory
+# is read for the residual (per head or per key channel), `write` the value (per head or per value
+# channel).
+DELTA_GATES = ("erase", "write")
+# A memory level's gates: those of its optimizer, the delta rule's, then those its objective reads.
+GATE_ROLES = ("lr", "retain", "momentum", *DELTA_GATES, *rules.OBJECTIVE_GATES)
 GENERATED_ROLES = ("key", "value", "query", *GATE_ROLES)
+# What a token gives once per step under `substeps N` (N of them side by side in each head); the
+# retain gate decays the state once per token.
+STEP_ROLES = frozenset({"key", "value", "lr", "erase", "write"})
+
+
+def step_copies(level: ir.Level, role: str):
+    """How many of this input or gate a token gives per head: `substeps` for a per-step role, else 1."""
+    return level.substeps if role in STEP_ROLES else 1
+
+
+def gate_side(role: str) -> str:
+    """The side whose channels a per-channel gate has: the value's for `write`, else the key's."""
+    return "value" if role == "write" else "key"
+
+
+def delta_extras(level: ir.Level) -> list[str]:
+    """The generalised delta rule's fields this level gives: erase, write, substeps, gd(implicit)."""
+    extras = [role for role in DELTA_GATES if getattr(level, role) is not None]
+    if level.substeps != 1:
+        extras.append("substeps")
+    optimizer = level.optimizer
+    if isinstance(optimizer, ir.Op) and dict(optimizer.args).get("implicit"):
+        extras.append("gd(implicit=true)")
+    return extras
 
 
 def per_channel(gate: ir.Gate | None, lets: tuple[tuple[str, ir.Gate], ...] = ()) -> bool:

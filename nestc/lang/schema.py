@@ -171,6 +171,9 @@ LEVEL_FIELDS = {
         Param("lr", "gate", None, doc="inner learning rate"),
         Param("retain", "gate", None, doc="keep factor of the old state (1 = no forgetting)"),
         Param("momentum", "gate", None, doc="decay of the inner momentum"),
+        # the generalised delta rule's (SEMANTICS §3): R = write * v - M' (erase * k)
+        Param("erase", "gate", None, doc="scales the key at which the delta rule reads the memory for its residual"),
+        Param("write", "gate", None, doc="scales the value the delta rule writes (per head or per value channel)"),
         # the gates that only an objective reads (omega's gamma, huber_token's threshold)
         *(Param(role, "gate", None, doc=gate.doc) for role, gate in rules.OBJECTIVE_GATES.items()),
         Param("objective", "objective", None),
@@ -195,6 +198,8 @@ LEVEL_FIELDS = {
               doc="normalisation of each head's read-out, with a learned gain (GDN, RetNet)"),
         Param("output_gate", "source", None,
               doc="multiplies the read-out, channel by channel: a pipeline from x (`x |> proj |> silu`)"),
+        Param("substeps", "int", 1, minimum=1,
+              doc="delta-rule steps per token, each with its own key, value, lr, erase and write (DeltaProduct)"),
     )
 }
 

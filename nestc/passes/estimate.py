@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from nestc import rules
 from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
-from nestc.lang.queries import GATE_ROLES, block_levels, reachable_levels
+from nestc.lang.queries import GATE_ROLES, block_levels, gate_side, reachable_levels, step_copies
 from nestc.lang.schema import FEATURE_WIDTHS
 
 FLOAT_BYTES = 4
@@ -159,10 +159,14 @@ class _LayerTally:
             return
         heads = concrete(level.heads) or model_heads
         roles = ("key", "value", "query") if readable else ("key", "value")
-        widths = {role: self._pipeline(getattr(level, role), dim, dim, heads) for role in roles}
-        key_dim, value_dim = widths["key"] // heads, widths["value"] // heads
-        for gate in [getattr(level, role) for role in GATE_ROLES] + [value for _, value in level.lets]:
-            self._gate(gate, dim, heads, key_dim)
+        copies = {role: concrete(step_copies(level, role)) for role in (*roles, *GATE_ROLES)}  # `substeps`
+        widths = {role: self._pipeline(getattr(level, role), dim, dim * copies[role], heads) for role in roles}
+        key_dim, value_dim = widths["key"] // (heads * copies["key"]), widths["value"] // (heads * copies["value"])
+        channels = {"key": key_dim, "value": value_dim}
+        for role in GATE_ROLES:
+            self._gate(getattr(level, role), dim, heads * copies[role], channels[gate_side(role)])
+        for _, value in level.lets:  # a binding: one value per head (or per key channel) and token
+            self._gate(value, dim, heads, key_dim)
         # a normalised memory stores its normaliser as one more value row
         shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim + bool(concrete(level.normalize)))
         maps = _elements(shapes)

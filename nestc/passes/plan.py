@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from nestc import rules
 from nestc.lang import ir
-from nestc.lang.queries import generators, is_memory, model_nodes, per_channel
+from nestc.lang.queries import delta_extras, generators, is_memory, model_nodes, per_channel
 from nestc.backends.common import concrete
 from nestc.passes.fusion import FusionGroup, fusion_groups
 
@@ -34,12 +34,14 @@ class MemoryRule:
     every: int
     read: str
     order: str
+    delta_extras: tuple[str, ...]  # the generalised delta rule's fields it gives (queries.delta_extras)
 
     @classmethod
     def of(cls, level: ir.Level) -> "MemoryRule":
         return cls(state=rules.STATES[level.state.name], objective=rules.OBJECTIVES[level.objective.name],
                    optimizer=rules.OPTIMIZERS[level.optimizer.name], output=rules.OUTPUTS[level.output.name],
-                   every=concrete(level.every.tokens), read=level.read, order=level.order)
+                   every=concrete(level.every.tokens), read=level.read, order=level.order,
+                   delta_extras=tuple(delta_extras(level)))
 
 
 def plan_level(level: ir.Level) -> LevelPlan:
@@ -73,7 +75,9 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
 
 def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
     """Why `form` cannot compute this rule although its rules list the form, or ""."""
-    if per_channel and form != "trajectory":
+    if kernel.delta_extras and form != "delta":
+        return f"does not compute the generalised delta rule ({', '.join(kernel.delta_extras)})"
+    if per_channel and form not in ("delta", "trajectory"):
         return "takes per-head gates only"
     if kernel.every == 1:
         if kernel.read == "before":

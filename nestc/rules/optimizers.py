@@ -50,7 +50,11 @@ class Optimizer(Rule):
 
 
 class GradientDescent(Optimizer):
-    spec = op_spec("optimizer", "gd", doc="M = retain * M - lr * g")
+    spec = op_spec("optimizer", "gd",
+                   Param("implicit", "bool", False,
+                         doc="the implicit step of the delta rule, lr / (1 + lr k.e): the residual at the updated "
+                             "memory (Longhorn)"),
+                   doc="M = retain * M - lr * g")
     forms = frozenset({"anchored", "delta", "layered", "trajectory"})
 
     def step(self, args, weight, grad, map_input, momentum, gates, scale):

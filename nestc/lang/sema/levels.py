@@ -6,7 +6,7 @@ from __future__ import annotations
 from nestc import rules
 from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Label, did_you_mean
-from nestc.lang.queries import per_channel
+from nestc.lang.queries import delta_extras, per_channel
 from nestc.lang.schema import Param
 from nestc.lang.sema.context import INVALID, Analysis, Invalid, Part, options
 from nestc.lang.sema.values import Values
@@ -172,7 +172,8 @@ class Levels(Part):
         if objective is None and is_parametric and state_rule is not None:
             objective = ir.Op(name=state_rule.default_objective(has_io), args=())
         objectives = _option_names(objective)
-        optimizer = values.get("optimizer") or (ir.Op(name=schema.LEVEL_FIELDS["optimizer"].default)
+        default_optimizer = schema.LEVEL_FIELDS["optimizer"].default
+        optimizer = values.get("optimizer") or (self.values.default_op("optimizer", default_optimizer)
                                                 if is_parametric else None)
         optimizers = _option_names(optimizer)
         continuum = any(rules.OBJECTIVES[o].continuum for o in objectives)
@@ -245,7 +246,7 @@ class Levels(Part):
         normalize = values.get("normalize")
         if True in options(normalize):
             self._check_normalize(kinds, objectives, every, fields)
-        return ir.Level(
+        level = ir.Level(
             name=name,
             state=state,
             key=None if task else values.get("key") or default_source,
@@ -254,6 +255,8 @@ class Levels(Part):
             lr=values.get("lr") or (ir.Constant(value=1.0) if is_parametric else None),
             retain=values.get("retain") or (ir.Constant(value=1.0) if is_parametric else None),
             momentum=momentum,
+            erase=values.get("erase"),
+            write=values.get("write"),
             **objective_gates,
             objective=objective,
             optimizer=optimizer,
@@ -268,8 +271,42 @@ class Levels(Part):
             normalize=normalize or None,
             output_norm=values.get("output_norm"),
             output_gate=values.get("output_gate"),
+            substeps=values.get("substeps", 1),
             span=span,
         )
+        if is_parametric:
+            self._check_delta_extras(level, fields)
+        if lets and isinstance(level.substeps, int) and level.substeps > 1:
+            self.error("N0117", "`let` has no meaning with `substeps`", next(iter(bindings.values())).key_span,
+                       label="one value per head and token",
+                       notes=(f"under `substeps {level.substeps}` the lr, erase and write gates give "
+                              f"{level.substeps} values per head, one per step; a binding gives one",),
+                       help="write the gates out without the binding")
+        return level
+
+    def _check_delta_extras(self, level: ir.Level, fields) -> None:
+        """The erase and write gates, `substeps` and gd's implicit step are parts of the online
+        delta rule (SEMANTICS §3); on any other rule they would mean nothing, so they are refused."""
+        extras = delta_extras(level)
+        if not extras:
+            return
+        # The delta rule is the rules that the `delta` segment form computes (nestc/rules/ `forms`).
+        parts = (("state", rules.STATES, level.state), ("objective", rules.OBJECTIVES, level.objective),
+                 ("optimizer", rules.OPTIMIZERS, level.optimizer), ("output", rules.OUTPUTS, level.output))
+        differs = [f"{kind} `{name}` is not one" for kind, registry, value in parts
+                   for name in sorted(_option_names(value)) if "delta" not in registry[name].forms]
+        if level.every.tokens != 1:
+            differs.append(f"it updates every {ir.format_value(level.every.tokens)} tokens")
+        if not differs:
+            return
+        for extra in extras:
+            field = fields["optimizer" if extra.startswith("gd(") else extra]
+            span = field.value.span if extra.startswith("gd(") else field.key_span
+            self.error("N0117", f"`{extra}` has no meaning for level `{level.name}`", span,
+                       label="a field of the online delta rule",
+                       notes=("erase, write, substeps and gd(implicit=true) extend the online delta rule: rules that "
+                              "its `delta` form computes (" + _delta_rules() + "), updated `every 1`; here "
+                              + ", ".join(differs),))
 
     @staticmethod
     def _binding_used(name: str, fields: dict[str, ast.Field], bindings: dict[str, ast.Field]) -> bool:
@@ -418,6 +455,14 @@ class Levels(Part):
                            init_field.value.span,
                            label=f"{ir.format_value(other.state)} vs {ir.format_value(state)}",
                            help="pretrained initial states copy parameters: both levels need the same state")
+
+
+def _delta_rules() -> str:
+    """The rules the `delta` form computes, by kind, as the registries list them."""
+    registries = (("state", rules.STATES), ("objective", rules.OBJECTIVES), ("optimizer", rules.OPTIMIZERS),
+                  ("output", rules.OUTPUTS))
+    return "; ".join(f"{kind} " + " or ".join(f"`{name}`" for name, rule in registry.items() if "delta" in rule.forms)
+                     for kind, registry in registries)
 
 
 def _option_names(value) -> set[str]:

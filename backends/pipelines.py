@@ -77,6 +77,8 @@ class Stage(nn.Module):
             return tensor_polynomial(x.unflatten(-1, (self.heads, -1)), args["degree"]).flatten(-2)
         if kind == "taylor":
             return taylor_features(x.unflatten(-1, (self.heads, -1))).flatten(-2)
+        if kind == "square":
+            return square_features(x.unflatten(-1, (self.heads, -1))).flatten(-2)
         per_head = x.reshape(x.shape[0], self.heads, -1)
         if kind == "l2norm":
             return F.normalize(per_head, dim=-1).reshape(x.shape)
@@ -112,9 +114,14 @@ def taylor_features(x: Tensor) -> Tensor:
     """Based's feature map on the last axis of x [..., d]: [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))],
     the second-order Taylor expansion of exp(q.k / sqrt(d)) as an inner product."""
     head_dim = x.shape[-1]
-    square = (x[..., :, None] * x[..., None, :]).flatten(-2)
     return torch.cat([x.new_ones(x.shape[:-1] + (1,)), x / head_dim ** 0.25,
-                      square / math.sqrt(2 * head_dim)], dim=-1)
+                      square_features(x) / math.sqrt(2)], dim=-1)
+
+
+def square_features(x: Tensor) -> Tensor:
+    """ReBased's feature map on the last axis of x [..., d]: vec(x x^T) / sqrt(d), whose inner
+    products are the squared kernel (q.k)^2 / d."""
+    return (x[..., :, None] * x[..., None, :]).flatten(-2) / math.sqrt(x.shape[-1])
 
 
 def causal_convolution(frames: Tensor, weight: Tensor, size: int) -> Tensor:

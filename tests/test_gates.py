@@ -15,6 +15,7 @@ from nestc.lang.source import SourceFile
 from nestc.lang.syntax import parse
 from nestc.passes.fusion import fusion_signature
 from nestc.passes.estimate import estimate
+from nesttest import REPO
 
 HEADS = 2
 
@@ -175,3 +176,27 @@ def test_a_continuum_level_takes_one_number_per_gate():
                                             ("    let a = x |> proj\n    retain = a * [0.5, 0.9, 0.99]", "`retain`")])
 def test_a_per_head_list_must_match_the_heads(fields, where):
     assert _errors(fields) == [("N0105", f"{where} gives 3 values, one per head, but level `mixer` has 2 heads")]
+
+
+def test_gated_deltanet_starts_with_its_decay_near_one():
+    """Issue 14's init fix: specs/gated_deltanet.nest's retain gate at initialisation, on inputs of
+    unit RMS (what its rmsnorm gives), is exp(-softplus(b_h)) up to the projection's small term:
+    0.999 to 0.905 across the heads (Mamba-2's softplus(b) in [1e-3, 1e-1]). The former line,
+    exp(-softplus(w.x + b)) with torch's initialisation, started near exp(-softplus(0)) = 0.5."""
+    from nestc.lang import overrides
+    from nestc.lang.sema import read_source
+
+    def retain_at_init(assignments):
+        source = read_source(str(REPO / "specs" / "gated_deltanet.nest"))
+        changed = overrides.apply(source, assignments)
+        result = analyze_source(changed.main, replaced_imports=changed.imported)
+        torch.manual_seed(0)
+        level = reference.build(result.program).layers[0].levels["mixer"]
+        x = torch.randn(4096, 128)
+        with torch.no_grad():
+            return _gates(level, x)["retain"].mean(0)
+
+    fixed = retain_at_init([])
+    assert fixed.shape == (4,) and fixed.min() > 0.85 and fixed.max() > 0.99, fixed
+    former = retain_at_init(["level.mixer.retain=x |> proj(bias=true) |> softplus |> scale(-1) |> exp"])
+    assert 0.4 < former.mean() < 0.6, former

@@ -64,7 +64,8 @@ B, H, DK, DV = 2, 2, 8, 6  # d_k != d_v: a transposed state or read fails on sha
 QUERY_SCALE = DK ** -0.5   # fla's default query scale (see the module docstring)
 CHUNK = 16                 # the fla chunk oracles' chunk size: 67 is a multiple of neither 16 nor 64
 LENGTHS = {"T=13": (13, None), "T=67-split-29": (67, 29)}
-LEVEL = "mixer"            # the memory level of every zoo spec matched here
+LEVEL = "mixer"            # the level of every zoo spec matched here, but for these:
+LEVELS = {"transformer": "attn", "hybrid": "swa"}
 
 
 # --- the zoo level ---------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ LEVEL = "mixer"            # the memory level of every zoo spec matched here
 
 @cache
 def zoo_level(spec: str) -> ir.Level:
-    return nestc.check(str(REPO / "specs" / f"{spec}.nest")).level(LEVEL)
+    return nestc.check(str(REPO / "specs" / f"{spec}.nest")).level(LEVELS.get(spec, LEVEL))
 
 
 def gate_form(gate, lets=()) -> str:
@@ -124,9 +125,10 @@ def ends_in_l2norm(pipeline: ir.Pipeline) -> bool:
 
 
 # Values a data-dependent gate takes, random and at the ends of its range, by the operation it
-# ends in (gate_inputs checks it): `sigmoid` (0, 1) for lr, erase and write, `softplus` (0, inf) for
+# ends in (gate_inputs checks it): `sigmoid` (0, 1) for lr, erase, write and momentum, `softplus` (0, inf) for
 # Longhorn's lr and Mamba-2's dt, `exp` of a negative number or `sigmoid` (0, 1) for retain.
 LAST_STAGE = {"lr": (("sigmoid", {"max": 1.0}), ("softplus", {})), "erase": (("sigmoid", {"max": 1.0}),),
+              "momentum": (("sigmoid", {"max": 1.0}),),
               "write": (("sigmoid", {"max": 1.0}),), "retain": (("exp", {}), ("sigmoid", {"max": 1.0}))}
 
 
@@ -186,7 +188,7 @@ def cases_for(spec: str) -> list[str]:
         return ["constants"]
     names = []
     for lr, retain in GATE_CASES:
-        chosen = {"lr": lr, "erase": lr, "write": lr, "retain": retain}
+        chosen = {"lr": lr, "erase": lr, "write": lr, "momentum": lr, "retain": retain}
         name = "-".join(f"{role}={chosen[role]}" for role in varying)
         if name not in names:
             names.append(name)
@@ -249,9 +251,9 @@ def nestc_result(spec: str, case: str, length: str, backend: str):
         cache_state, reads = None, []
         with torch.no_grad():
             for part in pieces:
-                y, cache_state = oracles.RUN_CACHE[backend](module, k[:, part], v[:, part], q[:, part],
-                                                            gates["retain"][:, part], state=cache_state,
-                                                            start=part.start)
+                retain = gates["retain"][:, part] if "retain" in gates else None
+                y, cache_state = oracles.RUN_CACHE[backend](module, k[:, part], v[:, part], q[:, part], retain,
+                                                            state=cache_state, start=part.start)
                 reads.append(y)
         return torch.cat(reads, dim=1), None
     kern = MemoryKernel(zoo_level(spec), heads=H, key_dim=DK, value_dim=DV)
@@ -459,6 +461,26 @@ def dplr_as_kda(q, k, v, gates, chunked=False):
     return dplr(q, k, beta * v, alpha * k, -beta * k, log_decay(gates), chunked)
 
 
+# Titans with a matrix memory (fla's momentum delta rule with p = k and beta = 1: its buffer M is
+# nestc's momentum negated, eta its lr, mu its momentum, alpha its retain). Its chunk form is not
+# used: it works in log space with log(beta + 1e-6) and differs from its own recurrence by 1.8e-5
+# on unit keys at T = 13, past the tolerance.
+
+
+def recurrent_momentum_delta_rule(q, k, v, gates):
+    o, final = fla_naive("momentum_delta_rule").recurrent_momentum_delta_rule_ref(
+        q, k, v, gates["retain"].log(), gates["momentum"].log(), k, beta=torch.ones_like(gates["lr"]),
+        eta=gates["lr"], output_final_state=True)
+    return o, final[0]
+
+
+def naive_parallel_attn(q, k, v, gates, window=None):
+    """Softmax attention, causal (within the last `window` keys when given), at fla's default
+    scale d_k^-0.5."""
+    o, _max_logits = fla_naive("attn").naive_parallel_attn(q, k, v, window_size=window)
+    return o, None
+
+
 def naive_forgetting_attn(q, k, v, gates):
     """FoX: softmax(q k^T / sqrt(d_k) + the cumulative log forget gates between query and key) v,
     with fla's g = log f and its default scale d_k^-0.5."""
@@ -558,6 +580,9 @@ ORACLES = [
     ("kda", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_kda),
     ("kda", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_kda(*a, chunked=True)),
     ("forgetting_transformer", "forgetting_attn", "naive_forgetting_attn", naive_forgetting_attn),
+    ("transformer", "attn", "naive_parallel_attn", naive_parallel_attn),
+    ("titans_linear", "momentum_delta_rule", "recurrent_momentum_delta_rule_ref", recurrent_momentum_delta_rule),
+    ("hybrid", "attn", "naive_parallel_attn", lambda *a: naive_parallel_attn(*a, window=64)),
     ("deltaproduct", "gated_delta_product", "naive_recurrent_gated_delta_product",
      lambda *a: gated_delta_product(*a, gated=False)),
     ("gated_deltaproduct", "gated_delta_product", "naive_recurrent_gated_delta_product",
@@ -694,6 +719,28 @@ def test_zoo_based_equals_fla_based(function, length):
 
 
 @pytest.mark.usefixtures("kernel_backend")
+@pytest.mark.parametrize("length", list(LENGTHS))
+def test_zoo_rebased_equals_fla_rebased(length):
+    """specs/rebased.nest's mixer (the `square` map on k and q, a dot-objective matrix memory with
+    lr 1, `normalize`) reads what fla's ReBased computes from the raw q and k: (q.k d^-0.5)^2
+    weights normalised by their sum + 1e-6 (the map carries the d^-0.5, so q goes unscaled).
+    In float64: the memory holds the kernel in feature space, where phi(q).phi(k) = (q.k)^2 / d is
+    a sum of d^2 products of either sign, so for a query nearly orthogonal to the keys float32
+    cannot resolve the normaliser that the division then amplifies (5.8e-5 from the float64 value
+    at T=67, where fla squares q.k directly and stays within 2e-7); the rule is the same."""
+    level = zoo_level("rebased")
+    assert level.key.stages[-1].name == level.query.stages[-1].name == "square" and level.normalize
+    q, k, v = (x.double() for x in raw_inputs("rebased", LENGTHS[length][0]))
+    featured = {role: feature_map("rebased", role, x, oracles.backend) for role, x in (("query", q), ("key", k))}
+    assert featured["key"].shape[-1] == DK * DK
+    y, _, _ = normalized_run("rebased", length, featured["query"], featured["key"], v)
+    expected = bhtd(fla_naive("rebased").naive_parallel_rebased(bhtd(q), bhtd(k), bhtd(v), use_norm=True))
+    assert expected.dtype == torch.float64
+    assert_close(y, expected, f"zoo rebased | fla rebased.naive_parallel_rebased | {oracles.backend} | constants "
+                              f"| {length} | outputs (float64)")
+
+
+@pytest.mark.usefixtures("kernel_backend")
 @pytest.mark.parametrize("function", ["naive_recurrent_linear_attn", "naive_chunk_linear_attn"])
 @pytest.mark.parametrize("length", list(LENGTHS))
 def test_normalized_linear_attention_equals_fla_normalize(function, length):
@@ -729,7 +776,8 @@ def test_normalized_linear_attention_equals_fla_normalize(function, length):
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
                   "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "delta",
                   "deltaproduct": "delta", "gated_deltaproduct": "delta", "longhorn": "delta", "comba": "delta",
-                  "gdn2": "delta", "forgetting_transformer": "module"}  # attention: one masked softmax per segment
+                  "gdn2": "delta", "forgetting_transformer": "module", "transformer": "module", "hybrid": "module",
+                  "titans_linear": "sequential"}  # attention: one masked softmax per segment
 
 
 def test_every_matched_spec_has_its_compiled_form():
@@ -741,7 +789,7 @@ def test_every_matched_spec_has_its_compiled_form():
 
 def test_the_normalised_levels_run_in_the_anchored_form():
     """So the compiled runs of the Based and normalised linear attention tests are the segment form."""
-    assert {plan_level(normalized_level(spec)).kernel for spec in ("based", "linear_attention")} == {"anchored"}
+    assert {plan_level(normalized_level(spec)).kernel for spec in ("based", "rebased", "linear_attention")} == {"anchored"}
 
 
 def test_the_spec_constants_reach_the_oracle_comparison():

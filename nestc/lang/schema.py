@@ -64,6 +64,9 @@ STAGES = {
             doc="Based's 2nd-order Taylor feature map [1, x / d^(1/4), x (x) x / (sqrt(2) sqrt(d))] of each "
                 "head's d channels, so that phi(q).phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d); "
                 "1 + d + d^2 channels per head"),
+        op_spec("stage", "square",
+            doc="ReBased's feature map vec(x x^T) / sqrt(d) of each head's d channels, so that "
+                "phi(q).phi(k) = (q.k)^2 / d; d^2 channels per head"),
         op_spec("stage", "rope", Param("base", "number", 10000.0, minimum=1),
             doc="rotary position embedding of each head's channels (queries and keys)"),
     )
@@ -76,6 +79,7 @@ STAGES = {
 FEATURE_WIDTHS = {
     "tensor_poly": lambda d, args: math.comb(d + args["degree"], args["degree"]),  # monomials of degree <= p
     "taylor": lambda d, args: 1 + d + d * d,
+    "square": lambda d, args: d * d,
 }
 
 

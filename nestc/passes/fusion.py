@@ -29,7 +29,7 @@ FUSABLE_FORMS = ("anchored", "delta", "layered", "trajectory")
 # Stages that carry no parameters of their own and act on each channel or head alone, so that one
 # call on stacked levels is each level's call; `proj` and `conv` stack their parameters instead.
 # `rope` (position-dependent across the stacked axis) and `poly` (learned coefficients) do not fuse;
-# nor do the widening feature maps `tensor_poly` and `taylor`: a level read as another's stage
+# nor do the widening feature maps `tensor_poly`, `taylor` and `square`: a level read as another's stage
 # takes keys of its input's width, so the generators a level is stacked with never widen theirs.
 _SHARED_STAGES = frozenset({"identity", "silu", "gelu", "relu", "tanh", "softplus", "exp", "sigmoid", "scale",
                             "elu1", "l2norm", "layernorm", "rmsnorm"})

@@ -329,7 +329,7 @@ def _compiles_alone(module, plan: LevelPlan) -> bool:
     """Whether this level's memory rule runs through torch.compile on its own (layer by layer):
     a segment form whose state is fixed tensors (an omega window is a list that grows)."""
     return (isinstance(module, MemoryLevel) and plan.kernel in ("anchored", "delta", "layered", "trajectory")
-            and not module.kernel.objective.windowed and "query" in module.pipelines)
+            and not module.kernel.objective.windowed and ("query" in module.pipelines or "query" in module.sources))
 
 
 def _kernel_from_tensors(plan: str, kernel, layout: tuple, roles: tuple, k: Tensor, v: Tensor, q: Tensor,
@@ -350,7 +350,7 @@ def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None
             level_state = level_states[name]
             if not isinstance(module, MemoryLevel):
                 continue
-            gates = list(module.gates.values()) + list(module.lets.values())
+            gates = list(module.gates.values()) + list(module.lets.values()) + list(module.sources.values())
             pipelines = list(module.pipelines.values()) + [p for gate in gates for p in gate.pipelines()]
             pipelines += [module.output_gate] if module.output_gate is not None else []
             for stage in (stage for pipeline in pipelines for stage in pipeline.stages):
@@ -486,10 +486,12 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         return torch.cat([attend_segment(module, block, start + offset, state, read_level)
                           for (offset, _), block in zip(spans, blocks)], dim=1)
     heads = module.heads
-    inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
-              for role, p in module.pipelines.items()}
     lets = compute_lets(module.lets, lambda gate, earlier: _gate_sequence(gate, x, start, state, read_level, heads,
                                                                           earlier))
+    inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
+              for role, p in module.pipelines.items()}
+    inputs.update({role: module.source_heads(role, _gate_sequence(gate, x, start, state, read_level, heads, lets))
+                   for role, gate in module.sources.items()})
     gates = {role: _steps_side_by_side(_gate_sequence(gate, x, start, state, read_level, heads * module.copies[role],
                                                       lets), module.copies[role], heads)
              for role, gate in module.gates.items()}

@@ -279,15 +279,7 @@ def combine_gates(op: str, values: list[Tensor]) -> Tensor:
         left = left.unsqueeze(-1)
     elif right.dim() < left.dim():
         right = right.unsqueeze(-1)
-    if op == "+":
-        return left + right
-    if op == "-":
-        return left - right
-    if op == "*":
-        return left * right
-    if op == "/":
-        return left / right
-    raise BackendError(f"unknown gate operator `{op}`")
+    return ir.ARITHMETIC[op](left, right)
 
 
 def compute_lets(lets: nn.ModuleDict, compute) -> dict[str, Tensor]:

@@ -23,8 +23,8 @@ from nestc.backends.common import BackendError, concrete, op_args
 from nestc.backends.pipelines import Gate, Pipeline, compute_lets
 from nestc.backends.state import LevelState, ModelState, Replay, holds_graph
 from nestc.backends.updates import continuum_gradients, continuum_step
-from nestc.lang.queries import (GATE_ROLES, block_levels, delta_extras, gate_side, generators, reachable_levels,
-                                step_copies)
+from nestc.lang.queries import (GATE_ROLES, block_levels, delta_extras, gate_side, generators, per_channel,
+                                reachable_levels, step_copies)
 from nestc.passes.estimate import require_fits
 from nestc.rules.states import normalise
 
@@ -303,21 +303,30 @@ class MemoryLevel(ReadOut, nn.Module):
         # Under `substeps N` a key or value pipeline gives N of them per head, side by side: it is
         # built N times as wide, with N times the heads, so that per-head stages (l2norm) see each.
         self.copies = {role: concrete(step_copies(level, role)) for role in (*roles, *GATE_ROLES)}
+        # An input written as gate arithmetic (HGRN's key = 1 - forget) is a Gate in `sources`, with
+        # the level's width per head; the others are pipelines.
+        from_gates = {role for role in roles if not isinstance(getattr(level, role), ir.Pipeline)}
         self.pipelines = nn.ModuleDict({
             role: Pipeline(getattr(level, role), dim, dim * self.copies[role], heads * self.copies[role], role)
-            for role in roles
+            for role in roles if role not in from_gates
         })
         for role, pipeline in self.pipelines.items():
             if pipeline.out_width % (heads * self.copies[role]):
                 raise BackendError(f"level `{level.name}`: its {role} has width {pipeline.out_width}, "
                                    f"which {heads * self.copies[role]} heads (and steps) do not divide")
-        key_dim = self.pipelines["key"].out_width // (heads * self.copies["key"])
-        value_dim = self.pipelines["value"].out_width // (heads * self.copies["value"])
-        if readable and self.pipelines["query"].out_width // heads != key_dim:
+        widths = {role: self.pipelines[role].out_width if role in self.pipelines else dim - dim % heads
+                  for role in roles}
+        key_dim = widths["key"] // (heads * self.copies["key"])
+        value_dim = widths["value"] // (heads * self.copies["value"])
+        if readable and widths["query"] // heads != key_dim:
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
         channels = {"key": key_dim, "value": value_dim}
-        # `let` bindings first: the gates may name them
+        self.source_channels = {"key": key_dim, "value": value_dim, "query": key_dim}
+        # `let` bindings first: the gates and the inputs made from gates may name them
         self.lets = nn.ModuleDict({name: Gate(value, dim, heads, key_dim, f"let {name}") for name, value in level.lets})
+        self.sources = nn.ModuleDict({role: Gate(getattr(level, role), dim, heads, self.source_channels[role], role)
+                                      for role in sorted(from_gates)})
+        self.per_channel_sources = {role: per_channel(getattr(level, role), level.lets) for role in from_gates}
         self.gates = nn.ModuleDict({
             role: Gate(getattr(level, role), dim, heads * self.copies[role], channels[gate_side(role)], role)
             for role in GATE_ROLES if getattr(level, role) is not None
@@ -334,6 +343,13 @@ class MemoryLevel(ReadOut, nn.Module):
     def heads_of(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], self.heads, -1)
 
+    def source_heads(self, role: str, values: Tensor) -> Tensor:
+        """An input made from gates as [B, H, d] ([B, H, S, d] over a sequence): a per-head value
+        ([B, H], [B, H, S]) stands for each channel of its head."""
+        if self.per_channel_sources[role]:
+            return values
+        return values.unsqueeze(-1).expand(*values.shape, self.source_channels[role])
+
     def steps_side_by_side(self, gate: Tensor, role: str) -> Tensor:
         """A per-step gate ([B, H * N] or [B, H * N, d], heads major) as [B, H, N] or [B, H, N * d]."""
         if self.copies[role] == 1:
@@ -345,8 +361,10 @@ class MemoryLevel(ReadOut, nn.Module):
         return self.kernel.normalized_read(self.kernel.apply(weights, self.heads_of(x))).reshape(x.shape[0], -1)
 
     def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor | None:
-        inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
         lets = compute_lets(self.lets, lambda gate, earlier: gate(x, position, state, read_level, earlier))
+        inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
+        inputs.update({role: self.source_heads(role, g(x, position, state, read_level, lets))
+                       for role, g in self.sources.items()})
         gates = {role: self.steps_side_by_side(g(x, position, state, read_level, lets), role)
                  for role, g in self.gates.items()}
         query = inputs.get("query")

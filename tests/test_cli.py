@@ -363,12 +363,14 @@ def test_compile_shows_every_stage(at_repo_root, tmp_path):
     assert "cms_slow     continuum memory" in plan.stdout
     assert "memory       memory, trajectory form" in invoke("compile", "specs/moneta.nest").stdout
     vector = tmp_path / "vector.nest"
-    vector.write_text("level mem : vector {\n    key = x |> proj\n    value = x |> proj\n    query = x |> proj\n"
-                      "    retain = x |> proj(per=channel) |> sigmoid\n    every 4\n}\n"
-                      "model {\n    vocab 9\n    dim 8\n    heads 2\n    block = residual(rmsnorm |> mem)\n}\n",
-                      encoding="utf-8")
-    assert ("mem          memory, sequential form (the anchored form takes per-head gates only)"
-            in invoke("compile", str(vector)).stdout)
+    for objective, plan_line in (("l2", "mem          memory, anchored form"),  # each channel a memory apart
+                                 ("cosine", "mem          memory, sequential form (the anchored form takes per-head "
+                                            "gates only)")):  # a norm over the channels couples them
+        vector.write_text("level mem : vector {\n    key = x |> proj\n    value = x |> proj\n    query = x |> proj\n"
+                          f"    retain = x |> proj(per=channel) |> sigmoid\n    objective {objective}\n    every 4\n}}\n"
+                          "model {\n    vocab 9\n    dim 8\n    heads 2\n    block = residual(rmsnorm |> mem)\n}\n",
+                          encoding="utf-8")
+        assert plan_line in invoke("compile", str(vector)).stdout
     assert invoke("compile", "specs/deltanet.nest", "--emit", "ir").stdout.startswith("program specs/deltanet.nest")
     assert "LevelDef(name='mixer'" in invoke("compile", "specs/deltanet.nest", "--emit", "ast").stdout
     assert "edges:" in invoke("compile", "specs/deltanet.nest", "--emit", "graph").stdout

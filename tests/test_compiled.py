@@ -530,3 +530,23 @@ def test_parallel_plans_cover_the_zoo_memories():
     hope = compiled.build(nestc.check("specs/hope.nest"))
     assert {hope.plans[n].kernel for n in ("mk", "mv", "mlr", "mretain", "mem")} == {"layered"}
     assert hope.segment == 16
+
+
+@pytest.mark.parametrize("body", [
+    "objective dot\n    every 1",
+    "objective l2\n    every 4\n    lr = x |> proj |> sigmoid",
+    "objective l2\n    optimizer momentum\n    every 4\n    momentum = x |> proj(per=channel) |> sigmoid\n"
+    "    lr = x |> proj(per=channel) |> sigmoid",
+    "objective lp(3)\n    every 2\n    read before\n    lr = 0.05",
+], ids=["dot-online", "l2-chunked", "momentum", "lp-read-before"])
+def test_a_diagonal_memory_with_per_channel_gates_runs_in_the_anchored_form(body):
+    """A vector state's channels are memories apart under an elementwise objective, so per-channel
+    gates run in the anchored form as one-channel heads (forms/anchored.py), equal to the reference."""
+    text = ("level mem : vector {\n    key = x |> proj\n    value = x |> proj\n    query = x |> proj\n"
+            f"    retain = x |> proj(per=channel) |> sigmoid\n    {body}\n}}\n"
+            "model {\n    vocab 16\n    dim 8\n    heads 2\n    block = residual(rmsnorm |> mem)\n}\n"
+            "train {\n    context 16\n}\n")
+    result = analyze_source(SourceFile("vector.nest", text))
+    assert result.ok, [d.message for d in result.diagnostics]
+    fast = assert_equivalent(result.program)
+    assert fast.plans["mem"].kernel == "anchored"

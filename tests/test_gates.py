@@ -158,6 +158,39 @@ def test_bindings_are_refused_with_substeps():
     assert errors == [("N0117", "`let` has no meaning with `substeps`")]
 
 
+def test_an_input_made_from_gates_has_the_level_width_per_head():
+    """HGRN's tied gates: `key = 1 - forget` with `let forget` per channel, and a constant query;
+    the key is 1 - sigmoid(W x) by hand, the query 1 in every channel of every head."""
+    text = _spec("    let forget = x |> proj(per=channel) |> sigmoid\n    retain = forget", state="vector").replace(
+        "key = x |> proj |> l2norm", "key = 1 - forget").replace("query = x |> proj |> l2norm", "query = 1").replace(
+        "objective l2", "objective dot")
+    result = analyze_source(SourceFile("hgrn.nest", text))
+    assert result.ok, [d.message for d in result.diagnostics]
+    torch.manual_seed(0)
+    level = reference.build(result.program).double().layers[0].levels["mixer"]
+    assert sorted(level.sources) == ["key", "query"] and sorted(level.pipelines) == ["value"]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    from nestc.backends.pipelines import compute_lets
+
+    lets = compute_lets(level.lets, lambda gate, earlier: gate(x, 0, None, None, earlier))
+    key = level.source_heads("key", level.sources["key"](x, 0, None, None, lets))
+    forget = torch.sigmoid(x @ level.lets["forget"].pipeline.stages[0].linear.weight.T).reshape(3, HEADS, -1)
+    torch.testing.assert_close(key, 1 - forget, rtol=0, atol=1e-15)
+    query = level.source_heads("query", level.sources["query"](x, 0, None, None, lets))
+    assert query.shape == (3, HEADS, 8 // HEADS) and bool((query == 1).all())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("level a : cache {\n    key = 1 - (x |> proj |> sigmoid)\n}\n", "a `cache` level's key is a pipeline from `x`"),
+    ("level a : matrix {\n    key = 1 - (x |> proj |> sigmoid)\n    value = x |> proj(dim=16)\n    substeps 2\n"
+     "    every 1\n}\n", "with `substeps` the key is a pipeline from `x`"),
+])
+def test_inputs_made_from_gates_are_refused_where_nothing_reads_them(text, message):
+    text += "model {\n    vocab 32\n    dim 8\n    heads 2\n    block = a\n}\n"
+    errors = [(d.code, d.message) for d in analyze_source(SourceFile("s.nest", text)).diagnostics if d.is_error]
+    assert errors[0] == ("N0117", message), errors
+
+
 def test_a_binding_no_gate_names_is_a_warning():
     result = analyze_source(SourceFile("gates.nest", _spec("    let unused = x |> proj")))
     assert result.ok

@@ -768,6 +768,65 @@ def test_normalized_linear_attention_equals_fla_normalize(function, length):
     assert_close(y, expected, f"{tag} | outputs")
 
 
+# --- inputs made from gates: HGRN and HGRN2 ------------------------------------------------------------
+# Their key is 1 - f, f their forget gate (a `let`), so the level is run whole on random layer inputs x,
+# in each backend, and the oracle gets f, i, q computed by hand from the level's own projections.
+
+
+def gated_level_reads(spec: str, backend: str, x: torch.Tensor):
+    """The zoo level's outputs [B, T, D] on x [B, T, D] (its first layer's copy, built as the
+    zoo model builds it; x carried across two calls, split at 29), and the level."""
+    from nestc.backends import compiled, reference
+
+    torch.manual_seed(0)
+    model = (compiled if backend == "compiled" else reference).build(nestc.check(str(REPO / "specs" / f"{spec}.nest")))
+    module = model.layers[0].levels[LEVEL]
+    state = module.initial_state(x.shape[0], x)
+    pieces = [slice(0, x.shape[1])] if x.shape[1] <= 29 else [slice(0, 29), slice(29, x.shape[1])]
+    outputs = []
+    with torch.no_grad():
+        for part in pieces:
+            if backend == "compiled":
+                outputs.append(compiled.run_module(model, module, model.plans[LEVEL], x[:, part], part.start, state,
+                                                   None))
+            else:
+                outputs += [module.step(x[:, t], t, state, None)[:, None] for t in range(part.start, part.stop)]
+    return torch.cat(outputs, dim=1), module
+
+
+def projected(linear: torch.nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
+    return (x @ linear.weight.T).unflatten(-1, (heads, -1))  # [B, T, H, d]
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+@pytest.mark.parametrize("length", [13, 67])
+def test_zoo_hgrn_equals_fla_hgrn(backend, length):
+    """specs/hgrn.nest: h_t = f_t h_{t-1} + (1 - f_t) i_t per channel, read as y = h (query 1),
+    then the level's output projection; fla's hgrn takes the write (1 - f) i and g = log f."""
+    x = torch.randn(B, length, 64, generator=generator(length))
+    y, module = gated_level_reads("hgrn", backend, x)
+    f = torch.sigmoid(x @ module.lets["forget"].pipeline.stages[0].linear.weight.T)
+    i = F.silu(x @ module.pipelines["value"].stages[0].linear.weight.T)
+    h, _ = fla_naive("hgrn").naive_recurrent_hgrn((1 - f) * i, f.log())
+    assert_close(y, module.out(h), f"zoo hgrn | fla hgrn.naive_recurrent_hgrn | {backend} | level | T={length} | outputs")
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+@pytest.mark.parametrize("length", [13, 67])
+def test_zoo_hgrn2_equals_fla_gla(backend, length):
+    """specs/hgrn2.nest: GLA with the key 1 - f and the decay f per key channel (fla's HGRN2 runs
+    fla's GLA this way), then the level's output projection. The level reads with q as given and
+    fla's GLA scales q by d_k^-0.5, so it gets q * d_k^0.5."""
+    x = torch.randn(B, length, 64, generator=generator(length + 1))
+    y, module = gated_level_reads("hgrn2", backend, x)
+    heads = module.heads
+    f = torch.sigmoid(projected(module.lets["forget"].pipeline.stages[0].linear, x, heads))
+    q, v = (projected(module.pipelines[role].stages[0].linear, x, heads) for role in ("query", "value"))
+    o, _ = fla_naive("gla").naive_recurrent_gla(q * q.shape[-1] ** 0.5, 1 - f, v, f.log())
+    assert_close(y, module.out(o.flatten(-2)),
+                 f"zoo hgrn2 | fla gla.naive_recurrent_gla | {backend} | level | T={length} | outputs")
+
+
 # --- what the comparisons rest on -------------------------------------------------------------------
 
 

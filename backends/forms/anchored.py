@@ -12,7 +12,39 @@ from nestc.backends.state import LevelState
 
 def anchored_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
     """Matrix/vector memory with every gradient of the segment at one state. k, q [B, H, S, dk],
-    v [B, H, S, dv], gates [B, H, S]. Returns reads [B, H, S, dv] and advances `state`."""
+    v [B, H, S, dv], gates [B, H, S] (or per channel [B, H, S, d] on a diagonal state with an
+    elementwise objective, the planner's condition). Returns reads [B, H, S, dv] and advances
+    `state`."""
+    if any(gate.dim() == 4 for gate in gates.values()):
+        return _channels_as_heads(kernel, state, k, v, q, gates, start)
+    return _anchored(kernel, state, k, v, q, gates, start)
+
+
+def _channels_as_heads(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
+    """A diagonal memory with per-channel gates: each of its d channels per head is a one-channel
+    memory of its own (its error is elementwise), so the segment runs as H * d heads of width 1."""
+    batch, heads, size, width = k.shape
+
+    def apart(x: Tensor) -> Tensor:  # [B, H, S, d] -> [B, H * d, S, 1]
+        return x.permute(0, 1, 3, 2).reshape(batch, heads * width, size, 1)
+
+    def gate_apart(gate: Tensor) -> Tensor:  # [B, H, S] or [B, H, S, d] -> [B, H * d, S]
+        gate = gate if gate.dim() == 4 else gate[..., None].expand(batch, heads, size, width)
+        return apart(gate)[..., 0]
+
+    def states_apart(tensors: list[Tensor]) -> list[Tensor]:  # [B, H, d] -> [B, H * d, 1]
+        return [t.reshape(batch, heads * width, 1) for t in tensors]
+
+    inner = LevelState(weights=states_apart(state.weights), anchor=states_apart(state.anchor),
+                       momentum=states_apart(state.momentum))
+    y = _anchored(kernel, inner, apart(k), apart(v), None if q is None else apart(q),
+                  {role: gate_apart(gate) for role, gate in gates.items()}, start)
+    state.weights, state.momentum = ([t.reshape(batch, heads, width) for t in tensors]
+                                     for tensors in (inner.weights, inner.momentum))
+    return None if y is None else y[..., 0].reshape(batch, heads, width, size).permute(0, 1, 3, 2)
+
+
+def _anchored(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor:
     lr, retain = gates["lr"], gates["retain"]
     matrix = not kernel.state.diagonal
     anchor = state.anchor[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
@@ -140,7 +141,8 @@ class LetRef(Node):
     span: Span | None = _span_field()
 
 
-GATE_OPERATORS = ("+", "-", "*", "/")
+ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+GATE_OPERATORS = tuple(ARITHMETIC)
 GATE_FUNCTIONS = ("neg", "exp", "log", "sigmoid", "softplus")
 Stage = Union[Op, LevelRef, Choice]  # a choice of stages
 Gate = Union[Constant, Op, Pipeline, GateExpr, LetRef]  # Op is `learned(...)`

@@ -160,7 +160,7 @@ class _LayerTally:
         heads = concrete(level.heads) or model_heads
         roles = ("key", "value", "query") if readable else ("key", "value")
         copies = {role: concrete(step_copies(level, role)) for role in (*roles, *GATE_ROLES)}  # `substeps`
-        widths = {role: self._pipeline(getattr(level, role), dim, dim * copies[role], heads) for role in roles}
+        widths = {role: self._source(getattr(level, role), dim, dim * copies[role], heads) for role in roles}
         key_dim, value_dim = widths["key"] // (heads * copies["key"]), widths["value"] // (heads * copies["value"])
         channels = {"key": key_dim, "value": value_dim}
         for role in GATE_ROLES:
@@ -209,6 +209,14 @@ class _LayerTally:
             per_channel = any(isinstance(s, ir.Op) and s.name == "proj" and op_args(s)["per"] == "channel"
                               for s in gate.stages)
             self._pipeline(gate, dim, heads * head_dim if per_channel else heads, heads)
+
+    def _source(self, source, width: int, final_width: int, heads: int) -> int:
+        """A key, value or query: a pipeline, or gate arithmetic with the level's width per head
+        (backends/reference.py `MemoryLevel.sources`); returns its width."""
+        if isinstance(source, ir.Pipeline):
+            return self._pipeline(source, width, final_width, heads)
+        self._gate(source, width, heads, width // heads)
+        return width - width % heads
 
     def _pipeline(self, pipeline: ir.Pipeline, width: int, final_width: int, heads: int) -> int:
         """Count a pipeline's parameters (as backends/pipelines.py builds it); returns its width."""

@@ -72,6 +72,9 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         # before their update (the compiled backend runs read-after generators token by token).
         return None
     pipelines = []
+    if not all(isinstance(getattr(level, role), ir.Pipeline) for role in ("key", "value", "query")
+               if getattr(level, role) is not None):
+        return None  # an input made from gates has no stacked form yet
     for role in INPUT_ROLES:
         part = _input_signature(getattr(level, role))
         if part is _UNFUSABLE:

@@ -77,7 +77,10 @@ def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
     """Why `form` cannot compute this rule although its rules list the form, or ""."""
     if kernel.delta_extras and form != "delta":
         return f"does not compute the generalised delta rule ({', '.join(kernel.delta_extras)})"
-    if per_channel and form not in ("delta", "trajectory"):
+    # a diagonal state with an elementwise objective is one memory per channel (forms/anchored.py)
+    channels_apart = form == "anchored" and kernel.state.diagonal and kernel.objective.elementwise \
+        and kernel.order == "grad_first"
+    if per_channel and form not in ("delta", "trajectory") and not channels_apart:
         return "takes per-head gates only"
     if kernel.every == 1:
         if kernel.read == "before":

@@ -43,6 +43,10 @@ class Objective(Rule):
     state_free_error = False
     # 1/2 ||M k - v||^2: the online rule is the delta rule, which the UT transform solves.
     delta_rule = False
+    # Each channel's error depends on that channel's prediction and value alone (no norm over the
+    # channels): on a diagonal state every channel is then a memory of its own, so per-channel
+    # gates run in the `anchored` form as one-channel heads.
+    elementwise = False
     # The loss weighs a window of recent pairs (the state keeps them).
     windowed = False
     # The model's own training loss: the level is a continuum-memory block, with no pairs.
@@ -62,6 +66,7 @@ class Objective(Rule):
 
 class Dot(Objective):
     spec = op_spec("objective", "dot", doc="l = -<M(k), v> (Hebbian; linear attention)")
+    elementwise = True
     state_free_error = True
 
     def pair_loss(self, args, prediction, v, gates):
@@ -73,6 +78,7 @@ class Dot(Objective):
 
 class L2(Objective):
     spec = op_spec("objective", "l2", doc="l = 1/2 ||M(k) - v||^2 (the delta rule under gd)")
+    elementwise = True
     forms = CLOSED_FORMS | {"delta"}
     delta_rule = True
 
@@ -85,6 +91,7 @@ class L2(Objective):
 
 class Lp(Objective):
     spec = op_spec("objective", "lp", Param("p", "number", 3, minimum=1), doc="l = ||M(k) - v||_p^p (MIRAS Moneta)")
+    elementwise = True
 
     def pair_loss(self, args, prediction, v, gates):
         return (prediction - v).abs().pow(args["p"]).sum(-1)
@@ -97,6 +104,7 @@ class Lp(Objective):
 class Huber(Objective):
     spec = op_spec("objective", "huber", Param("delta", "number", 1.0, minimum=0, exclusive_minimum=True),
                    doc="coordinate-wise Huber loss of M(k) - v, a constant delta (MIRAS §5.1)")
+    elementwise = True
 
     def pair_loss(self, args, prediction, v, gates):
         import torch.nn.functional as F

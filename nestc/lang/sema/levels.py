@@ -167,6 +167,16 @@ class Levels(Part):
             if "every" in fields:
                 self.error("N0117", f"`every` has no meaning for a `{kind}` level", fields["every"].key_span,
                            label="attention appends every token")
+        for key in ("key", "value", "query"):
+            source = values.get(key)
+            if key in fields and source is not None and not isinstance(source, (ir.Pipeline, ir.Choice)):
+                if not is_parametric:
+                    self.error("N0117", f"a `{kind}` level's {key} is a pipeline from `x`", fields[key].value.span,
+                               label="gate arithmetic here", help=f"write `{key} = x |> proj`")
+                elif isinstance(values.get("substeps"), int) and values["substeps"] > 1:
+                    self.error("N0117", f"with `substeps` the {key} is a pipeline from `x`", fields[key].value.span,
+                               label="gate arithmetic here",
+                               notes=("each step's keys and values come side by side from one pipeline",))
         has_io = any(k in fields for k in ("key", "value", "query"))
         objective = values.get("objective")
         if objective is None and is_parametric and state_rule is not None:

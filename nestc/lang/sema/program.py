@@ -171,6 +171,10 @@ class ProgramBuilder(Part):
             if not isinstance(node, ir.MemoryAsContext):
                 continue
             memory, attention = levels.get(node.memory), levels.get(node.attention)
+            if memory not in (None, INVALID) and any(not isinstance(getattr(memory, role), (ir.Pipeline, type(None)))
+                                                     for role in ("key", "value", "query")):
+                self.error("N0117", f"the memory of `mac` reads its inputs through pipelines from `x`, but "
+                           f"`{node.memory}` makes one from gates", node.span, label="gate arithmetic in an input")
             if memory not in (None, INVALID) and isinstance(memory.state, ir.Op) and not is_memory(memory):
                 self.error("N0105", f"the memory of `mac` must be a memory level, but `{node.memory}` is not",
                            node.span, label="not a memory with keys and values",

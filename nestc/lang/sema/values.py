@@ -55,7 +55,9 @@ class Values(Part):
                 return self.error("N0105", f"{what} must be a list", expr.span, label="expected [a, b, ...]")
             return tuple(self.number(i, Param("item", "number"), f"an item of {what}") for i in expr.items)
         if kind == "source":
-            return self.pipeline(expr, what, gate=False)
+            if param.name in SOURCE_ROLES and _is_gate_arithmetic(self.analysis, expr):
+                return self.gate(expr, what)  # an input made from gates: HGRN's key = 1 - forget
+            return self.pipeline(expr, what)
         if kind == "gate":
             return self.gate(expr, what)
         if kind == "block":
@@ -334,13 +336,13 @@ class Values(Part):
 
     # --- pipelines and gates ---------------------------------------------------------------------
 
-    def pipeline(self, expr: ast.Expr, what: str, gate: bool):
+    def pipeline(self, expr: ast.Expr, what: str):
         stages = list(expr.stages) if isinstance(expr, ast.Pipe) else [expr]
         first = self.analysis.deref(stages[0])
         if first is INVALID:
             return INVALID
         if not (isinstance(first, ast.Name) and first.id == schema.INPUT_NAME):
-            if gate and isinstance(first, (ast.BinOp, ast.Neg)):  # `1 - x |> proj` is `(1 - x) |> proj`
+            if isinstance(first, (ast.BinOp, ast.Neg)):  # `1 - x |> proj` is `(1 - x) |> proj`
                 return self.error("N0120", f"{what} must be a pipeline that starts with `x`", stages[0].span,
                                   label="`|>` binds loosest: this arithmetic is the pipeline's start",
                                   help="put the pipeline in parentheses: `1 - (x |> proj |> sigmoid)`")
@@ -431,7 +433,7 @@ class Values(Part):
         if isinstance(expr, ast.Name) and expr.id in self.analysis.bindings:
             return ir.LetRef(name=expr.id, span=expr.span)
         if isinstance(expr, ast.Pipe) or (isinstance(expr, ast.Name) and expr.id == schema.INPUT_NAME):
-            return self.pipeline(expr, what, gate=True)
+            return self.pipeline(expr, what)
         if isinstance(expr, ast.Name):
             return self.error("N0101", f"unknown name `{expr.id}` in {what}", expr.span, label="not defined",
                               help=did_you_mean(expr.id, ["learned", "x"] + list(self.analysis.bindings)
@@ -519,20 +521,29 @@ def _map_choice(value, function):
 
 def _combine(left, right, op: str):
     def apply(a, b):
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        result = a / b
-        return int(result) if isinstance(a, int) and isinstance(b, int) and result.is_integer() else result
+        result = ir.ARITHMETIC[op](a, b)
+        # a whole quotient of integers stays an integer (`dim / 4` is a width)
+        return int(result) if op == "/" and isinstance(a, int) and isinstance(b, int) and result.is_integer() else result
 
     if isinstance(left, ir.Choice):
         return _map_choice(left, lambda v: apply(v, right))
     if isinstance(right, ir.Choice):
         return _map_choice(right, lambda v: apply(left, v))
     return apply(left, right)
+
+
+SOURCE_ROLES = ("key", "value", "query")  # inputs that may also be gate arithmetic
+
+
+def _is_gate_arithmetic(analysis: Analysis, expr: ast.Expr) -> bool:
+    """Whether an input is written as gate arithmetic (a number, a list, an operator, a gate
+    function, `learned(...)` or a `let` binding) rather than as a pipeline from `x`."""
+    if isinstance(expr, (ast.Number, ast.ListExpr, ast.BinOp, ast.Neg)):
+        return True
+    if isinstance(expr, ast.Call):  # `exp(g)` with one positional gate, not a stage call
+        return (expr.func in ir.GATE_FUNCTIONS and len(expr.args) == 1 and expr.args[0].name is None) \
+            or expr.func in schema.GATE_SOURCES
+    return isinstance(expr, ast.Name) and expr.id in analysis.bindings
 
 
 def _numeric_only(analysis: Analysis, expr: ast.Expr) -> bool:

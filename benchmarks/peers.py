@@ -247,7 +247,7 @@ def job_gated_delta_kernel(job: dict) -> dict:
     if job["impl"] == "nestc":
         import nestc
         from nestc.backends.compiled import run_kernel
-        from nestc.backends.reference import MemoryKernel
+        from nestc.backends.kernel import MemoryKernel
 
         level = nestc.check(str(SPECS / "gated_deltanet.nest")).level("mixer")
         kernel = MemoryKernel(level, heads=heads, key_dim=head_dim, value_dim=head_dim).to(device)

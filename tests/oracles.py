@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import nestc
 from nestc.backends.compiled import run_cache as compiled_run_cache
 from nestc.backends.compiled import run_kernel as compiled_run_kernel
-from nestc.backends.reference import MemoryKernel, run_cache, run_kernel
+from nestc.backends.kernel import MemoryKernel
+from nestc.backends.reference import run_cache, run_kernel
 
 FLA_VERSION = "0.6.0"
 

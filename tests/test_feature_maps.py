@@ -12,6 +12,7 @@ import torch
 import nestc
 from nestc.backends import reference
 from nestc.backends.common import BackendError
+from nestc.backends.kernel import MemoryKernel
 from nestc.backends.pipelines import Pipeline
 from nestc.passes.estimate import estimate
 
@@ -115,7 +116,7 @@ def test_the_level_state_and_the_estimate_follow_the_widened_keys(feature, per_h
     projection reads the 4 value channels, and the estimate counts the same parameters and state."""
     program = nestc.check(LEVEL.format(map=feature))
     model = reference.build(program)
-    kernel = next(m for m in model.modules() if isinstance(m, reference.MemoryKernel))
+    kernel = next(m for m in model.modules() if isinstance(m, MemoryKernel))
     assert (kernel.key_dim, kernel.value_dim) == (per_head, 4)
     logits, state = model(torch.randint(0, 11, (2, 5)))
     memory = next(iter(state.levels[0].values()))
@@ -153,6 +154,6 @@ def test_the_atlas_spec_stores_pairs_of_phi_2_features():
     level = program.level("memory")
     assert level.key.stages[-1].name == level.query.stages[-1].name == "tensor_poly"
     kernel = next(m for m in reference.build(program).modules()
-                  if isinstance(m, reference.MemoryKernel) and m.level.name == "memory")
+                  if isinstance(m, MemoryKernel) and m.level.name == "memory")
     assert (kernel.key_dim, kernel.value_dim) == (45, 16)
     assert [shape[1:] for shape in kernel._shapes] == [(180, 45), (16, 180)]

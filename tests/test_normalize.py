@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import nestc
-from nestc.backends.reference import NORMALIZER_EPS, MemoryKernel, run_kernel
+from nestc.backends.kernel import NORMALIZER_EPS, MemoryKernel
+from nestc.backends.reference import run_kernel
 from nestc.lang.sema import analyze_source
 from nestc.lang.source import SourceFile
 from test_compiled import assert_equivalent

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 
 import nestc
 import oracles
-from nestc.backends.reference import CacheLevel, MemoryKernel
+from nestc.backends.kernel import MemoryKernel
+from nestc.backends.reference import CacheLevel
 from nestc.lang import ir
 from nestc.lang.queries import STEP_ROLES, is_memory, per_channel
 from nestc.passes.plan import plan_level

@@ -51,8 +51,10 @@ from nestc.backends.forms import run_form
 from nestc.backends.fused import run_fused
 from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
-from nestc.backends.pipelines import Stage, causal_convolution, combine_gates, compute_lets, rotate
-from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel, log_retain
+from nestc.backends.attention import attend_cached, attend_segment
+from nestc.backends.pipelines import compute_lets
+from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
+from nestc.backends.sequence import gate_sequence, output_gate, run_pipeline, segment_spans, steps_side_by_side
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_program
 
@@ -63,44 +65,7 @@ class CompileWarning(UserWarning):
     """A construct without a parallel form: it runs token by token."""
 
 
-# --- sequence versions of the building blocks -------------------------------------------------
-
-
-def stage_sequence(stage: Stage, x: Tensor, start: int, state: LevelState) -> Tensor:
-    """One pipeline stage on [B, S, width], positions start .. start + S - 1 (or `start`'s own)."""
-    kind, args = stage.kind, stage.args
-    if kind == "conv":
-        window = args["window"]
-        history = state.buffers.get(stage.buffer_name)
-        if history is None:
-            history = x.new_zeros(x.shape[0], window - 1, x.shape[2])
-        frames = torch.cat([history, x], dim=1)  # oldest first
-        state.buffers[stage.buffer_name] = frames[:, -(window - 1):, :] if window > 1 else frames[:, :0, :]
-        return causal_convolution(frames, stage.weight, x.shape[1])
-    if kind == "rope":
-        heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
-        # start is an int, a 0-dim tensor in the torch.compile step (one graph for all positions),
-        # or every element's own position (a memory-as-context block's cache entries)
-        if isinstance(start, Tensor) and start.dim() == 1:
-            positions = start[:, None]
-        else:
-            positions = (start + torch.arange(x.shape[1], device=x.device))[:, None]  # [S, 1]: over heads
-        return rotate(heads, positions, args["base"]).reshape(x.shape)
-    if kind in ("l2norm", "layernorm", "rmsnorm"):
-        heads = x.reshape(x.shape[0], x.shape[1], stage.heads, -1)
-        if kind == "l2norm":
-            out = F.normalize(heads, dim=-1)
-        elif kind == "layernorm":
-            out = F.layer_norm(heads, heads.shape[-1:])
-        else:
-            out = F.rms_norm(heads, heads.shape[-1:])
-        return out.reshape(x.shape)
-    return stage(x, start, state)  # position-free stages work on any leading shape
-
-
 # --- the model ---------------------------------------------------------------------------------
-
-
 class CompiledModel(ReferenceModel):
     """`model(tokens, state=None) -> (logits, state)`, equal to the reference, a segment at a time."""
 
@@ -463,13 +428,6 @@ def mac_segment(model, layer, block: ir.MemoryAsContext, path: str, x: Tensor, s
     return y * read
 
 
-def run_pipeline(pipeline, x: Tensor, start: int, state: LevelState, read_level, skip: int = 0) -> Tensor:
-    """x through a pipeline's steps, from step `skip` on."""
-    for kind, target in pipeline.steps[skip:]:
-        x = read_level(target, x) if kind == "level" else stage_sequence(pipeline.stages[target], x, start, state)
-    return x
-
-
 def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: LevelState, read_level):
     batch, size = x.shape[:2]
     if isinstance(module, FeedForwardLevel):
@@ -481,18 +439,18 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         # the call attends in blocks of queries over the cache, so each block's mask stays
         # linear in the cache's length.
         whole = state.keys is None and (not module.window or module.window >= size)
-        spans = [(0, size)] if whole else _spans(start, size, ATTENTION_BLOCK)
+        spans = [(0, size)] if whole else segment_spans(start, size, ATTENTION_BLOCK)
         blocks = torch.split(x, [length for _, length in spans], dim=1) if len(spans) > 1 else [x]
         return torch.cat([attend_segment(module, block, start + offset, state, read_level)
                           for (offset, _), block in zip(spans, blocks)], dim=1)
     heads = module.heads
-    lets = compute_lets(module.lets, lambda gate, earlier: _gate_sequence(gate, x, start, state, read_level, heads,
+    lets = compute_lets(module.lets, lambda gate, earlier: gate_sequence(gate, x, start, state, read_level, heads,
                                                                           earlier))
     inputs = {role: run_pipeline(p, x, start, state, read_level).reshape(batch, size, heads, -1).transpose(1, 2)
               for role, p in module.pipelines.items()}
-    inputs.update({role: module.source_heads(role, _gate_sequence(gate, x, start, state, read_level, heads, lets))
+    inputs.update({role: module.source_heads(role, gate_sequence(gate, x, start, state, read_level, heads, lets))
                    for role, gate in module.sources.items()})
-    gates = {role: _steps_side_by_side(_gate_sequence(gate, x, start, state, read_level, heads * module.copies[role],
+    gates = {role: steps_side_by_side(gate_sequence(gate, x, start, state, read_level, heads * module.copies[role],
                                                       lets), module.copies[role], heads)
              for role, gate in module.gates.items()}
     query = inputs.get("query")
@@ -505,7 +463,7 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
         gates.setdefault("retain", x.new_ones(batch, heads, size))
         kernel = functools.partial(run_form, plan.kernel)
         read = query  # None: nobody reads this memory (a generator), so no form computes a read
-        spans = _spans(start, size, model.segment)
+        spans = segment_spans(start, size, model.segment)
         lengths = [length for _, length in spans]
 
         def pieces(tensor: Tensor | None) -> list:
@@ -525,249 +483,6 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
             return None
         y = torch.cat(outputs, dim=2)
     return module.read_out(y.transpose(1, 2), output_gate(module, x, start, state, read_level))
-
-
-def output_gate(module, x: Tensor, start: int, state: LevelState, read_level) -> Tensor | None:
-    """The level's output gate over the segment x [B, S, D]: [B, S, H * d_v], or None."""
-    return None if module.output_gate is None else run_pipeline(module.output_gate, x, start, state, read_level)
-
-
-def _steps_side_by_side(gate: Tensor, steps: int, heads: int) -> Tensor:
-    """A per-step gate over the segment, [B, H * N, S] or [B, H * N, S, d] (heads major), as
-    [B, H, S, N] or [B, H, S, N * d]: what the delta form reads (forms/delta.py `delta_inputs`)."""
-    if steps == 1:
-        return gate
-    batch, _, size = gate.shape[:3]
-    by_step = gate.reshape(batch, heads, steps, size, -1).transpose(2, 3)
-    return by_step.reshape(batch, heads, size, -1)
-
-
-def _spans(start: int | Tensor, size: int, period: int) -> list[tuple[int, int]]:
-    """(offset, length) pieces of positions start .. start + size - 1 that never cross a multiple
-    of `period`. The torch.compile step's start is a tensor; its segment is one piece already."""
-    if isinstance(start, Tensor):
-        return [(0, size)]
-    spans, offset = [], 0
-    while offset < size:
-        length = min(size - offset, period - (start + offset) % period)
-        spans.append((offset, length))
-        offset += length
-    return spans
-
-
-def _gate_sequence(gate, x: Tensor, start: int, state: LevelState, read_level, heads: int,
-                   lets: dict[str, Tensor] | None = None) -> Tensor:
-    """A gate over the segment as [B, H, S] (or [B, H, S, d] per channel); `lets`: the level's
-    bindings over the segment."""
-    batch, size = x.shape[:2]
-    if gate.constant is not None:
-        return gate.constant_tensor(x)[None, :, None].expand(batch, heads, size)
-    if gate.binding is not None:
-        return lets[gate.binding]
-    if gate.op is not None:
-        return combine_gates(gate.op, [_gate_sequence(operand, x, start, state, read_level, heads, lets)
-                                       for operand in gate.operands])
-    if gate.learned is not None:
-        values = gate.learned.expand(batch, size, *gate.learned.shape)
-    else:
-        values = run_pipeline(gate.pipeline, x, start, state, read_level)
-        if values.shape[-1] != heads:
-            values = values.reshape(batch, size, heads, -1)
-    return values.transpose(1, 2) if values.dim() == 3 else values.permute(0, 2, 1, 3)
-
-
-def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
-    batch, size = x.shape[:2]
-    first = 0 if module.read == "after" else -1  # each token's own entry closes its view of the cache (`read after`)
-    forget = None if module.forget_gate is None else \
-        log_retain(_gate_sequence(module.forget_gate, x, start, state, read_level, module.heads))
-    base = rotary_pairs_base(module) if state.keys is None else None
-    if base is not None:
-        y = attend_rotary_pairs(module, x, start, state, read_level, base, first, forget)
-    else:
-        k, v, q = (projected.reshape(batch, size, module.heads, -1).transpose(1, 2) for projected in
-                   run_pipelines(module.pipelines, ("key", "value", "query"), x, start, state, read_level))
-        y = attend_cached(module, state, k, v, q, first, log_forget=forget)
-    return module.read_out(y.transpose(1, 2), output_gate(module, x, start, state, read_level))
-
-
-def rotary_pairs_base(module: CacheLevel) -> float | None:
-    """The RoPE base when the key and query pipelines are both `proj |> rope` with one base,
-    projections of one kind (with or without bias) and an even head width; otherwise None."""
-    parts = []
-    for role in ("key", "query"):
-        pipeline = module.pipelines[role]
-        if [kind for kind, _ in pipeline.steps] != ["stage", "stage"]:
-            return None
-        projection, rope = (pipeline.stages[index] for _, index in pipeline.steps)
-        if projection.kind != "proj" or rope.kind != "rope":
-            return None
-        parts.append((projection.linear, rope.args["base"]))
-    (key, key_base), (query, query_base) = parts
-    if key_base != query_base or (key.bias is None) != (query.bias is None) \
-            or key.out_features != query.out_features or (key.out_features // module.heads) % 2:
-        return None
-    return key_base
-
-
-def attend_rotary_pairs(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level, base: float,
-                        first: int, log_forget: Tensor | None) -> Tensor:
-    """`attend_segment` from an empty cache for keys and queries `proj |> rope`: RoPE rotates the
-    channel pairs (i, i + d/2) of each head, and reordering the projections' rows makes each pair
-    adjacent, so the rotation is one complex multiplication (forward and backward) instead of
-    slices, products and concatenations. Attention reads keys and queries only through their dot
-    products, which one order for both leaves unchanged; the cache keeps the keys in the
-    reference's order. Returns [B, H, S, d]."""
-    batch, size = x.shape[:2]
-    key, query = (module.pipelines[role].stages[0].linear for role in ("key", "query"))
-    heads, width = module.heads, key.out_features // module.heads
-    pairs = torch.arange(key.out_features, device=x.device).view(heads, 2, width // 2).transpose(1, 2).flatten()
-    linears, weights = [key, query], [key.weight[pairs], query.weight[pairs]]
-    biases = [key.bias[pairs], query.bias[pairs]] if key.bias is not None else None
-    value = _opening_projection(module.pipelines["value"])
-    if value is not None and (value.bias is None) == (biases is None):
-        linears.append(value)
-        weights.append(value.weight)
-        biases = biases + [value.bias] if biases is not None else None
-    pieces = F.linear(x, torch.cat(weights), None if biases is None else torch.cat(biases)).split(
-        [linear.out_features for linear in linears], dim=-1)
-    k, q = (rotate_pairs(piece.reshape(batch, size, heads, width), start, base).transpose(1, 2) for piece in pieces[:2])
-    v = run_pipeline(module.pipelines["value"], pieces[2], start, state, read_level, skip=1) if len(pieces) == 3 \
-        else run_pipeline(module.pipelines["value"], x, start, state, read_level)
-    v = v.reshape(batch, size, heads, -1).transpose(1, 2)
-    bias, forget = forget_bias(state, log_forget, first)
-    y = causal_attention(q, k, v, first, 1, module.window, bias)
-    in_order = k.unflatten(-1, (width // 2, 2)).transpose(-1, -2).flatten(-2)  # the pairs back to (i, i + d/2)
-    _keep_cache(module, state, in_order, v, forget)
-    return y
-
-
-def rotate_pairs(x: Tensor, start: int, base: float) -> Tensor:
-    """RoPE on x [B, S, H, d] whose channels are the rotation pairs side by side ((i, i + d/2)
-    at 2i, 2i + 1), positions start .. start + S - 1: the reference's `rotate` in that order."""
-    half = x.shape[-1] // 2
-    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) / half)
-    angle = (start + torch.arange(x.shape[1], dtype=x.dtype, device=x.device))[:, None, None] * frequencies
-    cos, sin = torch.cos(angle), torch.sin(angle)  # [S, 1, d/2]: over heads
-    pairs = x.unflatten(-1, (half, 2))
-    if x.dtype in (torch.float32, torch.float64):
-        if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
-            pairs = pairs.contiguous()  # a complex view needs whole pairs at even offsets
-        turned = torch.view_as_complex(pairs) * torch.complex(cos, sin)
-        return torch.view_as_real(turned).flatten(-2)
-    first, second = pairs.unbind(-1)  # no complex type of this dtype (bfloat16 autocast)
-    return torch.stack([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2)
-
-
-def run_pipelines(pipelines, roles: tuple[str, ...], x: Tensor, start: int, state: LevelState,
-                  read_level) -> list[Tensor]:
-    """Several pipelines on the same x. Those that open with a projection of the same kind (with
-    or without bias) run it as one matmul on the concatenated weights, then go on from its
-    slice: one pass over x forward, and one matmul for x's gradient backward."""
-    openings = {role: _opening_projection(pipelines[role]) for role in roles}
-    outputs: dict[str, Tensor] = {}
-    for biased in (False, True):
-        group = [role for role in roles if openings[role] is not None and openings[role].bias is not None] \
-            if biased else [role for role in roles if openings[role] is not None and openings[role].bias is None]
-        if len(group) < 2:
-            continue
-        linears = [openings[role] for role in group]
-        weight = torch.cat([linear.weight for linear in linears])
-        bias = torch.cat([linear.bias for linear in linears]) if biased else None
-        pieces = F.linear(x, weight, bias).split([linear.out_features for linear in linears], dim=-1)
-        for role, piece in zip(group, pieces):
-            outputs[role] = run_pipeline(pipelines[role], piece, start, state, read_level, skip=1)
-    return [outputs[role] if role in outputs else run_pipeline(pipelines[role], x, start, state, read_level)
-            for role in roles]
-
-
-def _opening_projection(pipeline) -> torch.nn.Linear | None:
-    """The linear map of a pipeline's first stage, when that stage is a projection."""
-    if not pipeline.steps or pipeline.steps[0][0] != "stage":
-        return None
-    stage = pipeline.stages[pipeline.steps[0][1]]
-    return stage.linear if stage.kind == "proj" else None
-
-
-def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q: Tensor, first: int,
-                  stride: int = 1, log_forget: Tensor | None = None) -> Tensor:
-    """Append the entries k, v [B, H, N, d] to the cache, then let query t read the cached entries
-    up to the new entry `first + stride * t` (-1: only older ones), within the window; the cache
-    keeps the last `window` entries. With a forget gate (log_forget [B, H, S], one entry per query:
-    stride 1), the logits get the bias of `forget_bias`. Returns [B, H, S, d]."""
-    previous = 0 if state.keys is None else state.keys.shape[2]
-    keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
-    values = v if state.values is None else torch.cat([state.values, v], dim=2)
-    bias, forget = forget_bias(state, log_forget, first)
-    y = causal_attention(q, keys, values, previous + first, stride, module.window, bias)
-    _keep_cache(module, state, keys, values, forget)
-    return y
-
-
-def forget_bias(state: LevelState, log_forget: Tensor | None, first: int) -> tuple[Tensor | None, Tensor | None]:
-    """The Forgetting Transformer's logit bias for a segment that appends one entry per query:
-    entry j's logit for query s gets the sum of the gates' logs after j up to s (up to s - 1 when
-    each query reads before its own entry, first = -1); a cached entry's sum up to the segment's
-    start is its `forget`. Each sum runs from the query back to the entry (a suffix sum of the
-    gates the query has seen), as the reference adds them: a difference of prefix sums would lose
-    the near entries' digits to the magnitude of the far ones'. Returns the bias [B, H, S, N] and
-    each entry's forget after the segment [B, H, N] (None, None without a gate)."""
-    if log_forget is None:
-        return None, None
-    size = log_forget.shape[-1]
-    position = torch.arange(size, device=log_forget.device)
-
-    def since(last: int) -> Tensor:
-        # [B, H, S, S + 1]: at (s, u), the sum of the logs of tokens u .. s + last (0 past the end)
-        seen = log_forget[..., None, :].masked_fill(position[None, :] > position[:, None] + last, 0.0)
-        return F.pad(seen.flip(-1).cumsum(-1).flip(-1), (0, 1))
-
-    reads = since(first)
-    bias = reads[..., 1:]  # new entry u: the tokens after u
-    after = since(0)[..., -1, :]  # the segment's last token has seen all of it
-    forget = after[..., 1:]
-    if state.forget is not None:
-        bias = torch.cat([state.forget[..., None, :] + reads[..., :1], bias], dim=-1)
-        forget = torch.cat([state.forget + after[..., :1], forget], dim=-1)
-    return bias, forget
-
-
-def _keep_cache(module: CacheLevel, state: LevelState, keys: Tensor, values: Tensor,
-                forget: Tensor | None = None) -> None:
-    """The cache after a call: all its entries, or the last `window`."""
-    if module.window:
-        keys, values = keys[:, :, -module.window:], values[:, :, -module.window:]
-        forget = None if forget is None else forget[:, :, -module.window:]
-    state.keys, state.values, state.forget = keys, values, forget
-
-
-def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int,
-                     bias: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v per head, where query t [B, H, S, d] reads the entries j
-    of keys and values [B, H, N, d] with `newest + stride * t - window < j <= newest + stride * t`
-    (window 0: no lower bound), and bias [B, H, S, N] (or None) is added to the logits. A query
-    with no entry to read (newest + stride * t < 0) reads zero.
-
-    PyTorch's scaled_dot_product_attention computes it: its causal kernel where query t reads
-    entries 0 .. t (a call from an empty cache) without a bias, otherwise with the mask of allowed
-    entries (as -inf logits where a bias is added)."""
-    size = q.shape[2]
-    empty = min(size, -(newest // stride)) if newest < 0 else 0  # the leading queries with nothing to read
-    if empty:
-        zeros = q.new_zeros(*q.shape[:2], empty, values.shape[-1])
-        if empty == size:
-            return zeros
-        return torch.cat([zeros, causal_attention(q[:, :, empty:], keys, values, newest + stride * empty, stride,
-                                                  window, None if bias is None else bias[:, :, empty:])], dim=2)
-    if bias is None and newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
-        return F.scaled_dot_product_attention(q, keys[:, :, :size], values[:, :, :size], is_causal=True)
-    last = (newest + stride * torch.arange(size, device=q.device))[:, None]
-    index = torch.arange(keys.shape[2], device=q.device)[None, :]
-    allowed = index <= last
-    if window:
-        allowed &= index > last - window
-    mask = allowed if bias is None else bias.masked_fill(~allowed, -math.inf)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True) -> CompiledModel:
@@ -797,17 +512,3 @@ def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor]
         t += size
     return torch.cat(outputs, dim=2).transpose(1, 2), state
 
-
-def run_cache(module: CacheLevel, k: Tensor, v: Tensor, q: Tensor, retain: Tensor | None,
-              state: LevelState | None = None, start: int = 0) -> tuple[Tensor, LevelState]:
-    """The compiled counterpart of `reference.run_cache` (same arguments and layout): one masked
-    softmax per segment of positions start .. start + T - 1 cut as the segment schedule cuts them."""
-    state = LevelState() if state is None else state
-    first = 0 if module.read == "after" else -1
-    outputs = []
-    for offset, length in _spans(start, k.shape[1], MAX_SEGMENT):
-        part = slice(offset, offset + length)
-        k_part, v_part, q_part = (x[:, part].transpose(1, 2) for x in (k, v, q))
-        forget = None if retain is None else log_retain(retain[:, part].transpose(1, 2))
-        outputs.append(attend_cached(module, state, k_part, v_part, q_part, first, log_forget=forget))
-    return torch.cat(outputs, dim=2).transpose(1, 2), state

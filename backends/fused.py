@@ -18,6 +18,7 @@ from torch import Tensor
 from nestc.backends.forms import KERNELS
 from nestc.backends.forms.common import apply_sequence, finish_segment
 from nestc.backends.pipelines import causal_convolution
+from nestc.backends.sequence import output_gate, run_pipeline, stage_sequence
 from nestc.backends.state import LevelState
 
 
@@ -25,8 +26,6 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
     """Step the memory levels `modules` (one fusion group, all planned to `form`, all read before
     their update) on one segment x [B, S, D]. Returns each level's output [B, S, D], None for a
     level that nobody reads with a query."""
-    from nestc.backends.compiled import output_gate, run_pipeline  # compiled imports this module
-
     batch, size = x.shape[:2]
     count, heads = len(modules), modules[0].heads
     kernel = modules[0].kernel  # the rules and arguments every member shares
@@ -66,8 +65,6 @@ def _per_head(values: Tensor, heads: int) -> Tensor:
 def _pipeline(pipelines: list, x: Tensor, start: int, states: list[LevelState], read_level, kernel,
               anchors: list[Tensor], count: int) -> Tensor:
     """The same pipeline of every stacked level on x [B, S, D]: [B, S, L, width]."""
-    from nestc.backends.compiled import stage_sequence  # compiled imports this module
-
     batch, size = x.shape[:2]
 
     def spread(shared: Tensor) -> Tensor:  # [B, S, width], the same for all -> [B, S, L, width]

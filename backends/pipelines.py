@@ -1,6 +1,6 @@
 """A level's input pipelines (key, value, query) and gates, token by token: the stages of the
 language's pipeline syntax as modules, shared by the reference's levels and read by the compiled
-backend's sequence forms (`compiled.stage_sequence`)."""
+backend's sequence forms (backends/sequence.py `stage_sequence`)."""
 
 from __future__ import annotations
 

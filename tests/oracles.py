@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import nestc
-from nestc.backends.compiled import run_cache as compiled_run_cache
+from nestc.backends.attention import run_cache as compiled_run_cache
 from nestc.backends.compiled import run_kernel as compiled_run_kernel
 from nestc.backends.kernel import MemoryKernel
 from nestc.backends.reference import run_cache, run_kernel

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nestc
-from nestc.backends import compiled
+from nestc.backends import attention
 from nestc.backends.state import LevelState
 
 SPEC = """
@@ -49,7 +49,7 @@ def test_cache_level_is_causal_softmax_attention(window, read):
     with torch.no_grad():
         state = LevelState()
         token_by_token = torch.stack([level.step(x[:, t], t, state, None) for t in range(11)], dim=1)
-        first = compiled.attend_segment(level, x[:, :4], 0, (segment_state := LevelState()), None)
-        rest = compiled.attend_segment(level, x[:, 4:], 4, segment_state, None)
+        first = attention.attend_segment(level, x[:, :4], 0, (segment_state := LevelState()), None)
+        rest = attention.attend_segment(level, x[:, 4:], 4, segment_state, None)
     torch.testing.assert_close(token_by_token, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), expected, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import nestc
 from nestc.search import space
 from nestc.backends import compiled, reference
+from nestc.backends.attention import rotary_pairs_base, rotate_pairs
 from nestc.backends.forms import layered
 from nestc.lang.sema import analyze_source
 from nestc.lang.source import SourceFile
@@ -454,7 +455,7 @@ def test_attention_through_sdpa_equals_the_reference_from_an_empty_and_a_carried
     assert result.ok, [d.message for d in result.diagnostics]
     for dtype in (torch.float64, torch.float32):
         fast = assert_equivalent(result.program, dtype=dtype, length=23, split=9)
-    assert (compiled.rotary_pairs_base(fast.layers[0].levels["attn"]) is not None) == paired
+    assert (rotary_pairs_base(fast.layers[0].levels["attn"]) is not None) == paired
     whole_first_call = window == 0 or window >= 9
     assert any(call.get("is_causal") for call in calls) == whole_first_call
     assert any(call.get("attn_mask") is not None for call in calls)  # the second call reads a cache
@@ -470,7 +471,7 @@ def test_rope_on_side_by_side_pairs_is_the_reference_rope_reordered(dtype):
     x = torch.randn(2, 5, 3, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
     side_by_side = torch.arange(8).view(2, 4).t().flatten()  # 0, 4, 1, 5, ...
     expected = rotate(x, (7 + torch.arange(5))[:, None], 500.0)[..., side_by_side]
-    actual = compiled.rotate_pairs(x[..., side_by_side], 7, 500.0)
+    actual = rotate_pairs(x[..., side_by_side], 7, 500.0)
     assert actual.dtype == dtype
     # bfloat16 takes the reference's own arithmetic; a complex product may round differently
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 0.0}[dtype]

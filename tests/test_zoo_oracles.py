@@ -644,7 +644,7 @@ def test_zoo_level_equals_fla_oracle(spec, family, function, case, length):
 def feature_map(spec: str, role: str, x: torch.Tensor, backend: str) -> torch.Tensor:
     """x [B, T, H, d] through the last stage of the zoo level's `role` pipeline, per backend: the
     reference's stage module token by token, the compiled backend's sequence version."""
-    from nestc.backends.compiled import stage_sequence
+    from nestc.backends.sequence import stage_sequence
     from nestc.backends.pipelines import Pipeline
     from nestc.backends.state import LevelState
 

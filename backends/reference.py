@@ -98,21 +98,20 @@ class MemoryLevel(ReadOut, nn.Module):
             if pipeline.out_width % (heads * self.copies[role]):
                 raise BackendError(f"level `{level.name}`: its {role} has width {pipeline.out_width}, "
                                    f"which {heads * self.copies[role]} heads (and steps) do not divide")
-        widths = {role: self.pipelines[role].out_width if role in self.pipelines else dim - dim % heads
+        widths = {role: self.pipelines[role].out_width if role in self.pipelines else dim
                   for role in roles}
         key_dim = widths["key"] // (heads * self.copies["key"])
         value_dim = widths["value"] // (heads * self.copies["value"])
         if readable and widths["query"] // heads != key_dim:
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
-        channels = {"key": key_dim, "value": value_dim}
-        self.source_channels = {"key": key_dim, "value": value_dim, "query": key_dim}
+        self.source_channels = {"key": key_dim, "value": value_dim, "query": key_dim}  # channels per head
         # `let` bindings first: the gates and the inputs made from gates may name them
         self.lets = nn.ModuleDict({name: Gate(value, dim, heads, key_dim, f"let {name}") for name, value in level.lets})
         self.sources = nn.ModuleDict({role: Gate(getattr(level, role), dim, heads, self.source_channels[role], role)
                                       for role in sorted(from_gates)})
         self.per_channel_sources = {role: per_channel(getattr(level, role), level.lets) for role in from_gates}
         self.gates = nn.ModuleDict({
-            role: Gate(getattr(level, role), dim, heads * self.copies[role], channels[gate_side(role)], role)
+            role: Gate(getattr(level, role), dim, heads * self.copies[role], self.source_channels[gate_side(role)], role)
             for role in GATE_ROLES if getattr(level, role) is not None
         })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)

@@ -216,7 +216,7 @@ class _LayerTally:
         if isinstance(source, ir.Pipeline):
             return self._pipeline(source, width, final_width, heads)
         self._gate(source, width, heads, width // heads)
-        return width - width % heads
+        return width  # the checker makes the heads divide the width
 
     def _pipeline(self, pipeline: ir.Pipeline, width: int, final_width: int, heads: int) -> int:
         """Count a pipeline's parameters (as backends/pipelines.py builds it); returns its width."""

@@ -450,9 +450,10 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
               for role, p in module.pipelines.items()}
     inputs.update({role: module.source_heads(role, gate_sequence(gate, x, start, state, read_level, heads, lets))
                    for role, gate in module.sources.items()})
-    gates = {role: steps_side_by_side(gate_sequence(gate, x, start, state, read_level, heads * module.copies[role],
-                                                      lets), module.copies[role], heads)
-             for role, gate in module.gates.items()}
+    copies = {role: module.copies.get(role, 1) for role, _ in module.all_gates()}
+    gates = {role: steps_side_by_side(gate_sequence(gate, x, start, state, read_level, heads * copies[role], lets),
+                                      copies[role], heads)
+             for role, gate in module.all_gates()}
     query = inputs.get("query")
     if plan.kernel == "frozen":
         if query is None:

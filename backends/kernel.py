@@ -10,8 +10,10 @@ from torch import Tensor, nn
 from nestc import rules
 from nestc.lang import ir
 from nestc.backends.common import BackendError, concrete, op_args
+from nestc.backends.optimizers import LevelOptimizer
 from nestc.backends.state import LevelState
 from nestc.lang.queries import delta_extras
+from nestc.passes.optimizers import closed_form
 
 # --- memory functions ------------------------------------------------------------------------
 
@@ -36,6 +38,19 @@ class MemoryKernel(nn.Module):
         self.state, self.state_args = rules.STATES[level.state.name], op_args(level.state)
         self.objective, self.objective_args = rules.OBJECTIVES[level.objective.name], op_args(level.objective)
         self.optimizer, self.optimizer_args = rules.OPTIMIZERS[level.optimizer.name], op_args(level.optimizer)
+        # An `update` written with optimizer levels: the reference steps it literally (`level_optimizer`,
+        # following `retention`, the level's own rule); the segment forms run the built-in it equals
+        # (`closed_form`) as `optimizer`, or, where none does, the plan steps it token by token and
+        # `update_obstacle` says why (nestc/passes/optimizers.py).
+        self.level_optimizer = self.closed_form = None
+        self.update_obstacle = ""
+        if level.update is not None:
+            self.retention, self.retention_args = self.optimizer, self.optimizer_args
+            self.level_optimizer = LevelOptimizer(level.update, level.meta)
+            self.closed_form, self.update_obstacle = closed_form(level)
+            if self.closed_form is not None:
+                self.optimizer = rules.OPTIMIZERS[self.closed_form.optimizer.name]
+                self.optimizer_args = op_args(self.closed_form.optimizer)
         self.output, self.output_args = rules.OUTPUTS[level.output.name], op_args(level.output)
         self.every = concrete(level.every.tokens)
         self.read = level.read
@@ -69,7 +84,9 @@ class MemoryKernel(nn.Module):
         else:
             weights = [like.new_zeros((batch,) + s) for s in self._shapes]
         state = LevelState(weights=weights, anchor=list(weights))
-        if self.optimizer.keeps_momentum:
+        if self.level_optimizer is not None:
+            state.moments = self.level_optimizer.initial_moments(weights)
+        elif self.optimizer.keeps_momentum:
             state.momentum = [torch.zeros_like(w) for w in weights]
         return state
 
@@ -175,8 +192,13 @@ class MemoryKernel(nn.Module):
         grads, inputs = self.gradient(at, k, v, window, gates)
         new = []
         for index, (weight, grad) in enumerate(zip(state.weights, grads)):
+            map_input = inputs[index] if index < len(inputs) else None
+            if self.level_optimizer is not None:
+                update = self.level_optimizer.step(state.moments, index, weight, grad, gates)
+                new.append(self.retention.retained(self.retention_args, weight, map_input, gates, self._scale) + update)
+                continue
             weight, momentum = self.optimizer.step(
-                self.optimizer_args, weight, grad, inputs[index] if index < len(inputs) else None,
+                self.optimizer_args, weight, grad, map_input,
                 state.momentum[index] if self.optimizer.keeps_momentum else None, gates, self._scale)
             if momentum is not None:
                 state.momentum[index] = momentum

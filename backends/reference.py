@@ -114,6 +114,12 @@ class MemoryLevel(ReadOut, nn.Module):
             role: Gate(getattr(level, role), dim, heads * self.copies[role], self.source_channels[gate_side(role)], role)
             for role in GATE_ROLES if getattr(level, role) is not None
         })
+        # the gates of the optimizer levels its `update` names, each computed from x as its own are
+        self.optimizer_gates = nn.ModuleDict({
+            moment.name: nn.ModuleDict({role: Gate(getattr(moment, role), dim, heads, key_dim, f"{moment.name}.{role}")
+                                        for role in ("lr", "retain") if getattr(moment, role) is not None})
+            for moment in (level.update.levels if level.update is not None else ())
+        })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
         if readable:
             self._build_read_out(level, dim, heads, value_dim)
@@ -125,6 +131,12 @@ class MemoryLevel(ReadOut, nn.Module):
 
     def heads_of(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], self.heads, -1)
+
+    def all_gates(self):
+        """(key, Gate) for each of the level's gates and its optimizer levels' (`level.role`)."""
+        yield from self.gates.items()
+        for name, gates in self.optimizer_gates.items():
+            yield from ((f"{name}.{role}", gate) for role, gate in gates.items())
 
     def source_heads(self, role: str, values: Tensor) -> Tensor:
         """An input made from gates as [B, H, d] ([B, H, S, d] over a sequence): a per-head value
@@ -148,8 +160,8 @@ class MemoryLevel(ReadOut, nn.Module):
         inputs = {role: self.heads_of(p(x, position, state, read_level)) for role, p in self.pipelines.items()}
         inputs.update({role: self.source_heads(role, g(x, position, state, read_level, lets))
                        for role, g in self.sources.items()})
-        gates = {role: self.steps_side_by_side(g(x, position, state, read_level, lets), role)
-                 for role, g in self.gates.items()}
+        gates = {role: self.steps_side_by_side(g(x, position, state, read_level, lets), role) if role in self.copies
+                 else g(x, position, state, read_level, lets) for role, g in self.all_gates()}
         query = inputs.get("query")
         if self.kernel.every == 0:
             y = self.kernel.apply(state.weights, query) if query is not None else None

@@ -1,7 +1,8 @@
 """The state a model carries across calls, and the one way it is taken apart and rebuilt.
 
 A LevelState's tensors sit in slots, each named by its field and a key: a list field's index
-(`weights`, `anchor`, `momentum`), a buffer's name (`buffers`), an omega window entry's
+(`weights`, `anchor`, `momentum`), a buffer's name (`buffers`), an optimizer level's name and a
+weight's index (`moments`), an omega window entry's
 (index, part) (`window`: parts k, v, gamma), or None for a single tensor (`retain_product`,
 `keys`, `values`, `forget`, `pending`). `slots`, `get_slot` and `set_slot` are the only code that
 knows this; everything that flattens a state walks them: the torch.compile and fx segment steps (the
@@ -23,6 +24,8 @@ class LevelState:
     weights: list[Tensor] = field(default_factory=list)  # the memory (M, or an MLP's maps)
     anchor: list[Tensor] = field(default_factory=list)  # the state at the end of the previous chunk
     momentum: list[Tensor] = field(default_factory=list)
+    # the states of the optimizer levels a level's `update` names: per level, one per weight
+    moments: dict[str, list[Tensor]] = field(default_factory=dict)
     window: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # omega: recent (k, v, gamma)
     keys: Tensor | None = None  # cache levels
     values: Tensor | None = None
@@ -87,7 +90,7 @@ def holds_graph(state: ModelState) -> bool:
 LIST_FIELDS = ("weights", "anchor", "momentum")  # a slot per list index
 # What a compiled segment step carries in and out: fixed tensors. (An omega window is a list
 # that grows; a pending loss is a graph.)
-STEP_FIELDS = (*LIST_FIELDS, "retain_product", "keys", "values", "forget", "buffers")
+STEP_FIELDS = (*LIST_FIELDS, "moments", "retain_product", "keys", "values", "forget", "buffers")
 # What a state file keeps: the pending loss of an unfinished chunk is a graph, not a value (a
 # file rebuilds it by a `Replay`).
 SAVED_FIELDS = (*STEP_FIELDS, "window")
@@ -105,6 +108,10 @@ def slots(level_state: LevelState, fields: tuple[str, ...] = ALL_FIELDS):
             for index, entry in enumerate(value):
                 for part, tensor in enumerate(entry):
                     yield name, (index, part), tensor
+        elif name == "moments":
+            for level in sorted(value):
+                for index, tensor in enumerate(value[level]):
+                    yield name, (level, index), tensor
         elif name in LIST_FIELDS:
             for index, tensor in enumerate(value):
                 yield name, index, tensor
@@ -114,9 +121,9 @@ def slots(level_state: LevelState, fields: tuple[str, ...] = ALL_FIELDS):
 
 def get_slot(level_state: LevelState, name: str, key) -> Tensor:
     value = getattr(level_state, name)
-    if name == "window":
-        index, part = key
-        return value[index][part]
+    if name in ("window", "moments"):
+        first, second = key
+        return value[first][second]
     return value if key is None else value[key]
 
 
@@ -132,6 +139,8 @@ def set_slot(level_state: LevelState, name: str, key, tensor: Tensor) -> None:
             level_state.window.append((tensor,))
         else:
             level_state.window[index] += (tensor,)
+    elif name == "moments":
+        level_state.moments.setdefault(key[0], []).append(tensor)
     else:
         getattr(level_state, name).append(tensor)
 
@@ -154,6 +163,8 @@ def unflatten_levels(levels: list[dict[str, LevelState]], layout: tuple, tensors
     for layer_index, level_name, name, _ in layout:
         if name in LIST_FIELDS or name == "window":
             setattr(levels[layer_index][level_name], name, [])
+        elif name == "moments":
+            levels[layer_index][level_name].moments = {}
     for (layer_index, level_name, name, key), tensor in zip(layout, tensors):
         set_slot(levels[layer_index][level_name], name, key, tensor)
 

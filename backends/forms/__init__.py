@@ -5,6 +5,8 @@ rules themselves (nestc/rules/, `forms`) and chosen by nestc/passes/plan.py."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,7 @@ from nestc.backends.forms.common import finish_segment
 from nestc.backends.forms.delta import delta_segment
 from nestc.backends.forms.layered import layered_segment
 from nestc.backends.forms.trajectory import trajectory_segment
+from nestc.backends.optimizers import lowered
 from nestc.backends.state import LevelState
 
 
@@ -38,6 +41,13 @@ def run_form(form: str, kernel, state: LevelState, k, v, q, gates, start) -> Ten
     more value channel (`MemoryKernel.with_unit_value`)."""
     if form == "sequential":
         return sequential_segment(kernel, state, k, v, q, gates, start)
+    if kernel.closed_form is not None:  # optimizer levels, run as the built-in they equal
+        return lowered(functools.partial(_segment_form, form), kernel.closed_form, kernel, state, k, v, q, gates,
+                       start)
+    return _segment_form(form, kernel, state, k, v, q, gates, start)
+
+
+def _segment_form(form: str, kernel, state: LevelState, k, v, q, gates, start) -> Tensor | None:
     y = KERNELS[form](kernel, state, k, kernel.with_unit_value(v), q, gates, start)
     finish_segment(kernel, state, start, k.shape[2], gates["retain"])
     return kernel.normalized_read(y)

@@ -143,9 +143,41 @@ class LetRef(Node):
 
 ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 GATE_OPERATORS = tuple(ARITHMETIC)
-GATE_FUNCTIONS = ("neg", "exp", "log", "sigmoid", "softplus")
+GATE_FUNCTIONS = ("neg", "exp", "log", "sigmoid", "softplus", "sqrt", "abs", "sign")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamRef(Node):
+    """In an optimizer level's inputs and a level's `update` (SEMANTICS §3, optimizers as levels):
+    `grad`, the served weight's gradient at the anchor; `param`, the weight before this token's
+    update; `lr`, the served level's lr gate (in `update` only)."""
+
+    name: str
+    span: Span | None = _span_field()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimizerRef(Node):
+    """In a level's `update`: the state of one of its optimizer levels after this token's step."""
+
+    level: str
+    span: Span | None = _span_field()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewtonSchulz(Node):
+    """`newton_schulz(u, steps)` in an `update`: the quintic Newton-Schulz orthogonalisation of
+    each weight matrix (Muon's output map, NL eq. 52)."""
+
+    operand: Gate
+    steps: int
+    span: Span | None = _span_field()
+
+
+STREAM_NAMES = ("grad", "param")  # what an optimizer level's inputs read
+UPDATE_NAMES = ("grad", "param", "lr")  # and what a level's `update` reads besides its optimizer levels
 Stage = Union[Op, LevelRef, Choice]  # a choice of stages
-Gate = Union[Constant, Op, Pipeline, GateExpr, LetRef]  # Op is `learned(...)`
+Gate = Union[Constant, Op, Pipeline, GateExpr, LetRef, StreamRef, OptimizerRef, NewtonSchulz]  # Op is `learned(...)`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,7 +219,22 @@ class Level(Node):
     output_norm: str | Choice | None = None  # none: the read-out as it is
     output_gate: Pipeline | None = None
     substeps: int | SearchValue = 1
+    # `update = ...`: the step written with optimizer levels (SEMANTICS §3); None: -lr * grad
+    update: Update | None = None
     span: Span | None = _span_field()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Update(Node):
+    """A level's `update`: the expression added to its retained weight, and the optimizer levels
+    (state `moment`) it names, each a memory of the level's gradient stream, in the order they step."""
+
+    expression: Gate
+    levels: tuple[Level, ...]
+    span: Span | None = _span_field()
+
+    def level(self, name: str) -> Level:
+        return next(level for level in self.levels if level.name == name)
 
 
 # --- blocks --------------------------------------------------------------------------------------
@@ -383,8 +430,14 @@ def format_value(value: Option | Frequency | None) -> str:
         if value.op in GATE_FUNCTIONS:
             return f"{value.op}({operands[0]})"
         return f"({operands[0]} {value.op} {operands[1]})"
-    if isinstance(value, LetRef):
+    if isinstance(value, (LetRef, StreamRef)):
         return value.name
+    if isinstance(value, OptimizerRef):
+        return value.level
+    if isinstance(value, NewtonSchulz):
+        return f"newton_schulz({format_value(value.operand)}, steps={value.steps})"
+    if isinstance(value, Update):
+        return format_value(value.expression)
     if isinstance(value, Frequency):
         if value.tokens == 0:
             return "frozen" if value.steps == 1 else f"{format_value(value.steps)} steps"
@@ -422,15 +475,7 @@ def dump(program: Program, *, identity: bool = False) -> str:
     (`identity`: without the train fields that do not change what is trained)."""
     lines = [f"program {program.file}"]
     for level in program.levels:
-        lines.append(f"  level {level.name}")
-        for f in dataclasses.fields(level):
-            if f.name in ("name", "span"):
-                continue
-            value = getattr(level, f.name)
-            if f.name == "lets":
-                lines.extend(f"    let {name:<6} {format_value(bound)}" for name, bound in value)
-            elif value is not None:
-                lines.append(f"    {f.name:<10} {format_value(value)}")
+        lines.extend(_level_lines(level, "  "))
     if program.model is not None:
         lines.append("  model")
         for f in dataclasses.fields(program.model):
@@ -445,6 +490,23 @@ def dump(program: Program, *, identity: bool = False) -> str:
         if f.name not in skipped:
             lines.append(f"    {f.name:<10} {format_value(getattr(program.train, f.name))}")
     return "\n".join(lines) + "\n"
+
+
+def _level_lines(level: Level, indent: str) -> list[str]:
+    """A level's dump lines; its optimizer levels follow its `update`, one indent deeper."""
+    lines = [f"{indent}level {level.name}"]
+    for f in dataclasses.fields(level):
+        if f.name in ("name", "span"):
+            continue
+        value = getattr(level, f.name)
+        if f.name == "lets":
+            lines.extend(f"{indent}  let {name:<6} {format_value(bound)}" for name, bound in value)
+        elif value is not None:
+            lines.append(f"{indent}  {f.name:<10} {format_value(value)}")
+            if isinstance(value, Update):
+                for inner in value.levels:
+                    lines.extend(_level_lines(inner, indent + "    "))
+    return lines
 
 
 def variant_id(program: Program) -> str:

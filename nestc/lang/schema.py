@@ -202,6 +202,9 @@ LEVEL_FIELDS = {
               doc="normalisation of each head's read-out, with a learned gain (GDN, RetNet)"),
         Param("output_gate", "source", None,
               doc="multiplies the read-out, channel by channel: a pipeline from x (`x |> proj |> silu`)"),
+        Param("update", "update", None,
+              doc="the step the retained weight gains each token, written with optimizer levels (`update = mom`); "
+                  "default -lr * grad"),
         Param("substeps", "int", 1, minimum=1,
               doc="delta-rule steps per token, each with its own key, value, lr, erase and write (DeltaProduct)"),
     )

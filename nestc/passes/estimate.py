@@ -38,6 +38,7 @@ from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
 from nestc.lang.queries import GATE_ROLES, block_levels, gate_side, reachable_levels, step_copies
 from nestc.lang.schema import FEATURE_WIDTHS
+from nestc.passes.optimizers import stored_levels
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
@@ -167,6 +168,9 @@ class _LayerTally:
             self._gate(getattr(level, role), dim, heads * copies[role], channels[gate_side(role)])
         for _, value in level.lets:  # a binding: one value per head (or per key channel) and token
             self._gate(value, dim, heads, key_dim)
+        for moment in level.update.levels if level.update is not None else ():  # optimizer levels' gates
+            for gate in (moment.lr, moment.retain):
+                self._gate(gate, dim, heads, key_dim)
         # a normalised memory stores its normaliser as one more value row
         shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim + bool(concrete(level.normalize)))
         maps = _elements(shapes)
@@ -178,6 +182,8 @@ class _LayerTally:
         if every:
             self.state += maps * self._copies(level, anchor=True)
             self.per_token += maps
+            if level.update is not None:  # each optimizer level that keeps its past: a buffer per weight
+                self.state += maps * len(stored_levels(level.update))
             if rules.OBJECTIVES[level.objective.name].windowed:
                 self.state += op_args(level.objective)["window"] * heads * (key_dim + value_dim + key_dim)
 

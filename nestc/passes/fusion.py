@@ -65,6 +65,8 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         return None  # an omega window is a list of pairs per level, not a tensor to stack
     if level.lets:
         return None  # a level's bindings have no stacked form yet
+    if level.update is not None:
+        return None  # nor have optimizer levels' gates and buffers
     if level.normalize:
         return None  # its reads are divided after the form (forms.run_form), which a stacked call skips
     if level.read != "before":

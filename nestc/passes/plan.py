@@ -12,6 +12,7 @@ from nestc.lang import ir
 from nestc.lang.queries import delta_extras, generators, is_memory, model_nodes, per_channel
 from nestc.backends.common import concrete
 from nestc.passes.fusion import FusionGroup, fusion_groups
+from nestc.passes.optimizers import closed_form
 
 MAX_SEGMENT = 64
 
@@ -35,19 +36,28 @@ class MemoryRule:
     read: str
     order: str
     delta_extras: tuple[str, ...]  # the generalised delta rule's fields it gives (queries.delta_extras)
+    # An `update` written with optimizer levels: `optimizer` is the built-in it equals, or, where
+    # none does, this says why (nestc/passes/optimizers.py)
+    update_obstacle: str = ""
 
     @classmethod
     def of(cls, level: ir.Level) -> "MemoryRule":
+        optimizer, obstacle = level.optimizer, ""
+        if level.update is not None:
+            closed, obstacle = closed_form(level)
+            optimizer = closed.optimizer if closed is not None else optimizer
         return cls(state=rules.STATES[level.state.name], objective=rules.OBJECTIVES[level.objective.name],
-                   optimizer=rules.OPTIMIZERS[level.optimizer.name], output=rules.OUTPUTS[level.output.name],
+                   optimizer=rules.OPTIMIZERS[optimizer.name], output=rules.OUTPUTS[level.output.name],
                    every=concrete(level.every.tokens), read=level.read, order=level.order,
-                   delta_extras=tuple(delta_extras(level)))
+                   delta_extras=tuple(delta_extras(level)), update_obstacle=obstacle)
 
 
 def plan_level(level: ir.Level) -> LevelPlan:
     if not is_memory(level):
         return LevelPlan("module")
     gates = [getattr(level, role) for role in ("lr", "retain", "momentum") if getattr(level, role) is not None]
+    gates += [gate for moment in (level.update.levels if level.update is not None else ())
+              for gate in (moment.lr, moment.retain) if gate is not None]
     return plan_kernel(MemoryRule.of(level), any(per_channel(g, level.lets) for g in gates))
 
 
@@ -58,6 +68,8 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
     form fits, the rule steps token by token and the plan says why: never another rule."""
     if kernel.every == 0:
         return LevelPlan("frozen")
+    if kernel.update_obstacle:
+        return LevelPlan("sequential", kernel.update_obstacle)
     parts = (kernel.state, kernel.objective, kernel.optimizer, kernel.output)
     candidates = [form for form in rules.FORMS if all(form in part.forms for part in parts)]
     if not candidates:

@@ -66,6 +66,7 @@ class Objective(Rule):
 
 class Dot(Objective):
     spec = op_spec("objective", "dot", doc="l = -<M(k), v> (Hebbian; linear attention)")
+    states = MEMORY_STATES | {"moment"}  # an optimizer level's: l = -<m, value> (momentum, NL eq. 33-34)
     elementwise = True
     state_free_error = True
 
@@ -78,6 +79,7 @@ class Dot(Objective):
 
 class L2(Objective):
     spec = op_spec("objective", "l2", doc="l = 1/2 ||M(k) - v||^2 (the delta rule under gd)")
+    states = MEMORY_STATES | {"moment"}  # an optimizer level's: l = 1/2 ||m key^T - value I||^2 (NL eq. 48)
     elementwise = True
     forms = CLOSED_FORMS | {"delta"}
     delta_rule = True

@@ -40,8 +40,16 @@ class Optimizer(Rule):
     needs_pairs = False
     # W (retain I - lr u u^T): each map becomes a delta rule on its own inputs (layered's UT solve).
     decays_along_input = False
+    # Its step is what it keeps of the old weight (`retained`) minus lr g: a level's `update`
+    # (optimizers written as levels) may replace the -lr g.
+    takes_update = False
 
     def step(self, args: dict, weight, grad, map_input, momentum, gates: dict, scale):
+        raise NotImplementedError
+
+    def retained(self, args: dict, weight, map_input, gates: dict, scale):
+        """What the step keeps of the old weight, to which a level's `update` is added (SEMANTICS
+        §3, optimizers as levels); only the rules that an `update` may follow have it."""
         raise NotImplementedError
 
     def direction(self, args: dict, momentum):
@@ -56,9 +64,13 @@ class GradientDescent(Optimizer):
                              "memory (Longhorn)"),
                    doc="M = retain * M - lr * g")
     forms = frozenset({"anchored", "delta", "layered", "trajectory"})
+    takes_update = True
 
     def step(self, args, weight, grad, map_input, momentum, gates, scale):
-        return scale(weight, gates["retain"]) - scale(grad, gates["lr"]), None
+        return self.retained(args, weight, map_input, gates, scale) - scale(grad, gates["lr"]), None
+
+    def retained(self, args, weight, map_input, gates, scale):
+        return scale(weight, gates["retain"])
 
 
 class Momentum(Optimizer):
@@ -78,14 +90,18 @@ class DeltaGradientDescent(Optimizer):
     needs_weight_maps = True
     needs_pairs = True
     decays_along_input = True
+    takes_update = True
 
     def step(self, args, weight, grad, map_input, momentum, gates, scale):
+        return self.retained(args, weight, map_input, gates, scale) - scale(grad, gates["lr"]), None
+
+    def retained(self, args, weight, map_input, gates, scale):
         import torch
 
-        # W (retain I - lr u u^T) - lr g  =  retain W - lr (W u) u^T - lr g
+        # W (retain I - lr u u^T)  =  retain W - lr (W u) u^T
         mapped = torch.einsum("bhoi,bhi->bho", weight, map_input)
         decay = scale(torch.einsum("bho,bhi->bhoi", mapped, map_input), gates["lr"])
-        return scale(weight, gates["retain"]) - decay - scale(grad, gates["lr"]), None
+        return scale(weight, gates["retain"]) - decay
 
 
 class Muon(Optimizer):

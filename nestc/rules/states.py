@@ -49,6 +49,9 @@ class State(Rule):
     default_every_tokens = 1  # a level without `every` updates every token...
     default_init = "zero"
     fields: frozenset[str] | None = None  # the level fields it takes; None: all of them
+    # An optimizer level's state: a memory of another level's gradient stream (SEMANTICS §3),
+    # stepped inside that level's update, never a block of the model.
+    optimizer_state = False
     gated = False  # weight maps W1, W3, W2: W2 (act(W1 x) * (W3 x)) instead of a chain
 
     def default_objective(self, reads_pairs: bool) -> str:
@@ -251,4 +254,13 @@ class Cache(State):
     fields = frozenset({"key", "value", "query", "heads", "read", "retain", "output_norm", "output_gate"})
 
 
-STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Glu(), Cache())
+class Moment(State):
+    spec = op_spec("state", "moment",
+                   doc="an optimizer level: one buffer shaped like each weight of the level whose `update` names "
+                       "it, learning from that level's gradient stream (NL §4)")
+    memory = False
+    optimizer_state = True
+    fields = frozenset({"key", "value", "lr", "retain", "objective"})
+
+
+STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Glu(), Cache(), Moment())

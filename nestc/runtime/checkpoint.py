@@ -131,6 +131,9 @@ def _tensor_name(prefix: str, name: str, key) -> str:
     if name == "window":
         index, part = key
         return f"{prefix}.{name}.{index}.{'kvg'[part]}"
+    if name == "moments":
+        level, index = key
+        return f"{prefix}.{name}.{level}.{index}"
     return f"{prefix}.{name}.{key}"
 
 
@@ -143,6 +146,8 @@ def _flatten(level_state: LevelState, prefix: str, tensors: dict) -> dict:
             fields[name] = "tensor"
         elif name == "buffers":
             fields.setdefault(name, []).append(key)
+        elif name == "moments":
+            fields.setdefault(name, {})[key[0]] = key[1] + 1
         else:
             fields[name] = (key[0] if name == "window" else key) + 1
     return fields
@@ -156,6 +161,10 @@ def _slot_keys(name: str, shape) -> list:
         return list(shape)
     if name == "window":
         return [(index, part) for index in range(shape) for part in range(3)]
+    if name == "moments":
+        if not isinstance(shape, dict):
+            raise ValueError("`moments` is not a table of optimizer levels")
+        return [(level, index) for level, count in shape.items() for index in range(count)]
     return list(range(shape))
 
 

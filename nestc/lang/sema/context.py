@@ -40,6 +40,11 @@ class Analysis:
         self.main_file = ""
         self.current_level: str | None = None  # the level being built: `self` and its own name refer to it
         self.bindings: tuple[str, ...] = ()  # the `let` names a gate of that level may name here
+        # Inside an optimizer level's inputs or a level's `update`: the stream names a gate may name
+        # (ir.STREAM_NAMES, ir.UPDATE_NAMES), and, in an `update`, how a level name is read
+        # (nestc/lang/sema/optimizers.py), which also allows `newton_schulz(...)`.
+        self.stream_names: tuple[str, ...] = ()
+        self.optimizer_level = None
         self.train_context: int | ir.SearchValue | None = None  # chunked levels must divide it
 
     def error(self, code: str, message: str, span: Span | None, label: str = "", help: str | None = None,

@@ -6,13 +6,13 @@ import errno
 import os
 import stat
 
-from nestc.lang import ast, schema
+from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Label, NestError, did_you_mean
 from nestc.lang.sema.context import Definition, Part
 from nestc.lang.source import SourceFile, Span
 
 RESERVED = (
-    {schema.INPUT_NAME, schema.SELF_NAME, *schema.BOOLEANS}
+    {schema.INPUT_NAME, schema.SELF_NAME, *schema.BOOLEANS, *ir.STREAM_NAMES}
     | set(schema.STAGES) | set(schema.BLOCKS) | set(schema.SEARCH) | set(schema.GATE_SOURCES)
 )
 

@@ -3,12 +3,15 @@ state, objective and optimizer together."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from nestc import rules
 from nestc.lang import ast, ir, schema
 from nestc.lang.diagnostics import Label, did_you_mean
 from nestc.lang.queries import delta_extras, per_channel
 from nestc.lang.schema import Param
 from nestc.lang.sema.context import INVALID, Analysis, Invalid, Part, options
+from nestc.lang.sema.optimizers import OptimizerLevels, is_optimizer_state
 from nestc.lang.sema.values import Values
 
 
@@ -26,6 +29,7 @@ class Levels(Part):
         self.pretrained: list[tuple] = []  # (level, state, init, field) checked once every level is built
         self._fields: dict[str, tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid] = {}  # after `extends`
         self.extended: set[str] = set()  # levels that another level extends
+        self.optimizers = OptimizerLevels(analysis, values, self)
 
     def _level_fields(self, name: str) -> tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid:
         """The state and fields of a level, following `extends` chains.
@@ -127,6 +131,9 @@ class Levels(Part):
 
     def _build_level(self, name, node, state_expr, fields, context):
         state = self.values.op(state_expr, "state", f"the state of level `{name}`")
+        if is_optimizer_state(state):
+            return self.optimizers.optimizer_level(name, node, state, fields)
+        update_field = fields.pop("update", None)
         bindings = {key.split(" ", 1)[1]: f for key, f in fields.items() if key.startswith(f"{LET} ")}
         fields = {key: f for key, f in fields.items() if not key.startswith(f"{LET} ")}
         lets = self._lets(bindings)
@@ -286,6 +293,12 @@ class Levels(Part):
         )
         if is_parametric:
             self._check_delta_extras(level, fields)
+        if update_field is not None:
+            update = self.optimizers.update(update_field, name)
+            if update is INVALID:
+                return INVALID
+            level = dataclasses.replace(level, update=update)
+            self.optimizers.check_served(level, {**fields, "update": update_field}, is_parametric, task)
         if lets and isinstance(level.substeps, int) and level.substeps > 1:
             self.error("N0117", "`let` has no meaning with `substeps`", next(iter(bindings.values())).key_span,
                        label="one value per head and token",

@@ -12,6 +12,7 @@ from nestc.lang.queries import (GATE_ROLES, first_use, generators, is_memory, le
                                 reachable_levels, search_values)
 from nestc.lang.sema.context import INVALID, Analysis, Definition, Part, options
 from nestc.lang.sema.levels import Levels
+from nestc.lang.sema.optimizers import is_optimizer_state
 from nestc.lang.sema.values import Values
 
 
@@ -49,6 +50,8 @@ class ProgramBuilder(Part):
         if model is None and "model" in self.sections:
             return None
         used = reachable_levels(levels, model_levels(model)) if model is not None else set(level_names)
+        if model is not None:
+            self._check_no_optimizer_blocks(model, levels)
         # Only the levels the model runs must fit its context: a library may define others.
         for name, every, context, field in self.levels.chunked:
             if name in used:
@@ -59,7 +62,8 @@ class ProgramBuilder(Part):
             self._check_memory_as_context(model, levels)
             for name in level_names:
                 definition = self.definitions[name]
-                if name not in used and name not in self.levels.extended and definition.span \
+                if name not in used and name not in self.levels.extended and name not in self.levels.optimizers.named \
+                        and definition.span \
                         and definition.span.file == self.analysis.main_file:
                     self.warning("N0201", f"level `{name}` is never used", definition.span, label="unused level",
                                  help="use it in the model's block, or remove it")
@@ -69,6 +73,17 @@ class ProgramBuilder(Part):
         program = ir.Program(file=self.analysis.main_file, levels=ordered, model=model, train=train)
         self._check_named_dimensions(program)
         return program
+
+    def _check_no_optimizer_blocks(self, model: ir.Model, levels: dict) -> None:
+        """An optimizer level is stepped by the level whose `update` names it, never as a block."""
+        for name in dict.fromkeys(model_levels(model)):
+            level = levels.get(name)
+            if isinstance(level, ir.Level) and is_optimizer_state(level.state):
+                use = next(first_use(block, name) for block in model.blocks() if first_use(block, name) is not None)
+                self.error("N0105", f"optimizer level `{name}` is not a block", use.span,
+                           label="an optimizer level here",
+                           notes=("an optimizer level (state `moment`) learns from another level's gradients",),
+                           help=f"name it in a memory level's update: `update = {name}`")
 
     def _layer_blocks(self, values: dict) -> dict:
         """Either one block that every layer repeats (`layers N`, `block = ...`) or a list with

@@ -13,6 +13,12 @@ from nestc.lang.sema.context import INVALID, Analysis, Part, describe, options
 from nestc.lang.source import Span
 
 
+# The one matrix function of an `update` (its first argument is an expression, bound unevaluated).
+NEWTON_SCHULZ = schema.op_spec("update", "newton_schulz", Param("u", "expression"),
+                               Param("steps", "int", 5, minimum=1, fixed=True, doc="Newton-Schulz iterations"),
+                               doc="the quintic Newton-Schulz orthogonalisation of each weight (Muon, NL eq. 52)")
+
+
 class Values(Part):
     """Evaluates expressions as values of schema parameters, reporting each mistake at its span."""
 
@@ -295,7 +301,7 @@ class Values(Part):
                     self.error("N0116", f"argument `{arg.name}` is given twice", arg.name_span)
                     ok = False
                     continue
-            if param.type in ("block", "level", "source", "gate") and spec.kind == "block":
+            if param.type == "expression" or param.type in ("block", "level", "source", "gate") and spec.kind == "block":
                 bound[param.name] = arg.value  # evaluated by the block builder, in block context
                 continue
             value = self.value(arg.value, param, f"`{param.name}` of {where}")
@@ -432,6 +438,13 @@ class Values(Part):
                          span=expr.span)
         if isinstance(expr, ast.Name) and expr.id in self.analysis.bindings:
             return ir.LetRef(name=expr.id, span=expr.span)
+        if isinstance(expr, ast.Name) and expr.id in self.analysis.stream_names:
+            return ir.StreamRef(name=expr.id, span=expr.span)
+        if self.analysis.optimizer_level is not None:
+            if isinstance(expr, ast.Name) and expr.id in self.analysis.names("level"):
+                return self.analysis.optimizer_level(expr)
+            if isinstance(expr, ast.Call) and expr.func == "newton_schulz":
+                return self.newton_schulz(expr, what)
         if isinstance(expr, ast.Pipe) or (isinstance(expr, ast.Name) and expr.id == schema.INPUT_NAME):
             return self.pipeline(expr, what)
         if isinstance(expr, ast.Name):
@@ -441,6 +454,15 @@ class Values(Part):
                               or "a gate is a number, `learned(...)` or a pipeline such as `x |> proj |> sigmoid`")
         return self.error("N0105", f"{what} must be a number, `learned(...)`, a pipeline from `x` or arithmetic "
                           "on gates", expr.span, label=f"found {describe(expr)}")
+
+    def newton_schulz(self, call: ast.Call, what: str):
+        """`newton_schulz(u, steps=5)` in an `update`: Muon's orthogonalisation of u."""
+        args = self.bind(call, NEWTON_SCHULZ, "`newton_schulz`")
+        if args is INVALID:
+            return INVALID
+        operand = self.gate(args["u"], what)
+        return INVALID if operand is INVALID else ir.NewtonSchulz(operand=operand, steps=args["steps"],
+                                                                  span=call.span)
 
     def numbers(self, expr: ast.ListExpr, what: str):
         """A list of numbers (one per head): at least one."""

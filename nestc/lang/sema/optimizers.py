@@ -1,0 +1,206 @@
+"""Optimizers written as levels (SEMANTICS §3, "Optimizers are levels"; NL §4): an optimizer
+level (state `moment`) is a memory of the gradient stream of the level that names it, and a
+level's `update` is the expression its retained weight gains each token.
+
+    level mom : moment { value = -grad; retain = 0.9 }     # m_t = 0.9 m_{t-1} - lr_t g_t
+    level lmm : mlp { optimizer gd; update = mom }          # W_t = retain_t W_{t-1} + m_t
+
+This module checks both and builds them into the IR: an optimizer level becomes an `ir.Level`
+with state `moment`, embedded in the `ir.Update` of each level that names it."""
+
+from __future__ import annotations
+
+from nestc import rules
+from nestc.lang import ast, ir, schema
+from nestc.lang.queries import delta_extras, per_channel
+from nestc.lang.sema.context import INVALID, Part
+
+# What an expression of the gradient stream may hold (a level's gates are pipelines of x instead).
+_STREAM_NODES = (ir.Constant, ir.GateExpr, ir.StreamRef, ir.OptimizerRef, ir.NewtonSchulz)
+
+
+def is_optimizer_state(state) -> bool:
+    return isinstance(state, ir.Op) and rules.STATES[state.name].optimizer_state
+
+
+def reads_key(objective: ir.Op) -> bool:
+    """Whether an optimizer level's objective reads a key: the delta rule's (l2), m key^T = value I."""
+    return rules.OBJECTIVES[objective.name].delta_rule
+
+
+class OptimizerLevels(Part):
+    """Builds optimizer levels and `update` fields; `levels` is the Levels part (a level named in
+    an `update` is built, once, as any other level is)."""
+
+    def __init__(self, analysis, values, levels):
+        super().__init__(analysis)
+        self.values = values
+        self.levels = levels
+        self.named: set[str] = set()  # optimizer levels some `update` names (so they count as used)
+        self._building: list[str] = []  # optimizer levels being built, innermost last (a cycle check)
+
+    # --- an optimizer level ---------------------------------------------------------------------
+
+    def optimizer_level(self, name: str, node: ast.LevelDef, state: ir.Op, fields: dict[str, ast.Field]):
+        self._building.append(name)
+        try:
+            return self._optimizer_level(name, node, state, fields)
+        finally:
+            self._building.pop()
+
+    def _optimizer_level(self, name: str, node: ast.LevelDef, state: ir.Op, fields: dict[str, ast.Field]):
+        where = f"optimizer level `{name}`"
+        allowed = rules.STATES[state.name].fields
+        for key in sorted(set(fields) - allowed):
+            self.error("N0117", f"`{key}` has no meaning for an optimizer level", fields[key].key_span,
+                       label="not a field of an optimizer level",
+                       notes=("an optimizer level (state `moment`) is a memory of the gradients of the level whose "
+                              "`update` names it: it takes `value`, `key`, `objective`, `lr` and `retain`, steps "
+                              "every token by gradient descent on its objective, and starts at zero",))
+        if "let " in " ".join(fields):
+            binding = next(f for key, f in fields.items() if key.startswith("let "))
+            self.error("N0117", "`let` has no meaning for an optimizer level", binding.key_span,
+                       label="not a field of an optimizer level", help="write the gates out without the binding")
+        objective = self.values.field_value(fields["objective"], schema.LEVEL_FIELDS["objective"], where) \
+            if "objective" in fields else ir.Op(name="dot", args=())
+        if objective is not INVALID and (not isinstance(objective, ir.Op)
+                                         or state.name not in rules.OBJECTIVES[objective.name].states):
+            self.error("N0117", "an optimizer level learns by `dot` or `l2`", fields["objective"].value.span,
+                       label="not an objective of an optimizer level",
+                       notes=("`dot`: l = -<m, value>, so m_t = retain m_{t-1} + lr value (momentum, NL eq. 33); "
+                              "`l2`: l = 1/2 ||m key^T - value I||^2 (delta momentum, NL eqs. 48-49)",))
+            objective = INVALID
+        gates = {}
+        for role in ("lr", "retain"):
+            if role not in fields:
+                continue
+            gate = self.values.field_value(fields[role], schema.LEVEL_FIELDS[role], where)
+            if gate is not INVALID and per_channel(gate):
+                self.error("N0117", f"the {role} of an optimizer level is one value per head",
+                           fields[role].value.span, label="per channel here", help="drop `per=channel` from this gate")
+                gate = INVALID
+            gates[role] = gate
+        # an objective with a key (l2) learns m key^T = value I; one without (dot), m = value
+        delta = objective is not INVALID and reads_key(objective)
+        value = self._stream_input(fields.get("value"), where, "value", number_only=delta)
+        key = self._stream_input(fields.get("key"), where, "key") if "key" in fields else None
+        if key is not None and not delta and objective is not INVALID:
+            self.error("N0117", "a `dot` optimizer level reads no key", fields["key"].key_span,
+                       label="no key here", help="remove the key, or write `objective l2`")
+        if INVALID in (objective, value, key) or INVALID in gates.values():
+            return INVALID
+        return ir.Level(
+            name=name, state=state,
+            key=(key or ir.StreamRef(name="grad")) if delta else None,
+            value=value or ir.GateExpr(op="neg", operands=(ir.StreamRef(name="grad"),)),
+            query=None, lr=gates.get("lr"), retain=gates.get("retain") or ir.Constant(value=1.0), momentum=None,
+            erase=None, write=None, gamma=None, threshold=None, objective=objective,
+            optimizer=ir.Op(name="gd", args=(("implicit", False),)), order=None, output=ir.Op(name="none"),
+            every=ir.Frequency(tokens=1, steps=1), read="after", init=ir.Op(name="zero"), meta=None, heads=None,
+            span=node.name_span)
+
+    def _stream_input(self, f: ast.Field | None, where: str, role: str, number_only: bool = False):
+        """An optimizer level's key or value: arithmetic on `grad`, `param` and numbers (`l2`'s
+        value: a number, the P of m key^T = P I)."""
+        if f is None:
+            return None
+        names = () if number_only else ir.STREAM_NAMES
+        self.analysis.stream_names, self.analysis.optimizer_level = names, None if number_only else self._read
+        try:
+            value = self.values.gate(f.value, f"the {role} of {where}")
+        finally:
+            self.analysis.stream_names, self.analysis.optimizer_level = (), None
+        if value is INVALID:
+            return INVALID
+        stray = next((n for n in ir.walk(value) if not isinstance(n, _STREAM_NODES)), None)
+        if stray is not None:
+            if number_only:
+                return self.error("N0105", f"with `objective l2` the value of {where} is a number", f.value.span,
+                                  label="not a number", notes=("m learns m key^T = value * I: the value is the P of "
+                                                               "NL eq. 48, one number",))
+            return self.error("N0105", f"the {role} of {where} is arithmetic on `grad`, `param` and numbers",
+                              stray.span or f.value.span, label=f"found {ir.format_value(stray)}",
+                              notes=("an optimizer level learns from the gradient stream of the level it serves: "
+                                     "`grad` is that level's gradient, `param` its weight",),
+                              help="for example `value = -grad`")
+        return value
+
+    # --- a level's update -----------------------------------------------------------------------
+
+    def _read(self, name_expr: ast.Name):
+        """A level named in an `update` or in an optimizer level's input: another optimizer level."""
+        if name_expr.id in self._building:
+            chain = " -> ".join(self._building[self._building.index(name_expr.id):] + [name_expr.id])
+            return self.error("N0121", f"optimizer level `{name_expr.id}` reads itself", name_expr.span,
+                              label="read here", notes=(f"the chain: {chain}",
+                                                        "each optimizer level steps after the ones it reads"))
+        level = self.levels.level(name_expr.id)
+        if level is INVALID:
+            return INVALID
+        if not is_optimizer_state(level.state):
+            return self.error("N0105", f"level `{name_expr.id}` is not an optimizer level", name_expr.span,
+                              label=f"a `{level.state.name}` level",
+                              notes=("an `update` reads optimizer levels (state `moment`): memories of the "
+                                     "level's gradients",))
+        return ir.OptimizerRef(level=name_expr.id, span=name_expr.span)
+
+    def update(self, f: ast.Field, served: str):
+        """The `update` field of level `served`: its expression, with the optimizer levels it reads
+        (and those they read), each after the ones it reads."""
+        what = f"the update of level `{served}`"
+        self.analysis.stream_names, self.analysis.optimizer_level = ir.UPDATE_NAMES, self._read
+        try:
+            expression = self.values.gate(f.value, what) if f.value is not None else INVALID
+        finally:
+            self.analysis.stream_names, self.analysis.optimizer_level = (), None
+        if expression is INVALID:
+            return INVALID
+        stray = next((n for n in ir.walk(expression) if not isinstance(n, _STREAM_NODES)), None)
+        if stray is not None:
+            return self.error("N0105", f"{what} is arithmetic on `grad`, `param`, `lr`, numbers and optimizer levels",
+                              stray.span or f.value.span, label=f"found {ir.format_value(stray)}",
+                              notes=("a gate of x belongs in an optimizer level's `lr` or `retain`",))
+        ordered: list[str] = []
+
+        def visit(node: ir.Node) -> None:  # depth first: the levels a level reads come before it
+            for ref in (n for n in ir.walk(node) if isinstance(n, ir.OptimizerRef)):
+                if ref.level not in ordered:
+                    level = self.levels.level(ref.level)
+                    for part in (level.key, level.value):
+                        if part is not None:
+                            visit(part)
+                    if ref.level not in ordered:
+                        ordered.append(ref.level)
+
+        visit(expression)
+        self.named.update(ordered)
+        return ir.Update(expression=expression, levels=tuple(self.levels.level(n) for n in ordered), span=f.value.span)
+
+    def check_served(self, level: ir.Level, fields: dict[str, ast.Field], parametric: bool, task: bool) -> None:
+        """The level an `update` belongs to: a memory stepping by gd or dgd, nothing else that
+        replaces its step."""
+        span = fields["update"].key_span
+        if not parametric or task:
+            self.error("N0117", "`update` has no meaning for " + ("a level trained on the task loss" if task
+                                                                  else f"a `{level.state.name}` level"), span,
+                       label="no inner step here",
+                       notes=("an `update` replaces the step -lr * grad of a memory level's inner optimizer",))
+            return
+        optimizer = level.optimizer
+        if isinstance(optimizer, ir.Op) and not rules.OPTIMIZERS[optimizer.name].takes_update:
+            self.error("N0117", f"`update` has no meaning with optimizer `{optimizer.name}`",
+                       fields.get("optimizer", fields["update"]).key_span, label="keeps its own step",
+                       notes=("the update replaces the step of `gd` (W = retain W + update) or of `dgd` "
+                              "(W = W (retain I - lr u u^T) + update); momentum and Muon are optimizer levels "
+                              "in that update (specs/lib/optimizers.nest)",),
+                       help="write `optimizer gd` (or `dgd`) and the momentum as a level")
+        if per_channel(level.lr, level.lets):
+            self.error("N0117", "with `update` the lr is one value per head", fields["lr"].value.span,
+                       label="per channel here",
+                       notes=("the lr reaches the optimizer levels and the update, which broadcast it over each "
+                              "weight of a head",), help="drop `per=channel` from this gate")
+        extras = delta_extras(level)
+        if extras:
+            self.error("N0117", f"`update` has no meaning with {', '.join(extras)}", span,
+                       label="the generalised delta rule has its own step",
+                       notes=("erase, write, substeps and gd(implicit=true) are parts of the online delta rule",))

@@ -104,15 +104,15 @@ class OptimizerLevels(Part):
         value: a number, the P of m key^T = P I)."""
         if f is None:
             return None
-        names = () if number_only else ir.STREAM_NAMES
-        self.analysis.stream_names, self.analysis.optimizer_level = names, None if number_only else self._read
+        self.analysis.stream_names, self.analysis.optimizer_level = ir.STREAM_NAMES, self._read
         try:
             value = self.values.gate(f.value, f"the {role} of {where}")
         finally:
             self.analysis.stream_names, self.analysis.optimizer_level = (), None
         if value is INVALID:
             return INVALID
-        stray = next((n for n in ir.walk(value) if not isinstance(n, _STREAM_NODES)), None)
+        allowed = (ir.Constant, ir.GateExpr) if number_only else _STREAM_NODES
+        stray = next((n for n in ir.walk(value) if not isinstance(n, allowed)), None)
         if stray is not None:
             if number_only:
                 return self.error("N0105", f"with `objective l2` the value of {where} is a number", f.value.span,
@@ -144,13 +144,13 @@ class OptimizerLevels(Part):
                                      "level's gradients",))
         return ir.OptimizerRef(level=name_expr.id, span=name_expr.span)
 
-    def update(self, f: ast.Field, served: str):
-        """The `update` field of level `served`: its expression, with the optimizer levels it reads
-        (and those they read), each after the ones it reads."""
-        what = f"the update of level `{served}`"
+    def update(self, expr: ast.Expr):
+        """The `update` of the level being built: its expression, with the optimizer levels it
+        reads (and those they read), each after the ones it reads."""
+        what = f"the update of level `{self.analysis.current_level}`"
         self.analysis.stream_names, self.analysis.optimizer_level = ir.UPDATE_NAMES, self._read
         try:
-            expression = self.values.gate(f.value, what) if f.value is not None else INVALID
+            expression = self.values.gate(expr, what)
         finally:
             self.analysis.stream_names, self.analysis.optimizer_level = (), None
         if expression is INVALID:
@@ -158,7 +158,7 @@ class OptimizerLevels(Part):
         stray = next((n for n in ir.walk(expression) if not isinstance(n, _STREAM_NODES)), None)
         if stray is not None:
             return self.error("N0105", f"{what} is arithmetic on `grad`, `param`, `lr`, numbers and optimizer levels",
-                              stray.span or f.value.span, label=f"found {ir.format_value(stray)}",
+                              stray.span or expr.span, label=f"found {ir.format_value(stray)}",
                               notes=("a gate of x belongs in an optimizer level's `lr` or `retain`",))
         ordered: list[str] = []
 
@@ -174,7 +174,7 @@ class OptimizerLevels(Part):
 
         visit(expression)
         self.named.update(ordered)
-        return ir.Update(expression=expression, levels=tuple(self.levels.level(n) for n in ordered), span=f.value.span)
+        return ir.Update(expression=expression, levels=tuple(self.levels.level(n) for n in ordered), span=expr.span)
 
     def check_served(self, level: ir.Level, fields: dict[str, ast.Field], parametric: bool, task: bool) -> None:
         """The level an `update` belongs to: a memory stepping by gd or dgd, nothing else that

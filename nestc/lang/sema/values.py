@@ -66,6 +66,8 @@ class Values(Part):
             return self.pipeline(expr, what)
         if kind == "gate":
             return self.gate(expr, what)
+        if kind == "update":
+            return self.analysis.update_value(expr)
         if kind == "block":
             return self.blocks.block(expr, what)
         if kind in schema.OP_TABLES:

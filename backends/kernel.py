@@ -46,7 +46,6 @@ class MemoryKernel(nn.Module):
         self.update_obstacle = ""
         if level.update is not None:
             self.retention, self.retention_args = self.optimizer, self.optimizer_args
-            self.level_optimizer = LevelOptimizer(level.update, level.meta)
             self.closed_form, self.update_obstacle = closed_form(level)
             if self.closed_form is not None:
                 self.optimizer = rules.OPTIMIZERS[self.closed_form.optimizer.name]
@@ -71,6 +70,8 @@ class MemoryKernel(nn.Module):
         else:
             self.initial = None
         self._shapes = shapes
+        if level.update is not None:
+            self.level_optimizer = LevelOptimizer(level.update, level.meta, shapes)
         problem = self.state.width_error(self.state_args, key_dim, value_dim)
         if problem:
             raise BackendError(f"level `{level.name}`: {problem}")

@@ -15,7 +15,7 @@ backend runs the built-in's segment form instead, on the composition's gates and
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from nestc import rules
 from nestc.lang import ir
@@ -25,18 +25,52 @@ from nestc.passes.optimizers import ClosedForm, gate_key, stored_levels
 from nestc.rules.optimizers import newton_schulz
 
 
-class LevelOptimizer:
-    """A level's `update` and its optimizer levels, one token and one weight at a time."""
+class LevelOptimizer(nn.Module):
+    """A level's `update` and its optimizer levels, one token and one weight at a time.
 
-    def __init__(self, update: ir.Update, meta: str):
+    A buffer (state `moment`) has one tensor per served weight. A memory of rows (a deep
+    momentum's MLP) has its maps for each served weight, of the weight's input width, side by
+    side in its list of the state's `moments` (weight by weight); `init meta` makes their initial
+    values parameters of the outer level."""
+
+    def __init__(self, update: ir.Update, meta: str, weight_shapes: list[tuple[int, ...]]):
+        super().__init__()
         self.update = update
         self.meta = meta
         self.objectives = {level.name: (rules.OBJECTIVES[level.objective.name], op_args(level.objective))
                            for level in update.levels}
         self.kept = stored_levels(update)  # those with retain 0 keep nothing of their past
+        self.memories = {level.name: (rules.STATES[level.state.name], op_args(level.state))
+                         for level in update.levels if not rules.STATES[level.state.name].optimizer_state}
+        # each memory's map shapes for each served weight [H, rows, width]: it maps a row to a row
+        self.map_shapes = {name: [rule.weight_shapes(args, shape[0], shape[-1], shape[-1]) for shape in weight_shapes]
+                           for name, (rule, args) in self.memories.items()}
+        self.initial = nn.ModuleDict({
+            level.name: nn.ModuleList(
+                nn.ParameterList(nn.Parameter(self.memories[level.name][0].initial_value(
+                    self.memories[level.name][1], map_shape, index, len(maps)))
+                    for index, map_shape in enumerate(maps))
+                for maps in self.map_shapes[level.name])
+            for level in update.levels if level.name in self.memories and level.init.name == "meta"})
 
     def initial_moments(self, weights: list[Tensor]) -> dict[str, list[Tensor]]:
-        return {name: [torch.zeros_like(w) for w in weights] for name in self.kept}
+        moments = {}
+        for name in self.kept:
+            if name not in self.memories:
+                moments[name] = [torch.zeros_like(w) for w in weights]
+            elif name in self.initial:
+                moments[name] = [p.to(weights[0].dtype).unsqueeze(0).expand(weights[0].shape[0], *p.shape)
+                                 for maps in self.initial[name] for p in maps]
+            else:
+                moments[name] = [weights[0].new_zeros((weights[0].shape[0],) + shape)
+                                 for maps in self.map_shapes[name] for shape in maps]
+        return moments
+
+    def _maps(self, name: str, index: int) -> slice:
+        """Where served weight `index`'s maps of memory `name` sit in its list of moments."""
+        counts = [len(maps) for maps in self.map_shapes[name]]
+        start = sum(counts[:index])
+        return slice(start, start + counts[index])
 
     def step(self, moments: dict[str, list[Tensor]], index: int, weight: Tensor, grad: Tensor,
              gates: dict[str, Tensor]) -> Tensor:
@@ -44,12 +78,41 @@ class LevelOptimizer:
         stream = {"grad": grad, "param": weight, "lr": gates["lr"]}
         read = {}
         for level in self.update.levels:
+            if level.name in self.memories:
+                read[level.name] = self._memory_step(level, moments[level.name], index, weight, stream, read, gates)
+                continue
             kept = level.name in moments
             previous = moments[level.name][index] if kept else torch.zeros_like(weight)
             read[level.name] = self._moment_step(level, previous, stream, read, gates)
             if kept:
                 moments[level.name][index] = read[level.name]
         return _evaluate(self.update.expression, stream, read, weight)
+
+    def _memory_step(self, level: ir.Level, moments: list[Tensor], index: int, weight: Tensor, stream: dict,
+                     read: dict[str, Tensor], gates: dict[str, Tensor]) -> Tensor:
+        """A memory of rows: its maps M take one GD step on the sum over the rows r of
+        l(M(key_r), value_r), then it is read at each row of its query: weight-shaped."""
+        rule, args = self.memories[level.name]
+        objective, objective_args = self.objectives[level.name]
+        place = self._maps(level.name, index)
+
+        def rows(expression) -> Tensor:  # [B, H, rows, width] -> [B, rows, H, width], the rows as a sequence
+            return _as_rows(_evaluate(expression, stream, read, weight).expand_as(weight)).transpose(1, 2)
+
+        maps = moments[place]
+        outer = torch.is_grad_enabled()
+        leaves = [m.view_as(m) if (outer and m.requires_grad) else m.detach().requires_grad_() for m in maps]
+        with torch.enable_grad():
+            loss = objective.pair_loss(objective_args, rule.apply_sequence(args, leaves, rows(level.key)),
+                                       rows(level.value), {}).sum()
+            grads = torch.autograd.grad(loss, leaves, create_graph=self.meta == "full" and outer)
+        if self.meta != "full":
+            grads = [g.detach() for g in grads]
+        new = [_broadcast(gates[gate_key(level, "retain")], m) * m - _broadcast(gates[gate_key(level, "lr")], m) * g
+               for m, g in zip(maps, grads)]
+        moments[place] = new
+        result = rule.apply_sequence(args, new, rows(level.query)).transpose(1, 2)
+        return result.reshape(weight.shape)
 
     def _moment_step(self, level: ir.Level, moment: Tensor, stream: dict, read: dict[str, Tensor],
                      gates: dict[str, Tensor]) -> Tensor:

@@ -111,6 +111,26 @@ def _adam(w, s, g, k):  # App. B eqs. 101-105, as averages: W = retain W - lr M 
     return RETAIN * w - LR * first / (second.sqrt() + 1e-8), {"adam_first": first, "adam_second": second}
 
 
+def _gelu(h):
+    return 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))
+
+
+def _gelu_derivative(h):
+    return 0.5 * (1 + torch.erf(h / 2 ** 0.5)) + h * torch.exp(-h * h / 2) / (2 * torch.pi) ** 0.5
+
+
+def _deep_momentum(w, s, g, k):
+    """eq. 50: an MLP m(x) = B gelu(A x) on the gradient's rows, one GD step of size lr on
+    sum_r 1/2 ||m(g_r) + g_r||^2 with retain 0.9, then W = retain W + m(g) row by row."""
+    first, second = s["deep_momentum"]
+    hidden = g @ first.T  # each row r: A g_r
+    error = _gelu(hidden) @ second.T + g  # m(g_r) - (-g_r)
+    grad_second = error.T @ _gelu(hidden)
+    grad_first = ((error @ second) * _gelu_derivative(hidden)).T @ g
+    first, second = 0.9 * first - LR * grad_first, 0.9 * second - LR * grad_second
+    return RETAIN * w + _gelu(g @ first.T) @ second.T, {"deep_momentum": [first, second]}
+
+
 def _dgd(w, s, g, k):  # eqs. 56-57: W = W (retain I - lr k k^T) - lr g
     return w @ (RETAIN * torch.eye(w.shape[1], dtype=w.dtype) - LR * torch.outer(k, k)) - LR * g, s
 
@@ -126,6 +146,7 @@ LIBRARY = {  # name: (rule, update, the equation)
     "delta momentum": ("gd", "delta_momentum", _delta_momentum),
     "preconditioned momentum": ("gd", "preconditioned_momentum", _preconditioned),
     "phi momentum": ("gd", "sign_momentum", _sign),
+    "deep momentum": ("gd", "deep_momentum", _deep_momentum),
     "muon": ("gd", "-lr * newton_schulz(muon_momentum, steps=5)", _muon),
     "adam": ("gd", "-lr * adam_first / (sqrt(adam_second) + 1e-8)", _adam),
     "dgd": ("dgd", "gd_step", _dgd),
@@ -160,6 +181,9 @@ def test_each_library_optimizer_steps_as_its_equation(name):
     reads, state = reference.run_kernel(kernel, k, v, q, _constant_gates(level, tokens))
 
     w, buffers = torch.zeros(2, 3, dtype=torch.float64), {}
+    # a memory's learned initial state is an input of the equation (a parameter of the outer level)
+    for name, maps in kernel.level_optimizer.initial.items():
+        buffers[name] = [p.detach()[0] for p in maps[0]]
     for t in range(tokens):
         key, value = k[0, t, 0], v[0, t, 0]
         grad = torch.outer(w @ key - value, key)  # l2 at the previous state (every 1)
@@ -169,7 +193,8 @@ def test_each_library_optimizer_steps_as_its_equation(name):
     # the optimizer levels that keep their past hold the buffers the equation carries
     assert sorted(state.moments) == sorted(buffers)
     for name, buffer in buffers.items():
-        torch.testing.assert_close(state.moments[name][0][0, 0], buffer, rtol=1e-10, atol=1e-12)
+        for stored, wanted in zip(state.moments[name], buffer if isinstance(buffer, list) else [buffer], strict=True):
+            torch.testing.assert_close(stored[0, 0], wanted, rtol=1e-10, atol=1e-12)
     assert w.abs().max() > 1e-3  # the memory moved
 
 
@@ -364,6 +389,10 @@ model {{
     ("    update = odd", "level odd : moment {\n    retain = learned(per=channel)\n}", "N0117",
      "the retain of an optimizer level is one value per head"),
     ("    lr = learned(per=channel)\n    update = momentum", "", "N0117", "with `update` the lr is one value per head"),
+    ("    update = rows", "level rows : vector {\n    key = grad\n}", "N0117",
+     "an optimizer level's state is `moment` or a memory of rows, not `vector`"),
+    ("    update = rows", "level rows : mlp {\n    key = grad\n    init nested\n}", "N0117",
+     "an optimizer level starts at zero or at a learned state (`init meta`)"),
     ("    erase = 0.5\n    update = momentum", "", "N0117", "`update` has no meaning with erase"),
 ], ids=lambda value: value if isinstance(value, str) and value.startswith("N") else None)
 def test_bad_optimizer_levels_are_reported_where_they_stand(fields, extra, code, message):
@@ -437,3 +466,21 @@ train {
     assert group.form == "layered" and set(group.levels) == {"mk", "mv"}  # the generators, stacked
     fast = assert_equivalent(program)
     assert fast.fused
+
+
+def test_a_deep_momentum_counts_its_learned_initial_state_and_equals_the_reference():
+    """An MLP memory of the gradient's rows (eq. 50) has maps of its own for each served weight,
+    whose initial values the outer level learns: the estimate counts them, and the compiled
+    backend (token by token, as its plan says) equals the reference with their gradients."""
+    program = _program(MODEL_SPEC.format(state="mlp(depth=2, expand=2)", every=4, read="before",
+                                         fields="optimizer gd\n    update = deep_momentum")
+                       .replace("sigmoid(max=0.2)", "sigmoid(max=0.02)"))
+    plan = plan_program(program).levels["memory"]
+    assert plan.kernel == "sequential" and "deep_momentum" in plan.reason
+    model = reference.build(program)
+    initial = [name for name, _ in model.named_parameters() if ".level_optimizer.initial.deep_momentum." in name]
+    assert len(initial) == 4  # two maps for each of the memory's two weights
+    assert estimate(program).parameters == sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", compiled.CompileWarning)
+        assert_equivalent(program, length=13, split=6)

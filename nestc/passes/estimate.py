@@ -168,11 +168,18 @@ class _LayerTally:
             self._gate(getattr(level, role), dim, heads * copies[role], channels[gate_side(role)])
         for _, value in level.lets:  # a binding: one value per head (or per key channel) and token
             self._gate(value, dim, heads, key_dim)
+        # a normalised memory stores its normaliser as one more value row
+        shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim + bool(concrete(level.normalize)))
+        optimizer_maps = 0  # a memory of rows among them: its maps for each served weight, of its width
         for moment in level.update.levels if level.update is not None else ():  # optimizer levels' gates
             for gate in (moment.lr, moment.retain):
                 self._gate(gate, dim, heads, key_dim)
-        # a normalised memory stores its normaliser as one more value row
-        shapes = state_rule.weight_shapes(state_args, heads, key_dim, value_dim + bool(concrete(level.normalize)))
+            moment_rule = rules.STATES[moment.state.name]
+            if not moment_rule.optimizer_state:
+                maps_of = _elements([shape for served in shapes for shape in moment_rule.weight_shapes(
+                    op_args(moment.state), served[0], served[-1], served[-1])])
+                optimizer_maps += maps_of
+                self.parameters += maps_of if moment.init.name in INITS_WITH_PARAMETERS else 0
         maps = _elements(shapes)
         self.per_token += 2 * _hidden(shapes)
         if level.init.name in INITS_WITH_PARAMETERS:
@@ -182,8 +189,10 @@ class _LayerTally:
         if every:
             self.state += maps * self._copies(level, anchor=True)
             self.per_token += maps
-            if level.update is not None:  # each optimizer level that keeps its past: a buffer per weight
-                self.state += maps * len(stored_levels(level.update))
+            if level.update is not None:  # each buffer that keeps its past, one per weight; memories' maps
+                buffers = [name for name in stored_levels(level.update)
+                           if rules.STATES[level.update.level(name).state.name].optimizer_state]
+                self.state += maps * len(buffers) + optimizer_maps
             if rules.OBJECTIVES[level.objective.name].windowed:
                 self.state += op_args(level.objective)["window"] * heads * (key_dim + value_dim + key_dim)
 

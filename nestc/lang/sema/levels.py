@@ -11,7 +11,7 @@ from nestc.lang.diagnostics import Label, did_you_mean
 from nestc.lang.queries import delta_extras, per_channel
 from nestc.lang.schema import Param
 from nestc.lang.sema.context import INVALID, Analysis, Invalid, Part, options
-from nestc.lang.sema.optimizers import OptimizerLevels, is_optimizer_state
+from nestc.lang.sema.optimizers import OptimizerLevels, is_optimizer_state, reads_stream
 from nestc.lang.sema.values import Values
 
 
@@ -132,7 +132,7 @@ class Levels(Part):
 
     def _build_level(self, name, node, state_expr, fields, context):
         state = self.values.op(state_expr, "state", f"the state of level `{name}`")
-        if is_optimizer_state(state):
+        if is_optimizer_state(state) or (state is not INVALID and reads_stream(self.analysis, fields)):
             return self.optimizers.optimizer_level(name, node, state, fields)
         bindings = {key.split(" ", 1)[1]: f for key, f in fields.items() if key.startswith(f"{LET} ")}
         fields = {key: f for key, f in fields.items() if not key.startswith(f"{LET} ")}

@@ -15,12 +15,49 @@ from nestc.lang import ast, ir, schema
 from nestc.lang.queries import delta_extras, per_channel
 from nestc.lang.sema.context import INVALID, Part
 
+# The fields of an optimizer level whose state is a memory of rows, and its initial states.
+DEEP_FIELDS = frozenset({"key", "value", "query", "lr", "retain", "objective", "init"})
+MEMORY_INITS = ("zero", "meta")
 # What an expression of the gradient stream may hold (a level's gates are pipelines of x instead).
 _STREAM_NODES = (ir.Constant, ir.GateExpr, ir.StreamRef, ir.OptimizerRef, ir.NewtonSchulz)
 
 
 def is_optimizer_state(state) -> bool:
     return isinstance(state, ir.Op) and rules.STATES[state.name].optimizer_state
+
+
+def is_optimizer_level(level: ir.Level) -> bool:
+    """A buffer of the gradient stream (state `moment`), or a memory whose inputs read it."""
+    return is_optimizer_state(level.state) or any(
+        isinstance(node, ir.StreamRef) for role in ("key", "value", "query") if getattr(level, role) is not None
+        for node in ir.walk(getattr(level, role)))
+
+
+def reads_stream(analysis, fields: dict[str, ast.Field]) -> bool:
+    """Whether a level's key, value or query names the gradient stream (`grad`, `param`): then it
+    is an optimizer level, whatever its state (a deep momentum's MLP, NL eq. 50)."""
+    def names(expr) -> bool:
+        expr = analysis.deref(expr)
+        if isinstance(expr, ast.Name):
+            return expr.id in ir.STREAM_NAMES
+        return any(names(child) for child in _ast_children(expr))
+
+    return any(names(fields[role].value) for role in ("key", "value", "query")
+               if role in fields and fields[role].value is not None)
+
+
+def _ast_children(expr) -> list:
+    if isinstance(expr, ast.Call):
+        return [arg.value for arg in expr.args]
+    if isinstance(expr, ast.Pipe):
+        return list(expr.stages)
+    if isinstance(expr, ast.BinOp):
+        return [expr.left, expr.right]
+    if isinstance(expr, ast.Neg):
+        return [expr.operand]
+    if isinstance(expr, ast.ListExpr):
+        return list(expr.items)
+    return []
 
 
 def reads_key(objective: ir.Op) -> bool:
@@ -50,13 +87,17 @@ class OptimizerLevels(Part):
 
     def _optimizer_level(self, name: str, node: ast.LevelDef, state: ir.Op, fields: dict[str, ast.Field]):
         where = f"optimizer level `{name}`"
-        allowed = rules.STATES[state.name].fields
+        buffer = is_optimizer_state(state)
+        allowed = rules.STATES[state.name].fields if buffer else DEEP_FIELDS
         for key in sorted(set(fields) - allowed):
             self.error("N0117", f"`{key}` has no meaning for an optimizer level", fields[key].key_span,
                        label="not a field of an optimizer level",
-                       notes=("an optimizer level (state `moment`) is a memory of the gradients of the level whose "
-                              "`update` names it: it takes `value`, `key`, `objective`, `lr` and `retain`, steps "
-                              "every token by gradient descent on its objective, and starts at zero",))
+                       notes=("an optimizer level is a memory of the gradients of the level whose `update` names it: "
+                              "a buffer (state `moment`) takes `value`, `key`, `objective`, `lr` and `retain`, a "
+                              "memory of another state also `query` and `init`; each steps every token by gradient "
+                              "descent on its objective",))
+        if not buffer:
+            return self._deep_level(name, node, state, fields, where)
         if "let " in " ".join(fields):
             binding = next(f for key, f in fields.items() if key.startswith("let "))
             self.error("N0117", "`let` has no meaning for an optimizer level", binding.key_span,
@@ -70,16 +111,7 @@ class OptimizerLevels(Part):
                        notes=("`dot`: l = -<m, value>, so m_t = retain m_{t-1} + lr value (momentum, NL eq. 33); "
                               "`l2`: l = 1/2 ||m key^T - value I||^2 (delta momentum, NL eqs. 48-49)",))
             objective = INVALID
-        gates = {}
-        for role in ("lr", "retain"):
-            if role not in fields:
-                continue
-            gate = self.values.field_value(fields[role], schema.LEVEL_FIELDS[role], where)
-            if gate is not INVALID and per_channel(gate):
-                self.error("N0117", f"the {role} of an optimizer level is one value per head",
-                           fields[role].value.span, label="per channel here", help="drop `per=channel` from this gate")
-                gate = INVALID
-            gates[role] = gate
+        gates = self._gates(fields, where)
         # an objective with a key (l2) learns m key^T = value I; one without (dot), m = value
         delta = objective is not INVALID and reads_key(objective)
         value = self._stream_input(fields.get("value"), where, "value", number_only=delta)
@@ -98,6 +130,60 @@ class OptimizerLevels(Part):
             optimizer=ir.Op(name="gd", args=(("implicit", False),)), order=None, output=ir.Op(name="none"),
             every=ir.Frequency(tokens=1, steps=1), read="after", init=ir.Op(name="zero"), meta=None, heads=None,
             span=node.name_span)
+
+    def _deep_level(self, name: str, node: ast.LevelDef, state: ir.Op, fields: dict[str, ast.Field], where: str):
+        """An optimizer level whose state is a memory (matrix, mlp, ...): each row of its key, value
+        and query, expressions of the gradient stream shaped like the served weight, is one pair
+        and one read; it maps a row of the weight (its input side) to another (NL eq. 50)."""
+        rule = rules.STATES[state.name]
+        if not rule.memory or rule.diagonal:
+            return self.error("N0117", f"an optimizer level's state is `moment` or a memory of rows, not `{state.name}`",
+                              node.state.span, label="not a state of an optimizer level",
+                              help="use `moment`, `matrix` or `mlp(...)`")
+        objective = self.values.field_value(fields["objective"], schema.LEVEL_FIELDS["objective"], where) \
+            if "objective" in fields else ir.Op(name="dot", args=())
+        if objective is not INVALID and (not isinstance(objective, ir.Op)
+                                         or state.name not in rules.OBJECTIVES[objective.name].states
+                                         or rules.OBJECTIVES[objective.name].continuum
+                                         or rules.OBJECTIVES[objective.name].windowed
+                                         or rules.OBJECTIVES[objective.name].gates):
+            self.error("N0117", "this objective has no meaning for an optimizer level", fields["objective"].value.span,
+                       label="not an objective of a memory of gradients",
+                       help="use `dot`, `l2`, `lp`, `huber` or `cosine`")
+            objective = INVALID
+        gates = self._gates(fields, where)
+        inputs = {role: self._stream_input(fields.get(role), where, role) for role in ("key", "value", "query")}
+        init = self.values.field_value(fields["init"], schema.LEVEL_FIELDS["init"], where) if "init" in fields \
+            else ir.Op(name=rule.default_init, args=())
+        if init is not INVALID and (not isinstance(init, ir.Op) or init.name not in MEMORY_INITS):
+            self.error("N0117", "an optimizer level starts at zero or at a learned state (`init meta`)",
+                       fields["init"].value.span, label="not an initial state of an optimizer level")
+            init = INVALID
+        if INVALID in (objective, init) or INVALID in gates.values() or INVALID in inputs.values():
+            return INVALID
+        grad = ir.StreamRef(name="grad")
+        return ir.Level(
+            name=name, state=state, key=inputs["key"] or grad,
+            value=inputs["value"] or ir.GateExpr(op="neg", operands=(grad,)), query=inputs["query"] or grad,
+            lr=gates.get("lr"), retain=gates.get("retain") or ir.Constant(value=1.0), momentum=None,
+            erase=None, write=None, gamma=None, threshold=None, objective=objective,
+            optimizer=ir.Op(name="gd", args=(("implicit", False),)), order=None, output=ir.Op(name="none"),
+            every=ir.Frequency(tokens=1, steps=1), read="after", init=init, meta=None, heads=None,
+            span=node.name_span)
+
+    def _gates(self, fields: dict[str, ast.Field], where: str) -> dict:
+        """An optimizer level's lr and retain: gates of x, one value per head."""
+        gates = {}
+        for role in ("lr", "retain"):
+            if role not in fields:
+                continue
+            gate = self.values.field_value(fields[role], schema.LEVEL_FIELDS[role], where)
+            if gate is not INVALID and per_channel(gate):
+                self.error("N0117", f"the {role} of an optimizer level is one value per head",
+                           fields[role].value.span, label="per channel here", help="drop `per=channel` from this gate")
+                gate = INVALID
+            gates[role] = gate
+        return gates
 
     def _stream_input(self, f: ast.Field | None, where: str, role: str, number_only: bool = False):
         """An optimizer level's key or value: arithmetic on `grad`, `param` and numbers (`l2`'s
@@ -137,11 +223,11 @@ class OptimizerLevels(Part):
         level = self.levels.level(name_expr.id)
         if level is INVALID:
             return INVALID
-        if not is_optimizer_state(level.state):
+        if not is_optimizer_level(level):
             return self.error("N0105", f"level `{name_expr.id}` is not an optimizer level", name_expr.span,
-                              label=f"a `{level.state.name}` level",
-                              notes=("an `update` reads optimizer levels (state `moment`): memories of the "
-                                     "level's gradients",))
+                              label=f"a `{level.state.name}` level of x",
+                              notes=("an `update` reads optimizer levels: memories of the level's gradients (state "
+                                     "`moment`, or a memory whose key, value and query read `grad`)",))
         return ir.OptimizerRef(level=name_expr.id, span=name_expr.span)
 
     def update(self, expr: ast.Expr):
@@ -166,7 +252,7 @@ class OptimizerLevels(Part):
             for ref in (n for n in ir.walk(node) if isinstance(n, ir.OptimizerRef)):
                 if ref.level not in ordered:
                     level = self.levels.level(ref.level)
-                    for part in (level.key, level.value):
+                    for part in (level.key, level.value, level.query):
                         if part is not None:
                             visit(part)
                     if ref.level not in ordered:

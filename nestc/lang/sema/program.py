@@ -12,7 +12,7 @@ from nestc.lang.queries import (GATE_ROLES, first_use, generators, is_memory, le
                                 reachable_levels, search_values)
 from nestc.lang.sema.context import INVALID, Analysis, Definition, Part, options
 from nestc.lang.sema.levels import Levels
-from nestc.lang.sema.optimizers import is_optimizer_state
+from nestc.lang.sema.optimizers import is_optimizer_level
 from nestc.lang.sema.values import Values
 
 
@@ -78,11 +78,11 @@ class ProgramBuilder(Part):
         """An optimizer level is stepped by the level whose `update` names it, never as a block."""
         for name in dict.fromkeys(model_levels(model)):
             level = levels.get(name)
-            if isinstance(level, ir.Level) and is_optimizer_state(level.state):
+            if isinstance(level, ir.Level) and is_optimizer_level(level):
                 use = next(first_use(block, name) for block in model.blocks() if first_use(block, name) is not None)
                 self.error("N0105", f"optimizer level `{name}` is not a block", use.span,
                            label="an optimizer level here",
-                           notes=("an optimizer level (state `moment`) learns from another level's gradients",),
+                           notes=("an optimizer level learns from another level's gradients",),
                            help=f"name it in a memory level's update: `update = {name}`")
 
     def _layer_blocks(self, values: dict) -> dict:

@@ -68,8 +68,7 @@ def closed_form(level: ir.Level) -> tuple[ClosedForm | None, str]:
     if isinstance(expression, ir.OptimizerRef):
         moment = update.level(expression.level)
         if not _momentum_of(moment, MINUS_GRAD):
-            return None, (f"optimizer level `{moment.name}` is not a momentum (objective dot on value -grad), "
-                          "which the segment forms know")
+            return None, _why_not(moment)
         keeps = not forgets_everything(moment)
         if not decays_along_input:
             gates = (("lr", gate_key(moment, "lr")),) + ((("momentum", gate_key(moment, "retain")),) if keeps else ())
@@ -92,7 +91,24 @@ def closed_form(level: ir.Level) -> tuple[ClosedForm | None, str]:
         if _momentum_of(moment, GRAD) and moment.lr == ir.Constant(value=1.0) and not forgets_everything(moment):
             return ClosedForm(optimizer=_op("muon", steps=orthogonalised.steps),
                               gates=(("momentum", gate_key(moment, "retain")),), buffer=moment.name), ""
-    return None, "the update written with optimizer levels is not one of the built-in optimizers' (nestc/passes/optimizers.py)"
+    moment = next((level for level in update.levels if not _momentum_of(level, MINUS_GRAD)
+                   and not _momentum_of(level, GRAD)), None)
+    if moment is not None:
+        return None, _why_not(moment)
+    return None, ("its update is not a built-in optimizer's (the segment forms know gd, momentum, dgd, "
+                  "dgd_momentum and muon: nestc/passes/optimizers.py)")
+
+
+def _why_not(moment: ir.Level) -> str:
+    """Why an optimizer level has no segment form: what in it depends on each token's gradient."""
+    if not rules.STATES[moment.state.name].optimizer_state:
+        return (f"optimizer level `{moment.name}` is a {moment.state.name} memory of the gradients, whose step "
+                "depends on each token's gradient at its previous state: no segment form computes it yet")
+    if moment.key is not None:
+        return (f"optimizer level `{moment.name}` decays by each token's gradient (m (retain I - lr k^T k)), a "
+                "product of matrices no segment form computes yet")
+    return (f"optimizer level `{moment.name}` learns from {ir.format_value(moment.value)}, not from the gradient "
+            "itself: no segment form computes it yet")
 
 
 def _momentum_of(moment: ir.Level, value: ir.Gate) -> bool:

@@ -445,6 +445,8 @@ class Values(Part):
                 return self.analysis.optimizer_level(expr)
             if isinstance(expr, ast.Call) and expr.func == "newton_schulz":
                 return self.newton_schulz(expr, what)
+            if isinstance(expr, ast.Call) and expr.func in ir.STREAM_FUNCTIONS:
+                return self.stream_function(expr, what)
         if isinstance(expr, ast.Pipe) or (isinstance(expr, ast.Name) and expr.id == schema.INPUT_NAME):
             return self.pipeline(expr, what)
         if isinstance(expr, ast.Name):
@@ -454,6 +456,15 @@ class Values(Part):
                               or "a gate is a number, `learned(...)` or a pipeline such as `x |> proj |> sigmoid`")
         return self.error("N0105", f"{what} must be a number, `learned(...)`, a pipeline from `x` or arithmetic "
                           "on gates", expr.span, label=f"found {describe(expr)}")
+
+    def stream_function(self, call: ast.Call, what: str):
+        """`max(a, b)` or `pow(a, b)` in an `update` or an optimizer level's input."""
+        if len(call.args) != 2 or any(arg.name is not None for arg in call.args):
+            return self.error("N0108", f"`{call.func}(...)` in {what} takes two values", call.span,
+                              help=f"for example `{call.func}(1, rows / cols)`" if call.func == "max"
+                              else "for example `pow(0.9, step)`")
+        operands = tuple(self.gate(arg.value, what) for arg in call.args)
+        return INVALID if INVALID in operands else ir.GateExpr(op=call.func, operands=operands, span=call.span)
 
     def newton_schulz(self, call: ast.Call, what: str):
         """`newton_schulz(u, steps=5)` in an `update`: Muon's orthogonalisation of u."""
@@ -504,13 +515,17 @@ class Values(Part):
                               help=_example(f.key))
         return self.value(f.value, param, f"`{f.key}`")
 
-    def section_values(self, name: str) -> dict[str, object]:
+    def section_values(self, name: str, evaluators: dict | None = None) -> dict[str, object]:
+        """The fields of a section, each evaluated by its type, or by `evaluators[type](field)`
+        for the types another part builds (the train section's `update`s)."""
         table = schema.SECTIONS[name]
         section = self.sections.get(name)
         given = self.fields(section.fields, table, f"`{name}`") if section else {}
         values: dict[str, object] = {}
         for key, param in table.items():
-            if key in given:
+            if key in given and param.type in (evaluators or {}):
+                values[key] = evaluators[param.type](given[key])
+            elif key in given:
                 values[key] = self.field_value(given[key], param, f"`{name}`")
             elif param.required:
                 values[key] = self.error("N0107", f"`{name}` needs the field `{key}`",

@@ -17,7 +17,8 @@ as single calls, and each memory level through a closed form of its rule (backen
   KDA, GDN-2, Comba, DeltaProduct, Longhorn).
 - `layered`: MLP memories (and DGD on a matrix) under `every C`: each map's gradient is d u^T,
   with every token's error d found at the anchor at once by backpropagation written out by hand;
-  gd and momentum then use the same decay matrices, DGD the UT solve per map.
+  gd and momentum then use the same decay matrices, DGD the UT solve per map (with momentum, beside
+  the momentum's decay matrices).
 - `trajectory`: matrix or MLP memories with per-channel gates, an output map (Moneta, Memora), an
   omega window or Muon (ATLAS): the anchor's gradients (pulled back through the output map by
   hand) give every position's state through per-entry linear recurrences; each token reads its

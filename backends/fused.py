@@ -29,6 +29,10 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
     batch, size = x.shape[:2]
     count, heads = len(modules), modules[0].heads
     kernel = modules[0].kernel  # the rules and arguments every member shares
+    closed = kernel.closed_form  # optimizer levels run as the built-in they equal (backends/optimizers.py `lowered`)
+    if closed is not None and closed.buffer is not None:
+        for state in states:
+            state.momentum = state.moments[closed.buffer]
     stacked_state = _stack_states(states)
     anchors = stacked_state.anchor  # what `self` reads: each level's anchor, as the unfused read_level does
 
@@ -38,6 +42,9 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
     k, v = (_per_head(stacked([module.pipelines[role] for module in modules]), count * heads)
             for role in ("key", "value"))
     gates = {role: _gate([module.gates[role] for module in modules], x, stacked) for role in modules[0].gates}
+    if closed is not None:
+        gates.update({role: _gate([module.gate_module(key) for module in modules], x, stacked)
+                      for role, key in closed.gates})
     gates.setdefault("lr", x.new_ones(batch, count * heads, size))
     gates.setdefault("retain", x.new_ones(batch, count * heads, size))
     # A level read before its update reads its anchor (the reference's definition of that read):
@@ -52,6 +59,9 @@ def run_fused(modules: list, form: str, x: Tensor, start: int, states: list[Leve
         outputs.append(module.read_out(y, output_gate(module, x, start, state, read_level)))
     KERNELS[form](kernel, stacked_state, k, v, None, gates, start)
     _take_back(stacked_state, states, heads)
+    if closed is not None and closed.buffer is not None:
+        for state in states:
+            state.moments[closed.buffer], state.momentum = state.momentum, []
     for module, state, retain in zip(modules, states, gates["retain"].split(heads, dim=1)):
         finish_segment(module.kernel, state, start, size, retain)
     return outputs

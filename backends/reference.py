@@ -138,6 +138,13 @@ class MemoryLevel(ReadOut, nn.Module):
         for name, gates in self.optimizer_gates.items():
             yield from ((f"{name}.{role}", gate) for role, gate in gates.items())
 
+    def gate_module(self, key: str):
+        """The Gate of `all_gates`' key: one of the level's roles, or `level.role` of an optimizer level."""
+        if key in self.gates:
+            return self.gates[key]
+        name, role = key.split(".")
+        return self.optimizer_gates[name][role]
+
     def source_heads(self, role: str, values: Tensor) -> Tensor:
         """An input made from gates as [B, H, d] ([B, H, S, d] over a sequence): a per-head value
         ([B, H], [B, H, S]) stands for each channel of its head."""

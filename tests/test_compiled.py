@@ -120,7 +120,7 @@ level mem : {state} {{
 @given(
     state=st.sampled_from(["matrix", "vector", "mlp(depth=1)", "mlp(depth=2, expand=2)"]),
     objective=st.sampled_from(["dot", "l2", "lp(p=3)", "huber(delta=0.5)", "huber_token"]),
-    optimizer=st.sampled_from(["gd", "momentum", "dgd"]),
+    optimizer=st.sampled_from(["gd", "momentum", "dgd", "dgd_momentum"]),
     every=st.sampled_from([1, 2, 4]),
     read=st.sampled_from(["before", "after"]),
     order=st.sampled_from(["grad_first", "decay_first"]),

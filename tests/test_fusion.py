@@ -144,7 +144,7 @@ def generators(**fields) -> str:
                         "x |> proj(per=channel) |> sigmoid(max=0.5)"]),
     retain=st.sampled_from(["1.0", "0.9", "x |> proj |> sigmoid", "learned(init=0.8)"]),
     objective=st.sampled_from(["l2", "dot", "huber(delta=0.5)"]),
-    optimizer=st.sampled_from(["gd", "momentum", "dgd"]),
+    optimizer=st.sampled_from(["gd", "momentum", "dgd", "dgd_momentum"]),
     order=st.sampled_from(["grad_first", "decay_first"]),
     every=st.sampled_from([(2, 2), (2, 4), (4, 2), (1, 1)]),
 )

@@ -21,15 +21,25 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     anchor is d_l u_l^T (d_l the error at the map's output), found for the whole segment by
     backpropagation written out by hand. gd and momentum then follow the decay matrices; dgd,
     whose decay term W (retain I - lr u u^T) makes each map a delta rule with keys u and values
-    -d, the UT solve. A memory read before its update needs only the segment's last state, so
-    only the last row of the retain decay matrix: a vector-matrix product where reads after need
-    a matrix product."""
+    -d, the UT solve; dgd_momentum the UT solve for the decay term beside the momentum's decay
+    matrices (`_solve_with_momentum`). Each map's state at a position t of the segment is
+
+        W_t = b_t W_0 + c_t S_0 + sum over the terms of sum_{i<=t} coefficient[t, i] vector_i u_i^T
+
+    (b the cumulative retain, c the momentum S_0 carried into W, zero without momentum). A memory
+    read before its update needs only the segment's last state, so only the last rows of the
+    decay matrices: vector-matrix products where reads after need matrix products (dgd_momentum's
+    solve needs every row)."""
     lr, retain = gates["lr"], gates["retain"]
+    optimizer = kernel.optimizer
     inputs, errors = _errors_at_anchor(kernel, state, k, v, gates)
     every_position = kernel.read == "after" and q is not None
-    decay = decay_matrix(retain) if every_position else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
+    every_row = every_position or (optimizer.decays_along_input and optimizer.momentum_of_steps)
+    decay = decay_matrix(retain) if every_row else decay_row(retain)[..., None, :]  # [B, H, S or 1, S]
     start_decay = torch.cumprod(retain, dim=-1)
-    if kernel.optimizer.momentum_of_steps:
+    if optimizer.momentum_of_steps:
+        # S_s = M_s S_0 + sum_{i<=s} P_m[s, i] step_i (M the cumulative momentum gate), and W gains
+        # sum_{s<=t} P_r[t, s] S_s: the steps decayed by P_r P_m, S_0 carried by P_r M
         inner = decay_matrix(gates["momentum"])
         momentum_start = torch.cumprod(gates["momentum"], dim=-1)
         coefficients = decay @ inner
@@ -38,21 +48,29 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
         coefficients, carried = decay, None
     positions, finals, momenta = [], [], []
     for index, (weight0, u, d) in enumerate(zip(state.weights, inputs, errors)):
-        if kernel.optimizer.decays_along_input:
-            residual, coefficients = ut_solve(weight0, u, -d, lr, retain, "grad_first")
-            vectors = lr[..., None] * residual
+        steps = -lr[..., None] * d  # the gradient steps -lr_i d_i (u_i^T)
+        if optimizer.decays_along_input and optimizer.momentum_of_steps:
+            residual, retain_decay = _solve_with_momentum(weight0, state.momentum[index], u, d, lr, retain,
+                                                          coefficients, carried)
+            terms = [(retain_decay, lr[..., None] * residual), (coefficients, steps)]
+        elif optimizer.decays_along_input:
+            residual, retain_decay = ut_solve(weight0, u, -d, lr, retain, "grad_first")
+            terms = [(retain_decay, lr[..., None] * residual)]
         else:
-            vectors = -lr[..., None] * d  # u_i = step_i u_i^T
-            if kernel.optimizer.momentum_of_steps:
-                momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
-                               + weighted_outer(inner[..., -1, :], vectors, u))
-        final = start_decay[..., -1, None, None] * weight0 + weighted_outer(coefficients[..., -1, :], vectors, u)
+            terms = [(coefficients, steps)]
+        if optimizer.momentum_of_steps:
+            momenta.append(momentum_start[..., -1, None, None] * state.momentum[index]
+                           + weighted_outer(inner[..., -1, :], steps, u))
+        final = start_decay[..., -1, None, None] * weight0
+        for decays, vectors in terms:
+            final = final + weighted_outer(decays[..., -1, :], vectors, u)
         if carried is not None:
             final = final + carried[..., -1, None, None] * state.momentum[index]
         finals.append(final)
         if every_position:
-            at = start_decay[..., None, None] * weight0[:, :, None] + torch.einsum(
-                "bhti,bhio,bhij->bhtoj", coefficients, vectors, u)
+            at = start_decay[..., None, None] * weight0[:, :, None]
+            for decays, vectors in terms:
+                at = at + torch.einsum("bhti,bhio,bhij->bhtoj", decays, vectors, u)
             if carried is not None:
                 at = at + carried[..., None, None] * state.momentum[index][:, :, None]
             positions.append(at)
@@ -67,6 +85,42 @@ def layered_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Te
     if momenta:
         state.momentum = [cut(m) for m in momenta]
     return y
+
+
+def _solve_with_momentum(weight0: Tensor, momentum0: Tensor, u: Tensor, d: Tensor, lr: Tensor, retain: Tensor,
+                         through_momentum: Tensor, carried: Tensor) -> tuple[Tensor, Tensor]:
+    """dgd_momentum on one map over a segment: S_t = m_t S_{t-1} - lr_t d_t u_t^T and
+    W_t = W_{t-1} (r_t I - lr_t u_t u_t^T) + S_t, with W_0, S_0 the segment's start, u_t and d_t the
+    map's input and output error at the anchor (known for the whole segment). Returns the
+    residuals R_t = -W_{t-1} u_t and the retain decay matrix P_r.
+
+    Tokens t = 1..S (rows 0..S-1 of the tensors). Write b_t = prod_{j<=t} r_j (the cumulative
+    retain), P_r[t, s] = b_t / b_s = prod_{j=s+1..t} r_j, and M_t, P_m likewise for the momentum
+    gates m. The buffer unrolls to S_s = M_s S_0 + sum_{i<=s} P_m[s, i] (-lr_i d_i) u_i^T, and with
+    e_s = W_{s-1} u_s the state to W_t = b_t W_0 + sum_{s<=t} P_r[t, s] ((-lr_s e_s) u_s^T + S_s), so
+
+        W_t = b_t W_0 + c_t S_0 + sum_{s<=t} P_r[t, s] (-lr_s e_s) u_s^T + sum_{i<=t} C[t, i] (-lr_i d_i) u_i^T
+
+    with c = P_r M and C = P_r P_m (`through_momentum`, and `carried` = c, from the caller). Only
+    e is unknown; multiplying W_{t-1} by u_t gives, for every t at once,
+
+        e_t + sum_{s<t} P_r[t-1, s] lr_s (u_t . u_s) e_s
+            = b_{t-1} W_0 u_t + c_{t-1} S_0 u_t - sum_{i<t} C[t-1, i] lr_i (u_t . u_i) d_i
+
+    (b_0 = 1, c_0 = 0 at the segment's first token): a unit lower-triangular system. It is
+    the delta rule's UT solve (`ut_solve`: M_t = r_t M_{t-1} + lr_t R_t u_t^T with
+    R_t = target_t - M_{t-1} u_t, whose system has the same matrix and the right side
+    target_t - b_{t-1} W_0 u_t) for R = -e and the targets
+    target_t = -c_{t-1} S_0 u_t + sum_{i<t} C[t-1, i] lr_i (u_t . u_i) d_i. With m = 0, C = P_r
+    and c = 0, and the two sums over i join dgd's single residual -d_t - W_{t-1} u_t."""
+    def at_previous_token(rows: Tensor) -> Tensor:  # row t of the result is row t - 1, zeros at 0
+        return torch.cat([torch.zeros_like(rows[..., :1, :]), rows[..., :-1, :]], dim=-2)
+
+    previous_through = at_previous_token(through_momentum)  # C[t-1, i], zero for i >= t
+    previous_carried = at_previous_token(carried[..., None])  # c_{t-1}
+    from_steps = (previous_through * (u @ u.transpose(-1, -2))) @ (lr[..., None] * d)
+    from_start = previous_carried * torch.einsum("bhoi,bhti->bhto", momentum0, u)
+    return ut_solve(weight0, u, from_steps - from_start, lr, retain, "grad_first")
 
 
 def _errors_at_anchor(kernel, state: LevelState, k: Tensor, v: Tensor, gates: dict[str, Tensor]):

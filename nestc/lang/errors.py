@@ -184,9 +184,9 @@ matrix or mlp state; a `cache` level (softmax attention) has no objective at all
 the closed form "append (k, v)".
 """),
     "N0112": ("optimizer not defined for this state", """
-`dgd` (delta gradient descent) and `muon` act on the linear maps of a `matrix` or `mlp` state;
-a `vector` state has none. Levels trained on the task loss (`objective task`) take `gd` or
-`momentum`: dgd needs (key, value) pairs those levels do not have.
+`dgd` (delta gradient descent), `dgd_momentum` and `muon` act on the linear maps of a `matrix`
+or `mlp` state; a `vector` state has none. Levels trained on the task loss (`objective task`) take
+`gd` or `momentum`: dgd needs (key, value) pairs those levels do not have.
 """),
     "N0113": ("read after with a rule that has no such form", """
 A level trained on the model's own loss (`objective task`, a continuum-memory level) cannot be

@@ -247,10 +247,10 @@ TRAIN_FIELDS = {
         Param("processes", "int", 1, minimum=1, maximum=1024,
               doc="data-parallel processes `nestc run` starts, the batch split among them; not part of the "
                   "variant (the trained weights equal one process's)"),
-        Param("update", "update", None,
+        Param("update", "outer_update", None,
               doc="with `optimizer gd`: what each parameter gains each step, written with optimizer levels "
                   "(`update = adamw_update`); default -lr * grad"),
-        Param("matrix_update", "update", None,
+        Param("matrix_update", "outer_update", None,
               doc="with `optimizer gd`: the update of the weight matrices (2-D parameters but the embeddings), "
                   "which `update` then leaves to the others (Muon, M3)"),
     )

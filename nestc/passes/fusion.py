@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from nestc import rules
 from nestc.lang import ir
 from nestc.lang.queries import GATE_ROLES, is_memory
+from nestc.passes.optimizers import closed_form
 
 # The segment forms whose math is per (batch, head) slice, so that levels stacked along the head
 # axis compute exactly what each would alone.
@@ -65,8 +66,6 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         return None  # an omega window is a list of pairs per level, not a tensor to stack
     if level.lets:
         return None  # a level's bindings have no stacked form yet
-    if level.update is not None:
-        return None  # nor have optimizer levels' gates and buffers
     if level.normalize:
         return None  # its reads are divided after the form (forms.run_form), which a stacked call skips
     if level.read != "before":
@@ -82,8 +81,17 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         if part is _UNFUSABLE:
             return None
         pipelines.append(part)
+    # An update written with optimizer levels stacks as the built-in it equals (nestc/passes/optimizers.py):
+    # the same built-in, on gates of the same structure.
+    closed = closed_form(level)[0] if level.update is not None else None
+    for moment in level.update.levels if level.update is not None else ():
+        for gate in (moment.lr, moment.retain):
+            part = _input_signature(gate)
+            if part is _UNFUSABLE:
+                return None
+            pipelines.append(part)
     heads = level.heads if level.heads is not None else program.model.heads
-    return (form, level.state, level.objective, level.optimizer, level.output, level.order, level.meta, heads,
+    return (form, level.state, level.objective, level.optimizer, closed, level.output, level.order, level.meta, heads,
             tuple(pipelines))
 
 

@@ -96,12 +96,32 @@ class DeltaGradientDescent(Optimizer):
         return self.retained(args, weight, map_input, gates, scale) - scale(grad, gates["lr"]), None
 
     def retained(self, args, weight, map_input, gates, scale):
-        import torch
+        return decayed_along_input(weight, map_input, gates, scale)
 
-        # W (retain I - lr u u^T)  =  retain W - lr (W u) u^T
-        mapped = torch.einsum("bhoi,bhi->bho", weight, map_input)
-        decay = scale(torch.einsum("bho,bhi->bhoi", mapped, map_input), gates["lr"])
-        return scale(weight, gates["retain"]) - decay
+
+def decayed_along_input(weight, map_input, gates: dict, scale):
+    """DGD's decay of a linear map W with input u: W (retain I - lr u u^T) = retain W - lr (W u) u^T."""
+    import torch
+
+    mapped = torch.einsum("bhoi,bhi->bho", weight, map_input)
+    return scale(weight, gates["retain"]) - scale(torch.einsum("bho,bhi->bhoi", mapped, map_input), gates["lr"])
+
+
+class DeltaGradientMomentum(Optimizer):
+    spec = op_spec("optimizer", "dgd_momentum",
+                   doc="delta gradient descent with momentum: S = momentum * S - lr dL/dy x^T; "
+                       "W = W (retain I - lr x x^T) + S")
+    forms = frozenset({"layered"})
+    keeps_momentum = True
+    momentum_of_steps = True
+    needs_weight_maps = True
+    needs_pairs = True
+    decays_along_input = True
+
+    def step(self, args, weight, grad, map_input, momentum, gates, scale):
+        # dgd's decay along the input, with Titans' buffer of the steps in place of the step itself
+        momentum = scale(momentum, gates["momentum"]) - scale(grad, gates["lr"])
+        return decayed_along_input(weight, map_input, gates, scale) + momentum, momentum
 
 
 class Muon(Optimizer):
@@ -120,4 +140,5 @@ class Muon(Optimizer):
         return newton_schulz(momentum, args["steps"])
 
 
-OPTIMIZERS: dict[str, Optimizer] = registry(GradientDescent(), Momentum(), DeltaGradientDescent(), Muon())
+OPTIMIZERS: dict[str, Optimizer] = registry(GradientDescent(), Momentum(), DeltaGradientDescent(),
+                                            DeltaGradientMomentum(), Muon())

@@ -30,6 +30,8 @@ class Levels(Part):
         self._fields: dict[str, tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid] = {}  # after `extends`
         self.extended: set[str] = set()  # levels that another level extends
         self.optimizers = OptimizerLevels(analysis, values, self)
+        analysis.update_value = self.optimizers.update  # a level's `update` names levels this part builds
+        analysis.outer_update_value = self.optimizers.outer_update  # as the train section's do
 
     def _level_fields(self, name: str) -> tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid:
         """The state and fields of a level, following `extends` chains.
@@ -133,7 +135,6 @@ class Levels(Part):
         state = self.values.op(state_expr, "state", f"the state of level `{name}`")
         if is_optimizer_state(state):
             return self.optimizers.optimizer_level(name, node, state, fields)
-        update_field = fields.pop("update", None)
         bindings = {key.split(" ", 1)[1]: f for key, f in fields.items() if key.startswith(f"{LET} ")}
         fields = {key: f for key, f in fields.items() if not key.startswith(f"{LET} ")}
         lets = self._lets(bindings)
@@ -293,12 +294,9 @@ class Levels(Part):
         )
         if is_parametric:
             self._check_delta_extras(level, fields)
-        if update_field is not None:
-            update = self.optimizers.update(update_field, name)
-            if update is INVALID:
-                return INVALID
-            level = dataclasses.replace(level, update=update)
-            self.optimizers.check_served(level, {**fields, "update": update_field}, is_parametric, task)
+        if "update" in fields:
+            level = dataclasses.replace(level, update=values["update"])
+            self.optimizers.check_served(level, fields, is_parametric, task)
         if lets and isinstance(level.substeps, int) and level.substeps > 1:
             self.error("N0117", "`let` has no meaning with `substeps`", next(iter(bindings.values())).key_span,
                        label="one value per head and token",

@@ -131,11 +131,12 @@ class OptimizerLevels(Part):
         value: a number, the P of m key^T = P I)."""
         if f is None:
             return None
-        with self._reading((), None) if number_only else self._reading(ir.STREAM_NAMES, self._read):
+        with self._reading(ir.STREAM_NAMES, self._read):
             value = self.values.gate(f.value, f"the {role} of {where}")
         if value is INVALID:
             return INVALID
-        stray = next((n for n in ir.walk(value) if not isinstance(n, _STREAM_NODES)), None)
+        allowed = (ir.Constant, ir.GateExpr) if number_only else _STREAM_NODES
+        stray = next((n for n in ir.walk(value) if not isinstance(n, allowed)), None)
         if stray is not None:
             if number_only:
                 return self.error("N0105", f"with `objective l2` the value of {where} is a number", f.value.span,
@@ -181,10 +182,11 @@ class OptimizerLevels(Part):
                                      "level's gradients",))
         return ir.OptimizerRef(level=name_expr.id, span=name_expr.span)
 
-    def update(self, f: ast.Field, served: str):
-        """The `update` field of level `served`: its expression, with the optimizer levels it reads
-        (and those they read), each after the ones it reads."""
-        update = self._update(f, f"the update of level `{served}`", ir.UPDATE_NAMES)
+    def update(self, expr: ast.Expr):
+        """The `update` of the level being built: its expression, with the optimizer levels it
+        reads (and those they read), each after the ones it reads."""
+        served = self.analysis.current_level
+        update = self._update(expr, f"the update of level `{served}`", ir.UPDATE_NAMES)
         if update is INVALID:
             return INVALID
         slow = next((level for level in update.levels if level.every != EVERY_STEP), None)
@@ -192,23 +194,23 @@ class OptimizerLevels(Part):
             return self.error("N0117", f"optimizer level `{slow.name}` moves `every "
                               f"{ir.format_value(slow.every.steps)} steps`, but level `{served}` updates in-sequence",
                               slow.every.span, label="a period of the outer optimizer",
-                              secondary=(Label(span=f.value.span, message=f"named in the update of `{served}`"),),
+                              secondary=(Label(span=expr.span, message=f"named in the update of `{served}`"),),
                               notes=("`every N steps` counts the outer optimizer's steps: an optimizer level of a "
                                      "level's update steps with each of its gradients, token by token",),
                               help="remove `every`, or name the level in the train section's update")
         return update
 
-    def outer_update(self, f: ast.Field):
-        """The train section's `update` or `matrix_update`: an update of each parameter (of each
-        weight matrix) from its gradient stream (SEMANTICS §8)."""
-        matrices = f.key == "matrix_update"
+    def outer_update(self, expr: ast.Expr, key: str):
+        """The train section's `update` or `matrix_update` (`key`): an update of each parameter
+        (of each weight matrix) from its gradient stream (SEMANTICS §8)."""
+        matrices = key == "matrix_update"
         # `update` reads a matrix's names too, so that a misplaced one is told where it belongs
-        update = self._update(f, f"the train section's `{f.key}`", ir.MATRIX_UPDATE_NAMES,
+        update = self._update(expr, f"the train section's `{key}`", ir.MATRIX_UPDATE_NAMES,
                               ir.MATRIX_UPDATE_NAMES if matrices else ir.OUTER_UPDATE_NAMES)
         if update is INVALID:
             return INVALID
-        parts = [(f"the train section's `{f.key}`", update.expression)] + [
-            (f"optimizer level `{level.name}` of the train section's `{f.key}`", part) for level in update.levels
+        parts = [(f"the train section's `{key}`", update.expression)] + [
+            (f"optimizer level `{level.name}` of the train section's `{key}`", part) for level in update.levels
             for part in (level.key, level.value, level.lr, level.retain) if part is not None]
         for where, part in parts:
             for node in ir.walk(part):
@@ -216,9 +218,9 @@ class OptimizerLevels(Part):
                 if problem is not None:
                     label, note, help = problem
                     return self.error("N0105", f"{where} cannot hold {label}",
-                                      node.span or f.value.span, label=label,
-                                      secondary=(Label(span=f.value.span, message=f"the {f.key}"),)
-                                      if node.span is not None and node.span != f.value.span else (),
+                                      node.span or expr.span, label=label,
+                                      secondary=(Label(span=expr.span, message=f"the {key}"),)
+                                      if node.span is not None and node.span != expr.span else (),
                                       notes=(note,), help=help)
         return update
 
@@ -256,22 +258,19 @@ class OptimizerLevels(Part):
                    help="write `optimizer gd(lr=...)`" + (" (the default optimizer is adamw)"
                                                          if "optimizer" not in fields else ""))
 
-    def _update(self, f: ast.Field, what: str, names: tuple[str, ...], meant: tuple[str, ...] | None = None):
+    def _update(self, expr: ast.Expr, what: str, names: tuple[str, ...], meant: tuple[str, ...] | None = None):
         """An update expression reading `names` (of which `meant` are its own, where it reads more)
         and optimizer levels, with the optimizer levels it reads (and those they read), each after
         the ones it reads."""
-        if f.value is None:
-            return self.error("N0015", f"`{f.key}` needs a value", f.key_span, label="missing value",
-                              help=f"for example `{f.key} = momentum` with an optimizer level `momentum`")
         with self._reading(names, self._read):
-            expression = self.values.gate(f.value, what)
+            expression = self.values.gate(expr, what)
         if expression is INVALID:
             return INVALID
         stray = next((n for n in ir.walk(expression) if not isinstance(n, _STREAM_NODES)), None)
         if stray is not None:
             listed = ", ".join(f"`{name}`" for name in meant or names)
             return self.error("N0105", f"{what} is arithmetic on {listed}, numbers and optimizer levels",
-                              stray.span or f.value.span, label=f"found {ir.format_value(stray)}",
+                              stray.span or expr.span, label=f"found {ir.format_value(stray)}",
                               notes=("a gate of x belongs in an optimizer level's `lr` or `retain`",))
         ordered: list[str] = []
 
@@ -287,7 +286,7 @@ class OptimizerLevels(Part):
 
         visit(expression)
         self.named.update(ordered)
-        return ir.Update(expression=expression, levels=tuple(self.levels.level(n) for n in ordered), span=f.value.span)
+        return ir.Update(expression=expression, levels=tuple(self.levels.level(n) for n in ordered), span=expr.span)
 
     def check_served(self, level: ir.Level, fields: dict[str, ast.Field], parametric: bool, task: bool) -> None:
         """The level an `update` belongs to: a memory stepping by gd or dgd, nothing else that

@@ -26,7 +26,7 @@ class ProgramBuilder(Part):
         self.levels = Levels(analysis, self.values)
 
     def build(self) -> ir.Program | None:
-        train_values = self.values.section_values("train", {"update": self.levels.optimizers.outer_update})
+        train_values = self.values.section_values("train")
         if "train" in self.sections:
             self.levels.optimizers.check_outer(train_values["optimizer"],
                                                {f.key: f for f in self.sections["train"].fields})

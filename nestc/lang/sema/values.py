@@ -66,6 +66,10 @@ class Values(Part):
             return self.pipeline(expr, what)
         if kind == "gate":
             return self.gate(expr, what)
+        if kind == "update":
+            return self.analysis.update_value(expr)
+        if kind == "outer_update":  # the train section's
+            return self.analysis.outer_update_value(expr, param.name)
         if kind == "block":
             return self.blocks.block(expr, what)
         if kind in schema.OP_TABLES:
@@ -515,17 +519,13 @@ class Values(Part):
                               help=_example(f.key))
         return self.value(f.value, param, f"`{f.key}`")
 
-    def section_values(self, name: str, evaluators: dict | None = None) -> dict[str, object]:
-        """The fields of a section, each evaluated by its type, or by `evaluators[type](field)`
-        for the types another part builds (the train section's `update`s)."""
+    def section_values(self, name: str) -> dict[str, object]:
         table = schema.SECTIONS[name]
         section = self.sections.get(name)
         given = self.fields(section.fields, table, f"`{name}`") if section else {}
         values: dict[str, object] = {}
         for key, param in table.items():
-            if key in given and param.type in (evaluators or {}):
-                values[key] = evaluators[param.type](given[key])
-            elif key in given:
+            if key in given:
                 values[key] = self.field_value(given[key], param, f"`{name}`")
             elif param.required:
                 values[key] = self.error("N0107", f"`{name}` needs the field `{key}`",

@@ -7,6 +7,10 @@ update expression: W_t = retained(W_{t-1}) + update_t, where `retained` is the l
 retain_t W; dgd: W (retain_t I - lr_t u u^T)). `LevelOptimizer` is that rule, literally (the
 gradient of each optimizer level's objective by autograd, as the reference does for a memory).
 
+The outer optimizer written as levels (SEMANTICS §8, nestc/runtime/optim.py `LevelsOptimizer`)
+steps its optimizer levels and evaluates its update with the same `moment_gradient` and
+`evaluate`, each parameter viewed as one weight of one head.
+
 Where the composition equals a built-in optimizer (nestc/passes/optimizers.py), the compiled
 backend runs the built-in's segment form instead, on the composition's gates and buffer:
 `lowered` renames them for the form and back.
@@ -86,7 +90,7 @@ class LevelOptimizer(nn.Module):
             read[level.name] = self._moment_step(level, previous, stream, read, gates)
             if kept:
                 moments[level.name][index] = read[level.name]
-        return _evaluate(self.update.expression, stream, read, weight)
+        return evaluate(self.update.expression, stream, read, weight)
 
     def _memory_step(self, level: ir.Level, moments: list[Tensor], index: int, weight: Tensor, stream: dict,
                      read: dict[str, Tensor], gates: dict[str, Tensor]) -> Tensor:
@@ -97,7 +101,7 @@ class LevelOptimizer(nn.Module):
         place = self._maps(level.name, index)
 
         def rows(expression) -> Tensor:  # [B, H, rows, width] -> [B, rows, H, width], the rows as a sequence
-            return _as_rows(_evaluate(expression, stream, read, weight).expand_as(weight)).transpose(1, 2)
+            return _as_rows(evaluate(expression, stream, read, weight).expand_as(weight)).transpose(1, 2)
 
         maps = moments[place]
         outer = torch.is_grad_enabled()
@@ -116,29 +120,36 @@ class LevelOptimizer(nn.Module):
 
     def _moment_step(self, level: ir.Level, moment: Tensor, stream: dict, read: dict[str, Tensor],
                      gates: dict[str, Tensor]) -> Tensor:
-        """m_t = retain_t m_{t-1} - lr_t dl/dm at m_{t-1}: `dot`, l = -<m, value>; `l2`,
-        l = 1/2 ||m key^T - value I||^2 (each weight's buffer as rows x columns). Its key and value
-        may read the optimizer levels that stepped before it (`read`)."""
+        """m_t = retain_t m_{t-1} - lr_t dl/dm at m_{t-1} (`moment_gradient`)."""
         objective, args = self.objectives[level.name]
-        value = _evaluate(level.value, stream, read, moment)
-        outer = torch.is_grad_enabled()
-        leaf = moment.view_as(moment) if (outer and moment.requires_grad) else moment.detach().requires_grad_()
-        with torch.enable_grad():
-            if level.key is None:
-                prediction, target = leaf.flatten(2), value.expand_as(moment).flatten(2)
-            else:
-                key = _evaluate(level.key, stream, read, moment)
-                rows = _as_rows(leaf)
-                prediction = rows @ _as_rows(key.expand_as(moment)).transpose(-1, -2)
-                identity = torch.eye(rows.shape[-2], dtype=rows.dtype, device=rows.device)
-                target = _broadcast(value, prediction) * identity
-            loss = objective.pair_loss(args, prediction, target, {}).sum()
-            (gradient,) = torch.autograd.grad(loss, leaf, create_graph=self.meta == "full" and outer)
-        if self.meta != "full":
-            gradient = gradient.detach()
+        gradient = moment_gradient(level, objective, args, moment, stream, read, differentiable=self.meta == "full")
         retain = _broadcast(gates[gate_key(level, "retain")], moment)
         lr = _broadcast(gates[gate_key(level, "lr")], moment)
         return retain * moment - lr * gradient
+
+
+def moment_gradient(level: ir.Level, objective, args: dict, moment: Tensor, stream: dict[str, Tensor],
+                    read: dict[str, Tensor], differentiable: bool = False) -> Tensor:
+    """dl/dm of an optimizer level's objective at its state `moment` [B, H, ...]: `dot`,
+    l = -<m, value>; `l2`, l = 1/2 ||m key^T - value I||^2 (each buffer as rows x columns). Its key
+    and value may read the optimizer levels that stepped before it (`read`). `differentiable`:
+    the outer gradient flows through it (`meta full`). Shared by the inner levels' updates and the
+    outer optimizer's (nestc/runtime/optim.py `LevelsOptimizer`)."""
+    value = evaluate(level.value, stream, read, moment)
+    outer = torch.is_grad_enabled()
+    leaf = moment.view_as(moment) if (outer and moment.requires_grad) else moment.detach().requires_grad_()
+    with torch.enable_grad():
+        if level.key is None:
+            prediction, target = leaf.flatten(2), value.expand_as(moment).flatten(2)
+        else:
+            key = evaluate(level.key, stream, read, moment)
+            rows = _as_rows(leaf)
+            prediction = rows @ _as_rows(key.expand_as(moment)).transpose(-1, -2)
+            identity = torch.eye(rows.shape[-2], dtype=rows.dtype, device=rows.device)
+            target = _broadcast(value, prediction) * identity
+        loss = objective.pair_loss(args, prediction, target, {}).sum()
+        (gradient,) = torch.autograd.grad(loss, leaf, create_graph=differentiable and outer)
+    return gradient if differentiable else gradient.detach()
 
 
 def _as_rows(weight: Tensor) -> Tensor:
@@ -155,9 +166,9 @@ def _broadcast(value, like: Tensor) -> Tensor:
     return value.reshape(value.shape + (1,) * (like.dim() - value.dim()))
 
 
-def _evaluate(expression, stream: dict[str, Tensor], read: dict[str, Tensor], like: Tensor) -> Tensor:
+def evaluate(expression, stream: dict[str, Tensor], read: dict[str, Tensor], like: Tensor) -> Tensor:
     """An expression of the gradient stream (an optimizer level's input, a level's update) for one
-    weight: elementwise arithmetic, per-head values broadcast over the weight."""
+    weight `like` [B, H, ...]: elementwise arithmetic, per-head values broadcast over the weight."""
     if isinstance(expression, ir.StreamRef):
         return _broadcast(stream[expression.name], like)
     if isinstance(expression, ir.OptimizerRef):
@@ -166,8 +177,8 @@ def _evaluate(expression, stream: dict[str, Tensor], read: dict[str, Tensor], li
         value = expression.value
         return _broadcast(like.new_tensor(value) if isinstance(value, tuple) else float(value), like)
     if isinstance(expression, ir.NewtonSchulz):
-        return newton_schulz(_evaluate(expression.operand, stream, read, like), expression.steps)
-    operands = [_evaluate(operand, stream, read, like) for operand in expression.operands]
+        return newton_schulz(evaluate(expression.operand, stream, read, like), expression.steps)
+    operands = [evaluate(operand, stream, read, like) for operand in expression.operands]
     return combine_gates(expression.op, operands)
 
 

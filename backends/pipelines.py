@@ -279,6 +279,10 @@ def combine_gates(op: str, values: list[Tensor]) -> Tensor:
         left = left.unsqueeze(-1)
     elif right.dim() < left.dim():
         right = right.unsqueeze(-1)
+    if op == "max":
+        return torch.maximum(left, right)
+    if op == "pow":
+        return torch.pow(left, right)
     return ir.ARITHMETIC[op](left, right)
 
 

@@ -10,6 +10,14 @@ knowledge moves between levels:
 - `trains`: the outer level updates the level's parameters (projections, gates, weights);
 - `task_gradient`: the level is updated in-sequence with the gradient of the model's own loss,
   the signal the outer level also follows (shared gradient flow, CMS levels).
+
+Optimizer levels (state `moment`, SEMANTICS §3 and §8) are nodes too, one per level whose
+`update` names them (`LEVEL.NAME`, each with its own state) and one per optimizer level of the
+train section's update (`outer.NAME`), at the frequency they step at:
+- `gradient`: the gradient stream flows into the optimizer level, from the level it serves (from
+  `outer`, the model's parameters, for the outer optimizer's);
+- `reads`: an optimizer level's input reads another's state;
+- `update`: the update read from the optimizer level flows into the weights it serves.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import networkx as nx
 from nestc import rules
 from nestc.lang import ir
 from nestc.lang.queries import block_levels, generated_roles, reachable_levels
+from nestc.passes.optimizers import slow_period
 
 OUTER = "outer"
 
@@ -29,9 +38,14 @@ OUTER = "outer"
 def build(program: ir.Program) -> nx.MultiDiGraph:
     graph = nx.MultiDiGraph(name=program.file)
     train = program.train
-    graph.add_node(OUTER, kind="outer", state="the model's parameters and the optimizer's moments",
-                   objective="task", optimizer=ir.format_value(train.optimizer), frequency="every step",
-                   rate=_outer_rate(train), read="-")
+    # the outer optimizer written as levels: its updates, labelled by what they step
+    outer_updates = [(label, update) for label, update in (("matrix update", train.matrix_update),
+                                                           ("update", train.update)) if update is not None]
+    graph.add_node(OUTER, kind="outer", state="the model's parameters" + (
+                       "" if outer_updates else " and the optimizer's moments"),
+                   objective="task", frequency="every step", rate=_outer_rate(train), read="-",
+                   optimizer=ir.format_value(train.optimizer) + (
+                       " with " + " and ".join(label for label, _ in outer_updates) if outer_updates else ""))
     for level in program.levels:
         in_sequence = level.every.tokens != 0
         graph.add_node(level.name, kind="level", state=ir.format_value(level.state),
@@ -58,6 +72,11 @@ def build(program: ir.Program) -> nx.MultiDiGraph:
             graph.add_edge(OUTER, level.name, kind="task_gradient", label="shares the task gradient")
         graph.add_edge(OUTER, level.name, kind="trains",
                        label="trains" if level.every.steps == 1 else f"trains every {ir.format_value(level.every.steps)} steps")
+    for level in program.levels:
+        if level.update is not None:
+            _optimizer_levels(graph, level.name, [("update", level.update)],
+                              lambda moment, served=level: (_frequency_text(served.every), _rate(served.every, train)))
+    _optimizer_levels(graph, OUTER, outer_updates, lambda moment: _outer_frequency(moment, train))
     if program.model is not None:
         for block in program.model.blocks():
             _data_edges(graph, block, [])
@@ -68,6 +87,34 @@ def build(program: ir.Program) -> nx.MultiDiGraph:
             if slower is not None:
                 graph.add_edge(slower, level.name, kind="nested_init", label="learns initial state")
     return graph
+
+
+def _optimizer_levels(graph: nx.MultiDiGraph, served: str, updates: list[tuple[str, ir.Update]], frequency) -> None:
+    """A node per optimizer level of `served`'s updates (each (its edges' label, Update)), with
+    the gradient flowing in, what it reads, and the update flowing out; `frequency(level)` is its
+    (text, rate)."""
+    for label, update in updates:
+        for moment in update.levels:
+            node = f"{served}.{moment.name}"
+            if node not in graph:
+                text, rate = frequency(moment)
+                graph.add_node(node, kind="optimizer", state=ir.format_value(moment.state),
+                               objective=ir.format_value(moment.objective), optimizer=moment.optimizer.name,
+                               frequency=text, rate=rate, read="-")
+                inputs = [part for part in (moment.key, moment.value) if part is not None]
+                read = {n.level for part in inputs for n in ir.walk(part) if isinstance(n, ir.OptimizerRef)}
+                if any(isinstance(n, ir.StreamRef) for part in inputs for n in ir.walk(part)):
+                    graph.add_edge(served, node, kind="gradient", label="gradient")
+                for name in sorted(read):
+                    graph.add_edge(f"{served}.{name}", node, kind="reads", label="reads")
+        for name in sorted({n.level for n in ir.walk(update.expression) if isinstance(n, ir.OptimizerRef)}):
+            graph.add_edge(f"{served}.{name}", served, kind="update", label=label)
+
+
+def _outer_frequency(moment: ir.Level, train: ir.Train) -> tuple[str, Fraction]:
+    """An optimizer level of the outer update moves every step, or every N steps."""
+    period = slow_period(moment)
+    return ("every step" if period == 1 else f"every {period} steps"), _outer_rate(train) / period
 
 
 def _data_edges(graph: nx.MultiDiGraph, block: ir.Block, upstream: list[str]) -> list[str]:
@@ -170,7 +217,7 @@ def _next_slower(graph: nx.MultiDiGraph, name: str) -> str | None:
     order = frequency_order(graph)
     index = order.index(name)
     rate = graph.nodes[name]["rate"]
-    slower = [n for n in order[:index] if graph.nodes[n]["rate"] < rate and n != OUTER]
+    slower = [n for n in order[:index] if graph.nodes[n]["rate"] < rate and graph.nodes[n]["kind"] == "level"]
     return slower[-1] if slower else OUTER
 
 
@@ -212,7 +259,8 @@ def _rate_text(rate: Fraction) -> str:
 
 
 def _sorted_edges(graph: nx.MultiDiGraph):
-    kinds = ["generates", "data", "meta_init", "nested_init", "pretrained_init", "task_gradient", "trains"]
+    kinds = ["generates", "data", "meta_init", "nested_init", "pretrained_init", "task_gradient", "trains",
+             "gradient", "reads", "update"]
     return sorted(graph.edges(data=True), key=lambda e: (kinds.index(e[2]["kind"]), e[0], e[1], e[2]["label"]))
 
 
@@ -224,6 +272,8 @@ _DOT_STYLES = {
     "data": 'color="black"', "generates": 'color="firebrick", penwidth=2', "meta_init": 'color="royalblue", style=dashed',
     "nested_init": 'color="royalblue", style=dashed', "pretrained_init": 'color="gray40", style=dashed',
     "task_gradient": 'color="darkgreen", style=dotted', "trains": 'color="gray70", style=dotted',
+    "gradient": 'color="darkorange", style=dashed', "reads": 'color="darkorange"',
+    "update": 'color="darkorange", penwidth=2',
 }
 
 

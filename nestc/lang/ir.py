@@ -144,13 +144,19 @@ class LetRef(Node):
 ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 GATE_OPERATORS = tuple(ARITHMETIC)
 GATE_FUNCTIONS = ("neg", "exp", "log", "sigmoid", "softplus", "sqrt", "abs", "sign")
+# Functions of two values, in an `update` and an optimizer level's inputs only: max(a, b), and
+# pow(a, b) = a ** b (AdamW's bias correction 1 - pow(beta1, step)).
+STREAM_FUNCTIONS = ("max", "pow")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StreamRef(Node):
     """In an optimizer level's inputs and a level's `update` (SEMANTICS §3, optimizers as levels):
     `grad`, the served weight's gradient at the anchor; `param`, the weight before this token's
-    update; `lr`, the served level's lr gate (in `update` only)."""
+    update; `lr`, the served level's lr gate (in `update` only). In the train section's update
+    (SEMANTICS §8) they are a parameter's, `lr` the scheduled one, and `step` counts the
+    parameter's optimizer steps (1 at its first); `rows` and `cols` are a weight matrix's shape
+    (in `matrix_update` only)."""
 
     name: str
     span: Span | None = _span_field()
@@ -176,6 +182,8 @@ class NewtonSchulz(Node):
 
 STREAM_NAMES = ("grad", "param")  # what an optimizer level's inputs read
 UPDATE_NAMES = ("grad", "param", "lr")  # and what a level's `update` reads besides its optimizer levels
+OUTER_UPDATE_NAMES = (*UPDATE_NAMES, "step")  # what the train section's `update` reads
+MATRIX_UPDATE_NAMES = (*OUTER_UPDATE_NAMES, "rows", "cols")  # and its `matrix_update`
 Stage = Union[Op, LevelRef, Choice]  # a choice of stages
 Gate = Union[Constant, Op, Pipeline, GateExpr, LetRef, StreamRef, OptimizerRef, NewtonSchulz]  # Op is `learned(...)`
 
@@ -367,6 +375,10 @@ class Train(Node):
     checkpoint_every: int | SearchValue
     checkpoint_minutes: Number | SearchValue
     processes: int | SearchValue
+    # `optimizer gd` with its step written with optimizer levels (SEMANTICS §8): `update` for
+    # every parameter, or for those that are not weight matrices where `matrix_update` is given
+    update: Update | None = None
+    matrix_update: Update | None = None
     span: Span | None = _span_field()
 
 
@@ -374,6 +386,7 @@ class Train(Node):
 # trained model unchanged, so they are left out of the variant id (a resumed run may checkpoint at
 # another cadence, or run on another number of processes).
 RUN_ONLY_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_minutes", "processes")
+OUTER_UPDATES = ("update", "matrix_update")  # the train fields that write the outer step with levels
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -429,6 +442,8 @@ def format_value(value: Option | Frequency | None) -> str:
             return f"-({operands[0]})"
         if value.op in GATE_FUNCTIONS:
             return f"{value.op}({operands[0]})"
+        if value.op in STREAM_FUNCTIONS:
+            return f"{value.op}({operands[0]}, {operands[1]})"
         return f"({operands[0]} {value.op} {operands[1]})"
     if isinstance(value, (LetRef, StreamRef)):
         return value.name
@@ -487,8 +502,13 @@ def dump(program: Program, *, identity: bool = False) -> str:
     lines.append("  train")
     skipped = ("span", *RUN_ONLY_TRAIN_FIELDS) if identity else ("span",)
     for f in dataclasses.fields(program.train):
-        if f.name not in skipped:
-            lines.append(f"    {f.name:<10} {format_value(getattr(program.train, f.name))}")
+        value = getattr(program.train, f.name)
+        if f.name in skipped or (value is None and f.name in OUTER_UPDATES):  # no update: gd's own step
+            continue
+        lines.append(f"    {f.name:<10} {format_value(value)}")
+        if isinstance(value, Update):
+            for inner in value.levels:
+                lines.extend(_level_lines(inner, "        "))
     return "\n".join(lines) + "\n"
 
 

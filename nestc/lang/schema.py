@@ -122,6 +122,8 @@ SEARCH = {
 OUTER_OPTIMIZERS = {
     s.name: s
     for s in (
+        op_spec("outer_optimizer", "gd", Param("lr", "number", 1e-3, minimum=0, exclusive_minimum=True),
+            doc="W = W - lr g, or W = W + update with the train section's `update` (optimizer levels, SEMANTICS §8)"),
         op_spec("outer_optimizer", "adamw", Param("lr", "number", 1e-3, minimum=0, exclusive_minimum=True),
             Param("beta1", "number", 0.9, minimum=0, maximum=1), Param("beta2", "number", 0.95, minimum=0, maximum=1),
             Param("weight_decay", "number", 0.1, minimum=0), Param("eps", "number", 1e-8, minimum=0)),
@@ -141,6 +143,9 @@ OUTER_OPTIMIZERS = {
             doc="Multi-scale Momentum Muon (Nested Learning, Alg. 1)"),
     )
 }
+
+# The outer optimizer whose step -lr * grad the train section's `update` replaces (SEMANTICS §8).
+OUTER_TAKES_UPDATE = "gd"
 
 SCHEDULES = {
     s.name: s
@@ -242,6 +247,12 @@ TRAIN_FIELDS = {
         Param("processes", "int", 1, minimum=1, maximum=1024,
               doc="data-parallel processes `nestc run` starts, the batch split among them; not part of the "
                   "variant (the trained weights equal one process's)"),
+        Param("update", "outer_update", None,
+              doc="with `optimizer gd`: what each parameter gains each step, written with optimizer levels "
+                  "(`update = adamw_update`); default -lr * grad"),
+        Param("matrix_update", "outer_update", None,
+              doc="with `optimizer gd`: the update of the weight matrices (2-D parameters but the embeddings), "
+                  "which `update` then leaves to the others (Muon, M3)"),
     )
 }
 

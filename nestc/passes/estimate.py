@@ -38,11 +38,11 @@ from nestc.backends.common import BackendError, concrete, op_args
 from nestc.lang import ir
 from nestc.lang.queries import GATE_ROLES, block_levels, gate_side, reachable_levels, step_copies
 from nestc.lang.schema import FEATURE_WIDTHS
-from nestc.passes.optimizers import stored_levels
+from nestc.passes.optimizers import outer_buffers, stored_levels
 
 FLOAT_BYTES = 4
 ACTIVATION_WIDTHS = 16  # vectors of width dim a level keeps per token for backward (see above)
-OUTER_MOMENTS = {"adamw": 2, "muon": 2, "m3": 3, "sgd": 1}
+OUTER_MOMENTS = {"adamw": 2, "muon": 2, "m3": 3, "sgd": 1, "gd": 0}  # gd: and its update's buffers (outer_buffers)
 INITS_WITH_PARAMETERS = ("meta", "nested", "pretrained")  # the others start from zeros, no parameters
 
 
@@ -123,7 +123,8 @@ def estimate(program: ir.Program) -> Estimate:
                     layer_parameters=tuple(sorted({tally.parameters for tally in tallies.values()})),
                     state_bytes=FLOAT_BYTES * total(lambda tally: tally.state), activation_bytes=FLOAT_BYTES * activations,
                     batch=batch, outer_moments=max(OUTER_MOMENTS[option.name]
-                                                   for option in _options(program.train.optimizer)))
+                                                   for option in _options(program.train.optimizer))
+                    + outer_buffers(program.train))
 
 
 class _LayerTally:

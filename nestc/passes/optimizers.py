@@ -53,6 +53,19 @@ def forgets_everything(level: ir.Level) -> bool:
     return isinstance(level.retain, ir.Constant) and level.retain.value == 0
 
 
+def slow_period(level: ir.Level) -> int:
+    """The outer optimizer's steps between an optimizer level's moves: N for `every N steps`
+    (SEMANTICS §8), else 1."""
+    return level.every.steps if level.every.tokens == 0 else 1
+
+
+def outer_buffers(train: ir.Train) -> int:
+    """The buffers per parameter that the outer optimizer written as levels keeps, at most: one
+    per optimizer level, one more (its pending sum) for each that moves `every N steps`."""
+    updates = [update for update in (train.update, train.matrix_update) if update is not None]
+    return max((sum(1 + (slow_period(level) > 1) for level in update.levels) for update in updates), default=0)
+
+
 def stored_levels(update: ir.Update) -> tuple[str, ...]:
     """The optimizer levels whose state a level stores, one buffer per weight, in stepping order."""
     return tuple(level.name for level in update.levels if not forgets_everything(level))

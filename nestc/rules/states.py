@@ -260,7 +260,7 @@ class Moment(State):
                        "it, learning from that level's gradient stream (NL §4)")
     memory = False
     optimizer_state = True
-    fields = frozenset({"key", "value", "lr", "retain", "objective"})
+    fields = frozenset({"key", "value", "lr", "retain", "objective", "every"})  # every: outer only (SEMANTICS §8)
 
 
 STATES: dict[str, State] = registry(Matrix(), Vector(), Mlp(), Glu(), Cache(), Moment())

@@ -7,8 +7,11 @@ import math
 import torch
 from torch import nn
 
-from nestc.lang import ir
+from nestc import rules
+from nestc.lang import ir, schema
 from nestc.backends.common import op_args
+from nestc.backends.optimizers import evaluate, moment_gradient
+from nestc.passes.optimizers import GRAD, MINUS_LR, slow_period
 from nestc.rules.optimizers import newton_schulz
 
 
@@ -119,9 +122,83 @@ class M3(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
-def build_optimizer(spec: ir.Op, model: nn.Module) -> torch.optim.Optimizer:
+# `optimizer gd` without an update: W_t = W_{t-1} - lr g_t
+GRADIENT_DESCENT = ir.Update(expression=ir.GateExpr(op="*", operands=(MINUS_LR, GRAD)), levels=())
+
+
+class LevelsOptimizer(torch.optim.Optimizer):
+    """`optimizer gd` with the train section's `update` written with optimizer levels (SEMANTICS
+    §8): each parameter W, at its t-th step with gradient g_t, steps every optimizer level its
+    update reads (each after the ones it reads), m_t = retain m_{t-1} - lr_m dl/dm(m_{t-1}), and
+    takes W_t = W_{t-1} + update_t. An optimizer level `every N steps` adds each step's
+    lr_m dl/dm(m) to a pending sum and moves once every N of the parameter's steps,
+    m = retain m - pending (NL Alg. 1's slow momentum), constant in between. The weight matrices
+    (`_is_matrix`) take `matrix_update` where the spec gives one, the others `update`; either
+    missing is gd's -lr g.
+
+    The streams are the parameter's own: `step` counts its steps (a level `every N steps` of the
+    model steps only every N optimizer steps), as AdamW's bias correction does. The levels'
+    objective gradients and the update are the inner optimizer levels' code
+    (backends/optimizers.py), each parameter viewed as one weight [1, 1, ...] of one head."""
+
+    def __init__(self, named, lr: float, update: ir.Update | None, matrix_update: ir.Update | None):
+        named = list(named)
+        self.updates = {"matrix": matrix_update or update or GRADIENT_DESCENT, "other": update or GRADIENT_DESCENT}
+        matrices = [p for n, p in named if _is_matrix(n, p)]
+        others = [p for n, p in named if not _is_matrix(n, p)]
+        super().__init__([{"params": matrices, "lr": lr, "kind": "matrix"},
+                          {"params": others, "lr": lr, "kind": "other"}], {})
+        self.objectives = {level.name: (rules.OBJECTIVES[level.objective.name], op_args(level.objective))
+                           for update in self.updates.values() for level in update.levels}
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.add_(self._update(self.updates[group["kind"]], parameter, group["lr"]))
+
+    def _update(self, update: ir.Update, parameter: nn.Parameter, lr: float) -> torch.Tensor:
+        state = self.state[parameter]
+        if not state:
+            state["step"] = 0
+            for level in update.levels:
+                state[level.name] = torch.zeros_like(parameter)
+                if slow_period(level) > 1:
+                    state[f"{level.name} pending"] = torch.zeros_like(parameter)
+        state["step"] += 1
+        like = parameter.reshape((1, 1) + (parameter.shape or (1,)))  # one weight of one head (a number: of one)
+        stream = {"grad": parameter.grad.reshape(like.shape), "param": like, "lr": like.new_tensor(lr),
+                  "step": like.new_tensor(float(state["step"]))}
+        if parameter.dim() == 2:  # a weight matrix's shape, read by `matrix_update` only
+            stream["rows"], stream["cols"] = (like.new_tensor(float(size)) for size in parameter.shape)
+        read: dict[str, torch.Tensor] = {}
+        for level in update.levels:
+            moment = state[level.name].view_as(like)
+            objective, args = self.objectives[level.name]
+            lr_level = evaluate(level.lr, stream, read, like) if level.lr is not None else stream["lr"]
+            change = lr_level * moment_gradient(level, objective, args, moment, stream, read)
+            period = slow_period(level)
+            if period > 1:  # the sum of its steps since it last moved, all at the state it holds
+                pending = state[f"{level.name} pending"]
+                pending.add_(change.view_as(pending))
+                if state["step"] % period:
+                    read[level.name] = moment
+                    continue
+                change = pending.clone().view_as(like)
+                pending.zero_()
+            moment = evaluate(level.retain, stream, read, like) * moment - change
+            state[level.name] = moment.view_as(parameter)
+            read[level.name] = moment
+        return evaluate(update.expression, stream, read, like).view_as(parameter)
+
+
+def build_optimizer(train: ir.Train, model: nn.Module) -> torch.optim.Optimizer:
+    spec = train.optimizer
     args = op_args(spec)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec.name == schema.OUTER_TAKES_UPDATE:
+        return LevelsOptimizer(named, args["lr"], train.update, train.matrix_update)
     if spec.name == "adamw":
         return torch.optim.AdamW([p for _, p in named], lr=args["lr"], betas=(args["beta1"], args["beta2"]),
                                  weight_decay=args["weight_decay"], eps=args["eps"])

@@ -277,7 +277,7 @@ class _Session:
             # CPUs compute several times slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
         self.model = self._build_model()
-        self.optimizer = build_optimizer(self.settings.optimizer, self.model)
+        self.optimizer = build_optimizer(self.settings, self.model)
         self.autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
                                        enabled=config.bf16)
         self.factor = schedule(self.settings.schedule, self.steps)

@@ -46,6 +46,7 @@ class Analysis:
         self.stream_names: tuple[str, ...] = ()
         self.optimizer_level = None
         self.update_value = None  # evaluates a level's `update` (nestc/lang/sema/optimizers.py)
+        self.outer_update_value = None  # and the train section's `update` and `matrix_update`
         self.train_context: int | ir.SearchValue | None = None  # chunked levels must divide it
 
     def error(self, code: str, message: str, span: Span | None, label: str = "", help: str | None = None,

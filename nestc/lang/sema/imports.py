@@ -11,8 +11,9 @@ from nestc.lang.diagnostics import Label, NestError, did_you_mean
 from nestc.lang.sema.context import Definition, Part
 from nestc.lang.source import SourceFile, Span
 
+# (the outer update's `step`, `rows` and `cols` too: a constant of that name would stand for them there)
 RESERVED = (
-    {schema.INPUT_NAME, schema.SELF_NAME, *schema.BOOLEANS, *ir.STREAM_NAMES}
+    {schema.INPUT_NAME, schema.SELF_NAME, *schema.BOOLEANS, *ir.STREAM_NAMES, "step", "rows", "cols"}
     | set(schema.STAGES) | set(schema.BLOCKS) | set(schema.SEARCH) | set(schema.GATE_SOURCES)
 )
 

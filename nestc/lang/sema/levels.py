@@ -31,6 +31,7 @@ class Levels(Part):
         self.extended: set[str] = set()  # levels that another level extends
         self.optimizers = OptimizerLevels(analysis, values, self)
         analysis.update_value = self.optimizers.update  # a level's `update` names levels this part builds
+        analysis.outer_update_value = self.optimizers.outer_update  # as the train section's do
 
     def _level_fields(self, name: str) -> tuple[ast.Expr | None, dict[str, ast.Field]] | Invalid:
         """The state and fields of a level, following `extends` chains.
@@ -145,7 +146,7 @@ class Levels(Part):
             self.analysis.bindings = ()
         if lets is INVALID:
             return INVALID
-        every = self._frequency(fields.get("every"), values.pop("frozen", False), fields.get("frozen"), name)
+        every = self.frequency(fields.get("every"), values.pop("frozen", False), fields.get("frozen"), name)
         if every not in (None, INVALID) and every.tokens not in (0, 1) and context is not None:
             self.chunked.append((name, every, context, fields.get("every")))
         if state is INVALID or INVALID in values.values() or every is INVALID:
@@ -402,7 +403,7 @@ class Levels(Part):
             gates[role] = value
         return gates
 
-    def _frequency(self, f: ast.Field | None, frozen, frozen_field: ast.Field | None, level: str):
+    def frequency(self, f: ast.Field | None, frozen, frozen_field: ast.Field | None, level: str):
         if frozen and f is not None:
             self.error("N0116", f"level `{level}` is both `frozen` and updated `every ...`", f.key_span,
                        secondary=(Label(span=frozen_field.key_span, message="frozen here"),))

@@ -5,13 +5,20 @@ level's `update` is the expression its retained weight gains each token.
     level mom : moment { value = -grad; retain = 0.9 }     # m_t = 0.9 m_{t-1} - lr_t g_t
     level lmm : mlp { optimizer gd; update = mom }          # W_t = retain_t W_{t-1} + m_t
 
+The train section's `update` (and `matrix_update`) is the outer optimizer's step written the
+same way (SEMANTICS §8): `optimizer gd(lr=...)` and `update = EXPR` on each parameter's gradient
+stream, whose optimizer levels may move `every N steps`.
+
 This module checks both and builds them into the IR: an optimizer level becomes an `ir.Level`
-with state `moment`, embedded in the `ir.Update` of each level that names it."""
+with state `moment`, embedded in the `ir.Update` of each level (or train field) that names it."""
 
 from __future__ import annotations
 
+import contextlib
+
 from nestc import rules
 from nestc.lang import ast, ir, schema
+from nestc.lang.diagnostics import Label
 from nestc.lang.queries import delta_extras, per_channel
 from nestc.lang.sema.context import INVALID, Part
 
@@ -20,6 +27,7 @@ DEEP_FIELDS = frozenset({"key", "value", "query", "lr", "retain", "objective", "
 MEMORY_INITS = ("zero", "meta")
 # What an expression of the gradient stream may hold (a level's gates are pipelines of x instead).
 _STREAM_NODES = (ir.Constant, ir.GateExpr, ir.StreamRef, ir.OptimizerRef, ir.NewtonSchulz)
+EVERY_STEP = ir.Frequency(tokens=1, steps=1)  # an optimizer level moves with each step of its stream
 
 
 def is_optimizer_state(state) -> bool:
@@ -93,9 +101,9 @@ class OptimizerLevels(Part):
             self.error("N0117", f"`{key}` has no meaning for an optimizer level", fields[key].key_span,
                        label="not a field of an optimizer level",
                        notes=("an optimizer level is a memory of the gradients of the level whose `update` names it: "
-                              "a buffer (state `moment`) takes `value`, `key`, `objective`, `lr` and `retain`, a "
-                              "memory of another state also `query` and `init`; each steps every token by gradient "
-                              "descent on its objective",))
+                              "a buffer (state `moment`) takes `value`, `key`, `objective`, `lr` and `retain` (and, "
+                              "on the outer stream, `every N steps`), a memory of another state also `query` and "
+                              "`init`; each steps with each gradient by gradient descent on its objective",))
         if not buffer:
             return self._deep_level(name, node, state, fields, where)
         if "let " in " ".join(fields):
@@ -119,7 +127,8 @@ class OptimizerLevels(Part):
         if key is not None and not delta and objective is not INVALID:
             self.error("N0117", "a `dot` optimizer level reads no key", fields["key"].key_span,
                        label="no key here", help="remove the key, or write `objective l2`")
-        if INVALID in (objective, value, key) or INVALID in gates.values():
+        every = self._every(fields.get("every"), name)
+        if INVALID in (objective, value, key, every) or INVALID in gates.values():
             return INVALID
         return ir.Level(
             name=name, state=state,
@@ -128,8 +137,25 @@ class OptimizerLevels(Part):
             query=None, lr=gates.get("lr"), retain=gates.get("retain") or ir.Constant(value=1.0), momentum=None,
             erase=None, write=None, gamma=None, threshold=None, objective=objective,
             optimizer=ir.Op(name="gd", args=(("implicit", False),)), order=None, output=ir.Op(name="none"),
-            every=ir.Frequency(tokens=1, steps=1), read="after", init=ir.Op(name="zero"), meta=None, heads=None,
-            span=node.name_span)
+            every=every, read="after", init=ir.Op(name="zero"), meta=None, heads=None, span=node.name_span)
+
+    def _every(self, f: ast.Field | None, name: str):
+        """`every N steps`: the level moves once every N of the outer optimizer's steps, by the
+        sum of their steps; only the train section's update may read such a level (`update`
+        refuses it)."""
+        if f is None:
+            return EVERY_STEP
+        every = self.levels.frequency(f, False, None, name)
+        if every is INVALID:
+            return INVALID
+        if every.tokens != 0:
+            return self.error("N0117", f"optimizer level `{name}` moves with the gradient stream it serves",
+                              f.span, label="a period in tokens",
+                              notes=("an optimizer level steps with each gradient of the level it serves; on the "
+                                     "outer stream (the train section's update) it may move `every N steps`, "
+                                     "with the sum of their gradients (M3's slow momentum, NL Alg. 1)",),
+                              help="write `every N steps` and name the level in the train section's update")
+        return EVERY_STEP if every.steps == 1 else every
 
     def _deep_level(self, name: str, node: ast.LevelDef, state: ir.Op, fields: dict[str, ast.Field], where: str):
         """An optimizer level whose state is a memory (matrix, mlp, ...): each row of its key, value
@@ -190,11 +216,8 @@ class OptimizerLevels(Part):
         value: a number, the P of m key^T = P I)."""
         if f is None:
             return None
-        self.analysis.stream_names, self.analysis.optimizer_level = ir.STREAM_NAMES, self._read
-        try:
+        with self._reading(ir.STREAM_NAMES, self._read):
             value = self.values.gate(f.value, f"the {role} of {where}")
-        finally:
-            self.analysis.stream_names, self.analysis.optimizer_level = (), None
         if value is INVALID:
             return INVALID
         allowed = (ir.Constant, ir.GateExpr) if number_only else _STREAM_NODES
@@ -211,6 +234,19 @@ class OptimizerLevels(Part):
                               help="for example `value = -grad`")
         return value
 
+    @contextlib.contextmanager
+    def _reading(self, names: tuple[str, ...], reader):
+        """Expressions read inside see the stream `names` and read level names with `reader`
+        (None: as gates do); what was there before is back after (a level named in an update may
+        be built while the update is read)."""
+        analysis = self.analysis
+        before = analysis.stream_names, analysis.optimizer_level
+        analysis.stream_names, analysis.optimizer_level = names, reader
+        try:
+            yield
+        finally:
+            analysis.stream_names, analysis.optimizer_level = before
+
     # --- a level's update -----------------------------------------------------------------------
 
     def _read(self, name_expr: ast.Name):
@@ -220,7 +256,8 @@ class OptimizerLevels(Part):
             return self.error("N0121", f"optimizer level `{name_expr.id}` reads itself", name_expr.span,
                               label="read here", notes=(f"the chain: {chain}",
                                                         "each optimizer level steps after the ones it reads"))
-        level = self.levels.level(name_expr.id)
+        with self._reading((), None):  # the level's own fields are read in its own context
+            level = self.levels.level(name_expr.id)
         if level is INVALID:
             return INVALID
         if not is_optimizer_level(level):
@@ -233,17 +270,91 @@ class OptimizerLevels(Part):
     def update(self, expr: ast.Expr):
         """The `update` of the level being built: its expression, with the optimizer levels it
         reads (and those they read), each after the ones it reads."""
-        what = f"the update of level `{self.analysis.current_level}`"
-        self.analysis.stream_names, self.analysis.optimizer_level = ir.UPDATE_NAMES, self._read
-        try:
+        served = self.analysis.current_level
+        update = self._update(expr, f"the update of level `{served}`", ir.UPDATE_NAMES)
+        if update is INVALID:
+            return INVALID
+        slow = next((level for level in update.levels if level.every != EVERY_STEP), None)
+        if slow is not None:
+            return self.error("N0117", f"optimizer level `{slow.name}` moves `every "
+                              f"{ir.format_value(slow.every.steps)} steps`, but level `{served}` updates in-sequence",
+                              slow.every.span, label="a period of the outer optimizer",
+                              secondary=(Label(span=expr.span, message=f"named in the update of `{served}`"),),
+                              notes=("`every N steps` counts the outer optimizer's steps: an optimizer level of a "
+                                     "level's update steps with each of its gradients, token by token",),
+                              help="remove `every`, or name the level in the train section's update")
+        return update
+
+    def outer_update(self, expr: ast.Expr, key: str):
+        """The train section's `update` or `matrix_update` (`key`): an update of each parameter
+        (of each weight matrix) from its gradient stream (SEMANTICS §8)."""
+        matrices = key == "matrix_update"
+        # `update` reads a matrix's names too, so that a misplaced one is told where it belongs
+        update = self._update(expr, f"the train section's `{key}`", ir.MATRIX_UPDATE_NAMES,
+                              ir.MATRIX_UPDATE_NAMES if matrices else ir.OUTER_UPDATE_NAMES)
+        if update is INVALID:
+            return INVALID
+        parts = [(f"the train section's `{key}`", update.expression)] + [
+            (f"optimizer level `{level.name}` of the train section's `{key}`", part) for level in update.levels
+            for part in (level.key, level.value, level.lr, level.retain) if part is not None]
+        for where, part in parts:
+            for node in ir.walk(part):
+                problem = self._outer_problem(node, matrices)
+                if problem is not None:
+                    label, note, help = problem
+                    return self.error("N0105", f"{where} cannot hold {label}",
+                                      node.span or expr.span, label=label,
+                                      secondary=(Label(span=expr.span, message=f"the {key}"),)
+                                      if node.span is not None and node.span != expr.span else (),
+                                      notes=(note,), help=help)
+        return update
+
+    @staticmethod
+    def _outer_problem(node: ir.Node, matrices: bool) -> tuple[str, str, str] | None:
+        """What an expression of the outer stream cannot hold: (label, note, help), or None."""
+        if isinstance(node, (ir.Pipeline, ir.Op, ir.LetRef)):
+            return ("a gate of x",
+                    "the outer optimizer steps once per batch: no token's x reaches it",
+                    "give the optimizer level's lr and retain as numbers")
+        if isinstance(node, ir.Constant) and isinstance(node.value, tuple):
+            return ("one value per head", "the outer optimizer updates whole parameters, which have no heads",
+                    "give one number")
+        if not matrices and isinstance(node, ir.NewtonSchulz):
+            return ("newton_schulz(...)", "Newton-Schulz orthogonalises a weight matrix, and `update` also steps "
+                    "the embeddings, gains and biases", "write it in `matrix_update`, which steps the weight "
+                    "matrices (2-D parameters but the embeddings)")
+        if not matrices and isinstance(node, ir.StreamRef) and node.name in ("rows", "cols"):
+            return (f"`{node.name}`", "`rows` and `cols` are a weight matrix's shape",
+                    "write it in `matrix_update`, which steps the weight matrices")
+        return None
+
+    def check_outer(self, optimizer, fields: dict[str, ast.Field]) -> None:
+        """An outer `update` replaces the step of `optimizer gd`, which has no other."""
+        given = [fields[key] for key in ir.OUTER_UPDATES if key in fields]
+        takes_update = isinstance(optimizer, ir.Op) and optimizer.name == schema.OUTER_TAKES_UPDATE
+        if not given or optimizer is INVALID or takes_update:
+            return
+        where = fields["optimizer"].value.span if "optimizer" in fields else given[0].key_span
+        name = f"optimizer `{ir.format_value(optimizer)}`" if isinstance(optimizer, ir.Op) else "a choice of optimizers"
+        self.error("N0117", f"`{given[0].key}` has no meaning with {name}", where,
+                   label="keeps its own step", secondary=(Label(span=given[0].key_span, message="the update"),),
+                   notes=("the train section's update replaces the step -lr * grad of `optimizer gd`; AdamW, "
+                          "Muon and M3 written as levels are in specs/lib/outer_optimizers.nest",),
+                   help="write `optimizer gd(lr=...)`" + (" (the default optimizer is adamw)"
+                                                         if "optimizer" not in fields else ""))
+
+    def _update(self, expr: ast.Expr, what: str, names: tuple[str, ...], meant: tuple[str, ...] | None = None):
+        """An update expression reading `names` (of which `meant` are its own, where it reads more)
+        and optimizer levels, with the optimizer levels it reads (and those they read), each after
+        the ones it reads."""
+        with self._reading(names, self._read):
             expression = self.values.gate(expr, what)
-        finally:
-            self.analysis.stream_names, self.analysis.optimizer_level = (), None
         if expression is INVALID:
             return INVALID
         stray = next((n for n in ir.walk(expression) if not isinstance(n, _STREAM_NODES)), None)
         if stray is not None:
-            return self.error("N0105", f"{what} is arithmetic on `grad`, `param`, `lr`, numbers and optimizer levels",
+            listed = ", ".join(f"`{name}`" for name in meant or names)
+            return self.error("N0105", f"{what} is arithmetic on {listed}, numbers and optimizer levels",
                               stray.span or expr.span, label=f"found {ir.format_value(stray)}",
                               notes=("a gate of x belongs in an optimizer level's `lr` or `retain`",))
         ordered: list[str] = []

@@ -27,6 +27,9 @@ class ProgramBuilder(Part):
 
     def build(self) -> ir.Program | None:
         train_values = self.values.section_values("train")
+        if "train" in self.sections:
+            self.levels.optimizers.check_outer(train_values["optimizer"],
+                                               {f.key: f for f in self.sections["train"].fields})
         context = train_values.get("context")
         self.analysis.train_context = None if context is INVALID else context
         model = None
@@ -124,6 +127,8 @@ class ProgramBuilder(Part):
     def _check_const(self, name: str, definition: Definition) -> None:
         expr = self.analysis.deref(ast.Name(id=name, span=definition.span))
         if expr is INVALID or not isinstance(expr, (ast.Number, ast.Neg, ast.BinOp)):
+            return
+        if _names_the_gradient_stream(expr):  # an update written once (a library's): checked where it is used
             return
         self.values.arith(expr, f"constant `{name}`")
 
@@ -249,6 +254,20 @@ class ProgramBuilder(Part):
                                secondary=(Label(span=context_span, message=f"context {length}"),) if context_span else (),
                                help=f"choose a period that divides {length} (e.g. "
                                f"{_nearest_divisor(length, chunk)}), or change the context")
+
+
+def _names_the_gradient_stream(expr: ast.Expr) -> bool:
+    """Whether an expression names `grad`, `param`, `lr`, `step`, `rows` or `cols`: an update,
+    not a number."""
+    if isinstance(expr, ast.Name):
+        return expr.id in ir.MATRIX_UPDATE_NAMES
+    if isinstance(expr, ast.Neg):
+        return _names_the_gradient_stream(expr.operand)
+    if isinstance(expr, ast.BinOp):
+        return _names_the_gradient_stream(expr.left) or _names_the_gradient_stream(expr.right)
+    if isinstance(expr, ast.Call):
+        return any(_names_the_gradient_stream(arg.value) for arg in expr.args)
+    return False
 
 
 def _nearest_divisor(length: int, chunk: int) -> int:

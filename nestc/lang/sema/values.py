@@ -68,6 +68,8 @@ class Values(Part):
             return self.gate(expr, what)
         if kind == "update":
             return self.analysis.update_value(expr)
+        if kind == "outer_update":  # the train section's
+            return self.analysis.outer_update_value(expr, param.name)
         if kind == "block":
             return self.blocks.block(expr, what)
         if kind in schema.OP_TABLES:
@@ -447,6 +449,8 @@ class Values(Part):
                 return self.analysis.optimizer_level(expr)
             if isinstance(expr, ast.Call) and expr.func == "newton_schulz":
                 return self.newton_schulz(expr, what)
+            if isinstance(expr, ast.Call) and expr.func in ir.STREAM_FUNCTIONS:
+                return self.stream_function(expr, what)
         if isinstance(expr, ast.Pipe) or (isinstance(expr, ast.Name) and expr.id == schema.INPUT_NAME):
             return self.pipeline(expr, what)
         if isinstance(expr, ast.Name):
@@ -456,6 +460,15 @@ class Values(Part):
                               or "a gate is a number, `learned(...)` or a pipeline such as `x |> proj |> sigmoid`")
         return self.error("N0105", f"{what} must be a number, `learned(...)`, a pipeline from `x` or arithmetic "
                           "on gates", expr.span, label=f"found {describe(expr)}")
+
+    def stream_function(self, call: ast.Call, what: str):
+        """`max(a, b)` or `pow(a, b)` in an `update` or an optimizer level's input."""
+        if len(call.args) != 2 or any(arg.name is not None for arg in call.args):
+            return self.error("N0108", f"`{call.func}(...)` in {what} takes two values", call.span,
+                              help=f"for example `{call.func}(1, rows / cols)`" if call.func == "max"
+                              else "for example `pow(0.9, step)`")
+        operands = tuple(self.gate(arg.value, what) for arg in call.args)
+        return INVALID if INVALID in operands else ir.GateExpr(op=call.func, operands=operands, span=call.span)
 
     def newton_schulz(self, call: ast.Call, what: str):
         """`newton_schulz(u, steps=5)` in an `update`: Muon's orthogonalisation of u."""

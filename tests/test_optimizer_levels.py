@@ -204,13 +204,13 @@ MODEL_SPEC = """import "lib/optimizers.nest"
 level titans_momentum extends momentum {{
     retain = x |> proj |> sigmoid
 }}
-level memory : {state} {{
+{levels}level memory : {state} {{
     key = x |> proj |> l2norm
     value = x |> proj
     query = x |> proj |> l2norm
     lr = x |> proj |> sigmoid(max=0.2)
     retain = x |> proj(bias=true) |> sigmoid
-    objective l2
+    objective {objective}
 {fields}
     every {every}
     read {read}
@@ -245,6 +245,10 @@ BUILT_INS = {
 }
 
 
+def _model_spec(state: str, every: int, read: str, fields: str, objective: str = "l2", levels: str = "") -> str:
+    return MODEL_SPEC.format(state=state, every=every, read=read, fields=fields, objective=objective, levels=levels)
+
+
 def _library_name(name: str) -> str:
     """A built-in model's parameter name in the library model: the momentum gate is its level's retain."""
     return name.replace(".gates.momentum.", ".optimizer_gates.titans_momentum.retain.")
@@ -269,8 +273,8 @@ def _run(model, tokens):
 @pytest.mark.parametrize("name", BUILT_INS)
 def test_the_library_equals_the_built_in_in_both_backends(name):
     state, every, read, library_fields, builtin_fields, form = BUILT_INS[name]
-    library = _program(MODEL_SPEC.format(state=state, every=every, read=read, fields=library_fields))
-    builtin = _program(MODEL_SPEC.format(state=state, every=every, read=read, fields=builtin_fields))
+    library = _program(_model_spec(state, every, read, "    " + library_fields))
+    builtin = _program(_model_spec(state, every, read, "    " + builtin_fields))
     assert plan_program(library).levels["memory"].kernel == plan_program(builtin).levels["memory"].kernel == form
     tokens = torch.randint(0, 24, (2, 21), generator=torch.Generator().manual_seed(3))
     for backend in (reference, compiled):
@@ -300,35 +304,13 @@ def test_the_library_equals_the_built_in_in_both_backends(name):
 
 # --- compositions drawn at random ---------------------------------------------------------------
 
-DRAWN_SPEC = """level first : moment {{
+DRAWN_LEVELS = """level first : moment {{
     value = {value}
     retain = {retain}
 {lr}}}
 level second : moment {{
     value = {second_value}
     retain = 0.8
-}}
-level memory : {state} {{
-    key = x |> proj |> l2norm
-    value = x |> proj
-    query = x |> proj |> l2norm
-    lr = x |> proj |> sigmoid(max=0.2)
-    retain = x |> proj(bias=true) |> sigmoid
-    objective {objective}
-    optimizer {rule}
-    update = {update}
-    every {every}
-    read {read}
-}}
-model {{
-    vocab 24
-    dim 8
-    heads 2
-    block = residual(rmsnorm |> memory)
-}}
-train {{
-    context 16
-    batch 2
 }}
 """
 
@@ -346,8 +328,8 @@ def test_drawn_compositions_equal_the_reference(value, retain, lr, second_value,
                                                 read):
     """Whatever the compiled backend makes of a composition (a built-in's closed form where it is
     one, token by token where not) equals the literal rule: never a different rule."""
-    text = DRAWN_SPEC.format(value=value, retain=retain, lr=lr, second_value=second_value, update=update, rule=rule,
-                             state=state, objective=objective, every=every, read=read)
+    levels = DRAWN_LEVELS.format(value=value, retain=retain, lr=lr, second_value=second_value)
+    text = _model_spec(state, every, read, f"    optimizer {rule}\n    update = {update}", objective, levels)
     result = _analyze(text)
     assert result.ok, [d.message for d in result.diagnostics]
     with warnings.catch_warnings():
@@ -415,8 +397,8 @@ def test_a_state_file_keeps_the_optimizer_levels_states(tmp_path):
     part of the memory's state."""
     from nestc.runtime.checkpoint import load_state, save_state
 
-    program = _program(MODEL_SPEC.format(state="matrix", every=4, read="after", fields="optimizer gd\n"
-                                         "    update = -lr * adam_first / (sqrt(adam_second) + 1e-8)"))
+    program = _program(_model_spec("matrix", 4, "after", "    optimizer gd\n"
+                                   "    update = -lr * adam_first / (sqrt(adam_second) + 1e-8)"))
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", compiled.CompileWarning)
@@ -475,8 +457,7 @@ def test_a_deep_momentum_counts_its_learned_initial_state_and_equals_the_referen
     """An MLP memory of the gradient's rows (eq. 50) has maps of its own for each served weight,
     whose initial values the outer level learns: the estimate counts them, and the compiled
     backend (token by token, as its plan says) equals the reference with their gradients."""
-    program = _program(MODEL_SPEC.format(state="mlp(depth=2, expand=2)", every=4, read="before",
-                                         fields="optimizer gd\n    update = deep_momentum")
+    program = _program(_model_spec("mlp(depth=2, expand=2)", 4, "before", "    optimizer gd\n    update = deep_momentum")
                        .replace("sigmoid(max=0.2)", "sigmoid(max=0.02)"))
     plan = plan_program(program).levels["memory"]
     assert plan.kernel == "sequential" and "deep_momentum" in plan.reason

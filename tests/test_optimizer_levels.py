@@ -468,3 +468,10 @@ def test_a_deep_momentum_counts_its_learned_initial_state_and_equals_the_referen
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", compiled.CompileWarning)
         assert_equivalent(program, length=13, split=6)
+
+
+def test_the_outer_stream_takes_buffers_not_memories_of_rows():
+    text = BAD.format(fields="", extra="").replace("model {", "train {\n    optimizer gd(lr=1e-3)\n"
+                                                   "    update = deep_momentum\n}\nmodel {")
+    assert ("N0105", "optimizer level `deep_momentum` of the train section's `update` is a `mlp` memory of rows") in [
+        (d.code, d.message) for d in _analyze(text).diagnostics]

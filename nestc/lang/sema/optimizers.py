@@ -10,7 +10,8 @@ same way (SEMANTICS §8): `optimizer gd(lr=...)` and `update = EXPR` on each par
 stream, whose optimizer levels may move `every N steps`.
 
 This module checks both and builds them into the IR: an optimizer level becomes an `ir.Level`
-with state `moment`, embedded in the `ir.Update` of each level (or train field) that names it."""
+(state `moment`, or a memory state for a memory of the gradient's rows), embedded in the
+`ir.Update` of each level (or train field) that names it."""
 
 from __future__ import annotations
 
@@ -294,6 +295,14 @@ class OptimizerLevels(Part):
                               ir.MATRIX_UPDATE_NAMES if matrices else ir.OUTER_UPDATE_NAMES)
         if update is INVALID:
             return INVALID
+        rows = next((level for level in update.levels if not is_optimizer_state(level.state)), None)
+        if rows is not None:
+            return self.error("N0105", f"optimizer level `{rows.name}` of the train section's `{key}` is a "
+                              f"`{rows.state.name}` memory of rows", rows.span or expr.span,
+                              label="not a buffer", secondary=(Label(span=expr.span, message=f"the {key}"),),
+                              notes=("the outer optimizer's levels are buffers shaped like each parameter (state "
+                                     "`moment`); memories of a weight's rows serve the in-sequence updates",),
+                              help="use a `moment` level here")
         parts = [(f"the train section's `{key}`", update.expression)] + [
             (f"optimizer level `{level.name}` of the train section's `{key}`", part) for level in update.levels
             for part in (level.key, level.value, level.lr, level.retain) if part is not None]

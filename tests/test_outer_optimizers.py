@@ -96,12 +96,20 @@ def test_an_optimizer_state_saved_to_a_file_continues_exactly(make, tmp_path):
     """Muon's momenta and its inner AdamW's moments and step counts, M3's moments and step count:
     an optimizer rebuilt from the file takes the very step the original takes."""
     parameters = _parameters()
+    assert_continues_from_a_file(make, parameters, _gradients(parameters, 4), tmp_path)
+
+
+def assert_continues_from_a_file(make, parameters: dict, gradients: list[dict], tmp_path, check=None) -> None:
+    """Three steps of `make(named parameters)`, its state through a file into a second one built
+    on copies of the parameters, then the fourth step of each: the two take the very same step.
+    `check(optimizer)` runs before the state is saved."""
     optimizer = make(list(parameters.items()))
-    gradients = _gradients(parameters, 4)
     for step in gradients[:3]:
         for name, p in parameters.items():
             p.grad = step[name].clone()
         optimizer.step()
+    if check is not None:
+        check(optimizer)
     path = str(tmp_path / "optimizer.safetensors")
     save_tree(optimizer.state_dict(), path, "optimizer")
     copies = {name: torch.nn.Parameter(p.detach().clone()) for name, p in parameters.items()}

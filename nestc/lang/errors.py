@@ -211,7 +211,10 @@ without objective `huber_token`, or a per-channel `threshold` (it is one value p
 output norm or gate on the memory of a `mac` block, or those or `retain` on its attention;
 `normalize` on a level that is not a matrix memory with objective `dot` updated in the sequence; `erase`,
 `write`, `substeps` or `gd(implicit=true)` on a level that is not the online delta rule (a
-`matrix` state, objective `l2`, optimizer `gd`, `every 1`, no output map).
+`matrix` state, objective `l2`, optimizer `gd`, `every 1`, no output map); on an optimizer level
+(docs/language.md §5.10) any field but `value`, `key`, `objective`, `lr`, `retain` (and, for a
+memory of rows, `query` and `init`), a per-channel gate, or `every` in tokens; `update` with an
+optimizer other than `gd` or `dgd`, with the delta rule's fields or with a per-channel `lr`.
 
     level m : matrix { substeps 2; every 16 }    # error: substeps are steps of the online rule
 """),
@@ -231,7 +234,9 @@ A key, value, query or data-dependent gate is a pipeline that starts at the leve
     key = x |> proj |> silu          # ok
 """),
     "N0121": ("defined in terms of itself", """
-A constant, block or `extends` chain refers back to itself, so it has no value.
+A constant, block or `extends` chain refers back to itself, so it has no value; or an optimizer
+level reads itself through its value or key (directly or through the optimizer levels it reads),
+so it has nothing to step after.
 """),
     "N0122": ("level used twice", """
 Each use of a level in the model's block would share one state between two places. Define a

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from nestc.backends import compiled
 from nestc.passes.plan import plan_program
 from test_compiled import assert_equivalent
 from test_optimizer_levels import _model_spec, _program
@@ -47,6 +48,14 @@ def test_compositions_without_a_closed_form_run_in_the_scan_form_as_the_referenc
     assert fast.plans["memory"].kernel == "scan"
 
 
+@pytest.mark.parametrize("rule", ["gd", "dgd"])
+def test_a_gated_mlp_memory_runs_in_the_scan_form_as_the_reference(rule):
+    """A glu memory's three maps (W1 and W3 both read the key) each step on their own gradient."""
+    program = _program(_spec(UPDATES["adam"], "glu(expand=1, residual=false)", "after", rule))
+    assert plan_program(program).levels["memory"].kernel == "scan"
+    assert_equivalent(program, length=29, split=18, tolerance=EXACT)
+
+
 @pytest.mark.parametrize("meta", ["first_order", "stop"])
 def test_the_scan_form_cuts_the_outer_gradient_as_the_reference(meta):
     program = _program(_spec(UPDATES["adam"], "mlp(depth=2, expand=2)", "after", "dgd", extra=f"\n    meta {meta}"))
@@ -64,3 +73,10 @@ def test_where_the_anchor_moves_inside_a_segment_the_level_steps_token_by_token_
     assert plan.kernel == "sequential"
     # why no built-in optimizer equals the update, then why the scan form does not compute it
     assert plan.reason.startswith("optimizer level `adam_second` learns from (grad * grad)") and reason in plan.reason
+
+
+def test_a_segment_step_with_a_scan_level_is_not_traced_by_torch_compile():
+    """Its optimizer levels step through one autograd.grad call per token: no single graph."""
+    program = _program(_spec(UPDATES["adam"], "matrix", "after", "gd"))
+    model = compiled.build(program)
+    assert model._segment_obstacle() == "level `memory` steps its optimizer levels token by token (the scan form)"

@@ -132,6 +132,8 @@ class CompiledModel(ReferenceModel):
             plan = self.plans[name]
             if plan.kernel == "sequential":
                 return f"level `{name}` runs token by token"
+            if plan.kernel == "scan":  # each token's optimizer levels step through autograd.grad calls
+                return f"level `{name}` steps its optimizer levels token by token (the scan form)"
             if isinstance(module, CacheLevel):
                 return f"the attention cache of `{name}` changes length from segment to segment"
             if module.kernel.objective.windowed:

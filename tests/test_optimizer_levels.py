@@ -327,7 +327,7 @@ level second : moment {{
 def test_drawn_compositions_equal_the_reference(value, retain, lr, second_value, update, rule, state, objective, every,
                                                 read):
     """Whatever the compiled backend makes of a composition (a built-in's closed form where it is
-    one, token by token where not) equals the literal rule: never a different rule."""
+    one, the scan form or token by token where not) equals the literal rule: never a different rule."""
     levels = DRAWN_LEVELS.format(value=value, retain=retain, lr=lr, second_value=second_value)
     text = _model_spec(state, every, read, f"    optimizer {rule}\n    update = {update}", objective, levels)
     result = _analyze(text)
@@ -456,17 +456,18 @@ train {
 def test_a_deep_momentum_counts_its_learned_initial_state_and_equals_the_reference():
     """An MLP memory of the gradient's rows (eq. 50) has maps of its own for each served weight,
     whose initial values the outer level learns: the estimate counts them, and the compiled
-    backend (token by token, as its plan says) equals the reference with their gradients."""
+    backend (in the scan form: no built-in optimizer equals it) equals the reference with their
+    gradients."""
     program = _program(_model_spec("mlp(depth=2, expand=2)", 4, "before", "    optimizer gd\n    update = deep_momentum")
                        .replace("sigmoid(max=0.2)", "sigmoid(max=0.02)"))
     plan = plan_program(program).levels["memory"]
-    assert plan.kernel == "sequential" and "deep_momentum" in plan.reason
+    assert plan.kernel == "scan"
     model = reference.build(program)
     initial = [name for name, _ in model.named_parameters() if ".level_optimizer.initial.deep_momentum." in name]
     assert len(initial) == 4  # two maps for each of the memory's two weights
     assert estimate(program).parameters == sum(p.numel() for p in model.parameters())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", compiled.CompileWarning)
+        warnings.simplefilter("error", compiled.CompileWarning)
         assert_equivalent(program, length=13, split=6)
 
 

@@ -14,6 +14,7 @@ from nestc.backends.forms.anchored import anchored_segment
 from nestc.backends.forms.common import finish_segment
 from nestc.backends.forms.delta import delta_segment
 from nestc.backends.forms.layered import layered_segment
+from nestc.backends.forms.scan import scan_segment
 from nestc.backends.forms.trajectory import trajectory_segment
 from nestc.backends.optimizers import lowered
 from nestc.backends.state import LevelState
@@ -29,7 +30,7 @@ def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
 
 
 KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": layered_segment,
-           "trajectory": trajectory_segment, "sequential": sequential_segment}
+           "trajectory": trajectory_segment, "scan": scan_segment, "sequential": sequential_segment}
 
 
 def run_form(form: str, kernel, state: LevelState, k, v, q, gates, start) -> Tensor | None:

@@ -5,8 +5,10 @@ by token, literally. The segment forms know the built-in optimizers (nestc/rules
 This pass recognises the compositions that are exactly one of them, term for term, and says which
 of the composition's gates plays each of the built-in's roles and which optimizer level's state is
 its momentum buffer; the planner then plans the built-in, and the compiled backend runs its form
-on those gates and that buffer (`backends/optimizers.py` `lowered`). Anything else runs token by
-token, and `closed_form` says why: a composition is never approximated by a built-in.
+on those gates and that buffer (`backends/optimizers.py` `lowered`). Anything else runs in the scan
+form (backends/forms/scan.py, the literal rule with the gradients of a segment found at once) or
+token by token, and `closed_form` says why no built-in equals it: a composition is never
+approximated by a built-in.
 
     update = m, m: dot on -grad, retain 0        gd       (lr: m's, or the level's)
     update = m, m: dot on -grad                  momentum (momentum: m's retain)
@@ -116,12 +118,12 @@ def _why_not(moment: ir.Level) -> str:
     """Why an optimizer level has no segment form: what in it depends on each token's gradient."""
     if not rules.STATES[moment.state.name].optimizer_state:
         return (f"optimizer level `{moment.name}` is a {moment.state.name} memory of the gradients, whose step "
-                "depends on each token's gradient at its previous state: no segment form computes it yet")
+                "depends on each token's gradient at its previous state: no built-in optimizer computes it")
     if moment.key is not None:
         return (f"optimizer level `{moment.name}` decays by each token's gradient (m (retain I - lr k^T k)), a "
-                "product of matrices no segment form computes yet")
+                "product of matrices no built-in optimizer computes")
     return (f"optimizer level `{moment.name}` learns from {ir.format_value(moment.value)}, not from the gradient "
-            "itself: no segment form computes it yet")
+            "itself: no built-in optimizer computes it")
 
 
 def _momentum_of(moment: ir.Level, value: ir.Gate) -> bool:

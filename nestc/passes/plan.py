@@ -19,7 +19,7 @@ MAX_SEGMENT = 64
 
 @dataclass(frozen=True)
 class LevelPlan:
-    kernel: str  # frozen | anchored | delta | layered | trajectory | sequential | module
+    kernel: str  # frozen | anchored | delta | layered | trajectory | scan | sequential | module
     reason: str = ""
 
 
@@ -65,15 +65,23 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
     """The first segment form (in `rules.FORMS` order) that computes this memory rule exactly.
     A form is a candidate when the level's state, objective, optimizer and output map all list it
     (nestc/rules/); `_form_obstacle` holds the conditions of each form beyond its rules. Where no
-    form fits, the rule steps token by token and the plan says why: never another rule."""
+    form fits, the rule steps token by token and the plan says why: never another rule. An
+    `update` that no built-in optimizer equals runs only in the scan form, which steps it literally."""
     if kernel.every == 0:
         return LevelPlan("frozen")
-    if kernel.update_obstacle:
-        return LevelPlan("sequential", kernel.update_obstacle)
     parts = (kernel.state, kernel.objective, kernel.optimizer, kernel.output)
-    candidates = [form for form in rules.FORMS if all(form in part.forms for part in parts)]
+    described = ", ".join(f"{part.spec.kind} `{part.name}`" for part in parts[1:])
+    if kernel.update_obstacle:
+        # No built-in optimizer equals the update: only the scan form, which steps its optimizer
+        # levels literally, computes it.
+        if not all("scan" in part.forms for part in parts):
+            return LevelPlan("sequential", f"{kernel.update_obstacle}; the scan form does not compute state "
+                                           f"`{kernel.state.name}` with {described}")
+        obstacle = _form_obstacle("scan", kernel, per_channel)
+        return LevelPlan("sequential", f"{kernel.update_obstacle}; the scan form {obstacle}") if obstacle \
+            else LevelPlan("scan")
+    candidates = [form for form in rules.FORMS if form != "scan" and all(form in part.forms for part in parts)]
     if not candidates:
-        described = ", ".join(f"{part.spec.kind} `{part.name}`" for part in parts[1:])
         return LevelPlan("sequential", f"no segment form computes state `{kernel.state.name}` with {described} "
                                        "together")
     obstacles = []
@@ -87,6 +95,13 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
 
 def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
     """Why `form` cannot compute this rule although its rules list the form, or ""."""
+    if form == "scan":
+        # It takes every token's gradient at the anchor, fixed inside a segment, from the layered
+        # form's backpropagation, then steps the optimizer levels token by token.
+        if kernel.every == 1:
+            return "needs `every C > 1` (every token's gradient is at the previous token's state)"
+        if kernel.order == "decay_first":
+            return "has no `order decay_first`"
     if kernel.delta_extras and form != "delta":
         return f"does not compute the generalised delta rule ({', '.join(kernel.delta_extras)})"
     # a diagonal state with an elementwise objective is one memory per channel (forms/anchored.py)
@@ -144,7 +159,7 @@ def segment_length(program: ir.Program, plans: dict[str, LevelPlan]) -> int:
         every = concrete(level.every.tokens)
         plan = plans[level.name]
         # anchored forms need the anchor fixed inside a segment, and the state keeps the anchor
-        constrained = plan.kernel in ("anchored", "layered", "trajectory")
+        constrained = plan.kernel in ("anchored", "layered", "trajectory", "scan")
         if plan.kernel == "module" and isinstance(level.objective, ir.Op) \
                 and rules.OBJECTIVES[level.objective.name].continuum:
             constrained = every > 0

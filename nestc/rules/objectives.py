@@ -16,7 +16,7 @@ from nestc.lang.operators import Param, op_spec
 from nestc.rules.base import Rule, registry
 
 MEMORY_STATES = frozenset({"matrix", "vector", "mlp", "glu"})
-CLOSED_FORMS = frozenset({"anchored", "layered", "trajectory"})
+CLOSED_FORMS = frozenset({"anchored", "layered", "trajectory", "scan"})
 
 
 @dataclass(frozen=True)

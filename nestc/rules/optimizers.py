@@ -63,7 +63,7 @@ class GradientDescent(Optimizer):
                          doc="the implicit step of the delta rule, lr / (1 + lr k.e): the residual at the updated "
                              "memory (Longhorn)"),
                    doc="M = retain * M - lr * g")
-    forms = frozenset({"anchored", "delta", "layered", "trajectory"})
+    forms = frozenset({"anchored", "delta", "layered", "trajectory", "scan"})
     takes_update = True
 
     def step(self, args, weight, grad, map_input, momentum, gates, scale):
@@ -86,7 +86,7 @@ class Momentum(Optimizer):
 
 class DeltaGradientDescent(Optimizer):
     spec = op_spec("optimizer", "dgd", doc="delta gradient descent: W = W (retain I - lr x x^T) - lr dL/dy x^T")
-    forms = frozenset({"layered"})
+    forms = frozenset({"layered", "scan"})
     needs_weight_maps = True
     needs_pairs = True
     decays_along_input = True

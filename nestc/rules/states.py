@@ -91,7 +91,7 @@ class State(Rule):
 
 class Matrix(State):
     spec = op_spec("state", "matrix", doc="a d_v x d_k matrix per head: y = M q")
-    forms = frozenset({"anchored", "delta", "layered", "trajectory"})
+    forms = frozenset({"anchored", "delta", "layered", "trajectory", "scan"})
     weight_maps = True
     linear = True
 
@@ -137,7 +137,7 @@ class Mlp(State):
         Param("norm", "enum", "none", choices=NORMS, doc="normalisation of f(x) before the residual"),
         doc="a multi-layer perceptron, M(x) = x + norm(W1 act(W2 x)) for depth 2",
     )
-    forms = frozenset({"layered", "trajectory"})
+    forms = frozenset({"layered", "trajectory", "scan"})
     weight_maps = True
     default_every_tokens = 0  # ...but an MLP without `every` is a feed-forward block
     default_init = "meta"

@@ -94,13 +94,13 @@ def _optimizer_levels(graph: nx.MultiDiGraph, served: str, updates: list[tuple[s
     the gradient flowing in, what it reads, and the update flowing out; `frequency(level)` is its
     (text, rate)."""
     for label, update in updates:
-        for moment in update.levels:
+        for stepping, moment in enumerate(update.levels):
             node = f"{served}.{moment.name}"
             if node not in graph:
                 text, rate = frequency(moment)
                 graph.add_node(node, kind="optimizer", state=ir.format_value(moment.state),
                                objective=ir.format_value(moment.objective), optimizer=moment.optimizer.name,
-                               frequency=text, rate=rate, read="-")
+                               frequency=text, rate=rate, read="-", stepping=stepping)
                 inputs = [part for part in (moment.key, moment.value) if part is not None]
                 read = {n.level for part in inputs for n in ir.walk(part) if isinstance(n, ir.OptimizerRef)}
                 if any(isinstance(n, ir.StreamRef) for part in inputs for n in ir.walk(part)):
@@ -237,6 +237,17 @@ def to_text(graph: nx.MultiDiGraph) -> str:
         if node["read"] != "-":
             details += f", read {node['read']}"
         lines.append(f"  {'':<{width}}  {'':<20} {details}  [{_rate_text(rate)}]")
+    optimizers: dict[str, list[str]] = {}
+    for name in order:
+        if graph.nodes[name]["kind"] == "optimizer":
+            optimizers.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    if optimizers:
+        lines += ["", "optimizer levels (each served level's, fastest first, the slowest last):"]
+        for served in (name for name in order if name in optimizers):
+            # the same frequency: in the order they step (a level after those it reads)
+            ranked = sorted(optimizers[served], key=lambda n: (-graph.nodes[n]["rate"], graph.nodes[n]["stepping"]))
+            lines.append(f"  {served}: " + ", ".join(f"{n.rsplit('.', 1)[1]} ({graph.nodes[n]['frequency']})"
+                                                     for n in ranked))
     if "layers" in graph.graph:
         lines += ["", "layers:"]
         for group in graph.graph["layers"]:

@@ -373,5 +373,8 @@ def test_the_graph_shows_the_optimizer_levels_with_their_frequencies_and_edges()
     assert re.search(r"^  outer\.m3_slow +every 16 steps +state moment$", text, re.M), text
     assert "optimizer gd(lr=0.001) with matrix update and update" in text
     assert "  outer.m3_slow -> outer: matrix update\n" in text
+    # each served level's optimizer levels by frequency, the slowest last
+    assert "  outer: m3_fast (every step), m3_second (every step), m3_slow (every 16 steps)\n" in text
+    assert "  mixer: preconditioner (every token), preconditioned_momentum (every token)\n" in text
     assert '"outer.m3_slow" -> "outer" [label="matrix update"' in graph.to_dot(built)
     assert json.loads(graph.to_json(built))["order"] == order

@@ -121,3 +121,15 @@ def test_string_with_a_unicode_line_separator_is_not_split_into_a_comment():
     module = parse(SourceFile("t.nest", text))
     assert module.comments == ()
     assert format_module(module) == text
+
+
+def test_updates_written_with_optimizer_levels_are_dataflow():
+    """A level's `update` and the train section's `update` and `matrix_update` are expressions of
+    the gradient stream, written `key = expr` as gates are (a setting form would read as a rule)."""
+    text = ("level m:moment{value=-grad;retain=0.9}\nlevel mixer:matrix{optimizer dgd;update=m}\n"
+            "train{optimizer gd(lr=1e-3);update=-lr*m;matrix_update=-lr*newton_schulz(m)}\n")
+    formatted = fmt(text)
+    assert "    update = m\n" in formatted and "    update = -lr * m\n" in formatted
+    assert "    matrix_update = -lr * newton_schulz(m)\n" in formatted
+    assert "    value = -grad\n" in formatted
+    assert fmt(formatted) == formatted

@@ -15,7 +15,7 @@ from nestc.lang import ast, schema
 INDENT = "    "
 MAX_WIDTH = 100
 _PRECEDENCE = {"|>": 1, "+": 2, "-": 2, "*": 3, "/": 3}
-_ASSIGNED_TYPES = ("source", "gate", "block")
+_ASSIGNED_TYPES = ("source", "gate", "block", "update", "outer_update")
 
 
 def format_expr(expr: ast.Expr) -> str:

@@ -77,8 +77,10 @@ class LevelOptimizer(nn.Module):
         return slice(start, start + counts[index])
 
     def step(self, moments: dict[str, list[Tensor]], index: int, weight: Tensor, grad: Tensor,
-             gates: dict[str, Tensor]) -> Tensor:
-        """Step every optimizer level on this weight's gradient; return the update."""
+             gates: dict[str, Tensor], by_hand: bool = False) -> Tensor:
+        """Step every optimizer level on this weight's gradient; return the update. `by_hand`: a
+        buffer's gradient from its objective's closed-form error (`moment_error`, the scan form's),
+        not by autograd (`moment_gradient`, the reference's)."""
         stream = {"grad": grad, "param": weight, "lr": gates["lr"]}
         read = {}
         for level in self.update.levels:
@@ -87,7 +89,7 @@ class LevelOptimizer(nn.Module):
                 continue
             kept = level.name in moments
             previous = moments[level.name][index] if kept else torch.zeros_like(weight)
-            read[level.name] = self._moment_step(level, previous, stream, read, gates)
+            read[level.name] = self._moment_step(level, previous, stream, read, gates, by_hand)
             if kept:
                 moments[level.name][index] = read[level.name]
         return evaluate(self.update.expression, stream, read, weight)
@@ -119,10 +121,15 @@ class LevelOptimizer(nn.Module):
         return result.reshape(weight.shape)
 
     def _moment_step(self, level: ir.Level, moment: Tensor, stream: dict, read: dict[str, Tensor],
-                     gates: dict[str, Tensor]) -> Tensor:
-        """m_t = retain_t m_{t-1} - lr_t dl/dm at m_{t-1} (`moment_gradient`)."""
+                     gates: dict[str, Tensor], by_hand: bool) -> Tensor:
+        """m_t = retain_t m_{t-1} - lr_t dl/dm at m_{t-1} (`moment_gradient`, or `moment_error`)."""
         objective, args = self.objectives[level.name]
-        gradient = moment_gradient(level, objective, args, moment, stream, read, differentiable=self.meta == "full")
+        if by_hand:
+            gradient = moment_error(level, objective, args, moment, stream, read)
+            gradient = gradient if self.meta == "full" else gradient.detach()
+        else:
+            gradient = moment_gradient(level, objective, args, moment, stream, read,
+                                       differentiable=self.meta == "full")
         retain = _broadcast(gates[gate_key(level, "retain")], moment)
         lr = _broadcast(gates[gate_key(level, "lr")], moment)
         return retain * moment - lr * gradient
@@ -150,6 +157,22 @@ def moment_gradient(level: ir.Level, objective, args: dict, moment: Tensor, stre
         loss = objective.pair_loss(args, prediction, target, {}).sum()
         (gradient,) = torch.autograd.grad(loss, leaf, create_graph=differentiable and outer)
     return gradient if differentiable else gradient.detach()
+
+
+def moment_error(level: ir.Level, objective, args: dict, moment: Tensor, stream: dict[str, Tensor],
+                 read: dict[str, Tensor]) -> Tensor:
+    """`moment_gradient` written out with the objective's closed-form error (`pair_error`, which
+    tests/test_rules.py holds to its `pair_loss`): `dot`, dl/dm = error(m, value); `l2`,
+    dl/dm = error(m key^T, value I) key. Plain tensor operations, so the outer level
+    differentiates it as it is."""
+    value = evaluate(level.value, stream, read, moment)
+    if level.key is None:
+        return objective.pair_error(args, moment, value.expand_as(moment), {})
+    key = _as_rows(evaluate(level.key, stream, read, moment).expand_as(moment))
+    prediction = _as_rows(moment) @ key.transpose(-1, -2)
+    identity = torch.eye(prediction.shape[-1], dtype=prediction.dtype, device=prediction.device)
+    return (objective.pair_error(args, prediction, _broadcast(value, prediction) * identity, {}) @ key) \
+        .reshape(moment.shape)
 
 
 def _as_rows(weight: Tensor) -> Tensor:

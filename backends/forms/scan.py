@@ -6,7 +6,8 @@ Inside a segment the anchor is fixed, so every token's gradient is known at once
 form's backpropagation written out by hand gives each linear map's inputs u_t and output errors
 d_t at the anchor, and g_t = d_t u_t^T. What is left runs token by token, and it is cheap: the
 optimizer levels step on g_t and the update is evaluated (`LevelOptimizer.step`, the rule the
-reference runs), W_t = retained(W_{t-1}) + update_t, and a read after the update applies W_t. The
+reference runs, with the buffers' gradients from their objectives' closed-form errors rather
+than autograd), W_t = retained(W_{t-1}) + update_t, and a read after the update applies W_t. The
 reference instead runs the memory forward and autograd for every token."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def scan_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tenso
         for index, (weight, u, d) in enumerate(zip(state.weights, inputs, errors)):
             map_input = u[:, :, t]
             grad = d[:, :, t, :, None] * map_input[:, :, None, :]
-            update = optimizer.step(state.moments, index, weight, grad, at_t)
+            update = optimizer.step(state.moments, index, weight, grad, at_t, by_hand=True)
             new.append(kernel.retention.retained(kernel.retention_args, weight, map_input, at_t, kernel._scale)
                        + update)
         if kernel.meta == "stop":

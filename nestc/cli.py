@@ -520,6 +520,22 @@ def _load_run(run_directory: str, state_in: str | None):
     return model, state
 
 
+def _codec(run_directory: str):
+    """How a run's text becomes the symbols its model reads, and back, and their name: bytes, or
+    the token ids of the tokenizer it trained with (saved in the run directory)."""
+    from nestc.runtime.data import DataError
+    from nestc.runtime.rundir import run_tokenizer
+
+    try:
+        tokenizer = run_tokenizer(run_directory)
+    except DataError as error:
+        raise click.ClickException(f"the tokenizer saved in `{run_directory}`: {error}") from None
+    if tokenizer is None:
+        return bytes, bytes, "byte"
+    return (lambda text: tokenizer.encode(text.decode("utf-8", "replace")).ids,
+            lambda ids: tokenizer.decode(list(ids)).encode("utf-8"), "token")
+
+
 def _read_text_file(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -551,7 +567,8 @@ _state_out = click.option("--state-out", type=click.Path(dir_okay=False), help="
 @cli.command()
 @_run_argument
 @click.option("--prompt", default="", help="Text to read before writing.")
-@click.option("--length", type=click.IntRange(min=1), default=200, show_default=True, help="Bytes to write.")
+@click.option("--length", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Symbols to write: bytes, or tokens for a run trained with --tokenizer.")
 @click.option("--temperature", type=click.FloatRange(min=0.01), default=0.8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_state_in
@@ -562,9 +579,12 @@ def generate(run_directory, prompt, length, temperature, seed, state_in, state_o
     from nestc.runtime.train import intra_op_threads, sample
 
     model, state = _load_run(run_directory, state_in)
+    encode, decode, _ = _codec(run_directory)
+    # no prompt: a newline (for a tokenizer that makes no token of it, token id 0)
+    symbols = encode(prompt.encode("utf-8") or b"\n") or [0]
     with intra_op_threads(_thread_count(threads)):
-        text, state = sample(model, prompt.encode("utf-8") or b"\n", length, temperature, seed, state)
-    click.echo(text.decode("utf-8", "replace"))
+        written, state = sample(model, symbols, length, temperature, seed, state)
+    click.echo(decode(written).decode("utf-8", "replace"))
     _save_state(state, state_out)
 
 
@@ -579,9 +599,10 @@ def memorize(run_directory, file, state_in, state_out, threads) -> None:
     from nestc.runtime.train import intra_op_threads, read
 
     model, state = _load_run(run_directory, state_in)
+    encode, _, unit = _codec(run_directory)
     with intra_op_threads(_thread_count(threads)):
-        bits, state = read(model, _read_text_file(file), state)
-    click.echo(f"read {file}: {bits:.3f} bits/byte while reading")
+        bits, state = read(model, encode(_read_text_file(file)), state)
+    click.echo(f"read {file}: {bits:.3f} bits/{unit} while reading")
     _save_state(state, state_out)
 
 
@@ -591,13 +612,15 @@ def memorize(run_directory, file, state_in, state_out, threads) -> None:
 @_state_in
 @_threads_option("while it reads")
 def evaluate_file(run_directory, file, state_in, threads) -> None:
-    """Bits per byte of a trained run's model on FILE (from a saved state with --state-in)."""
+    """Bits per byte (per token with a tokenizer) of a trained run's model on FILE (from a saved
+    state with --state-in)."""
     from nestc.runtime.train import intra_op_threads, read
 
     model, state = _load_run(run_directory, state_in)
+    encode, _, unit = _codec(run_directory)
     with intra_op_threads(_thread_count(threads)):
-        bits, _ = read(model, _read_text_file(file), state)
-    click.echo(f"{file}: {bits:.3f} bits/byte" + (f" (state from {state_in})" if state_in else ""))
+        bits, _ = read(model, encode(_read_text_file(file)), state)
+    click.echo(f"{file}: {bits:.3f} bits/{unit}" + (f" (state from {state_in})" if state_in else ""))
 
 
 @cli.command()

@@ -678,3 +678,35 @@ def test_a_bad_value_for_an_imported_level_is_a_diagnostic_at_its_field(value, c
 def _line_of(path: str, text: str) -> int:
     with open(path, encoding="utf-8") as handle:
         return next(number for number, line in enumerate(handle, 1) if text in line)
+
+
+def test_a_run_trained_with_a_tokenizer_generates_and_evaluates_with_it(tmp_path):
+    """The run keeps its tokenizer: `generate` writes text (not an error on token ids above 255),
+    and `eval` and `memorize` read the file as its token ids, in bits per token, and give what the
+    training's own read of the same ids gives."""
+    from nestc.runtime import rundir
+    from nestc.runtime.train import read
+
+    path = tmp_path / "tokenizer.json"
+    vocab = _tokenizer_file(path)
+    runs = tmp_path / "runs"
+    trained = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs", str(runs), *TINY,
+                   "--set", f"model.vocab={vocab}", "--seed", "3")
+    assert trained.exit_code == 0, trained.output
+    (run,) = [str(p) for p in runs.iterdir()]
+    assert (runs / os.path.basename(run) / rundir.TOKENIZER_FILE).is_file()
+    written = CliRunner().invoke(cli, ["generate", run, "--prompt", "The Python tutorial", "--length", "8"])
+    assert written.exit_code == 0, written.output
+    assert written.output.strip()  # text, decoded by the run's tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text("The Python tutorial explains the language. " * 4)
+    evaluated = CliRunner().invoke(cli, ["eval", run, str(text)])
+    assert evaluated.exit_code == 0, evaluated.output
+    bits = float(re.search(r": ([0-9.]+) bits/token", evaluated.output).group(1))
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(path)).encode(text.read_text()).ids
+    expected, _ = read(rundir.load_run(run), ids)
+    assert abs(bits - expected) < 5e-4  # the CLI prints three decimals
+    memorized = CliRunner().invoke(cli, ["memorize", run, str(text)])
+    assert memorized.exit_code == 0 and "bits/token while reading" in memorized.output, memorized.output

@@ -34,15 +34,20 @@ def unigram_bits(train, evaluate, vocab: int = 256) -> float:
 
 def tokenize(text: bytes, path: str) -> tuple[list[int], object]:
     """Token ids of `text` under a `tokenizers` tokenizer file, and the tokenizer."""
+    tokenizer = load_tokenizer(path)
+    return tokenizer.encode(text.decode("utf-8", "replace")).ids, tokenizer
+
+
+def load_tokenizer(path: str):
+    """A `tokenizers` tokenizer file, read."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise DataError("--tokenizer needs the `tokenizers` package: pip install tokenizers") from None
     try:
-        tokenizer = Tokenizer.from_file(path)
+        return Tokenizer.from_file(path)
     except Exception as error:  # tokenizers raises its own exception types for unreadable files
         raise DataError(f"--tokenizer {path}: not a tokenizer file ({error})") from None
-    return tokenizer.encode(text.decode("utf-8", "replace")).ids, tokenizer
 
 
 class DataError(ValueError):

@@ -34,11 +34,13 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"  # a copy of `--tokenizer`'s file: what the run's token ids mean
 METRICS_FILE = "metrics.jsonl"
 KEPT = 2  # the newest checkpoint, and one more in case the disk damages it later
 _STEP_DIRECTORY = re.compile(r"step-(\d{8,})")
 # What a run writes besides spec.nest, removed by --overwrite (and the top-level files of older nestc).
-_RUN_OUTPUTS = (CHECKPOINTS, METRICS_FILE, "curves.png", "report.md", MODEL_FILE, TRAINER_FILE, "trainer.pt")
+_RUN_OUTPUTS = (CHECKPOINTS, METRICS_FILE, "curves.png", "report.md", MODEL_FILE, TRAINER_FILE, "trainer.pt",
+                TOKENIZER_FILE)
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,14 @@ def restore(found: Checkpoint, model, optimizer, generator: torch.Generator, rng
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"`{found.trainer_file}` does not fit this run ({error})") from None
     return found.step
+
+
+def run_tokenizer(run_directory: str):
+    """The tokenizer a run trained with (None: it read bytes)."""
+    from nestc.runtime import data
+
+    path = os.path.join(run_directory, TOKENIZER_FILE)
+    return data.load_tokenizer(path) if os.path.isfile(path) else None
 
 
 def load_run(run_directory: str, backend: str = "compiled"):

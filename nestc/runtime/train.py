@@ -82,9 +82,9 @@ def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, 
     return (bytes(out) if max(out, default=0) < 256 else out), state
 
 
-def read(model, text: bytes, state=None, window: int = 256):
-    """Bits per byte of `text` read as one stream (in calls of `window` bytes, the state carried),
-    and the state after it: what the memories learned from the text."""
+def read(model, text, state=None, window: int = 256):
+    """Bits per symbol of `text` (bytes, or token ids) read as one stream (in calls of `window`
+    symbols, the state carried), and the state after it: what the memories learned from the text."""
     total, count = 0.0, 0
     with torch.no_grad():
         previous = None
@@ -317,6 +317,8 @@ class _Session:
                                      f"is {self.model.vocab}: --set model.vocab={encoder.get_vocab_size()}")
             text, self.unit = ids, "token"
             self.decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
+            if self.lead:  # the run's own copy: generate, eval and memorize read and write with it
+                encoder.save(os.path.join(self.directory, rundir.TOKENIZER_FILE))
         self.train_bytes, self.validation = data.split(text)
         if self.config.task is None:
             self._check_corpus_fits(text)

@@ -46,6 +46,9 @@ def test_a_few_steps_write_everything(spec, tmp_path):
     assert sorted(os.listdir(directory / "checkpoints" / "step-00000003")) == \
         ["manifest.json", "model.safetensors", "trainer.safetensors"]
     assert (directory / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report shows the prompt as the text it is, not as a Python bytes literal
+    report = (directory / "report.md").read_text()
+    assert "the prompt (the held-out text's start):\n\n```\n" in report and "b'" not in report, report
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert "eval_bits_per_byte" in records[-1]
@@ -710,3 +713,31 @@ def test_a_run_trained_with_a_tokenizer_generates_and_evaluates_with_it(tmp_path
     assert abs(bits - expected) < 5e-4  # the CLI prints three decimals
     memorized = CliRunner().invoke(cli, ["memorize", run, str(text)])
     assert memorized.exit_code == 0 and "bits/token while reading" in memorized.output, memorized.output
+
+
+def test_the_curves_name_their_axes_in_the_run_s_unit_with_whole_steps(tmp_path, monkeypatch):
+    """curves.png: a y-axis label in the run's unit (bits per token for a tokenizer's run) and
+    integer step ticks; drawn through matplotlib, whose axes are read back before saving."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    from nestc.runtime import plots
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 2.0 / step}) + "\n"
+                                                    for step in (1, 2, 3)))
+    seen = {}
+
+    def keep(figure, *args, **kwargs):
+        axis = figure.axes[0]
+        seen["ylabel"], seen["legend"] = axis.get_ylabel(), [t.get_text() for t in axis.get_legend().get_texts()]
+        seen["ticks"] = [tick for tick in axis.get_xticks() if 1 <= tick <= 3]
+        return original(figure, *args, **kwargs)
+
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    assert plots.training_curves(str(tmp_path), baseline=4.0, unit="token")
+    assert seen["ylabel"] == "bits per token"
+    assert seen["legend"][0] == "train (bits/token)"
+    assert seen["ticks"] and all(float(tick).is_integer() for tick in seen["ticks"])

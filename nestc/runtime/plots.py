@@ -7,13 +7,15 @@ import math
 import os
 
 
-def training_curves(directory: str, baseline: float | None = None) -> str | None:
+def training_curves(directory: str, baseline: float | None = None, unit: str = "byte") -> str | None:
     """Plot `metrics.jsonl` of a run directory into `curves.png`, with the unigram `baseline` in
-    bits per byte when given; returns its path (None without data)."""
+    bits per `unit` (byte, or token with a tokenizer or a task) when given; returns its path (None
+    without data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path = os.path.join(directory, "metrics.jsonl")
     with open(path, encoding="utf-8") as handle:
@@ -21,15 +23,18 @@ def training_curves(directory: str, baseline: float | None = None) -> str | None
     if not records:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot([r["step"] for r in records], [r["loss"] / math.log(2) for r in records], label="train (bits/byte)",
+    axis.plot([r["step"] for r in records], [r["loss"] / math.log(2) for r in records], label=f"train (bits/{unit})",
               linewidth=1)
-    for key, label in (("eval_bits_per_byte", "held-out (bits/byte)"), ("held_out_accuracy", "held-out accuracy")):
+    for key, label in (("eval_bits_per_byte", f"held-out (bits/{unit})"), ("held_out_accuracy", "held-out accuracy")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
     if baseline is not None:
         axis.axhline(baseline, color="gray", linestyle="--", linewidth=1, label=f"unigram baseline {baseline:.2f}")
     axis.set_xlabel("step")
+    accuracy = any("held_out_accuracy" in r for r in records)
+    axis.set_ylabel(f"bits per {unit}" + (", accuracy" if accuracy else ""))
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axis.grid(alpha=0.3)
     axis.legend()
     axis.set_title(os.path.basename(os.path.normpath(directory)))

@@ -529,7 +529,8 @@ class _Session:
                 else "no checkpoint yet; rerun with --overwrite to start over"))
             return result
         self._save(step)
-        plots.training_curves(directory, baseline=None if self.problem is not None else unigram)
+        plots.training_curves(directory, baseline=None if self.problem is not None else unigram,
+                              unit="token" if self.problem is not None else self.unit)
         if self.interrupted:
             self.log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
             return result
@@ -547,7 +548,8 @@ class _Session:
         written = self.decode(written)
         with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
             handle.write(f"# {self.name}\n\nsteps {step}, final eval {score:.3f} bits/{unit} (unigram baseline "
-                         f"{unigram:.3f})\n\nsample after the prompt {prompt!r}:\n\n```\n"
+                         f"{unigram:.3f})\n\nthe prompt (the held-out text's start):\n\n```\n"
+                         f"{prompt.decode('utf-8', 'replace')}\n```\n\nthe sample written after it:\n\n```\n"
                          f"{written.decode('utf-8', 'replace')}\n```\n")
         self.log(f"final eval {score:.3f} bits/{unit} (unigram baseline {unigram:.3f})")
         self.log("sample: " + written.decode("utf-8", "replace").replace("\n", " ")[:120])

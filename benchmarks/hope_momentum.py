@@ -13,14 +13,10 @@ Prints the median and the range of the repeats, and their ratio.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import sys
-import time
 import warnings
 
 import torch
+from side_by_side import alternating_times, print_header, print_times
 
 from nestc.backends import compiled
 from nestc.lang.sema import analyze_source
@@ -40,37 +36,18 @@ def build(spec: str):
         return compiled.build(result.program)
 
 
-def step_seconds(model, tokens: torch.Tensor) -> float:
-    start = time.perf_counter()
-    logits, _ = model(tokens)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1))
-    loss.backward()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print("command: python " + " ".join(sys.argv))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    print_header(args.threads)
     models = {name: build(spec) for name, spec in SPECS.items()}
     tokens = torch.randint(0, 256, (args.batch, 256), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name, model in models.items():
-        for _ in range(2):
-            step_seconds(model, tokens)
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            times[name].append(step_seconds(model, tokens))
+    times = alternating_times(models, tokens, args.repeats)
     print(f"\nfwd+bwd of {args.batch} x 256 bytes, {args.repeats} repeats (median, min-max):")
-    for name, values in times.items():
-        print(f"  {name:38s} {statistics.median(values):.3f} s  ({min(values):.3f}-{max(values):.3f})")
-    momentum, plain = (statistics.median(values) for values in times.values())
+    momentum, plain = print_times(times, 1, "s", 38)
     print(f"  ratio momentum / plain: {momentum / plain:.2f}")
 
 

@@ -14,14 +14,10 @@ checks first that both give the same logits.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import sys
-import time
 import warnings
 
 import torch
+from side_by_side import alternating_times, print_header, print_times
 
 from nestc.backends import compiled
 from nestc.lang.sema import analyze_source
@@ -65,39 +61,20 @@ def build(form: str):
     return model
 
 
-def step_seconds(model, tokens: torch.Tensor) -> float:
-    start = time.perf_counter()
-    logits, _ = model(tokens)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, model.vocab), tokens[:, 1:].reshape(-1))
-    loss.backward()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print("command: python " + " ".join(sys.argv))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    print_header(args.threads)
     models = {form: build(form) for form in ("sequential", "scan")}
     tokens = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, actual = (model(tokens)[0] for model in models.values())
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
-    times: dict[str, list[float]] = {form: [] for form in models}
-    for model in models.values():
-        for _ in range(2):
-            step_seconds(model, tokens)
-    for _ in range(args.repeats):
-        for form, model in models.items():
-            times[form].append(step_seconds(model, tokens))
+    times = alternating_times(models, tokens, args.repeats)
     print(f"\nfwd+bwd of 2 x 64 tokens, float64, {args.repeats} repeats (median, min-max):")
-    for form, values in times.items():
-        print(f"  {form:12s} {statistics.median(values) * 1e3:8.1f} ms  ({min(values) * 1e3:.1f}-{max(values) * 1e3:.1f})")
-    sequential, scan = (statistics.median(values) for values in times.values())
+    sequential, scan = print_times(times, 1e3, "ms", 12)
     print(f"  speed-up sequential / scan: {sequential / scan:.2f}x")
 
 

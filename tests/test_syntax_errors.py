@@ -24,8 +24,8 @@ CASES = [
     pytest.param("level m : matrix\nconst = 3\n", "N0001", 2, 7, id="N0001-missing-name"),
     # "const a =" is 9 characters: the end of input is column 10
     pytest.param("const a =", "N0002", 1, 10, id="N0002-eof-after-equals"),
-    # "const a = f(1," is 14 characters: end of input at 15 (the newline inside ( ) is ignored)
-    pytest.param("const a = f(1,\n", "N0002", 1, 15, id="N0002-eof-in-call"),
+    # "const a = f(1,": the file ends inside the call, reported at its `(` (the 12th character)
+    pytest.param("const a = f(1,\n", "N0014", 1, 12, id="N0014-eof-in-call"),
     # --- tailored --------------------------------------------------------------------------------
     # 'import "lib/x.nest': the quote is the 8th character
     pytest.param('import "lib/x.nest\n', "N0003", 1, 8, id="N0003-import"),
@@ -52,6 +52,10 @@ CASES = [
     pytest.param("let x = 3\n", "N0008", 1, 1, id="N0008-let"),
     pytest.param("layer foo : matrix\n", "N0008", 1, 1, id="N0008-layer"),
     pytest.param('include "lib.nest"\n', "N0008", 1, 1, id="N0008-include"),
+    pytest.param("levle m : matrix\n", "N0008", 1, 1, id="N0008-typo-level"),
+    pytest.param('improt "lib.nest"\n', "N0008", 1, 1, id="N0008-typo-import"),
+    # "level b extnds a": `extnds` at 9
+    pytest.param("level a : matrix\nlevel b extnds a\n", "N0008", 2, 9, id="N0008-typo-extends"),
     # "import lib/titans.nest": the path starts at 8
     pytest.param("import lib/titans.nest\n", "N0009", 1, 8, id="N0009"),
     # "model { vocab 256, dim 128 }": vocab 9-13, 256 15-17, `,` at 18
@@ -62,11 +66,16 @@ CASES = [
     pytest.param("model {\n    block == x\n}\n", "N0011", 2, 12, id="N0011-double-equals"),
     # "level a := matrix": `:` 9, `=` at 10
     pytest.param("level a := matrix\n", "N0011", 1, 10, id="N0011-colon-equals"),
-    # the file ends after "    vocab 256" (13 characters): column 14 of line 2
-    pytest.param("model {\n    vocab 256\n", "N0012", 2, 14, id="N0012"),
+    # the file ends inside the body: reported at its `{`, the 7th character of "model {"
+    pytest.param("model {\n    vocab 256\n", "N0012", 1, 7, id="N0012"),
+    # a `}` missing mid-file: the parser stops at the `:` of line 3; reported at line 1's `{` (col 18)
+    pytest.param("level m : matrix {\n    every 1\nlevel n : matrix\nmodel {\n    dim 8\n}\n", "N0012", 1, 18,
+                 id="N0012-mid-file"),
     pytest.param("const a = 1\n}\n", "N0013", 2, 1, id="N0013"),
-    # a call left open: the parser notices where the next field begins, `every` at 5 of line 3
-    pytest.param("level m : matrix {\n    key = x |> conv(4\n    every 1\n}\n", "N0014", 3, 5, id="N0014"),
+    # a call left open: reported at its `(`, "    key = x |> conv(" has it at 20
+    pytest.param("level m : matrix {\n    key = x |> conv(4\n    every 1\n}\n", "N0014", 2, 20, id="N0014"),
+    # a list left open: "    block = [" has the `[` at 13
+    pytest.param("model {\n    block = [mixer, ffn\n    dim 8\n}\n", "N0014", 2, 13, id="N0014-list"),
     # "model { dim = }": dim 9-11, = 13, `}` at 15 where the value belongs
     pytest.param("model { dim = }\n", "N0015", 1, 15, id="N0015"),
 ]
@@ -97,13 +106,36 @@ def test_syntax_error_through_sema_and_caret(text, code, line, column):
     assert caret(rendered, line)[0] == column
 
 
-def test_unclosed_help_names_the_open_bracket():
+def test_unclosed_body_points_at_its_opening_and_where_the_parser_noticed():
+    """A `}` missing in the middle of a file: the parser stops ten lines later, at the first line
+    that is no field; the error stands at the `{` and names that place too."""
+    fields = "".join(f"    f{i} = x |> proj\n" for i in range(8))
+    text = "level mixer : matrix {\n" + fields + "\nlevel ff : mlp(expansion=4) {\n    every 0\n}\n"
     with pytest.raises(NestError) as raised:
-        parse(SourceFile("t.nest", "const a = f(1,\n"))
-    assert "`(` is never closed" in raised.value.diagnostics[0].help
+        parse(SourceFile("t.nest", text))
+    (found,) = raised.value.diagnostics
+    assert (found.code, found.span.line, found.span.column) == ("N0012", 1, 22)
+    (noticed,) = found.secondary
+    # "level ff : mlp(...)" is line 11; its `:` (column 10) is where a field's value was expected
+    assert (noticed.span.line, noticed.span.column) == (11, 10) and "unexpected `:`" in noticed.message
+    assert "before line 11" in found.help
+    rendered = render_all([found], analyze_source(SourceFile("t.nest", text)).sources)
+    assert "--> t.nest:1:22" in rendered and "11 | level ff" in rendered
+
+
+def test_unclosed_is_only_said_when_closing_repairs_the_file():
+    """A body written without indentation whose field is broken: closing the body at the dedented
+    line would not get the parser further, so the field's own error stands."""
     with pytest.raises(NestError) as raised:
-        parse(SourceFile("t.nest", "model {\n    vocab 256\n"))
-    assert "`{` is never closed" in raised.value.diagnostics[0].help
+        parse(SourceFile("t.nest", "model {\ndim: 128\n}\n"))
+    assert raised.value.diagnostics[0].code == "N0005"
+
+
+def test_keyword_typo_suggests_the_keyword():
+    with pytest.raises(NestError) as raised:
+        parse(SourceFile("t.nest", "levle mixer : matrix {\n    every 1\n}\n"))
+    found = raised.value.diagnostics[0]
+    assert "did you mean `level`?" == found.label and (found.span.column, found.span.end_column) == (1, 6)
 
 
 def test_misplaced_keyword_suggests_the_real_one():

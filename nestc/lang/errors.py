@@ -49,7 +49,8 @@ Comments start with `#` and run to the end of the line.
 """),
     "N0008": ("not a keyword", """
 Top-level items start with `import`, `const`, `level`, `block` or a section name (`model`,
-`train`). Words from other languages (`let`, `def`, `layer`, `include` ...) are not keywords.
+`train`). Words from other languages (`let`, `def`, `layer`, `include` ...) are not keywords,
+and a misspelt keyword (`levle`, `improt`, `extnds`) is named with the keyword it is closest to.
 
     let D = 64                       # error
     const D = 64                     # ok
@@ -71,14 +72,19 @@ separate arguments of a call, not fields.
 Dataflow fields are assigned with a single `=`: `key = x |> proj`.
 """),
     "N0012": ("unclosed body", """
-A body opened with `{` must be closed with `}` before the file ends.
+A body opened with `{` must be closed with `}`. The parser notices a missing `}` only where
+something that is no field follows, often the next item, lines later, or the end of the file; the
+error stands at the `{` that is never closed and names the place where the parser stopped. It is
+given when adding the `}` before the first line indented no deeper than the `{`'s line (the next
+item) lets the parser get further.
 """),
     "N0013": ("unmatched `}`", """
 This `}` closes no body. Remove it, or add the `{` it was meant to close.
 """),
     "N0014": ("unclosed parenthesis", """
-A call's arguments end with `)`. Inside `( )` new lines are allowed, so the parser only notices
-the missing `)` where the next field begins.
+A call's arguments end with `)`, a list's items with `]`. Inside `( )` and `[ ]` new lines are
+allowed, so the parser only notices the missing `)` where the next field begins; the error stands
+at the `(` or `[` that is never closed and names that place.
 """),
     "N0015": ("missing value", """
 Every field except a flag (`frozen`) needs a value.

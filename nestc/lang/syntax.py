@@ -16,13 +16,14 @@ from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from nestc.lang import ast
-from nestc.lang.diagnostics import Diagnostic, NestError
+from nestc.lang.diagnostics import Diagnostic, Label, NestError, closest
 from nestc.lang.source import SourceFile, Span
 
 # Tokens after which a newline never ends a field, and the brackets inside which newlines vanish.
 _CONTINUES_LINE = {"_PIPE", "COMMA", "EQUAL", "LBRACE", "PLUS", "MINUS", "STAR", "SLASH", "COLON"}
 _OPENERS = {"LPAR", "LSQB"}
 _CLOSERS = {"RPAR", "RSQB"}
+_CLOSER_OF = {"LBRACE": "}", "LPAR": ")", "LSQB": "]"}
 
 
 def grammar_text() -> str:
@@ -39,14 +40,17 @@ class _NewlinePostLexer:
     always_accept = ("_NL",)
 
     def __init__(self) -> None:
-        # The last two tokens handed to the parser; error messages look back at them.
+        # The last two tokens handed to the parser, and the brackets they leave open, innermost
+        # last; error messages look back at them.
         self.previous: Token | None = None
         self.last: Token | None = None
+        self.open: list[Token] = []
 
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0
         previous: Token | None = None
         self.previous = self.last = None
+        self.open = []
         for token in stream:
             if token.type == "_NL" and (
                 depth > 0 or previous is None or previous.type in _CONTINUES_LINE or previous.type == "_NL"
@@ -56,6 +60,10 @@ class _NewlinePostLexer:
                 depth += 1
             elif token.type in _CLOSERS:
                 depth = max(depth - 1, 0)
+            if token.type in _CLOSER_OF:
+                self.open.append(token)
+            elif token.type in ("RBRACE", "RPAR", "RSQB") and self.open:
+                self.open.pop()
             self.previous, self.last = previous, token
             previous = token
             yield token
@@ -386,6 +394,9 @@ def syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
                           label=f"expected {expected}" if error.allowed else "not part of the language")
     if isinstance(error, UnexpectedEOF):
         span = source.end_span()
+        unclosed = _unclosed(source, _still_open(None), span, None)
+        if unclosed is not None:
+            return unclosed
         return Diagnostic(code="N0002", message="unexpected end of input", span=span,
                           label=f"expected {_describe_expected(set(error.expected))}",
                           help=_unclosed_help(source))
@@ -393,7 +404,12 @@ def syntax_diagnostic(error: UnexpectedInput, source: SourceFile) -> Diagnostic:
     token = error.token
     span = _token_span(file, token, source)
     expected = _acceptable(error)
-    tailored = _tailored(token, expected, error, source, span)
+    # Read the parser's history before `_unclosed` parses again (which starts a new one).
+    previous, opened = _token_before(token), _still_open(token)
+    unclosed = _unclosed(source, opened, span, None if token.type == "$END" else _describe_token(token))
+    if unclosed is not None:
+        return unclosed
+    tailored = _tailored(token, previous, expected, source, span)
     if tailored is not None:
         return tailored
     if token.type == "$END":
@@ -413,6 +429,80 @@ def _unclosed_help(source: SourceFile) -> str | None:
     for opener, closer, word in (("{", "}", "brace"), ("(", ")", "parenthesis"), ("[", "]", "bracket")):
         if stripped.count(opener) > stripped.count(closer):
             return f"a `{opener}` is never closed: add the matching `{closer}` ({word})"
+    return None
+
+
+def _still_open(offender: Token | None) -> list[Token]:
+    """The brackets left open before the offending token, innermost last."""
+    return [t for t in _parser().options.postlex.open if t is not offender]
+
+
+def _unclosed(source: SourceFile, opened: list[Token], noticed: Span, unexpected: str | None) -> Diagnostic | None:
+    """A `{`, `(` or `[` never closed, reported at its opening, when closing it is what repairs
+    the file: the parser notices a missing `}` only where the next item fails to parse as a
+    field, often lines later. The innermost bracket is closed where the text suggests (a body
+    before the first line indented no deeper than its opening line, a call at the end of its last
+    line), and the guess counts only if the parser then gets past the place it stopped before.
+    `unexpected` describes what the parser stopped at; None: the end of the file."""
+    if not opened:
+        return None
+    opener = opened[-1]
+    closer = _CLOSER_OF[opener.type]
+    lines = list(source.lines)
+    if opener.type == "LBRACE":
+        indent = _indent(source.line(opener.line))
+        ends = next((n for n in range(opener.line + 1, len(lines) + 1) if _code(source, n)
+                     and _indent(source.line(n)) <= indent and not _code(source, n).startswith("}")), None)
+        if ends is not None and ends <= noticed.line:
+            repaired = lines[:ends - 1] + ["}"] + lines[ends - 1:]
+            where = f"before line {ends}, where the next item starts"
+        elif ends is None:
+            repaired, where, ends = lines + ["}"], "at the end of its body", len(lines) + 1
+        else:
+            return None
+        shift = 1
+    else:
+        last = next((n for n in range(noticed.line - (unexpected is not None), opener.line - 1, -1)
+                     if _code(source, n)), opener.line)
+        code = _code(source, last)
+        repaired = list(lines)
+        repaired[last - 1] = code + closer + source.line(last)[len(code):]
+        where, shift, ends = f"at the end of line {last}", 0, len(lines) + 1
+    stopped = _error_position("\n".join(repaired) + "\n")
+    if stopped is not None:
+        line, column = stopped
+        if line <= ends and shift:
+            return None  # still stuck before the inserted `}`
+        if (line - shift, column) <= (noticed.line, noticed.column):
+            return None
+    word = {"LBRACE": "body", "LPAR": "parenthesis", "LSQB": "list"}[opener.type]
+    code = "N0012" if opener.type == "LBRACE" else "N0014"
+    return Diagnostic(code=code, message=f"unclosed {word}: this `{opener.value}` is never closed",
+                      span=_token_span(source.name, opener, source), label="opened here",
+                      secondary=(Label(span=noticed, message="the file ends here" if unexpected is None
+                                       else f"noticed here: unexpected {unexpected}"),),
+                      help=f"add the matching `{closer}` {where}")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _code(source: SourceFile, number: int) -> str:
+    """Line `number` without its comment and trailing blanks ("" for a blank or comment line)."""
+    line = source.line(number)
+    comment = next((c.column for c in _scan_comments(line)), None)
+    return (line if comment is None else line[:comment - 1]).rstrip()
+
+
+def _error_position(text: str) -> tuple[int, int] | None:
+    """Where the parser first fails on `text` (line, column), or None if it parses."""
+    try:
+        _parser().parse(text)
+    except UnexpectedEOF:
+        return (len(text.split("\n")) + 1, 0)
+    except UnexpectedInput as error:
+        return (error.line, error.column) if error.line > 0 else (len(text.split("\n")) + 1, 0)
     return None
 
 
@@ -438,6 +528,8 @@ def _strip_strings_and_comments(text: str) -> str:
     return "".join(out)
 
 
+_TOP_LEVEL_KEYWORDS = ("import", "const", "level", "block")
+# Words other languages use for them; a misspelling of the keyword itself is found by `closest`.
 _MISPLACED_KEYWORDS = {
     "let": "const", "var": "const", "def": "const", "val": "const",
     "layer": "level", "memory": "level", "lvl": "level",
@@ -445,9 +537,8 @@ _MISPLACED_KEYWORDS = {
 }
 
 
-def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: SourceFile,
+def _tailored(token: Token, previous: Token | None, expected: set[str], source: SourceFile,
               span: Span) -> Diagnostic | None:
-    previous = _token_before(error.token)
     # 1. `mlp(depth: 2)` or `lr: 0.1` (YAML habits)
     if token.type == "COLON":
         if "RPAR" in expected or "COMMA" in expected:
@@ -459,11 +550,11 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
         return Diagnostic(code="N0006", message="a level needs a state", span=span,
                           label="expected `: STATE` before the body",
                           help="write `level mem : matrix { ... }` (states: matrix, vector, mlp(...), cache(...))")
-    # 3. `let x = 3`, `layer foo : matrix`, `include "x.nest"` at the top level: the parser took
-    # the word for a section name and stumbles on what follows it
-    if previous is not None and previous.type == "NAME" and previous.value in _MISPLACED_KEYWORDS \
-            and "LBRACE" in expected:
-        keyword = _MISPLACED_KEYWORDS[previous.value]
+    # 3. `let x = 3`, `layer foo : matrix`, `levle foo : matrix`, `improt "x.nest"` at the top
+    # level: the parser took the word for a section name and stumbles on what follows it
+    keyword = None if previous is None or previous.type != "NAME" or "LBRACE" not in expected \
+        else _MISPLACED_KEYWORDS.get(previous.value) or closest(previous.value, _TOP_LEVEL_KEYWORDS)
+    if keyword is not None:
         return Diagnostic(code="N0008", message=f"`{previous.value}` is not a keyword of the language",
                           span=_token_span(source.name, previous, source), label=f"did you mean `{keyword}`?",
                           help="top-level items start with `import`, `const`, `level`, `block`, or a section name")
@@ -475,6 +566,11 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
             return Diagnostic(code="N0007", message="comments start with `#`",
                               span=Span(source.name, token.line, start, token.line, start + 2),
                               label="not a comment", help="write `# ...` instead of `// ...`")
+    # `level a extnds b`
+    if token.type == "NAME" and "EXTENDS" in expected and closest(token.value, ["extends"]):
+        return Diagnostic(code="N0008", message=f"`{token.value}` is not a keyword of the language", span=span,
+                          label="did you mean `extends`?",
+                          help="a level is `level NAME : STATE { ... }` or `level NAME extends BASE { ... }`")
     # 4. `import lib/titans.nest` without quotes
     if "STRING" in expected and previous is not None and previous.type == "IMPORT":
         return Diagnostic(code="N0009", message="import paths are strings", span=span,
@@ -495,19 +591,11 @@ def _tailored(token: Token, expected: set[str], error: UnexpectedToken, source: 
                           span=_token_span(source.name, previous, source),
                           label="this looks like the start of another field",
                           help=f"put `{previous.value}` on a new line, or separate the fields with `;`")
-    # 8. missing `}` at the end of the file, or a `}` too many
-    if token.type == "$END" and "RBRACE" in expected:
-        return Diagnostic(code="N0012", message="unclosed body: expected `}`", span=span,
-                          label="the file ends here", help=_unclosed_help(source) or "add the closing `}`")
+    # 8. a `}` too many (a `{` or `(` never closed is `_unclosed`'s)
     if token.type == "RBRACE" and "RBRACE" not in expected and _closes_nothing(source, token):
         return Diagnostic(code="N0013", message="unmatched `}`", span=span, label="no body is open here",
                           help="remove this `}` or add the `{` it closes")
-    # 9. a missing `)`: new lines inside ( ) are ignored, so the call runs on into the next line
-    if "RPAR" in expected and "_NL" not in expected and (
-            token.type == "_NL" or (previous is not None and token.type != "$END" and token.line > previous.line)):
-        return Diagnostic(code="N0014", message="unclosed parenthesis", span=span, label="expected `)`",
-                          help="close the call with `)` before the end of the line")
-    # 10. a missing value: `key =` or `every` at the end of a line
+    # 9. a missing value: `key =` or `every` at the end of a line
     if token.type in ("_NL", "RBRACE") and _EXPRESSION_STARTS <= expected:
         return Diagnostic(code="N0015", message="missing value", span=span, label="expected a value here",
                           help="every field needs a value, e.g. `every 16` or `key = x |> proj`")

@@ -307,7 +307,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
     except overrides.OverrideError as error:
         raise click.UsageError(str(error)) from None
     result = analyze_source(overridden.main, replaced_imports=overridden.imported)
-    _report(result.diagnostics, result.sources, "human", color)
+    _report(overridden.relocate(result.diagnostics, result.sources), result.sources, "human", color)
     if not result.ok:
         sys.exit(EXIT_DIAGNOSTICS)
     if result.program.model is None:

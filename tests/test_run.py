@@ -167,6 +167,31 @@ def test_bad_set_paths_are_usage_errors_and_bad_values_diagnostics(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
+def test_errors_in_set_values_point_at_the_set_not_at_the_file(tmp_path):
+    """Each value an assignment put into the spec is shown on its `--set` (one line per
+    assignment, columns counted in `--set PATH=VALUE`), with a note on the field it changed; a
+    later splice that lengthens an earlier line moves the regions after it."""
+    result = _run("specs/deltanet.nest", "--set", "model.dim=-5", "--set", "level.mixer.objective=nonsense",
+                  "--set", "level.mixer.retain=x+fooo", "--runs", str(tmp_path))
+    assert result.exit_code == 1, result.output
+    # "--set model.dim=" is 16 characters: -5 at 17; "--set level.mixer.objective=" 28: nonsense at 29;
+    # "--set level.mixer.retain=x+" 27: fooo at 28
+    for place in ("--> --set:1:17", "--> --set:2:29", "--> --set:3:28"):
+        assert place in result.output, result.output
+    assert "2 | --set level.mixer.objective=nonsense" in result.output
+    assert "--set replaces `l2` in specs/deltanet.nest:11:15" in result.output  # where `objective l2` stood
+    assert "--set adds `retain` to level `mixer` of specs/deltanet.nest" in result.output
+    assert "Traceback" not in result.output and not any(tmp_path.iterdir())
+
+
+def test_set_reaches_a_level_defined_in_an_imported_file(tmp_path):
+    result = _run("specs/hope.nest", "--set", "level.cms_slow.every=7", "--runs", str(tmp_path))
+    # "--set level.cms_slow.every=" is 27 characters: the 7 at 28
+    assert result.exit_code == 1 and "--> --set:1:28" in result.output
+    assert "::> specs/hope.nest:" in result.output  # `context 256`, the other half of the N0110, stays
+    assert "--set replaces `64` in specs/lib/cms.nest" in result.output
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), *TINY).exit_code == 0
     (directory,) = list(tmp_path.iterdir())

@@ -6,6 +6,7 @@ tokens named in words, and the most common mistakes get a message of their own.
 
 from __future__ import annotations
 
+import difflib
 import re
 from functools import lru_cache
 from importlib import resources
@@ -16,7 +17,7 @@ from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from nestc.lang import ast
-from nestc.lang.diagnostics import Diagnostic, Label, NestError, closest
+from nestc.lang.diagnostics import Diagnostic, Label, NestError
 from nestc.lang.source import SourceFile, Span
 
 # Tokens after which a newline never ends a field, and the brackets inside which newlines vanish.
@@ -553,7 +554,7 @@ def _tailored(token: Token, previous: Token | None, expected: set[str], source: 
     # 3. `let x = 3`, `layer foo : matrix`, `levle foo : matrix`, `improt "x.nest"` at the top
     # level: the parser took the word for a section name and stumbles on what follows it
     keyword = None if previous is None or previous.type != "NAME" or "LBRACE" not in expected \
-        else _MISPLACED_KEYWORDS.get(previous.value) or closest(previous.value, _TOP_LEVEL_KEYWORDS)
+        else _MISPLACED_KEYWORDS.get(previous.value) or _misspelt_keyword(previous.value, _TOP_LEVEL_KEYWORDS)
     if keyword is not None:
         return Diagnostic(code="N0008", message=f"`{previous.value}` is not a keyword of the language",
                           span=_token_span(source.name, previous, source), label=f"did you mean `{keyword}`?",
@@ -567,7 +568,7 @@ def _tailored(token: Token, previous: Token | None, expected: set[str], source: 
                               span=Span(source.name, token.line, start, token.line, start + 2),
                               label="not a comment", help="write `# ...` instead of `// ...`")
     # `level a extnds b`
-    if token.type == "NAME" and "EXTENDS" in expected and closest(token.value, ["extends"]):
+    if token.type == "NAME" and "EXTENDS" in expected and _misspelt_keyword(token.value, ["extends"]):
         return Diagnostic(code="N0008", message=f"`{token.value}` is not a keyword of the language", span=span,
                           label="did you mean `extends`?",
                           help="a level is `level NAME : STATE { ... }` or `level NAME extends BASE { ... }`")
@@ -600,6 +601,13 @@ def _tailored(token: Token, previous: Token | None, expected: set[str], source: 
         return Diagnostic(code="N0015", message="missing value", span=span, label="expected a value here",
                           help="every field needs a value, e.g. `every 16` or `key = x |> proj`")
     return None
+
+
+def _misspelt_keyword(word: str, keywords) -> str | None:
+    """The keyword `word` misspells: closer than `closest`'s names (a field such as `every`
+    written at the top level is no misspelt `level`)."""
+    found = difflib.get_close_matches(word.lower(), keywords, n=1, cutoff=0.75)
+    return found[0] if found else None
 
 
 def _acceptable(error: UnexpectedToken) -> set[str]:

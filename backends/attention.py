@@ -1,10 +1,11 @@
-"""Softmax attention over a cache level's segment in the compiled backend: one masked softmax per
-segment (or per block of queries), the forget bias of a `retain` gate (FoX), RoPE's rotation
+"""Attention over a cache level's segment in the compiled backend: one masked softmax (or
+stick-breaking weighting) per segment (or per block of queries), the forget bias of a `retain` gate (FoX), RoPE's rotation
 fused into the projections, and the cache the segment leaves; `run_cache` runs a cache level on
 precomputed inputs as `reference.run_cache` does."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,7 @@ from nestc.backends.sequence import (gate_sequence, opening_projection, output_g
                                     segment_spans)
 from nestc.backends.state import LevelState
 from nestc.passes.plan import MAX_SEGMENT
+from nestc.rules.states import STATES
 
 
 def attend_segment(module: CacheLevel, x: Tensor, start: int, state: LevelState, read_level) -> Tensor:
@@ -78,7 +80,7 @@ def attend_rotary_pairs(module: CacheLevel, x: Tensor, start: int, state: LevelS
         else run_pipeline(module.pipelines["value"], x, start, state, read_level)
     v = v.reshape(batch, size, heads, -1).transpose(1, 2)
     bias, forget = forget_bias(state, log_forget, first)
-    y = causal_attention(q, k, v, first, 1, module.window, bias)
+    y = causal_attention(q, k, v, first, 1, module.window, bias, _weigh(module))
     in_order = k.unflatten(-1, (width // 2, 2)).transpose(-1, -2).flatten(-2)  # the pairs back to (i, i + d/2)
     _keep_cache(module, state, in_order, v, forget)
     return y
@@ -111,7 +113,7 @@ def attend_cached(module: CacheLevel, state: LevelState, k: Tensor, v: Tensor, q
     keys = k if state.keys is None else torch.cat([state.keys, k], dim=2)
     values = v if state.values is None else torch.cat([state.values, v], dim=2)
     bias, forget = forget_bias(state, log_forget, first)
-    y = causal_attention(q, keys, values, previous + first, stride, module.window, bias)
+    y = causal_attention(q, keys, values, previous + first, stride, module.window, bias, _weigh(module))
     _keep_cache(module, state, keys, values, forget)
     return y
 
@@ -153,16 +155,25 @@ def _keep_cache(module: CacheLevel, state: LevelState, keys: Tensor, values: Ten
     state.keys, state.values, state.forget = keys, values, forget
 
 
+def _weigh(module: CacheLevel):
+    """The cache's weighting of scores when it is not softmax (`causal_attention`'s `weigh`)."""
+    rule = STATES["cache"]
+    return None if rule.weighs_by_softmax(module.state_args) else functools.partial(rule.attention_weights,
+                                                                                   module.state_args)
+
+
 def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, stride: int, window: int,
-                     bias: Tensor | None = None) -> Tensor:
+                     bias: Tensor | None = None, weigh=None) -> Tensor:
     """softmax(q k^T / sqrt(d) + bias) v per head, where query t [B, H, S, d] reads the entries j
     of keys and values [B, H, N, d] with `newest + stride * t - window < j <= newest + stride * t`
     (window 0: no lower bound), and bias [B, H, S, N] (or None) is added to the logits. A query
-    with no entry to read (newest + stride * t < 0) reads zero.
+    with no entry to read (newest + stride * t < 0) reads zero. `weigh(scores, readable)` (a
+    cache's `attention_weights`, such as stick-breaking) weighs the readable entries instead of
+    their softmax.
 
-    PyTorch's scaled_dot_product_attention computes it: its causal kernel where query t reads
-    entries 0 .. t (a call from an empty cache) without a bias, otherwise with the mask of allowed
-    entries (as -inf logits where a bias is added)."""
+    PyTorch's scaled_dot_product_attention computes softmax attention: its causal kernel where
+    query t reads entries 0 .. t (a call from an empty cache) without a bias, otherwise with the
+    mask of allowed entries (as -inf logits where a bias is added)."""
     size = q.shape[2]
     empty = min(size, -(newest // stride)) if newest < 0 else 0  # the leading queries with nothing to read
     if empty:
@@ -170,14 +181,17 @@ def causal_attention(q: Tensor, keys: Tensor, values: Tensor, newest: int, strid
         if empty == size:
             return zeros
         return torch.cat([zeros, causal_attention(q[:, :, empty:], keys, values, newest + stride * empty, stride,
-                                                  window, None if bias is None else bias[:, :, empty:])], dim=2)
-    if bias is None and newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
+                                                  window, None if bias is None else bias[:, :, empty:], weigh)],
+                         dim=2)
+    if weigh is None and bias is None and newest == 0 and stride == 1 and (not window or window >= size) and keys.shape[2] >= size:
         return F.scaled_dot_product_attention(q, keys[:, :, :size], values[:, :, :size], is_causal=True)
     last = (newest + stride * torch.arange(size, device=q.device))[:, None]
     index = torch.arange(keys.shape[2], device=q.device)[None, :]
     allowed = index <= last
     if window:
         allowed &= index > last - window
+    if weigh is not None:
+        return weigh(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), allowed) @ values
     mask = allowed if bias is None else bias.masked_fill(~allowed, -math.inf)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 

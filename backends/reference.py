@@ -27,7 +27,7 @@ from nestc.backends.updates import continuum_gradients, continuum_step
 from nestc.lang.queries import (GATE_ROLES, block_levels, gate_side, generators, per_channel, reachable_levels,
                                 step_copies)
 from nestc.passes.estimate import require_fits
-from nestc.rules.states import normalise
+from nestc.rules.states import STATES, normalise
 
 # --- levels ----------------------------------------------------------------------------------
 
@@ -282,7 +282,8 @@ def log_retain(retain: Tensor) -> Tensor:
 
 
 class CacheLevel(ReadOut, nn.Module):
-    """Softmax attention: the non-parametric level whose state is the (windowed) KV cache. With a
+    """Attention: the non-parametric level whose state is the (windowed) KV cache, read by softmax
+    or stick-breaking weights (`cache(weights=...)`). With a
     retain gate f (the Forgetting Transformer), each token's step decays every entry already in the
     cache by its f before appending its own: entry j's logit for the query at i gets the bias
     log prod_{j<s<=i} f_s (s <= i - 1 when read before), kept per entry in `state.forget`."""
@@ -293,6 +294,7 @@ class CacheLevel(ReadOut, nn.Module):
         self.heads = heads
         self.read = level.read
         self.window = op_args(level.state)["window"]
+        self.state_args = op_args(level.state)
         self.pipelines = nn.ModuleDict({
             role: Pipeline(getattr(level, role), dim, dim, heads, role) for role in ("key", "value", "query")
         })
@@ -323,7 +325,8 @@ class CacheLevel(ReadOut, nn.Module):
         scores = torch.einsum("bhd,bhnd->bhn", q, state.keys) / math.sqrt(q.shape[-1])
         if state.forget is not None:
             scores = scores + state.forget
-        return torch.einsum("bhn,bhnd->bhd", torch.softmax(scores, dim=-1), state.values)
+        weights = STATES["cache"].attention_weights(self.state_args, scores, torch.ones_like(scores, dtype=torch.bool))
+        return torch.einsum("bhn,bhnd->bhd", weights, state.values)
 
     def project(self, role: str, x: Tensor, position: int, state: LevelState, read_level) -> Tensor:
         return self.pipelines[role](x, position, state, read_level).reshape(x.shape[0], self.heads, -1)
@@ -689,7 +692,9 @@ def run_cache(module: CacheLevel, k: Tensor, v: Tensor, q: Tensor, retain: Tenso
     for t in range(k.shape[1]):
         forget = None if retain is None else log_retain(retain[:, t])
         if module.read == "before":
-            outputs.append(module.attend(state, q[:, t]))
+            # the first read finds nothing cached: zero, at the width of these values (which need
+            # not be the module's own: the inputs are given)
+            outputs.append(module.attend(state, q[:, t]) if state.keys is not None else torch.zeros_like(v[:, t]))
             module.append(state, k[:, t], v[:, t], forget)
         else:
             module.append(state, k[:, t], v[:, t], forget)

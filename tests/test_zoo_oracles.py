@@ -482,6 +482,13 @@ def naive_parallel_attn(q, k, v, gates, window=None):
     return o, None
 
 
+def naive_stickbreaking_attn(q, k, v, gates):
+    """Stick-breaking attention over the keys before each query (fla's default, attend_current
+    False: the zoo level reads before), at fla's default scale d_k^-0.5."""
+    o, _stick_left = fla_naive("stickbreaking_attn").naive_stickbreaking_attn(q, k, v)
+    return o, None
+
+
 def naive_forgetting_attn(q, k, v, gates):
     """FoX: softmax(q k^T / sqrt(d_k) + the cumulative log forget gates between query and key) v,
     with fla's g = log f and its default scale d_k^-0.5."""
@@ -581,6 +588,7 @@ ORACLES = [
     ("kda", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_kda),
     ("kda", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_kda(*a, chunked=True)),
     ("forgetting_transformer", "forgetting_attn", "naive_forgetting_attn", naive_forgetting_attn),
+    ("stickbreaking", "stickbreaking_attn", "naive_stickbreaking_attn", naive_stickbreaking_attn),
     ("transformer", "attn", "naive_parallel_attn", naive_parallel_attn),
     ("titans_linear", "momentum_delta_rule", "recurrent_momentum_delta_rule_ref", recurrent_momentum_delta_rule),
     ("hybrid", "attn", "naive_parallel_attn", lambda *a: naive_parallel_attn(*a, window=64)),
@@ -836,7 +844,8 @@ def test_zoo_hgrn2_equals_fla_gla(backend, length):
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
                   "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "delta",
                   "deltaproduct": "delta", "gated_deltaproduct": "delta", "longhorn": "delta", "comba": "delta",
-                  "gdn2": "delta", "forgetting_transformer": "module", "transformer": "module", "hybrid": "module",
+                  "gdn2": "delta", "forgetting_transformer": "module", "stickbreaking": "module", "transformer": "module",
+                  "hybrid": "module",
                   "titans_linear": "sequential"}  # attention: one masked softmax per segment
 
 

@@ -249,9 +249,46 @@ class Glu(Mlp):
 class Cache(State):
     spec = op_spec("state", "cache",
                    Param("window", "int", 0, minimum=0, doc="keep the last N pairs; 0 keeps all (global attention)"),
-                   doc="the non-parametric KV cache read by softmax attention")
+                   Param("weights", "enum", "softmax", choices=("softmax", "stickbreaking"),
+                         doc="how a query weighs the entries it reads: softmax of the scores, or stick-breaking "
+                             "(the newest entry breaks the stick first)"),
+                   doc="the non-parametric KV cache read by attention")
     memory = False
     fields = frozenset({"key", "value", "query", "heads", "read", "retain", "output_norm", "output_gate"})
+
+    @staticmethod
+    def weighs_by_softmax(args: dict) -> bool:
+        """Whether a query's weights are the softmax of its scores (which PyTorch's fused
+        attention computes) rather than another weighting of `attention_weights`."""
+        return args.get("weights", "softmax") != "stickbreaking"
+
+    @staticmethod
+    def takes_retain(args: dict) -> bool:
+        """A forget gate biases softmax logits; a stick-breaking cache has none (SEMANTICS §7)."""
+        return args.get("weights", "softmax") != "stickbreaking"
+
+    def attention_weights(self, args: dict, scores, readable):
+        """A query's weights over entries oldest first from its scores [..., N], of which the
+        `readable` ones [..., N] (bool) may be read."""
+        import torch
+
+        if self.weighs_by_softmax(args):
+            return torch.softmax(scores.masked_fill(~readable, float("-inf")), dim=-1)
+        return self.stick_breaking(scores, readable)
+
+    @staticmethod
+    def stick_breaking(scores, readable):
+        """Stick-breaking attention weights (Tan et al. 2024) from the scores [..., N] of one query
+        over entries oldest first, of which `readable` [..., N] (bool) may be read: entry j takes
+        sigmoid(z_j) of what the newer readable entries left, w_j = sigmoid(z_j) prod_{l>j}
+        (1 - sigmoid(z_l)), so the weights sum to at most 1 (a query with nothing to read, or
+        whose entries all score low, reads less than a full value). Summed in log space from the
+        newest entry back, as each product runs, so a far entry's weight keeps its digits."""
+        import torch.nn.functional as F
+
+        log_left = F.logsigmoid(-scores).masked_fill(~readable, 0.0)
+        after = log_left.flip(-1).cumsum(-1).flip(-1) - log_left  # sum over the newer entries
+        return (F.logsigmoid(scores) + after).masked_fill(~readable, float("-inf")).exp()
 
 
 class Moment(State):

@@ -172,6 +172,12 @@ class Levels(Part):
                            notes=("it biases each head's attention logits by the log of the product of the "
                                   "gates since each entry (the Forgetting Transformer)",),
                            help="drop `per=channel` from this gate")
+            if "retain" in fields and isinstance(state, ir.Op) and not state_rule.takes_retain(dict(state.args)):
+                self.error("N0117", "a stick-breaking cache has no `retain`", fields["retain"].key_span,
+                           label="a forget gate biases softmax logits",
+                           notes=("stick-breaking weights already decay with distance: each newer entry takes its "
+                                  "share of the stick first",),
+                           help="drop `retain`, or use `cache(weights=softmax)` (the Forgetting Transformer)")
             if "every" in fields:
                 self.error("N0117", f"`every` has no meaning for a `{kind}` level", fields["every"].key_span,
                            label="attention appends every token")

@@ -85,7 +85,7 @@ def build_layer(program: ir.Program, name: str | None, backend: str, trained: Re
                 index: int = 0) -> NestLayer:
     """`nestc.layer`'s module for a checked program: the layer stack (`name` None) or one level,
     with fresh parameters, or copies of a trained model's (`trained`; a level from its layer
-    `index`), in the trained model's dtype and on its device."""
+    `index`), in the dtype and on the device of the trained model's layers."""
     from nestc.backends import compiled, reference
 
     blocks = None if name is None else (level_block(program, name),)
@@ -94,7 +94,7 @@ def build_layer(program: ir.Program, name: str | None, backend: str, trained: Re
                       else f"level `{name}` of {program.file}")
     if trained is None:
         return layer
-    like = trained.embedding.weight
+    like = next(trained.layers.parameters(), trained.embedding.weight)
     model.to(dtype=like.dtype, device=like.device)
     if name is None:
         model.layers.load_state_dict(trained.layers.state_dict())

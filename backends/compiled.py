@@ -72,8 +72,9 @@ class CompiledModel(ReferenceModel):
 
     prunes_history = True
 
-    def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True):
-        super().__init__(program)
+    def __init__(self, program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True,
+                 blocks: tuple[ir.Block, ...] | None = None):
+        super().__init__(program, blocks)
         self.level_spans = {level.name: level.span for level in program.levels}
         planned = plan_program(program, fuse=fuse)
         self.plans: dict[str, LevelPlan] = {name: planned.levels[name] for name in self.level_modules()}
@@ -150,31 +151,39 @@ class CompiledModel(ReferenceModel):
                     return f"level `{generator}` is read after its update by the levels it generates for"
         return ""
 
-    def advance(self, tokens: Tensor, state: ModelState, outer_grad: bool) -> list[Tensor]:
-        """Read `tokens` a segment at a time (token by token where the model has no segment form)."""
+    def advance(self, inputs: Tensor, state: ModelState, outer_grad: bool, hidden: bool = False) -> list[Tensor]:
+        """Read `inputs` a segment at a time (token by token where the model has no segment form);
+        `hidden` as in the reference: the layer stack alone, on hidden states. torch.compile's and
+        the graph passes' whole-segment steps start from tokens, so the layer stack alone always
+        runs them eagerly (memory rules compiled on their own, under the layer-by-layer schedule,
+        stay compiled)."""
         if self.fallback:
-            return super().advance(tokens, state, outer_grad)
-        if self.layer_by_layer and self.graph_passes is None:
-            logits = self._sequence(tokens, state)
-            state.position += tokens.shape[1]
-            return [logits]
+            return super().advance(inputs, state, outer_grad, hidden)
+        if hidden:
+            self.require_no_task_levels()
+        embed = (lambda x: x) if hidden else self.embedding
+        finish = (lambda x: x) if hidden else self.logits
+        if self.layer_by_layer and (hidden or self.graph_passes is None):
+            output = finish(self._run_layers(embed(inputs), state))
+            state.position += inputs.shape[1]
+            return [output]
         outputs, t = [], 0
-        while t < tokens.shape[1]:
-            size = min(tokens.shape[1] - t, self.segment - state.position % self.segment)
-            chunk = tokens[:, t:t + size]
+        while t < inputs.shape[1]:
+            size = min(inputs.shape[1] - t, self.segment - state.position % self.segment)
+            chunk = inputs[:, t:t + size]
             if self.task_levels:
                 self._learn_from_task_loss(state, chunk[:, 0], outer_grad)
                 self._make_fast_weights_leaves(state)
-            if self.compile_backend:
-                logits = self._compiled_segment(chunk, state)
-            elif self.graph_passes is not None:
-                logits = self._graph_segment(chunk, state)
+            if self.compile_backend and not hidden:
+                output = self._compiled_segment(chunk, state)
+            elif self.graph_passes is not None and not hidden:
+                output = self._graph_segment(chunk, state)
             else:
-                logits = self._segment(chunk, state)
-            outputs.append(logits)
+                output = finish(self._run_layers(embed(chunk), state))
+            outputs.append(output)
             if self.task_levels:
-                self._add_segment_loss(state, logits, chunk)
-                state.last_logits = logits[:, -1]
+                self._add_segment_loss(state, output, chunk)
+                state.last_logits = output[:, -1]
             state.position += size
             t += size
         return outputs
@@ -189,21 +198,14 @@ class CompiledModel(ReferenceModel):
             return False
         return not any(is_generator(program, level.name) for level in program.levels)
 
-    def _sequence(self, tokens: Tensor, state: ModelState) -> Tensor:
-        """The logits of a whole call, layer by layer: projections, convolutions, gates and
-        feed-forward blocks run once on the whole [batch, time, width]; only the memory rules
-        (and attention, in blocks) step through it segment by segment."""
-        x = self.embedding(tokens)
+    def _run_layers(self, x: Tensor, state: ModelState) -> Tensor:
+        """The layer stack on x [B, S, D] from `state.position`, advancing every level's state in
+        place: one segment, or under the layer-by-layer schedule a whole call (projections,
+        convolutions, gates and feed-forward blocks then run once on the whole [batch, time,
+        width]; only the memory rules, and attention in blocks, step through it segment by segment)."""
         for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
             x = run_layer(self, layer, x, state.position, level_states, segment)
-        return self.logits(x)
-
-    def _segment(self, chunk: Tensor, state: ModelState) -> Tensor:
-        """The logits of one segment, advancing every level's state in place."""
-        x = self.embedding(chunk)
-        for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
-            x = run_layer(self, layer, x, state.position, level_states, segment)
-        return self.logits(x)
+        return x
 
     def _make_fast_weights_leaves(self, state: ModelState) -> None:
         """Continuum levels differentiate their chunk's loss with respect to their fast weights,
@@ -215,9 +217,9 @@ class CompiledModel(ReferenceModel):
                     level_state.weights = [w.detach().requires_grad_() for w in level_state.weights]
 
     def _compiled_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
-        """`_segment` through torch.compile: the state's tensors go in with the same structure,
-        strides and requires_grad at every segment, and the position as a tensor, so that one
-        graph serves every segment of a given length."""
+        """A segment (embedding, `_run_layers`, logits) through torch.compile: the state's tensors
+        go in with the same structure, strides and requires_grad at every segment, and the
+        position as a tensor, so that one graph serves every segment of a given length."""
         if self._compiled_step is None:
             self._compiled_step = torch.compile(self._segment_from_tensors, backend=self.compile_backend,
                                                 fullgraph=True, dynamic=False)
@@ -246,7 +248,8 @@ class CompiledModel(ReferenceModel):
         return y
 
     def _graph_segment(self, chunk: Tensor, state: ModelState) -> Tensor:
-        """`_segment` through the traced fx graph for this batch size and segment length."""
+        """A segment (embedding, `_run_layers`, logits) through the traced fx graph for this
+        batch size and segment length."""
         from nestc.backends import fx
 
         key = tuple(chunk.shape)
@@ -270,7 +273,8 @@ class CompiledModel(ReferenceModel):
     def _segment_from_tensors(self, layout: tuple, chunk: Tensor, position: Tensor,
                               tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The segment step as a pure function of tensors (what torch.compile traces): the state
-        rebuilt from `tensors` by `layout`, advanced by `_segment`'s code, flattened again."""
+        rebuilt from `tensors` by `layout`, advanced by `_run_layers`' code (`run_layer`),
+        flattened again."""
         levels = [{name: LevelState() for name in layer.levels} for layer in self.layers]
         unflatten_levels(levels, layout, tensors)
         x = self.embedding(chunk)
@@ -489,8 +493,9 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
     return module.read_out(y.transpose(1, 2), output_gate(module, x, start, state, read_level))
 
 
-def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True) -> CompiledModel:
-    return CompiledModel(program, torch_compile, graph_passes, fuse)
+def build(program: ir.Program, torch_compile: bool | str = False, graph_passes=None, fuse: bool = True,
+          blocks: tuple[ir.Block, ...] | None = None) -> CompiledModel:
+    return CompiledModel(program, torch_compile, graph_passes, fuse, blocks)
 
 
 def run_kernel(kernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],

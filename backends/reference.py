@@ -545,7 +545,7 @@ class ReferenceModel(nn.Module):
     # (`_AfterHistory`): a speed device for the compiled backend; the oracle keeps the plain graph.
     prunes_history = False
 
-    def __init__(self, program: ir.Program):
+    def __init__(self, program: ir.Program, blocks: tuple[ir.Block, ...] | None = None):
         super().__init__()
         if program.model is None:
             raise BackendError(f"{program.file} has no `model` section: it is a library of levels")
@@ -559,7 +559,9 @@ class ReferenceModel(nn.Module):
         self.vocab, self.dim = model.vocab, model.dim
         self.embedding = nn.Embedding(self.vocab, self.dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
-        self.layers = nn.ModuleList(Layer(program, block, self.dim, model.heads) for block in model.layer_blocks())
+        # `blocks`: the layers' blocks when not the model's own (`nestc.layer` of one level: that level alone)
+        self.layers = nn.ModuleList(Layer(program, block, self.dim, model.heads)
+                                    for block in (model.layer_blocks() if blocks is None else blocks))
         self.norm = Norm(model.norm if model.norm != "none" else "identity", self.dim)
         self.head = None if model.tie_embeddings else nn.Linear(self.dim, self.vocab, bias=False)
         self.task_levels = [name for name, level in self.level_modules().items()
@@ -576,8 +578,9 @@ class ReferenceModel(nn.Module):
                 modules.setdefault(name, module)
         return {name: modules[name] for name in self.program.level_names if name in modules}
 
-    def initial_state(self, batch: int) -> ModelState:
-        like = self.embedding.weight
+    def initial_state(self, batch: int, like: Tensor | None = None) -> ModelState:
+        """A fresh stream's state, with the dtype and device of `like` (default: the embedding's)."""
+        like = self.embedding.weight if like is None else like
         return ModelState(position=0, levels=[layer.initial_state(batch, like) for layer in self.layers],
                           segments=[{} for _ in self.layers])
 
@@ -617,22 +620,37 @@ class ReferenceModel(nn.Module):
         elif state.replay is None and (fresh or not holds_graph(state)):
             state.replay = Replay(start=state.detach(), calls=[])
 
-    def advance(self, tokens: Tensor, state: ModelState, outer_grad: bool) -> list[Tensor]:
-        """Read `tokens`, updating `state`; the logits of each step ([B, steps, vocab]). Here one
-        token per step: the schedule the semantics is written in."""
+    def advance(self, inputs: Tensor, state: ModelState, outer_grad: bool, hidden: bool = False) -> list[Tensor]:
+        """Read `inputs`, updating `state`; the logits of each step ([B, steps, vocab]). Here one
+        token per step: the schedule the semantics is written in.
+
+        The model is embedding -> layer stack -> norm and head. `inputs` are token ids [B, T];
+        with `hidden` they are the first layer's inputs [B, T, D] instead, and each step gives the
+        last layer's output [B, steps, D]: the layer stack alone (`nestc.layer`), which has no
+        next-token loss, so no continuum level can learn in it (`require_no_task_levels`)."""
+        if hidden:
+            self.require_no_task_levels()
         outputs = []
-        for t in range(tokens.shape[1]):
-            token = tokens[:, t]
+        for t in range(inputs.shape[1]):
             if self.task_levels:
-                self._learn_from_task_loss(state, token, outer_grad)
-            x = self.embedding(token)
+                self._learn_from_task_loss(state, inputs[:, t], outer_grad)
+            x = inputs[:, t] if hidden else self.embedding(inputs[:, t])
             for layer, level_states, segment in zip(self.layers, state.levels, state.segments):
                 x = layer(x, state.position, level_states, segment)
-            logits = self.logits(x)
-            outputs.append(logits[:, None])
-            state.last_logits = logits if self.task_levels else None
+            output = x if hidden else self.logits(x)
+            outputs.append(output[:, None])
+            state.last_logits = output if self.task_levels else None
             state.position += 1
         return outputs
+
+    def require_no_task_levels(self) -> None:
+        """Refuse to run the layers on hidden states when a continuum level learns from the
+        model's next-token loss: without the embedding and head there are no predictions."""
+        if self.task_levels:
+            name = self.task_levels[0]
+            raise BackendError(f"level `{name}` learns in context from the model's next-token loss (objective task, "
+                               f"every {self.level_modules()[name].every}), which only the whole model computes: "
+                               "run it inside the model (`nestc.load`), or give the level another objective")
 
     def _learn_from_task_loss(self, state: ModelState, token: Tensor, keep_graph: bool) -> None:
         """The prediction made at the previous position meets its target: add its loss to every
@@ -661,8 +679,8 @@ class ReferenceModel(nn.Module):
             state.replay = Replay(start=start, calls=[])
 
 
-def build(program: ir.Program) -> ReferenceModel:
-    return ReferenceModel(program)
+def build(program: ir.Program, blocks: tuple[ir.Block, ...] | None = None) -> ReferenceModel:
+    return ReferenceModel(program, blocks)
 
 
 def run_kernel(kernel: MemoryKernel, k: Tensor, v: Tensor, q: Tensor, gates: dict[str, Tensor],

@@ -6,6 +6,6 @@ is built.
 
 __version__ = "0.1.0"
 
-from nestc.api import check, load  # noqa: E402  (torch is imported only inside load)
+from nestc.api import check, layer, load, load_run  # noqa: E402  (torch is imported only inside them)
 
-__all__ = ["check", "load", "__version__"]
+__all__ = ["check", "layer", "load", "load_run", "__version__"]

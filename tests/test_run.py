@@ -192,6 +192,14 @@ def test_set_reaches_a_level_defined_in_an_imported_file(tmp_path):
     assert "--set replaces `64` in specs/lib/cms.nest" in result.output
 
 
+def test_an_error_in_a_section_a_set_changed_names_the_set(tmp_path):
+    """`layers 4` in place of hybrid.nest's list of blocks leaves `model` without a block: the
+    error stands at the section, and says which assignment changed it."""
+    result = _run("specs/hybrid.nest", "--set", "model.layers=4", "--runs", str(tmp_path))
+    assert result.exit_code == 1 and "error[N0107]" in result.output
+    assert "note: `--set model.layers=4` changed this `model` section" in result.output
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), *TINY).exit_code == 0
     (directory,) = list(tmp_path.iterdir())

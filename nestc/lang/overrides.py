@@ -54,20 +54,39 @@ class Overridden:
         `sources` then holds (so the assignment is what the error shows, not a line the file
         never had); the note says which field of which file it changed."""
         sources.add(self.command_line())
+        changed_items = self._changed_items()
         moved = []
         for diagnostic in diagnostics:
             span, notes = self._on_command_line(diagnostic.span)
+            if span is diagnostic.span and span is not None:
+                # not a spliced value, but inside a level or section that an assignment changed
+                notes = tuple(f"`--set {self.assignments[index]}` changed this {what}"
+                              for index, (item, what) in changed_items if _within(span, item))
             secondary = tuple(dataclasses.replace(label, span=self._on_command_line(label.span)[0])
                               for label in diagnostic.secondary)
             moved.append(dataclasses.replace(diagnostic, span=span, secondary=secondary,
                                              notes=diagnostic.notes + notes))
         return moved
 
+    def _changed_items(self) -> list[tuple[int, tuple[Span, str]]]:
+        """(assignment index, (span, "level `x`" or "section")) of each item a value was spliced into."""
+        texts = {self.main.name: self.main, **self.imported}
+        found = []
+        for spliced in self.spliced:
+            try:
+                module = syntax.parse(texts[spliced.span.file])
+            except NestError:  # a value that breaks the syntax: its error is on the command line
+                continue
+            for item in module.items:
+                if isinstance(item, (ast.LevelDef, ast.Section)) and _within(spliced.span, item.span):
+                    what = f"level `{item.name}`" if isinstance(item, ast.LevelDef) else f"`{item.name}` section"
+                    found.append((spliced.index, (item.span, what)))
+        return found
+
     def _on_command_line(self, span: Span | None) -> tuple[Span | None, tuple[str, ...]]:
         for spliced in self.spliced if span is not None else ():
             inside = spliced.span
-            if span.file == inside.file and (inside.line, inside.column) <= (span.line, span.column) \
-                    and (span.end_line, span.end_column) <= (inside.end_line, inside.end_column):
+            if _within(span, inside):
                 line = spliced.index + 1
                 if span.line == inside.line == span.end_line:
                     start = spliced.column + span.column - inside.column
@@ -76,6 +95,11 @@ class Overridden:
                     start, end = spliced.column, len(self.command_line().line(line)) + 1
                 return Span(COMMAND_LINE, line, start, line, end), (spliced.note,)
         return span, ()
+
+
+def _within(span: Span, outer: Span) -> bool:
+    return span.file == outer.file and (outer.line, outer.column) <= (span.line, span.column) \
+        and (span.end_line, span.end_column) <= (outer.end_line, outer.end_column)
 
 
 def parse_assignment(text: str) -> tuple[list[str], str]:

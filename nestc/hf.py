@@ -104,6 +104,11 @@ class NestCache:
                          "memory between beams; use greedy decoding or sampling")
 
 
+def _either(cache, past_key_values):
+    """The cache, by its transformers 5 name (`cache`) or its transformers 4 one."""
+    return past_key_values if cache is None else cache
+
+
 def _nest_cache(cache) -> NestCache | None:
     if cache is not None and not isinstance(cache, NestCache):
         raise TypeError(f"a nestc model's cache is a NestCache (its memory state), not {type(cache).__name__}")
@@ -181,15 +186,25 @@ class NestForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is the model's own state, made by its first call
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=None, **kwargs):
-        cache = _nest_cache(kwargs.get(CACHE_FIELD))
+    def generate(self, *args, **kwargs):
+        # transformers 4 takes a cache passed to generate for a tuple of attention tensors
+        if CACHE_FIELD == "past_key_values" and kwargs.get("past_key_values") is not None:
+            raise ValueError("continuing generate from a NestCache needs transformers 5 (transformers 4 reads a "
+                             "cache passed to generate as attention tensors); call the model with "
+                             "past_key_values=... instead")
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
+                                      use_cache=None, **kwargs):
+        cache = _nest_cache(_either(cache, past_key_values))
         if cache is not None and input_ids.shape[1] <= cache.position:
             raise ValueError(f"generate with a cache needs the whole sequence so far: the cache has read "
                              f"{cache.position} tokens, input_ids has {input_ids.shape[1]}")
         unread = input_ids if cache is None else input_ids[:, cache.position:]
         return {"input_ids": unread, CACHE_FIELD: cache, "attention_mask": attention_mask, "use_cache": use_cache}
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.LongTensor | None = None, cache: NestCache | None = None,
+                past_key_values: NestCache | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 return_dict: bool | None = None, inputs_embeds: torch.Tensor | None = None, **kwargs):
         """Read `input_ids` ([batch, time], the tokens after the cache's) and return their logits;
@@ -197,8 +212,7 @@ class NestForCausalLM(PreTrainedModel, GenerationMixin):
         cross-entropy (label -100 is ignored)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("a nestc model reads token ids (input_ids); inputs_embeds is not supported")
-        cache = kwargs.pop("cache", None)
-        cache = _nest_cache(kwargs.pop("past_key_values", None) if cache is None else cache)
+        cache = _nest_cache(_either(cache, past_key_values))
         use_cache = self.config.use_cache if use_cache is None else use_cache
         right_padded = _pads_the_end(attention_mask)
         logits, state = self.nest(input_ids, None if cache is None else cache.state)

@@ -144,6 +144,21 @@ def test_a_call_continues_from_its_cache_as_one_stream():
     torch.testing.assert_close(torch.cat([first.logits, rest], dim=1), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_generate_continues_from_a_cache_passed_in():
+    model = varied(model_of("deltanet", tied=False))
+    with torch.no_grad():
+        first = getattr(model(PROMPTS[:, :3]), CACHE_FIELD)
+    if CACHE_FIELD == "past_key_values":  # transformers 4
+        with pytest.raises(ValueError, match="needs transformers 5"):
+            model.generate(PROMPTS, past_key_values=first, max_new_tokens=5, do_sample=False)
+        return
+    lengths = []
+    model.nest.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    generated = model.generate(PROMPTS, cache=first, max_new_tokens=5, do_sample=False)
+    assert lengths == [2] + [1] * 4  # the 2 prompt tokens the cache has not read, then each new one
+    assert torch.equal(generated[:, PROMPTS.shape[1]:], nestc_greedy(model.nest, PROMPTS, 5))
+
+
 def test_left_padding_is_refused_and_right_padding_keeps_the_texts_logits():
     model = model_of("deltanet")
     with pytest.raises(ValueError, match="left padding .* memories learn from every token they read"):

@@ -50,7 +50,17 @@ level attn : cache {
     query = x |> proj |> rope
 }
 """ + FFN
-SPECS_BY_NAME = {"deltanet": DELTANET + MODEL % ("true", "mixer"), "attention": ATTENTION + MODEL % ("false", "attn")}
+# A continuum level (HOPE's CMS): an MLP that takes a step on the task loss every 4 tokens, even
+# while generate reads and writes; its unfinished chunk travels in the state.
+CONTINUUM = ATTENTION + """
+level cms : mlp(expand=2) {
+    objective task
+    lr = 0.5
+    every 4
+}
+"""
+SPECS_BY_NAME = {"deltanet": DELTANET + MODEL % ("true", "mixer"), "attention": ATTENTION + MODEL % ("false", "attn"),
+                 "continuum": CONTINUUM + MODEL.replace("|> ffn)", "|> ffn) |> cms") % ("false", "attn")}
 PROMPTS = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
 
 
@@ -88,7 +98,7 @@ def nestc_greedy(nest, prompts: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
-@pytest.mark.parametrize("name", ["deltanet", "attention"])
+@pytest.mark.parametrize("name", ["deltanet", "attention", "continuum"])
 def test_greedy_generate_is_nestc_greedy_loop_reading_only_new_tokens(name, backend):
     model = varied(model_of(name, backend, tied=False))
     lengths = []

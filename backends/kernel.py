@@ -97,7 +97,9 @@ class MemoryKernel(nn.Module):
         """The output map (mirror map) applied to the stored weights before any use."""
         return self.output.map(self.output_args, weights)
 
-    def apply(self, weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+    def evaluate(self, weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+        """The memory's read M(x) at `weights` (not named `apply`, which would hide nn.Module.apply
+        from the tools that walk a model's modules with it, as transformers' weight loading does)."""
         return self.state.apply(self.state_args, self.mapped(weights), x, inputs)
 
     def gradient(self, at: list[Tensor], k: Tensor, v: Tensor, window, gates: dict[str, Tensor]
@@ -112,7 +114,7 @@ class MemoryKernel(nn.Module):
         points = at if through_map else self.mapped(at)
 
         def predict(weights: list[Tensor], x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
-            return self.apply(weights, x, inputs) if through_map else self.state.apply(self.state_args, weights, x,
+            return self.evaluate(weights, x, inputs) if through_map else self.state.apply(self.state_args, weights, x,
                                                                                        inputs)
 
         # The gradient is taken with respect to the memory inside M(k) only: keys and values a level
@@ -161,7 +163,7 @@ class MemoryKernel(nn.Module):
     def _step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
               position: int) -> Tensor | None:
         anchor_before = state.anchor
-        output_before = self.apply(anchor_before, q) if (q is not None and self.read == "before") else None
+        output_before = self.evaluate(anchor_before, q) if (q is not None and self.read == "before") else None
         window = None
         if self.objective.windowed:
             state.window = (state.window + [(k, v, gates["gamma"])])[-self.objective_args["window"]:]
@@ -178,7 +180,7 @@ class MemoryKernel(nn.Module):
             state.retain_product = None
         if q is None:
             return None
-        return output_before if self.read == "before" else self.apply(state.weights, q)
+        return output_before if self.read == "before" else self.evaluate(state.weights, q)
 
     def _gradient_step(self, state: LevelState, k, v, window, gates) -> list[Tensor]:
         """The optimizer's step on the objective's gradient at the anchor (autograd), weight by weight."""

@@ -160,7 +160,7 @@ class MemoryLevel(ReadOut, nn.Module):
 
     def generate(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """This level's output on `x` (as another level's pipeline stage), without projection."""
-        return self.kernel.normalized_read(self.kernel.apply(weights, self.heads_of(x))).reshape(x.shape[0], -1)
+        return self.kernel.normalized_read(self.kernel.evaluate(weights, self.heads_of(x))).reshape(x.shape[0], -1)
 
     def step(self, x: Tensor, position: int, state: LevelState, read_level) -> Tensor | None:
         lets = compute_lets(self.lets, lambda gate, earlier: gate(x, position, state, read_level, earlier))
@@ -171,7 +171,7 @@ class MemoryLevel(ReadOut, nn.Module):
                  else g(x, position, state, read_level, lets) for role, g in self.all_gates()}
         query = inputs.get("query")
         if self.kernel.every == 0:
-            y = self.kernel.apply(state.weights, query) if query is not None else None
+            y = self.kernel.evaluate(state.weights, query) if query is not None else None
         else:
             y = self.kernel.step(state, inputs["key"], inputs["value"], query, gates, position)
         if y is None:
@@ -219,7 +219,7 @@ class FeedForwardLevel(nn.Module):
             # is still differentiated with respect to them, so they become leaves.
             state.weights = [w.detach().requires_grad_() for w in state.weights]
         weights = state.weights if self.every else [w.unsqueeze(0) for w in self.kernel.initial]
-        return self.kernel.apply(weights, x[:, None, :]).reshape(x.shape)
+        return self.kernel.evaluate(weights, x[:, None, :]).reshape(x.shape)
 
     def apply_gradient(self, state: LevelState, grads, keep_graph: bool) -> None:
         """One step on the task loss accumulated over the chunk that just ended."""
@@ -470,7 +470,7 @@ class Layer(nn.Module):
         # the attention outputs. Each stream keeps its own convolution history.
         retrieval = segment.setdefault(f"{path}:retrieval", LevelState())
         query = memory.heads_of(memory.pipelines["query"](x, position, retrieval, read_level))
-        retrieved = memory.out(memory.kernel.normalized_read(memory.kernel.apply(snapshot[memory_name], query))
+        retrieved = memory.out(memory.kernel.normalized_read(memory.kernel.evaluate(snapshot[memory_name], query))
                                .reshape(x.shape[0], -1))
         for entry in (retrieved, x):
             attention.append(cache, attention.project("key", entry, position, cache, read_level),

@@ -48,6 +48,11 @@ def _tensors(value):
 def test_every_zoo_spec_runs_forward_and_backward(spec):
     torch.manual_seed(0)
     model = nestc.load(spec)
+    # nn.Module.apply reaches every module (no module hides it with a method of its own), as the
+    # tools that walk a model with it need (transformers' weight initialization)
+    visited = []
+    model.apply(visited.append)
+    assert {id(m) for m in visited} == {id(m) for m in model.modules()}
     tokens = torch.randint(0, model.vocab, (2, T_ODD))
     logits, _ = model(tokens)
     assert logits.shape == (2, T_ODD, model.vocab)

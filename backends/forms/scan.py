@@ -41,7 +41,7 @@ def scan_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tenso
             new = [w.detach() for w in new]
         state.weights = new
         if q is not None and kernel.read == "after":
-            reads.append(kernel.apply(new, q[:, :, t]))
+            reads.append(kernel.evaluate(new, q[:, :, t]))
     if q is None:
         return None
     if kernel.read == "before":  # every read of the segment is at the anchor

@@ -261,15 +261,28 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
               help="Run each segment through torch.compile (the first steps pay the compile).")
 @click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")
 @_threads_option("in each training process")
+@click.option("--track", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Also log the metrics (and, at the end, the settings with the final scores) to TensorBoard, "
+                   "Weights & Biases or MLflow (repeatable); metrics.jsonl is written either way.")
+@click.option("--tensorboard-dir", type=click.Path(file_okay=False),
+              help="Where --track tensorboard writes its event files (default: RUN/tensorboard).")
 @_color
 def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, checkpoint_minutes, runs, eval_every,
         task, task_options, data_paths, nproc, tokenizer, seed, device, bf16, torch_compile, graph, threads,
-        color) -> None:
+        track, tensorboard_dir, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
-    from nestc.runtime import data
+    from nestc.runtime import data, tracking
     from nestc.lang import overrides
+
+    if tensorboard_dir and "tensorboard" not in track:
+        raise click.UsageError("--tensorboard-dir says where --track tensorboard writes: give --track tensorboard")
+    for kind in track:  # a missing library stops the run before anything is built
+        try:
+            tracking.require(kind)
+        except tracking.TrackingError as error:
+            raise click.UsageError(str(error)) from None
 
     if device != "cpu":
         import torch
@@ -328,6 +341,8 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         arguments += ["--device", device, "--threads", str(threads)] + (["--bf16"] if bf16 else [])
         arguments += (["--compile"] if torch_compile else []) + (["--graph"] if graph else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
+        arguments += [a for kind in track for a in ("--track", kind)]
+        arguments += ["--tensorboard-dir", tensorboard_dir] if tensorboard_dir else []
         from nestc.runtime import distributed
 
         sys.exit(distributed.launch(nproc, arguments))
@@ -340,13 +355,14 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
 
     config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, overwrite=overwrite,
                        eval_every=eval_every, task=task, task_options=options, tokenizer=tokenizer, device=device,
-                       bf16=bf16, compile=torch_compile, graph=graph, threads=threads)
+                       bf16=bf16, compile=torch_compile, graph=graph, threads=threads, track=track,
+                       tensorboard_dir=tensorboard_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), config, corpus=corpus,
                             log=lambda message: click.echo(message, err=True))
-        except (BackendError, TrainingDiverged, CheckpointError, SetupFailed) as error:
+        except (BackendError, TrainingDiverged, CheckpointError, SetupFailed, tracking.TrackingError) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None

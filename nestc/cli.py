@@ -104,20 +104,24 @@ def check(files, error_format, color, quiet) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "dot", "json", "mermaid", "png"]), default="text",
               show_default=True, help="Output format.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to this file (required for png).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this file (required for png: drawn by Graphviz's `dot` when installed, else by matplotlib).")
 @_error_format
 @_color
 def graph(file, fmt, output, error_format, color) -> None:
     """Show the level graph of a spec, levels from slowest to fastest."""
     from nestc import graph as level_graph
 
+    if fmt == "png" and not output:
+        raise click.MissingParameter("--format png writes an image file: say where with -o FILE.png",
+                                     param_hint="'-o' / '--output'", param_type="option")
     result = _analyze(file)
     _report(result.diagnostics, result.sources, error_format, color)
     if not result.ok:
         sys.exit(_exit_code(result))
     built = level_graph.build(result.program)
     if fmt == "png":
-        _write_png(level_graph.to_dot(built), output or os.path.splitext(file)[0] + ".png")
+        _write_png(built, output)
         return
     render = {"text": level_graph.to_text, "dot": level_graph.to_dot, "json": level_graph.to_json,
               "mermaid": level_graph.to_mermaid}[fmt]
@@ -129,14 +133,21 @@ def graph(file, fmt, output, error_format, color) -> None:
         click.echo(text, nl=False)
 
 
-def _write_png(dot_text: str, output: str) -> None:
+def _write_png(built, output: str) -> None:
+    """Graphviz's `dot` lays the graph out when it is installed; else networkx and matplotlib draw it."""
+    from nestc import graph as level_graph
+
     dot = shutil.which("dot")
     if dot is None:
-        raise click.ClickException(
-            "rendering png needs Graphviz's `dot` program, which is not installed.\n"
-            "  install it (Debian/Ubuntu: `apt-get install graphviz`; macOS: `brew install graphviz`),\n"
-            "  or use `--format dot` and render the file elsewhere.")
-    completed = subprocess.run([dot, "-Tpng", "-o", output], input=dot_text.encode(), capture_output=True)
+        try:
+            level_graph.draw_png(built, output)
+        except OSError as error:
+            raise click.ClickException(f"cannot write `{output}`: {error.strerror or error}") from None
+        click.echo(f"wrote {output} (drawn with matplotlib: Graphviz's `dot` is not installed, and lays larger "
+                   "graphs out better)", err=True)
+        return
+    completed = subprocess.run([dot, "-Tpng", "-o", output], input=level_graph.to_dot(built).encode(),
+                               capture_output=True)
     if completed.returncode != 0:
         raise click.ClickException(f"graphviz failed: {completed.stderr.decode(errors='replace').strip()}") from None
     click.echo(f"wrote {output}", err=True)

@@ -651,7 +651,7 @@ def evaluate_file(run_directory, file, state_in, threads) -> None:
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("specs", metavar="SPACES...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the variants without training them.")
 @click.option("--sample", type=click.IntRange(min=1), help="With --dry-run: list a seeded sample of this many variants.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -667,29 +667,43 @@ def evaluate_file(run_directory, file, state_in, threads) -> None:
               help="Local worker processes sharing the study (the cores are divided among them).")
 @click.option("--storage", metavar="URL", help="An SQLAlchemy database URL shared by workers on several machines "
                                                "(default: SQLite under the sweep's directory).")
-@click.option("--study", "study_name", help="The study's name (default: SPEC's name and the task).")
+@click.option("--study", "study_name", help="The study's name (default: the space's file name and the task); "
+                                             "one space only.")
 @click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Where the sweep's directory is created.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate (and maybe prune) every N steps.")
 @click.option("--no-prune", is_flag=True, help="Train every variant to the end (no median pruning).")
 @_color
-def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, sampler, workers, storage, study_name,
-          runs, eval_every, no_prune, color) -> None:
-    """Train and rank the variants of a search space, or list them with --dry-run."""
+def sweep(specs, dry_run, sample, seed, fmt, trials, steps, task, task_options, sampler, workers, storage,
+          study_name, runs, eval_every, no_prune, color) -> None:
+    """Train and rank the variants of search SPACES, or list them with --dry-run. Several spaces are
+    swept one after the other, each in a study (and directory) of its own, named after its file."""
     import json
 
-    from nestc.search import sweep as sweeping
-    from nestc.lang.diagnostics import NestError
-
-    if not os.path.isfile(spec):
-        raise click.UsageError(f"cannot read `{spec}`: no such file") from None
-    # Errors of the space itself (syntax, unreadable files, an empty choice, a bad range) stop the
-    # sweep here; errors that only some options cause are each variant's, reported when it is frozen.
-    checked = _analyze(spec)
-    space_errors = [d for d in checked.diagnostics
-                    if d.is_error and (d.code in SEARCH_VALUE_ERRORS or d.code <= "N0100")]
-    if space_errors:
-        _report(space_errors, checked.sources, "human", color)
+    for spec in specs:
+        if not os.path.isfile(spec):
+            raise click.UsageError(f"cannot read `{spec}`: no such file") from None
+    if len(specs) > 1:
+        if study_name:
+            raise click.UsageError("--study names one study, but each of several spaces has its own (named after "
+                                   "its file): sweep a space alone to name its study")
+        stems = [os.path.splitext(os.path.basename(spec))[0] for spec in specs]
+        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if repeated:
+            raise click.UsageError(f"two spaces are named `{repeated[0]}`, and a space's study and directory take "
+                                   "its file's name: rename one, or sweep them one at a time with --study")
+    # Errors of a space itself (syntax, unreadable files, an empty choice, a bad range) stop the
+    # sweep here, before any space trains; errors that only some options cause are each variant's,
+    # reported when it is frozen.
+    failed = False
+    for spec in specs:
+        checked = _analyze(spec)
+        space_errors = [d for d in checked.diagnostics
+                        if d.is_error and (d.code in SEARCH_VALUE_ERRORS or d.code <= "N0100")]
+        if space_errors:
+            _report(space_errors, checked.sources, "human", color)
+            failed = True
+    if failed:
         sys.exit(EXIT_DIAGNOSTICS)
     if not dry_run:
         if trials is None:
@@ -701,11 +715,25 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
 
         training = RunConfig(steps=steps, runs=runs, eval_every=eval_every, task=task,
                              task_options=_parse_task_options(task, task_options))
-        _train_sweep(study.SweepConfig(spec=spec, trials=trials, run=training, sampler=sampler, seed=seed,
-                                       workers=workers, storage=storage, study=study_name, prune=not no_prune),
-                     fmt, color)
-        return
+        configs = [study.SweepConfig(spec=spec, trials=trials, run=training, sampler=sampler, seed=seed,
+                                     workers=workers, storage=storage, study=study_name, prune=not no_prune)
+                   for spec in specs]
+        listed = {config.spec: [entry.__dict__ for entry in _train_sweep(config, fmt, color)] for config in configs}
+    else:
+        listed = {}
+        for spec in specs:
+            if len(specs) > 1 and fmt != "json":
+                click.echo(f"{spec}:")
+            listed[spec] = _list_variants(spec, sample, seed, fmt, color)
+    if fmt == "json":  # one space: its list, as ever; several: each space's under its path
+        click.echo(json.dumps(listed[specs[0]] if len(specs) == 1 else listed, indent=2))
+
+
+def _list_variants(spec: str, sample: int | None, seed: int, fmt: str, color) -> list[dict]:
+    """`--dry-run`: the variants of one space, printed (text) or returned (json)."""
     from nestc.backends.common import BackendError
+    from nestc.lang.diagnostics import NestError
+    from nestc.search import sweep as sweeping
 
     try:
         found = sweeping.variants(spec, sample=sample, seed=seed)  # builds each variant to count it
@@ -715,10 +743,8 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
     except BackendError as error:  # a variant too large for this machine
         raise click.ClickException(str(error)) from None
     if fmt == "json":
-        click.echo(json.dumps([{"id": v.id, "choices": v.choices, "parameters": v.parameters,
-                                "flops_per_token": v.flops_per_token,
-                                "errors": [d.to_json() for d in v.diagnostics]} for v in found], indent=2))
-        return
+        return [{"id": v.id, "choices": v.choices, "parameters": v.parameters, "flops_per_token": v.flops_per_token,
+                 "errors": [d.to_json() for d in v.diagnostics]} for v in found]
     for variant in found:
         choices = ", ".join(f"{label}={value}" for label, value in variant.choices.items())
         if variant.ok:
@@ -730,10 +756,11 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
     valid = sum(v.ok for v in found)
     click.echo(f"{len(found)} variant{'s' if len(found) != 1 else ''} listed, {valid} valid, "
                f"{len(found) - valid} with errors (skipped)")
+    return []
 
 
-def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
-    import json
+def _train_sweep(config: SweepConfig, fmt: str, color) -> list:
+    """Sweep one space; returns its leaderboard (printed as a table unless `fmt` is json)."""
     import warnings
 
     import optuna
@@ -770,14 +797,13 @@ def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
         sys.exit(130)
     except OSError as error:
         raise click.ClickException(f"cannot write the sweep under `{config.run.runs}`: {error}") from None
-    if fmt == "json":
-        click.echo(json.dumps([entry.__dict__ for entry in entries], indent=2))
-    else:
+    if fmt != "json":
         study.format_table(entries, task=config.run.task is not None)
     for kind, path in written.items():
         click.echo(f"{kind}: {path}", err=True)
     if "best" in written:
         click.echo(f"train the best variant further: nestc run {written['best']}", err=True)
+    return entries
 
 
 def _sources_of(path: str) -> SourceMap:

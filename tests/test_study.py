@@ -523,3 +523,18 @@ def test_workers_that_open_a_new_postgresql_database_at_once_all_open_it(postgre
         for worker in workers:
             worker.join()
     assert outcomes == ["opened"] * 9
+
+
+def test_several_spaces_are_swept_each_in_its_own_study(tmp_path):
+    first = tiny_space(tmp_path, steps=2)
+    second = str(tmp_path / "other.nest")
+    shutil.copy(first, second)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["sweep", first, second, "--task", "mqar", "--task-option", "pairs=2",
+                                      "--trials", "1", "--steps", "2", "--runs", str(runs), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    boards = json.loads(result.stdout)
+    assert list(boards) == [first, second] and all(len(board) == 1 for board in boards.values())
+    assert sorted(os.listdir(runs)) == ["sweep-other-mqar", "sweep-tiny-mqar"]
+    for name in ("sweep-other-mqar", "sweep-tiny-mqar"):
+        assert {"study.db", "leaderboard.csv", "best.nest"} <= set(os.listdir(runs / name))

@@ -623,23 +623,28 @@ def study_plots(config: SweepConfig) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     optuna = _optuna()
     from optuna.visualization import matplotlib as optuna_plots
 
     study, _ = open_study(config)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    plots = {"history": lambda: optuna_plots.plot_optimization_history(study, target_name="held-out bits")}
+    target = f"held-out bits per {'scored token' if config.run.task else 'byte'}"
+    plots = {"history": lambda: optuna_plots.plot_optimization_history(study, target_name=target)}
     if len(complete) >= 2 and any(trial.params for trial in complete):
         plots["importance"] = lambda: optuna_plots.plot_param_importances(
-            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target_name="held-out bits")
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target_name=target)
     written = {}
     for name, plot in plots.items():
-        with warnings.catch_warnings():
+        # Optuna switches matplotlib to its own style; the context gives the process's back.
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # their matplotlib backend's
             axis = plot()
-        path = os.path.join(config.directory, f"{name}.png")
-        axis.figure.savefig(path, dpi=110, bbox_inches="tight")
+            if name == "history":
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+            path = os.path.join(config.directory, f"{name}.png")
+            axis.figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(axis.figure)
         written[name] = path
     return written

@@ -105,7 +105,8 @@ def check(files, error_format, color, quiet) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "dot", "json", "mermaid", "png"]), default="text",
               show_default=True, help="Output format.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
-              help="Write to this file (required for png: drawn by Graphviz's `dot` when installed, else by matplotlib).")
+              help="Write to this file (required for png: laid out by Graphviz's `dot` when installed, else "
+                   "drawn by matplotlib).")
 @_error_format
 @_color
 def graph(file, fmt, output, error_format, color) -> None:

@@ -337,7 +337,8 @@ def draw_png(graph: nx.MultiDiGraph, path: str) -> None:
     for source, target, data in _sorted_edges(graph):
         if source != target:  # a level's own (self-modifying) edge is named in its box instead
             labels.setdefault((source, target), []).append(data["label"])
-    nx.draw_networkx_edge_labels(nx.DiGraph(list(labels)), position, ax=axis, font_size=6, connectionstyle="arc3,rad=0.12",
+    nx.draw_networkx_edge_labels(nx.DiGraph(list(labels)), position, ax=axis, font_size=6,
+                                 connectionstyle="arc3,rad=0.12",
                                  edge_labels={edge: "; ".join(texts) for edge, texts in labels.items()})
     own = {s: data["label"] for s, t, data in graph.edges(data=True) if s == t}
     nx.draw_networkx_labels(graph, position, ax=axis, font_size=7,

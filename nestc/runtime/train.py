@@ -283,10 +283,7 @@ class _Session:
         if self.world > 1:
             distributed.agree(failure)
         self.start = self._resume()
-        # Only the first process tracks, as only it writes metrics.jsonl.
-        self.trackers = tracking.open_trackers(config.track, self.directory, os.path.basename(self.directory),
-                                               self._hyperparameters(), self.start, config.tensorboard_dir) \
-            if self.lead else tracking.Trackers()
+        self.trackers = self._open_trackers()
         # What trains: under several processes, the model wrapped so that its gradients are averaged.
         self.trained = distributed.wrap(self.model, self.device) if self.world > 1 else self.model
         self._announce()
@@ -446,6 +443,23 @@ class _Session:
             with open(path, "wb") as handle:
                 handle.write(distributed.broadcast_bytes(None, 0))
         return received
+
+    def _open_trackers(self) -> tracking.Trackers:
+        """The first process's trackers (it alone writes metrics.jsonl); one that cannot start (an
+        event directory it cannot write) stops every process with its message."""
+        trackers, failure = tracking.Trackers(), None
+        if self.lead:
+            try:
+                trackers = tracking.open_trackers(self.config.track, self.directory,
+                                                  os.path.basename(self.directory), self._hyperparameters(),
+                                                  self.start, self.config.tensorboard_dir)
+            except Exception as error:  # noqa: BLE001 (raised on every process below)
+                if self.world == 1:
+                    raise
+                failure = error
+        if self.world > 1 and self.config.track:  # every process has the same flags
+            distributed.agree(failure)
+        return trackers
 
     def _hyperparameters(self) -> dict:
         """What the trackers record the run as: its spec, training settings and size."""

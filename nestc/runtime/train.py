@@ -134,7 +134,7 @@ def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.
 class Progress:
     """How far the run is: on a terminal, a `rich.progress` bar (steps, train bits, tok/s, ETA)
     with each evaluation printed above it; elsewhere (a log file, a pipe) a plain line at the first
-    step, then every `every_steps` steps or `every_seconds` of `clock` time, whichever comes first,
+    step, then every tenth of the run or `every_seconds` of `clock` time, whichever comes first,
     at each evaluation and at the end. `stream` None: nothing at all."""
 
     def __init__(self, total: int, stream=sys.stderr, *, start: int = 0, clock=time.perf_counter,
@@ -522,7 +522,8 @@ class _Session:
                     self.step = self.steps
         except KeyboardInterrupt:
             self.interrupted, self.step_cut_short = True, True
-        progress.done()
+        finally:  # a diverged run or a pruned trial too: a terminal gets its cursor back
+            progress.done()
         if self.world > 1:
             self.trained = self.model
             distributed.finish()

@@ -133,7 +133,7 @@ def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.
 
 class Progress:
     """How far the run is: on a terminal, a `rich.progress` bar (steps, train bits, tok/s, ETA)
-    with each evaluation printed above it; elsewhere (a log file, a pipe) a plain line at the first
+    with each evaluation printed above it, where it stays; elsewhere (a log file, a pipe) a plain line at the first
     step, then every tenth of the run or `every_seconds` of `clock` time, whichever comes first,
     at each evaluation and at the end. `stream` None: nothing at all."""
 
@@ -154,12 +154,10 @@ class Progress:
         from rich import progress
 
         self.bar = progress.Progress(
-            progress.BarColumn(), progress.TextColumn("step"), progress.MofNCompleteColumn(),
+            progress.BarColumn(bar_width=24), progress.TextColumn("step"), progress.MofNCompleteColumn(),
             progress.TextColumn("train {task.fields[bits]} bits  {task.fields[rate]} tok/s  eta"),
-            progress.TimeRemainingColumn(), progress.TextColumn("{task.fields[extra]}"),
-            console=console, get_time=self.clock)
-        self.task = self.bar.add_task("train", total=self.total, completed=self.first, bits="-", rate="-",
-                                      extra="")
+            progress.TimeRemainingColumn(), console=console, get_time=self.clock)
+        self.task = self.bar.add_task("train", total=self.total, completed=self.first, bits="-", rate="-")
         self.bar.start()
 
     def update(self, step: int, loss: float, tokens: int, extra: str = "") -> None:
@@ -169,8 +167,7 @@ class Progress:
         elapsed = now - self.began
         rate = tokens / elapsed if elapsed > 0 else 0.0
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, bits=f"{loss:.3f}", rate=f"{rate:,.0f}",
-                            extra=extra.strip() and f"({extra.strip()})")
+            self.bar.update(self.task, completed=step, bits=f"{loss:.3f}", rate=f"{rate:,.0f}")
             if extra:  # an evaluation stays on the screen, above the bar
                 self.bar.console.print(f"step {step}/{self.total}:{extra}")
             return

@@ -104,20 +104,25 @@ def check(files, error_format, color, quiet) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "dot", "json", "mermaid", "png"]), default="text",
               show_default=True, help="Output format.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to this file (required for png).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="Write to this file (required for png: laid out by Graphviz's `dot` when installed, else "
+                   "drawn by matplotlib).")
 @_error_format
 @_color
 def graph(file, fmt, output, error_format, color) -> None:
     """Show the level graph of a spec, levels from slowest to fastest."""
     from nestc import graph as level_graph
 
+    if fmt == "png" and not output:
+        raise click.MissingParameter("--format png writes an image file: say where with -o FILE.png",
+                                     param_hint="'-o' / '--output'", param_type="option")
     result = _analyze(file)
     _report(result.diagnostics, result.sources, error_format, color)
     if not result.ok:
         sys.exit(_exit_code(result))
     built = level_graph.build(result.program)
     if fmt == "png":
-        _write_png(level_graph.to_dot(built), output or os.path.splitext(file)[0] + ".png")
+        _write_png(built, output)
         return
     render = {"text": level_graph.to_text, "dot": level_graph.to_dot, "json": level_graph.to_json,
               "mermaid": level_graph.to_mermaid}[fmt]
@@ -129,14 +134,21 @@ def graph(file, fmt, output, error_format, color) -> None:
         click.echo(text, nl=False)
 
 
-def _write_png(dot_text: str, output: str) -> None:
+def _write_png(built, output: str) -> None:
+    """Graphviz's `dot` lays the graph out when it is installed; else networkx and matplotlib draw it."""
+    from nestc import graph as level_graph
+
     dot = shutil.which("dot")
     if dot is None:
-        raise click.ClickException(
-            "rendering png needs Graphviz's `dot` program, which is not installed.\n"
-            "  install it (Debian/Ubuntu: `apt-get install graphviz`; macOS: `brew install graphviz`),\n"
-            "  or use `--format dot` and render the file elsewhere.")
-    completed = subprocess.run([dot, "-Tpng", "-o", output], input=dot_text.encode(), capture_output=True)
+        try:
+            level_graph.draw_png(built, output)
+        except OSError as error:
+            raise click.ClickException(f"cannot write `{output}`: {error.strerror or error}") from None
+        click.echo(f"wrote {output} (drawn with matplotlib: Graphviz's `dot` is not installed, and lays larger "
+                   "graphs out better)", err=True)
+        return
+    completed = subprocess.run([dot, "-Tpng", "-o", output], input=level_graph.to_dot(built).encode(),
+                               capture_output=True)
     if completed.returncode != 0:
         raise click.ClickException(f"graphviz failed: {completed.stderr.decode(errors='replace').strip()}") from None
     click.echo(f"wrote {output}", err=True)
@@ -261,15 +273,28 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
               help="Run each segment through torch.compile (the first steps pay the compile).")
 @click.option("--graph", is_flag=True, help="Run each segment through the traced and rewritten fx graph.")
 @_threads_option("in each training process")
+@click.option("--track", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+              help="Also log the metrics (and, at the end, the settings with the final scores) to TensorBoard, "
+                   "Weights & Biases or MLflow (repeatable); metrics.jsonl is written either way.")
+@click.option("--tensorboard-dir", type=click.Path(file_okay=False),
+              help="Where --track tensorboard writes its event files (default: RUN/tensorboard).")
 @_color
 def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, checkpoint_minutes, runs, eval_every,
         task, task_options, data_paths, nproc, tokenizer, seed, device, bf16, torch_compile, graph, threads,
-        color) -> None:
+        track, tensorboard_dir, color) -> None:
     """Train a spec's model on the embedded default corpus (CPython's own documentation, bytes)."""
     import warnings
 
-    from nestc.runtime import data
+    from nestc.runtime import data, tracking
     from nestc.lang import overrides
+
+    if tensorboard_dir and "tensorboard" not in track:
+        raise click.UsageError("--tensorboard-dir says where --track tensorboard writes: give --track tensorboard")
+    for kind in track:  # a missing library stops the run before anything is built
+        try:
+            tracking.require(kind)
+        except tracking.TrackingError as error:
+            raise click.UsageError(str(error)) from None
 
     if device != "cpu":
         import torch
@@ -328,6 +353,8 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         arguments += ["--device", device, "--threads", str(threads)] + (["--bf16"] if bf16 else [])
         arguments += (["--compile"] if torch_compile else []) + (["--graph"] if graph else [])
         arguments += ["--tokenizer", tokenizer] if tokenizer else []
+        arguments += [a for kind in track for a in ("--track", kind)]
+        arguments += ["--tensorboard-dir", tensorboard_dir] if tensorboard_dir else []
         from nestc.runtime import distributed
 
         sys.exit(distributed.launch(nproc, arguments))
@@ -340,13 +367,14 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
 
     config = RunConfig(steps=steps, backend=backend, runs=runs, resume=resume, overwrite=overwrite,
                        eval_every=eval_every, task=task, task_options=options, tokenizer=tokenizer, device=device,
-                       bf16=bf16, compile=torch_compile, graph=graph, threads=threads)
+                       bf16=bf16, compile=torch_compile, graph=graph, threads=threads, track=track,
+                       tensorboard_dir=tensorboard_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompileWarning)
         try:
             outcome = train(result.program, bundle(result), config, corpus=corpus,
                             log=lambda message: click.echo(message, err=True))
-        except (BackendError, TrainingDiverged, CheckpointError, SetupFailed) as error:
+        except (BackendError, TrainingDiverged, CheckpointError, SetupFailed, tracking.TrackingError) as error:
             raise click.ClickException(str(error)) from None
         except OSError as error:  # the run directory: a full disk, no permission ...
             raise click.ClickException(f"cannot write the run under `{runs}`: {error}") from None
@@ -624,7 +652,7 @@ def evaluate_file(run_directory, file, state_in, threads) -> None:
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("specs", metavar="SPACES...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the variants without training them.")
 @click.option("--sample", type=click.IntRange(min=1), help="With --dry-run: list a seeded sample of this many variants.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -640,29 +668,43 @@ def evaluate_file(run_directory, file, state_in, threads) -> None:
               help="Local worker processes sharing the study (the cores are divided among them).")
 @click.option("--storage", metavar="URL", help="An SQLAlchemy database URL shared by workers on several machines "
                                                "(default: SQLite under the sweep's directory).")
-@click.option("--study", "study_name", help="The study's name (default: SPEC's name and the task).")
+@click.option("--study", "study_name", help="The study's name (default: the space's file name and the task); "
+                                             "one space only.")
 @click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Where the sweep's directory is created.")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate (and maybe prune) every N steps.")
 @click.option("--no-prune", is_flag=True, help="Train every variant to the end (no median pruning).")
 @_color
-def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, sampler, workers, storage, study_name,
-          runs, eval_every, no_prune, color) -> None:
-    """Train and rank the variants of a search space, or list them with --dry-run."""
+def sweep(specs, dry_run, sample, seed, fmt, trials, steps, task, task_options, sampler, workers, storage,
+          study_name, runs, eval_every, no_prune, color) -> None:
+    """Train and rank the variants of search SPACES, or list them with --dry-run. Several spaces are
+    swept one after the other, each in a study (and directory) of its own, named after its file."""
     import json
 
-    from nestc.search import sweep as sweeping
-    from nestc.lang.diagnostics import NestError
-
-    if not os.path.isfile(spec):
-        raise click.UsageError(f"cannot read `{spec}`: no such file") from None
-    # Errors of the space itself (syntax, unreadable files, an empty choice, a bad range) stop the
-    # sweep here; errors that only some options cause are each variant's, reported when it is frozen.
-    checked = _analyze(spec)
-    space_errors = [d for d in checked.diagnostics
-                    if d.is_error and (d.code in SEARCH_VALUE_ERRORS or d.code <= "N0100")]
-    if space_errors:
-        _report(space_errors, checked.sources, "human", color)
+    for spec in specs:
+        if not os.path.isfile(spec):
+            raise click.UsageError(f"cannot read `{spec}`: no such file") from None
+    if len(specs) > 1:
+        if study_name:
+            raise click.UsageError("--study names one study, but each of several spaces has its own (named after "
+                                   "its file): sweep a space alone to name its study")
+        stems = [os.path.splitext(os.path.basename(spec))[0] for spec in specs]
+        repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if repeated:
+            raise click.UsageError(f"two spaces are named `{repeated[0]}`, and a space's study and directory take "
+                                   "its file's name: rename one, or sweep them one at a time with --study")
+    # Errors of a space itself (syntax, unreadable files, an empty choice, a bad range) stop the
+    # sweep here, before any space trains; errors that only some options cause are each variant's,
+    # reported when it is frozen.
+    failed = False
+    for spec in specs:
+        checked = _analyze(spec)
+        space_errors = [d for d in checked.diagnostics
+                        if d.is_error and (d.code in SEARCH_VALUE_ERRORS or d.code <= "N0100")]
+        if space_errors:
+            _report(space_errors, checked.sources, "human", color)
+            failed = True
+    if failed:
         sys.exit(EXIT_DIAGNOSTICS)
     if not dry_run:
         if trials is None:
@@ -674,11 +716,25 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
 
         training = RunConfig(steps=steps, runs=runs, eval_every=eval_every, task=task,
                              task_options=_parse_task_options(task, task_options))
-        _train_sweep(study.SweepConfig(spec=spec, trials=trials, run=training, sampler=sampler, seed=seed,
-                                       workers=workers, storage=storage, study=study_name, prune=not no_prune),
-                     fmt, color)
-        return
+        configs = [study.SweepConfig(spec=spec, trials=trials, run=training, sampler=sampler, seed=seed,
+                                     workers=workers, storage=storage, study=study_name, prune=not no_prune)
+                   for spec in specs]
+        listed = {config.spec: [entry.__dict__ for entry in _train_sweep(config, fmt, color)] for config in configs}
+    else:
+        listed = {}
+        for spec in specs:
+            if len(specs) > 1 and fmt != "json":
+                click.echo(f"{spec}:")
+            listed[spec] = _list_variants(spec, sample, seed, fmt, color)
+    if fmt == "json":  # one space: its list, as ever; several: each space's under its path
+        click.echo(json.dumps(listed[specs[0]] if len(specs) == 1 else listed, indent=2))
+
+
+def _list_variants(spec: str, sample: int | None, seed: int, fmt: str, color) -> list[dict]:
+    """`--dry-run`: the variants of one space, printed (text) or returned (json)."""
     from nestc.backends.common import BackendError
+    from nestc.lang.diagnostics import NestError
+    from nestc.search import sweep as sweeping
 
     try:
         found = sweeping.variants(spec, sample=sample, seed=seed)  # builds each variant to count it
@@ -688,10 +744,8 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
     except BackendError as error:  # a variant too large for this machine
         raise click.ClickException(str(error)) from None
     if fmt == "json":
-        click.echo(json.dumps([{"id": v.id, "choices": v.choices, "parameters": v.parameters,
-                                "flops_per_token": v.flops_per_token,
-                                "errors": [d.to_json() for d in v.diagnostics]} for v in found], indent=2))
-        return
+        return [{"id": v.id, "choices": v.choices, "parameters": v.parameters, "flops_per_token": v.flops_per_token,
+                 "errors": [d.to_json() for d in v.diagnostics]} for v in found]
     for variant in found:
         choices = ", ".join(f"{label}={value}" for label, value in variant.choices.items())
         if variant.ok:
@@ -703,10 +757,11 @@ def sweep(spec, dry_run, sample, seed, fmt, trials, steps, task, task_options, s
     valid = sum(v.ok for v in found)
     click.echo(f"{len(found)} variant{'s' if len(found) != 1 else ''} listed, {valid} valid, "
                f"{len(found) - valid} with errors (skipped)")
+    return []
 
 
-def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
-    import json
+def _train_sweep(config: SweepConfig, fmt: str, color) -> list:
+    """Sweep one space; returns its leaderboard (printed as a table unless `fmt` is json)."""
     import warnings
 
     import optuna
@@ -743,14 +798,13 @@ def _train_sweep(config: SweepConfig, fmt: str, color) -> None:
         sys.exit(130)
     except OSError as error:
         raise click.ClickException(f"cannot write the sweep under `{config.run.runs}`: {error}") from None
-    if fmt == "json":
-        click.echo(json.dumps([entry.__dict__ for entry in entries], indent=2))
-    else:
+    if fmt != "json":
         study.format_table(entries, task=config.run.task is not None)
     for kind, path in written.items():
         click.echo(f"{kind}: {path}", err=True)
     if "best" in written:
         click.echo(f"train the best variant further: nestc run {written['best']}", err=True)
+    return entries
 
 
 def _sources_of(path: str) -> SourceMap:

@@ -279,26 +279,77 @@ def _dot_id(name: str) -> str:
     return '"' + name.replace('"', '\\"') + '"'
 
 
-_DOT_STYLES = {
-    "data": 'color="black"', "generates": 'color="firebrick", penwidth=2', "meta_init": 'color="royalblue", style=dashed',
-    "nested_init": 'color="royalblue", style=dashed', "pretrained_init": 'color="gray40", style=dashed',
-    "task_gradient": 'color="darkgreen", style=dotted', "trains": 'color="gray70", style=dotted',
-    "gradient": 'color="darkorange", style=dashed', "reads": 'color="darkorange"',
-    "update": 'color="darkorange", penwidth=2',
+# How each kind of edge looks: colour, line style, width (both in Graphviz and in matplotlib).
+_EDGE_LOOKS = {
+    "data": ("black", "solid", 1), "generates": ("firebrick", "solid", 2), "meta_init": ("royalblue", "dashed", 1),
+    "nested_init": ("royalblue", "dashed", 1), "pretrained_init": ("#666666", "dashed", 1),
+    "task_gradient": ("darkgreen", "dotted", 1), "trains": ("#b3b3b3", "dotted", 1),
+    "gradient": ("darkorange", "dashed", 1), "reads": ("darkorange", "solid", 1), "update": ("darkorange", "solid", 2),
 }
+
+
+def _node_label(graph: nx.MultiDiGraph, name: str, newline: str) -> str:
+    node = graph.nodes[name]
+    return newline.join((name, node["state"], node["frequency"]))
 
 
 def to_dot(graph: nx.MultiDiGraph) -> str:
     lines = [f"digraph {_dot_id(graph.graph['name'])} {{", "  rankdir=TB;", '  node [shape=box, fontname="Helvetica"];']
     for name in frequency_order(graph):
-        node = graph.nodes[name]
-        label = f"{name}\\n{node['state']}\\n{node['frequency']}"
         shape = ', shape=doubleoctagon' if name == OUTER else ""
-        lines.append(f'  {_dot_id(name)} [label="{label}"{shape}];')
+        lines.append(f'  {_dot_id(name)} [label="{_node_label(graph, name, chr(92) + "n")}"{shape}];')
     for source, target, data in _sorted_edges(graph):
-        lines.append(f'  {_dot_id(source)} -> {_dot_id(target)} [label="{data["label"]}", {_DOT_STYLES[data["kind"]]}];')
+        color, style, width = _EDGE_LOOKS[data["kind"]]
+        look = f'color="{color}"' + (f", style={style}" if style != "solid" else "") + \
+            (f", penwidth={width}" if width != 1 else "")
+        lines.append(f'  {_dot_id(source)} -> {_dot_id(target)} [label="{data["label"]}", {look}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def draw_png(graph: nx.MultiDiGraph, path: str) -> None:
+    """The level graph drawn with networkx and matplotlib (when Graphviz is not installed): levels in
+    rows from the slowest (top) to the fastest, each edge in its kind's look, its labels beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = frequency_order(graph)
+    rates = sorted({graph.nodes[name]["rate"] for name in order})
+    rows: dict[int, list[str]] = {}
+    for name in order:
+        rows.setdefault(rates.index(graph.nodes[name]["rate"]), []).append(name)
+    width = max(len(row) for row in rows.values())
+    # A column as wide as the longest line of a box (at 7 points, about 0.06 inches a character).
+    characters = max(len(line) for name in order for line in _node_label(graph, name, "\n").split("\n"))
+    column_width = 1.4 * characters  # in data units: a box and the gap to the next
+    position = {name: ((column - (len(row) - 1) / 2) * column_width, -row_index * 20.0)
+                for row_index, row in rows.items() for column, name in enumerate(row)}
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.065 * column_width * width), max(3.0, 1.9 * len(rows))))
+    for kind, (color, style, line_width) in _EDGE_LOOKS.items():
+        edges = [(s, t) for s, t, data in graph.edges(data=True) if data["kind"] == kind]
+        if edges:
+            nx.draw_networkx_edges(graph, position, edgelist=edges, ax=axis, edge_color=color, style=style,
+                                   width=line_width, arrows=True, arrowsize=12, node_size=2500,
+                                   connectionstyle="arc3,rad=0.12")
+    labels: dict[tuple[str, str], list[str]] = {}
+    for source, target, data in _sorted_edges(graph):
+        if source != target:  # a level's own (self-modifying) edge is named in its box instead
+            labels.setdefault((source, target), []).append(data["label"])
+    nx.draw_networkx_edge_labels(nx.DiGraph(list(labels)), position, ax=axis, font_size=6,
+                                 connectionstyle="arc3,rad=0.12",
+                                 edge_labels={edge: "; ".join(texts) for edge, texts in labels.items()})
+    own = {s: data["label"] for s, t, data in graph.edges(data=True) if s == t}
+    nx.draw_networkx_labels(graph, position, ax=axis, font_size=7,
+                            labels={name: _node_label(graph, name, "\n") + (f"\n({own[name]})" if name in own else "")
+                                    for name in order},
+                            bbox={"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": "0.3"})
+    axis.set_title(f"level graph of {graph.graph['name']} (slowest first)")
+    axis.margins(0.15)
+    axis.axis("off")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
 
 
 def to_mermaid(graph: nx.MultiDiGraph) -> str:

@@ -173,15 +173,21 @@ def test_graph_of_a_bad_spec_exits_1(at_repo_root):
     assert "error[" in result.stderr
 
 
-def test_graph_png_without_graphviz(at_repo_root, monkeypatch, tmp_path):
-    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+def test_graph_png_without_graphviz_is_drawn_with_matplotlib(at_repo_root, monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)  # no `dot` on the PATH
     target = tmp_path / "g.png"
-    result = invoke("graph", "--format", "png", "-o", str(target), CLEAN_FILE)
-    assert result.exit_code == 1
-    assert "Graphviz" in result.stderr and "--format dot" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert isinstance(result.exception, SystemExit)
-    assert not target.exists()
+    result = invoke("graph", "--format", "png", "-o", str(target), "specs/hope.nest")
+    assert result.exit_code == 0, result.stderr
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {target} (drawn with matplotlib" in result.stderr
+
+
+@pytest.mark.parametrize("graphviz", [None, "/usr/bin/dot"])
+def test_graph_png_without_an_output_file_says_so(graphviz, at_repo_root, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: graphviz)
+    result = invoke("graph", "--format", "png", CLEAN_FILE)
+    assert result.exit_code == 2
+    assert "Missing option '-o' / '--output'" in result.stderr and "Graphviz" not in result.stderr
 
 
 def _fake_dot(tmp_path, exit_code: int):

@@ -341,7 +341,8 @@ def test_two_data_parallel_processes_take_the_single_process_step(spec, parallel
     single = _run(*args, "--runs", str(tmp_path / "single"))
     assert single.exit_code == 0, single.output
     parallel = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--runs", str(tmp_path / "parallel"),
-                               *parallel_flags], capture_output=True, text=True, timeout=1800)  # a bound on a hang only
+                               *parallel_flags, "--track", "tensorboard"],
+                              capture_output=True, text=True, timeout=1800)  # a bound on a hang only
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     assert "2 processes" in parallel.stderr
     (a,), (b,) = list((tmp_path / "single").iterdir()), list((tmp_path / "parallel").iterdir())
@@ -351,6 +352,8 @@ def test_two_data_parallel_processes_take_the_single_process_step(spec, parallel
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # only the first process tracks: one event file (each process that logged would write its own)
+    assert len(list((b / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def _free_port() -> int:

@@ -102,6 +102,10 @@ def test_a_grid_sweep_trains_each_variant_once_and_writes_the_results(tmp_path):
     assert len(rows) == 5 and rows[0].startswith("rank,trial,outcome,variant,held_out_bits")
     assert [row["trial"] for row in json.load(open(written["json"]))] == [e.trial for e in entries]
     assert os.path.getsize(written["pareto"]) > 10_000
+    # Optuna's own plots: the bits trial after trial, and each choice's importance
+    for name in ("history", "importance"):
+        with open(written[name], "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n", name
     # The best variant is a choice-free, self-contained spec with the winner's identity.
     program = check(written["best"])
     assert not ir.contains_search(program.levels) and ir.variant_id(program) == entries[0].variant
@@ -523,3 +527,49 @@ def test_workers_that_open_a_new_postgresql_database_at_once_all_open_it(postgre
         for worker in workers:
             worker.join()
     assert outcomes == ["opened"] * 9
+
+
+def test_several_spaces_are_swept_each_in_its_own_study(tmp_path):
+    first = tiny_space(tmp_path, steps=2)
+    second = str(tmp_path / "other.nest")
+    shutil.copy(first, second)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["sweep", first, second, "--task", "mqar", "--task-option", "pairs=2",
+                                      "--trials", "1", "--steps", "2", "--runs", str(runs), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    boards = json.loads(result.stdout)
+    assert list(boards) == [first, second] and all(len(board) == 1 for board in boards.values())
+    assert sorted(os.listdir(runs)) == ["sweep-other-mqar", "sweep-tiny-mqar"]
+    for name in ("sweep-other-mqar", "sweep-tiny-mqar"):
+        assert {"study.db", "leaderboard.csv", "best.nest"} <= set(os.listdir(runs / name))
+
+
+def test_the_pareto_plots_tick_labels_are_distinct_and_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    # parameter counts that differ in the fourth digit or repeat, throughputs close together and far apart
+    sizes = [10_240, 10_240, 10_496, 10_752, 20_480, 41_000, 1_250_000]
+    speeds = [12_345.6, 12_346.1, 12_390.0, 13_000.0, 25_000.0, 3_100.0, 900.0]
+    entries = [study.Entry(trial=n, outcome="complete", variant=f"v{n}", bits=3.4521 + 0.0001 * n, accuracy=None,
+                           parameters=size, tokens_per_second=speed, choices={})
+               for n, (size, speed) in enumerate(zip(sizes, speeds))]
+    figure = study.pareto_figure(entries, "corpus")
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        size_axis, speed_axis = figure.axes
+        assert size_axis.get_xscale() == "log"
+        assert "parameters" in size_axis.get_xlabel() and "tokens/s" in speed_axis.get_xlabel()
+        assert "bits per byte" in size_axis.get_ylabel()
+        for axis in (size_axis, speed_axis):
+            for ticks in (axis.xaxis.get_majorticklabels(), axis.yaxis.get_majorticklabels()):
+                shown = [label for label in ticks if label.get_visible() and label.get_text()]
+                texts = [label.get_text() for label in shown]
+                assert len(shown) >= 2 and len(set(texts)) == len(texts), texts
+                boxes = [label.get_window_extent(renderer) for label in shown]
+                for index, box in enumerate(boxes):
+                    assert not any(box.overlaps(other) for other in boxes[index + 1:]), texts
+            assert not [label.get_text() for label in axis.xaxis.get_minorticklabels() if label.get_text()]
+        assert [label.get_text() for label in size_axis.xaxis.get_majorticklabels()][0] == "10.2k"
+    finally:
+        plt.close(figure)

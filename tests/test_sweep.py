@@ -56,3 +56,38 @@ def test_sweep_without_dry_run_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli, ["sweep", str(path)])
     assert result.exit_code == 2
     assert "--dry-run" in result.output
+
+
+def test_several_spaces_are_listed_each_in_turn(tmp_path):
+    first, second = tmp_path / "half.nest", tmp_path / "wide.nest"
+    first.write_text(INVALID_HALF)
+    second.write_text(INVALID_HALF.replace("choice(8, 16)", "choice(8, 16, 32)"))
+    result = CliRunner().invoke(cli, ["sweep", str(first), str(second), "--dry-run", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert list(listed) == [str(first), str(second)]
+    assert [len(listed[str(first)]), len(listed[str(second)])] == [4, 6]
+    text = CliRunner().invoke(cli, ["sweep", str(first), str(second), "--dry-run"])
+    assert text.exit_code == 0
+    assert text.output.index(f"{first}:") < text.output.index("4 variants listed") \
+        < text.output.index(f"{second}:") < text.output.index("6 variants listed")
+
+
+def test_several_spaces_refuse_one_study_name_and_a_shared_file_name(tmp_path):
+    (tmp_path / "a").mkdir()
+    first, second, twin = tmp_path / "half.nest", tmp_path / "wide.nest", tmp_path / "a" / "half.nest"
+    for path in (first, second, twin):
+        path.write_text(INVALID_HALF)
+    named = CliRunner().invoke(cli, ["sweep", str(first), str(second), "--trials", "1", "--study", "mine"])
+    assert named.exit_code == 2 and "--study names one study" in named.output
+    twins = CliRunner().invoke(cli, ["sweep", str(first), str(twin), "--trials", "1"])
+    assert twins.exit_code == 2 and "two spaces are named `half`" in twins.output
+
+
+def test_an_error_in_any_space_stops_the_sweep_before_one_trains(tmp_path):
+    good, bad = tmp_path / "good.nest", tmp_path / "bad.nest"
+    good.write_text(INVALID_HALF)
+    bad.write_text(INVALID_HALF.replace("choice(8, 16)", "choice()"))
+    result = CliRunner().invoke(cli, ["sweep", str(good), str(bad), "--trials", "1", "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and "error[N0119]" in result.output and "bad.nest" in result.output
+    assert not (tmp_path / "runs").exists()

@@ -29,4 +29,6 @@ class RunConfig:
     compile: bool = False  # each segment through torch.compile (docs/backends.md)
     graph: bool = False  # each segment through the rewritten fx graph
     quiet: bool = False  # no log and no progress line
+    track: tuple[str, ...] = ()  # trackers beside metrics.jsonl: tensorboard, wandb, mlflow (runtime/tracking.py)
+    tensorboard_dir: str | None = None  # default: the run directory's tensorboard/
     sample_bytes: int = 160  # the sample written into report.md

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from nestc.backends.outer import MultiRateStepper
 from nestc.lang import ir
 from nestc.passes.estimate import require_fits
-from nestc.runtime import data, distributed, plots, rundir, tasks
+from nestc.runtime import data, distributed, plots, rundir, tasks, tracking
 from nestc.runtime.checkpoint import CheckpointError
 from nestc.runtime.config import RunConfig
 from nestc.runtime.optim import build_optimizer, schedule
@@ -132,30 +132,61 @@ def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.
 
 
 class Progress:
-    """One status line, rewritten in place on a terminal and printed every few steps otherwise."""
+    """How far the run is: on a terminal, a `rich.progress` bar (steps, train bits, tok/s, ETA)
+    with each evaluation printed above it, where it stays; elsewhere (a log file, a pipe) a plain line at the first
+    step, then every tenth of the run or `every_seconds` of `clock` time, whichever comes first,
+    at each evaluation and at the end. `stream` None: nothing at all."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.start = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+    def __init__(self, total: int, stream=sys.stderr, *, start: int = 0, clock=time.perf_counter,
+                 console=None, every_seconds: float = 30.0):
+        self.total, self.stream, self.first, self.clock = total, stream, start, clock
+        self.every_steps, self.every_seconds = max(1, total // 10), every_seconds
+        self.began = self.last_line = clock()
+        self.bar = None
+        if console is None and stream is not None and hasattr(stream, "isatty") and stream.isatty():
+            from rich.console import Console
+
+            console = Console(file=stream)
+        if console is not None:
+            self._start_bar(console)
+
+    def _start_bar(self, console) -> None:
+        from rich import progress
+
+        self.bar = progress.Progress(
+            progress.BarColumn(bar_width=24), progress.TextColumn("step"), progress.MofNCompleteColumn(),
+            progress.TextColumn("train {task.fields[bits]} bits  {task.fields[rate]} tok/s  eta"),
+            progress.TimeRemainingColumn(), console=console, get_time=self.clock)
+        self.task = self.bar.add_task("train", total=self.total, completed=self.first, bits="-", rate="-")
+        self.bar.start()
 
     def update(self, step: int, loss: float, tokens: int, extra: str = "") -> None:
-        elapsed = time.perf_counter() - self.start
+        """After `step` (counted from 1), with its train loss in bits, the tokens trained since the
+        start and, after an evaluation, its note."""
+        now = self.clock()
+        elapsed = now - self.began
         rate = tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / step * (self.total - step) if step else 0.0
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, bits=f"{loss:.3f}", rate=f"{rate:,.0f}")
+            if extra:  # an evaluation stays on the screen, above the bar
+                self.bar.console.print(f"step {step}/{self.total}:{extra}")
+            return
+        due = (step == self.first + 1 or step == self.total or step % self.every_steps == 0 or extra
+               or now - self.last_line >= self.every_seconds)
+        if self.stream is None or not due:
+            return
+        self.last_line = now
+        done = step - self.first
+        eta = elapsed / done * (self.total - step) if done else 0.0
         width = 24
         filled = int(width * step / self.total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  train {loss:.3f} bits  "
-                f"{rate:,.0f} tok/s  eta {eta:.0f}s{extra}")
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-            self.stream.flush()
-        elif step == self.total or step % max(1, self.total // 10) == 0 or extra:
-            self.stream.write(line + "\n")
+        self.stream.write(f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total}  train {loss:.3f} bits  "
+                          f"{rate:,.0f} tok/s  eta {eta:.0f}s{extra}\n")
+        self.stream.flush()
 
     def done(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.stop()
 
 
 class _StopAfterStep:
@@ -198,8 +229,11 @@ def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), 
     try:
         with intra_op_threads(config.threads):
             session = _Session(program, spec_text, config, corpus, log)
-            session.run_steps(on_eval)
-            return session.report()
+            try:
+                session.run_steps(on_eval)
+                return session.report()
+            finally:
+                session.trackers.close()
     finally:
         torch.set_flush_denormal(flushing)
 
@@ -246,6 +280,7 @@ class _Session:
         if self.world > 1:
             distributed.agree(failure)
         self.start = self._resume()
+        self.trackers = self._open_trackers()
         # What trains: under several processes, the model wrapped so that its gradients are averaged.
         self.trained = distributed.wrap(self.model, self.device) if self.world > 1 else self.model
         self._announce()
@@ -406,6 +441,32 @@ class _Session:
                 handle.write(distributed.broadcast_bytes(None, 0))
         return received
 
+    def _open_trackers(self) -> tracking.Trackers:
+        """The first process's trackers (it alone writes metrics.jsonl); one that cannot start (an
+        event directory it cannot write) stops every process with its message."""
+        trackers, failure = tracking.Trackers(), None
+        if self.lead:
+            try:
+                trackers = tracking.open_trackers(self.config.track, self.directory,
+                                                  os.path.basename(self.directory), self._hyperparameters(),
+                                                  self.start, self.config.tensorboard_dir)
+            except Exception as error:  # noqa: BLE001 (raised on every process below)
+                if self.world == 1:
+                    raise
+                failure = error
+        if self.world > 1 and self.config.track:  # every process has the same flags
+            distributed.agree(failure)
+        return trackers
+
+    def _hyperparameters(self) -> dict:
+        """What the trackers record the run as: its spec, training settings and size."""
+        settings = self.settings
+        return {"spec": self.program.file, "variant": ir.variant_id(self.program), "backend": self.config.backend,
+                "steps": self.steps, "batch": settings.batch, "context": settings.context, "seed": settings.seed,
+                "clip": float(settings.clip), "optimizer": settings.optimizer.name,
+                "schedule": settings.schedule.name, "processes": self.world, "parameters": self.parameters,
+                "data": self.config.task or "corpus", "unit": self.unit, "bf16": self.config.bf16}
+
     def _announce(self) -> None:
         context, batch, unit = self.settings.context, self.settings.batch, self.unit
         what = f"training {self.program.file} ({self.parameters:,} parameters, {self.config.backend} backend" \
@@ -422,8 +483,8 @@ class _Session:
         spec's cadence. A Ctrl-C (SIGINT) stops the run after the step it interrupts, so that the
         final checkpoint is of a whole step; a second one stops it at once, and the last periodic
         checkpoint stands."""
-        progress = Progress(self.steps, stream=sys.stderr if self.lead and not self.config.quiet
-                            else open(os.devnull, "w"))
+        progress = Progress(self.steps, stream=sys.stderr if self.lead and not self.config.quiet else None,
+                            start=self.start)
         every, minutes = self.settings.checkpoint_every, self.settings.checkpoint_minutes
         last_save = time.monotonic()
         try:
@@ -440,6 +501,7 @@ class _Session:
                     extra = self._evaluate(record) if due else ""
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    self.trackers.log(record)
                     progress.update(self.step + 1, loss.item() / math.log(2), self.tokens, extra)
                     if due and on_eval is not None:
                         on_eval(self.step + 1, self.held_out)
@@ -457,7 +519,8 @@ class _Session:
                     self.step = self.steps
         except KeyboardInterrupt:
             self.interrupted, self.step_cut_short = True, True
-        progress.done()
+        finally:  # a diverged run or a pruned trial too: a terminal gets its cursor back
+            progress.done()
         if self.world > 1:
             self.trained = self.model
             distributed.finish()
@@ -511,6 +574,12 @@ class _Session:
         record["held_out_bits"] = self.held_out
         return f"  held-out accuracy {self.score:.3f}"
 
+    def _final_scores(self) -> dict:
+        """The scores the trackers file beside the hyperparameters, under metrics.jsonl's names."""
+        if self.problem is None:
+            return {"eval_bits_per_byte": self.score}
+        return {"held_out_accuracy": self.score, "held_out_bits": self.held_out}
+
     def report(self) -> RunResult:
         """Save the final checkpoint and the curves, write report.md (with a sample on a corpus),
         and return the scores."""
@@ -529,6 +598,7 @@ class _Session:
                 else "no checkpoint yet; rerun with --overwrite to start over"))
             return result
         self._save(step)
+        self.trackers.finish(step, self._final_scores())
         plots.training_curves(directory, baseline=None if self.problem is not None else unigram,
                               unit="token" if self.problem is not None else self.unit)
         if self.interrupted:

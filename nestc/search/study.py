@@ -585,8 +585,8 @@ def leaderboard(config: SweepConfig) -> list[Entry]:
 
 
 def write_results(config: SweepConfig, entries: list[Entry]) -> dict[str, str]:
-    """leaderboard.csv, leaderboard.json, pareto.png and best.nest in the sweep's directory;
-    returns the paths written."""
+    """leaderboard.csv, leaderboard.json, pareto.png, Optuna's history.png and importance.png, and
+    best.nest in the sweep's directory; returns the paths written."""
     os.makedirs(config.directory, exist_ok=True)
     written = {}
     labels = sorted({label for entry in entries for label in entry.choices})
@@ -608,7 +608,45 @@ def write_results(config: SweepConfig, entries: list[Entry]) -> dict[str, str]:
     if trained:
         written["pareto"] = pareto_plot(trained, os.path.join(config.directory, "pareto.png"),
                                         "task" if config.run.task else "corpus")
+        written.update(study_plots(config))
         written["best"] = write_best(config, trained[0])
+    return written
+
+
+def study_plots(config: SweepConfig) -> dict[str, str]:
+    """Optuna's own plots of the study: the held-out bits trial after trial (`history.png`) and,
+    once two variants have trained, how much each choice moved them (`importance.png`, by
+    PED-ANOVA, which needs no scikit-learn; with few trials, a rough guide)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    optuna = _optuna()
+    from optuna.visualization import matplotlib as optuna_plots
+
+    study, _ = open_study(config)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    target = f"held-out bits per {'scored token' if config.run.task else 'byte'}"
+    plots = {"history": lambda: optuna_plots.plot_optimization_history(study, target_name=target)}
+    if len(complete) >= 2 and any(trial.params for trial in complete):
+        plots["importance"] = lambda: optuna_plots.plot_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target_name=target)
+    written = {}
+    for name, plot in plots.items():
+        # Optuna switches matplotlib to its own style; the context gives the process's back.
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # their matplotlib backend's
+            axis = plot()
+            if name == "history":
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+            path = os.path.join(config.directory, f"{name}.png")
+            axis.figure.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(axis.figure)
+        written[name] = path
     return written
 
 
@@ -636,6 +674,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def pareto_plot(entries: list[Entry], path: str, measure: str) -> str:
+    import matplotlib.pyplot as plt
+
+    figure = pareto_figure(entries, measure)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def pareto_figure(entries: list[Entry], measure: str):
+    """Held-out bits against parameters (log scale) and against training throughput, with each
+    front drawn; the x ticks stand at the variants' own values, labelled with 3 significant digits,
+    those that read alike merged and those that would overlap thinned."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -643,22 +693,55 @@ def pareto_plot(entries: list[Entry], path: str, measure: str) -> str:
 
     bits = [e.bits for e in entries]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, values, label, sign in ((axes[0], [e.parameters for e in entries], "parameters", 1),
-                                      (axes[1], [e.tokens_per_second for e in entries], "training tokens/s", -1)):
+    panels = ((axes[0], [e.parameters for e in entries], "parameters (count, log scale; fewer is better)", 1),
+              (axes[1], [e.tokens_per_second for e in entries], "training throughput (tokens/s; more is better)", -1))
+    for axis, values, label, sign in panels:
         front = sorted(pareto_front([(sign * v, b) for v, b in zip(values, bits)]), key=lambda i: values[i])
         axis.scatter(values, bits, color="0.6", label="variants")
         axis.plot([values[i] for i in front], [bits[i] for i in front], "o-", color="C3", label="Pareto front")
         for entry, x, y in zip(entries, values, bits):
             axis.annotate(str(entry.trial), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-        axis.set_xlabel(label + (" (fewer is better)" if sign > 0 else " (more is better)"))
+        if sign > 0:  # parameter counts span orders of magnitude
+            axis.set_xscale("log")
+        axis.set_xlabel(label)
         axis.set_ylabel(f"held-out bits per {'scored token' if measure == 'task' else 'byte'} (lower is better)")
+        axis.yaxis.get_major_formatter().set_useOffset(False)  # the bits as they are, not as +3.4 offsets
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle("sweep: quality against size and speed (labels are trial numbers)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    for axis, values, _, _ in panels:
+        _ticks_at_values(figure, axis, values)
+    return figure
+
+
+def _short_number(value: float) -> str:
+    """3 significant digits, thousands as k and millions as M: 10240 -> 10.2k."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _ticks_at_values(figure, axis, values) -> None:
+    """x ticks at the distinct `values`, one per distinct label, dropping from left to right any
+    whose label would touch the previous one's."""
+    from matplotlib.ticker import NullLocator
+
+    labelled: dict[str, float] = {}
+    for value in sorted(set(values)):
+        labelled.setdefault(_short_number(value), value)
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.set_xticks(list(labelled.values()), list(labelled))
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    kept, right_edge = [], -math.inf
+    for tick in axis.xaxis.get_major_ticks():
+        extent = tick.label1.get_window_extent(renderer)
+        if extent.x0 > right_edge + 6:  # pixels between two labels
+            kept.append((tick.get_loc(), tick.label1.get_text()))
+            right_edge = extent.x1
+    axis.set_xticks([position for position, _ in kept], [text for _, text in kept])
 
 
 def format_table(entries: list[Entry], task: bool, stream=None) -> None:

@@ -247,7 +247,10 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
 @_task
 @_task_options
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
-              help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
+              help="Train on these text files, globs or directories instead of the embedded corpus (repeatable); "
+                   "or on one token file (FILE.bin or FILE.u16.bin: uint16 ids, FILE.u32.bin: uint32), or on "
+                   "one Hugging Face dataset, streamed: hf:NAME_OR_PATH[:[CONFIG/]SPLIT[:COLUMN]] "
+                   "(default split train, column text; needs nestc[data]).")
 @click.option("--nproc", type=click.IntRange(min=1),
               help="Data-parallel processes (torch.distributed, gloo); the batch is split among them "
                    "(default: the spec's train.processes).")
@@ -282,14 +285,8 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
     if (torch_compile or graph) and backend != "compiled":
         raise click.UsageError(f"--{'compile' if torch_compile else 'graph'} needs --backend compiled: the reference "
                                "backend is the token-by-token oracle")
-    corpus = None
-    if data_paths:
-        if task:
-            raise click.UsageError("--data and --task are alternatives: give one")
-        try:
-            corpus = data.load_paths(list(data_paths))
-        except data.DataError as error:
-            raise click.UsageError(str(error)) from None
+    if data_paths and task:
+        raise click.UsageError("--data and --task are alternatives: give one")
     from nestc.lang.sema import analyze_source, read_source
 
     try:
@@ -312,6 +309,14 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         sys.exit(EXIT_DIAGNOSTICS)
     if result.program.model is None:
         raise click.UsageError(f"`{spec}` has no `model` section: nothing to train")
+    corpus = None
+    if data_paths:
+        settings = result.program.train
+        try:  # a streamed dataset is read as far as the run's steps reach
+            corpus = data.load(list(data_paths), data.bytes_for(steps or settings.steps, settings.batch,
+                                                                settings.context))
+        except data.DataError as error:
+            raise click.UsageError(str(error)) from None
     nproc = result.program.train.processes
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if result.program.train.batch % nproc:
@@ -523,15 +528,15 @@ def _load_run(run_directory: str, state_in: str | None):
 def _codec(run_directory: str):
     """How a run's text becomes the symbols its model reads, and back, and their name: bytes, or
     the token ids of the tokenizer it trained with (saved in the run directory)."""
-    from nestc.runtime.data import DataError
+    from nestc.runtime.data import DataError, token_numbers
     from nestc.runtime.rundir import run_tokenizer
 
     try:
         tokenizer = run_tokenizer(run_directory)
     except DataError as error:
         raise click.ClickException(f"the tokenizer saved in `{run_directory}`: {error}") from None
-    if tokenizer is None:
-        return bytes, bytes, "byte"
+    if tokenizer is None:  # ids above 255 come from a token file's run: written as numbers
+        return bytes, lambda symbols: symbols if isinstance(symbols, bytes) else token_numbers(symbols), "byte"
     return (lambda text: tokenizer.encode(text.decode("utf-8", "replace")).ids,
             lambda ids: tokenizer.decode(list(ids)).encode("utf-8"), "token")
 

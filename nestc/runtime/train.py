@@ -49,16 +49,15 @@ class RunResult:
     tokens_per_second: float = 0.0  # training throughput, evaluations excluded
 
 
-def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: int = 4) -> float:
-    """Bits per byte on fixed, evenly spaced windows of the held-out split."""
+def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) -> float:
+    """Bits per symbol on fixed, evenly spaced windows of the held-out split (a 1-D tensor)."""
     count = batches * batch
     stride = max(1, (len(validation) - context - 1) // count)
-    windows = [validation[i * stride:i * stride + context] for i in range(count)]
+    starts = [i * stride for i in range(count)]
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, count, batch):
-            chunk = torch.tensor([list(w) for w in windows[start:start + batch]], dtype=torch.long,
-                                 device=model.embedding.weight.device)
+            chunk = data.windows(validation, starts[start:start + batch], context).to(model.embedding.weight.device)
             logits, _ = model(chunk)
             total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
                                      reduction="sum").item()
@@ -126,9 +125,8 @@ def task_scores(model, task, seed: int, batches: int = 4, size: int = 16) -> tup
     return right / max(total, 1), nats / max(total, 1) / math.log(2)
 
 
-def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.Tensor:
-    starts = [rng.randrange(0, len(train) - context) for _ in range(batch)]
-    return torch.tensor([list(train[s:s + context]) for s in starts], dtype=torch.long)
+def _batch(train: torch.Tensor, context: int, batch: int, rng: random.Random) -> torch.Tensor:
+    return data.windows(train, [rng.randrange(0, len(train) - context) for _ in range(batch)], context)
 
 
 class Progress:
@@ -185,9 +183,10 @@ def _quiet(*_args) -> None:
     """The log of a process that is not the first one."""
 
 
-def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *, corpus: bytes | None = None,
-          log=print, on_eval=None) -> RunResult:
-    """Train `program` on `corpus` (bytes; default: the embedded corpus) or `config.task`; returns
+def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *,
+          corpus: data.Corpus | bytes | None = None, log=print, on_eval=None) -> RunResult:
+    """Train `program` on `corpus` (text as bytes, or what `--data` names, data.load; default: the
+    embedded corpus) or `config.task`; returns
     where everything was written and the scores.
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
@@ -226,7 +225,7 @@ class _Session:
     """One run: `__init__` sets it up (directory, model, optimizer, data, resume), `run_steps`
     trains, `report` saves and summarises what was trained."""
 
-    def __init__(self, program: ir.Program, spec_text: str, config: RunConfig, corpus: bytes | None, log):
+    def __init__(self, program: ir.Program, spec_text: str, config: RunConfig, corpus, log):
         self.program, self.config, self.settings = program, config, program.train
         self.steps = config.steps or self.settings.steps
         self.world, self.rank = distributed.start(self.settings.batch, config.device)
@@ -253,7 +252,7 @@ class _Session:
         self.score = self.held_out = float("nan")
         self.training_seconds = 0.0
 
-    def _set_up(self, spec_text: str, corpus: bytes | None) -> None:
+    def _set_up(self, spec_text: str, corpus) -> None:
         """What each process sets up on its own: the directory (the first process), the model,
         the optimizer and the data."""
         config = self.config
@@ -305,32 +304,42 @@ class _Session:
             model = reference.build(self.program)
         return model.to(self.device)
 
-    def _read_corpus(self, corpus: bytes | None) -> None:
-        """The training and held-out splits, as bytes or (with a tokenizer) token ids."""
-        text = corpus if corpus is not None else data.default_corpus()
-        self.unit, self.decode = "byte", bytes
-        tokenizer = self.config.tokenizer
-        if tokenizer is not None:
-            ids, encoder = data.tokenize(text, tokenizer)
-            if max(ids) >= self.model.vocab:
-                raise data.DataError(f"--tokenizer {tokenizer}: token ids reach {max(ids)}, but the model's vocab "
-                                     f"is {self.model.vocab}: --set model.vocab={encoder.get_vocab_size()}")
-            text, self.unit = ids, "token"
+    def _read_corpus(self, corpus: data.Corpus | bytes | None) -> None:
+        """The training and held-out splits, one sequence of bytes or token ids (a tokenizer's
+        or a token file's)."""
+        if not isinstance(corpus, data.Corpus):
+            corpus = data.Corpus(data.default_corpus() if corpus is None else corpus, "the corpus")
+        self.unit, self.decode = ("token", data.token_numbers) if corpus.tokenized else ("byte", bytes)
+        symbols, tokenizer, encoder = corpus.symbols, self.config.tokenizer, None
+        if tokenizer is not None and corpus.tokenized:  # the ids are the tokenizer's already: it decodes them
+            encoder = data.load_tokenizer(tokenizer)
+        elif tokenizer is not None:
+            symbols, encoder = data.tokenize(symbols, tokenizer)
+            self.unit = "token"
+        if encoder is not None:
             self.decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
             if self.lead:  # the run's own copy: generate, eval and memorize read and write with it
                 encoder.save(os.path.join(self.directory, rundir.TOKENIZER_FILE))
-        self.train_bytes, self.validation = data.split(text)
+        symbols = data.as_sequence(symbols)
+        self.train_bytes, self.validation = data.split(symbols)
         if self.config.task is None:
-            self._check_corpus_fits(text)
+            self._check_corpus_fits(symbols, corpus.origin, encoder)
         self.unigram = data.unigram_bits(self.train_bytes, self.validation, self.model.vocab)
 
-    def _check_corpus_fits(self, text) -> None:
+    def _check_corpus_fits(self, symbols: torch.Tensor, origin: str, encoder) -> None:
         """The model must have a token id for every symbol, and a training window (context plus
         its next token) must fit in each split."""
-        unit, context = self.unit, self.settings.context
-        if self.unit == "byte" and max(text) >= self.model.vocab:
-            raise data.DataError(f"the corpus has byte values up to {max(text)}, but model.vocab is "
-                                 f"{self.model.vocab}: --set model.vocab=256 (one id per byte value)")
+        unit, context, vocab = self.unit, self.settings.context, self.model.vocab
+        top = data.largest(symbols)
+        if top >= vocab:
+            if encoder is not None:
+                raise data.DataError(f"--tokenizer {self.config.tokenizer}: token ids reach {top}, but the model's "
+                                     f"vocab is {vocab}: --set model.vocab={max(encoder.get_vocab_size(), top + 1)}")
+            if unit == "token":
+                raise data.DataError(f"{origin}: token ids reach {top}, but the model's vocab is {vocab}: "
+                                     f"--set model.vocab={top + 1} or more")
+            raise data.DataError(f"the corpus has byte values up to {top}, but model.vocab is "
+                                 f"{vocab}: --set model.vocab=256 (one id per byte value)")
         shortest = min(len(self.train_bytes), len(self.validation))
         if shortest <= context:
             raise data.DataError(f"train.context is {context} {unit}s, but the corpus's shorter split has only "
@@ -543,8 +552,9 @@ class _Session:
             self.log(f"saved in {directory}/")
             return result
         unit = self.unit
-        prompt = self.decode(self.validation[:64])
-        written, _ = sample(self.model, self.validation[:64], self.config.sample_bytes, seed=self.settings.seed)
+        prompt = self.validation[:64].tolist()
+        written, _ = sample(self.model, prompt, self.config.sample_bytes, seed=self.settings.seed)
+        prompt = self.decode(prompt)
         written = self.decode(written)
         with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
             handle.write(f"# {self.name}\n\nsteps {step}, final eval {score:.3f} bits/{unit} (unigram baseline "

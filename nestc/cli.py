@@ -574,13 +574,19 @@ _state_out = click.option("--state-out", type=click.Path(dir_okay=False), help="
 @click.option("--prompt", default="", help="Text to read before writing.")
 @click.option("--length", type=click.IntRange(min=1), default=200, show_default=True,
               help="Symbols to write: bytes, or tokens for a run trained with --tokenizer.")
-@click.option("--temperature", type=click.FloatRange(min=0.01), default=0.8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.01), default=0.8, show_default=True,
+              help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it.")
+@click.option("--top-k", type=click.IntRange(min=1), metavar="K", help="Draw only from the K most likely symbols.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), metavar="P",
+              help="Draw only from the smallest set of most likely symbols whose probability reaches P "
+                   "(nucleus sampling; after --top-k when both are given).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws: the same seed, the same text.")
 @_state_in
 @_state_out
 @_threads_option("while it writes")
-def generate(run_directory, prompt, length, temperature, seed, state_in, state_out, threads) -> None:
-    """Write text with a trained run's model; its memories keep learning while it reads and writes."""
+def generate(run_directory, prompt, length, temperature, top_k, top_p, seed, state_in, state_out, threads) -> None:
+    """Write text with a trained run's model; its memories keep learning while it reads and writes.
+    `--top-k 1` is greedy decoding."""
     from nestc.runtime.train import intra_op_threads, sample
 
     model, state = _load_run(run_directory, state_in)
@@ -588,7 +594,7 @@ def generate(run_directory, prompt, length, temperature, seed, state_in, state_o
     # no prompt: a newline (for a tokenizer that makes no token of it, token id 0)
     symbols = encode(prompt.encode("utf-8") or b"\n") or [0]
     with intra_op_threads(_thread_count(threads)):
-        written, state = sample(model, symbols, length, temperature, seed, state)
+        written, state = sample(model, symbols, length, temperature, seed, state, top_k=top_k, top_p=top_p)
     click.echo(decode(written).decode("utf-8", "replace"))
     _save_state(state, state_out)
 

@@ -65,20 +65,46 @@ def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) 
     return total / tokens / math.log(2)
 
 
-def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None):
+def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None,
+           top_k: int | None = None, top_p: float | None = None):
     """Read the prompt (bytes or token ids), then write `length` symbols, the memories learning all
-    the while. Returns the symbols written (as bytes when they fit) and the state after them."""
+    the while: each drawn from the next-symbol distribution at `temperature`, cut to its `top_k`
+    most likely symbols and then to its nucleus of mass `top_p` (`truncate`). Returns the symbols
+    written (as bytes when they fit) and the state after them."""
+    if not temperature > 0:
+        raise ValueError(f"the temperature must be above 0, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top-k keeps the k most likely symbols: k must be at least 1, not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top-p keeps a mass p of the distribution: 0 < p <= 1, not {top_p}")
     generator = torch.Generator().manual_seed(seed)
     device = model.embedding.weight.device
     with torch.no_grad():
         logits, state = model(torch.tensor([list(prompt)], dtype=torch.long, device=device), state)
         out = []
         for _ in range(length):
-            probabilities = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
-            byte = int(torch.multinomial(probabilities, 1, generator=generator))
-            out.append(byte)
-            logits, state = model(torch.tensor([[byte]], device=device), state)
+            probabilities = truncate(torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1), top_k, top_p)
+            symbol = int(torch.multinomial(probabilities, 1, generator=generator))
+            out.append(symbol)
+            logits, state = model(torch.tensor([[symbol]], device=device), state)
     return (bytes(out) if max(out, default=0) < 256 else out), state
+
+
+def truncate(probabilities: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """A distribution cut to its `top_k` most likely symbols, then (renormalised) to the smallest
+    set of most likely symbols whose mass reaches `top_p`, and renormalised. Equal probabilities
+    rank by symbol id, lowest first, as argmax picks: top-k 1 is greedy decoding."""
+    order = torch.argsort(probabilities, descending=True, stable=True)
+    ranked = probabilities[order]
+    if top_k is not None:
+        ranked[top_k:] = 0
+    if top_p is not None:
+        # A symbol stays while the more likely ones hold less than p of the (top-k) mass.
+        before = torch.cumsum(ranked, 0) - ranked
+        ranked[before >= top_p * ranked.sum()] = 0
+    kept = torch.zeros_like(probabilities)
+    kept[order] = ranked
+    return kept / kept.sum()
 
 
 def read(model, text, state=None, window: int = 256):

@@ -67,7 +67,7 @@ def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) 
 
 def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None,
            top_k: int | None = None, top_p: float | None = None):
-    """Read the prompt (bytes or token ids), then write `length` symbols, the memories learning all
+    """Read the prompt (bytes, token ids, or a sequence tensor), then write `length` symbols, the memories learning all
     the while: each drawn from the next-symbol distribution at `temperature`, cut to its `top_k`
     most likely symbols and then to its nucleus of mass `top_p` (`truncate`). Returns the symbols
     written (as bytes when they fit) and the state after them."""
@@ -80,7 +80,7 @@ def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, 
     generator = torch.Generator().manual_seed(seed)
     device = model.embedding.weight.device
     with torch.no_grad():
-        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long, device=device), state)
+        logits, state = model(data.as_sequence(prompt).long()[None].to(device), state)
         out = []
         for _ in range(length):
             probabilities = truncate(torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1), top_k, top_p)
@@ -108,13 +108,15 @@ def truncate(probabilities: torch.Tensor, top_k: int | None = None, top_p: float
 
 
 def read(model, text, state=None, window: int = 256):
-    """Bits per symbol of `text` (bytes, or token ids) read as one stream (in calls of `window`
-    symbols, the state carried), and the state after it: what the memories learned from the text."""
+    """Bits per symbol of `text` (bytes, token ids, or a sequence tensor) read as one stream (in
+    calls of `window` symbols, the state carried), and the state after it: what the memories
+    learned from the text."""
     total, count = 0.0, 0
+    text = data.as_sequence(text)
     with torch.no_grad():
         previous = None
         for start in range(0, len(text), window):
-            chunk = torch.tensor([list(text[start:start + window])], dtype=torch.long)
+            chunk = text[start:start + window].long()[None]
             logits, state = model(chunk, state)
             if previous is not None:  # the last prediction of the previous call meets its target
                 total += F.cross_entropy(previous, chunk[:, 0], reduction="sum").item()

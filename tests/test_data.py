@@ -158,3 +158,11 @@ def test_datasets_that_cannot_be_read_are_clear_errors(tmp_path, monkeypatch):
         result = _run("--data", source, "--runs", str(tmp_path / "runs"), *TINY)
         assert result.exit_code == 2, (source, result.output)
         assert message in result.output and "Traceback" not in result.output, (source, result.output)
+
+
+def test_the_unigram_baseline_is_the_add_one_cross_entropy_even_past_the_vocab():
+    """Train counts a, b, c, z once each (add-one over a vocab of 50: a total of 54); the held-out
+    zzzy scores z at 2/54 three times and the unseen y at 1/54 (ids above the vocab count too)."""
+    expected = -(3 * math.log2(2 / 54) + math.log2(1 / 54)) / 4
+    assert abs(data.unigram_bits(b"abcz", b"zzzy", 50) - expected) < 1e-12
+    assert abs(data.unigram_bits(torch.tensor([97, 98, 99, 122]), [122, 122, 122, 121], 50) - expected) < 1e-12

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 HELD_OUT = 0.1  # the last tenth of the corpus is the validation split, always the same symbols
 # The id types of pre-tokenized token files, by how the file name ends (the longest match wins):
@@ -73,11 +74,13 @@ def largest(sequence: torch.Tensor) -> int:
     return max(int(sequence[i:i + SCAN_CHUNK].long().max()) for i in range(0, len(sequence), SCAN_CHUNK))
 
 
-def counts(sequence: torch.Tensor, vocab: int) -> torch.Tensor:
-    """How often each id below `vocab` occurs in `sequence`, read a chunk at a time."""
-    total = torch.zeros(vocab, dtype=torch.int64)
+def counts(sequence: torch.Tensor, at_least: int) -> torch.Tensor:
+    """How often each id occurs in `sequence` (at least `at_least` entries, more if its ids reach
+    further), read a chunk at a time."""
+    total = torch.zeros(at_least, dtype=torch.int64)
     for i in range(0, len(sequence), SCAN_CHUNK):
-        total += torch.bincount(sequence[i:i + SCAN_CHUNK].long(), minlength=vocab)[:vocab]
+        found = torch.bincount(sequence[i:i + SCAN_CHUNK].long(), minlength=len(total))
+        total = F.pad(total, (0, len(found) - len(total))) + found
     return total
 
 
@@ -86,8 +89,10 @@ def unigram_bits(train, evaluate, vocab: int = 256) -> float:
     frequencies (add-one smoothed): the score a model must beat to have learned anything beyond
     symbol counts. Symbols are bytes, or token ids with a tokenizer or a token file."""
     train, evaluate = as_sequence(train), as_sequence(evaluate)
-    probabilities = (counts(train, vocab).double() + 1) / (len(train) + vocab)
-    return -(counts(evaluate, vocab).double() * probabilities.log2()).sum().item() / len(evaluate)
+    seen = counts(train, vocab)
+    scored = counts(evaluate, len(seen))
+    probabilities = (F.pad(seen, (0, len(scored) - len(seen))).double() + 1) / (len(train) + vocab)
+    return -(scored.double() * probabilities.log2()).sum().item() / len(evaluate)
 
 
 def token_numbers(ids) -> bytes:

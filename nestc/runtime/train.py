@@ -50,7 +50,9 @@ class RunResult:
 
 
 def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) -> float:
-    """Bits per symbol on fixed, evenly spaced windows of the held-out split (a 1-D tensor)."""
+    """Bits per symbol on fixed, evenly spaced windows of the held-out split (bytes, token ids, or
+    a sequence tensor)."""
+    validation = data.as_sequence(validation)
     count = batches * batch
     stride = max(1, (len(validation) - context - 1) // count)
     starts = [i * stride for i in range(count)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections import Counter
 
 import pytest
@@ -104,8 +105,10 @@ def test_bad_token_files_are_clear_errors(tmp_path):
         assert message in result.output and "Traceback" not in result.output, (paths, result.output)
 
 
-datasets = pytest.importorskip("datasets", reason="Hugging Face datasets need the nestc[data] extra "
-                                                   "(pip install 'nestc[data]')")
+@pytest.fixture
+def datasets():
+    return pytest.importorskip("datasets", reason="Hugging Face datasets need the nestc[data] extra "
+                                                  "(pip install 'nestc[data]')")
 
 
 def _documents(path, count: int) -> list[str]:
@@ -114,7 +117,7 @@ def _documents(path, count: int) -> list[str]:
     return texts
 
 
-def test_a_dataset_is_streamed_only_as_far_as_the_run_needs(tmp_path):
+def test_a_dataset_is_streamed_only_as_far_as_the_run_needs(datasets, tmp_path):
     path = tmp_path / "docs.jsonl"
     texts = _documents(path, 400)  # about 180 KB
     wanted = data.HF_BYTES_AT_LEAST  # 64 KB
@@ -126,15 +129,17 @@ def test_a_dataset_is_streamed_only_as_far_as_the_run_needs(tmp_path):
     assert everything.symbols == "\n\n".join(texts).encode()  # a dataset smaller than wanted: all of it
 
 
-def test_a_saved_dataset_and_a_named_split_and_column_load(tmp_path):
+def test_a_saved_dataset_and_a_named_split_and_column_load(datasets, tmp_path):
     texts = [f"saved {i} " * 40 for i in range(60)]
     split = datasets.Dataset.from_dict({"body": texts, "number": list(range(60))})
     datasets.DatasetDict({"validation": split}).save_to_disk(str(tmp_path / "saved"))
     corpus = data.load([f"hf:{tmp_path / 'saved'}:validation:body"])
     assert corpus.symbols == "\n\n".join(texts).encode()
+    with pytest.raises(data.DataError, match=r"has no split `train` \(its splits: validation\)"):
+        data.load([f"hf:{tmp_path / 'saved'}"])
 
 
-def test_a_run_trains_on_a_streamed_dataset(tmp_path):
+def test_a_run_trains_on_a_streamed_dataset(datasets, tmp_path):
     path = tmp_path / "docs.jsonl"
     _documents(path, 200)
     result = _run("--data", f"hf:{path}", "--steps", "2", "--runs", str(tmp_path / "runs"), *TINY)
@@ -142,7 +147,7 @@ def test_a_run_trains_on_a_streamed_dataset(tmp_path):
     assert "bits/byte" in result.output
 
 
-def test_datasets_that_cannot_be_read_are_clear_errors(tmp_path, monkeypatch):
+def test_datasets_that_cannot_be_read_are_clear_errors(datasets, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no test reaches the network
     path = tmp_path / "docs.jsonl"
     _documents(path, 50)
@@ -166,3 +171,9 @@ def test_the_unigram_baseline_is_the_add_one_cross_entropy_even_past_the_vocab()
     expected = -(3 * math.log2(2 / 54) + math.log2(1 / 54)) / 4
     assert abs(data.unigram_bits(b"abcz", b"zzzy", 50) - expected) < 1e-12
     assert abs(data.unigram_bits(torch.tensor([97, 98, 99, 122]), [122, 122, 122, 121], 50) - expected) < 1e-12
+
+
+def test_a_dataset_without_the_datasets_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(data.DataError, match=r"needs? the `datasets` package: pip install 'nestc\[data\]'"):
+        data.load([f"hf:{tmp_path / 'docs.jsonl'}"])

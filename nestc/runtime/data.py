@@ -215,7 +215,11 @@ def _stream(datasets, name: str, config: str | None, split_name: str):
     if builder is not None:
         return datasets.load_dataset(builder, data_files=name, split=split_name, streaming=True)
     if os.path.isfile(os.path.join(name, "dataset_dict.json")):
-        return datasets.load_from_disk(name)[split_name].to_iterable_dataset()
+        saved = datasets.load_from_disk(name)
+        if split_name not in saved:
+            raise DataError(f"--data hf:{name}: the saved dataset has no split `{split_name}` "
+                            f"(its splits: {', '.join(saved)})")
+        return saved[split_name].to_iterable_dataset()
     if os.path.isfile(os.path.join(name, "state.json")):  # one split saved on its own
         return datasets.load_from_disk(name).to_iterable_dataset()
     return datasets.load_dataset(name, config, split=split_name, streaming=True)

@@ -69,10 +69,10 @@ def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) 
 
 def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None,
            top_k: int | None = None, top_p: float | None = None):
-    """Read the prompt (bytes, token ids, or a sequence tensor), then write `length` symbols, the memories learning all
-    the while: each drawn from the next-symbol distribution at `temperature`, cut to its `top_k`
-    most likely symbols and then to its nucleus of mass `top_p` (`truncate`). Returns the symbols
-    written (as bytes when they fit) and the state after them."""
+    """Read the prompt (bytes, token ids, or a sequence tensor), then write `length` symbols, the
+    memories learning all the while: each drawn from the next-symbol distribution at
+    `temperature`, cut to its `top_k` most likely symbols and then to its nucleus of mass `top_p`
+    (`truncate`). Returns the symbols written (as bytes when they fit) and the state after them."""
     if not temperature > 0:
         raise ValueError(f"the temperature must be above 0, not {temperature}")
     if top_k is not None and top_k < 1:
@@ -216,8 +216,7 @@ def _quiet(*_args) -> None:
 def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *,
           corpus: data.Corpus | bytes | None = None, log=print, on_eval=None) -> RunResult:
     """Train `program` on `corpus` (text as bytes, or what `--data` names, data.load; default: the
-    embedded corpus) or `config.task`; returns
-    where everything was written and the scores.
+    embedded corpus) or `config.task`; returns where everything was written and the scores.
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
     sweep's pruning) ends the run there, without a checkpoint."""
@@ -351,10 +350,10 @@ class _Session:
             if self.lead:  # the run's own copy: generate, eval and memorize read and write with it
                 encoder.save(os.path.join(self.directory, rundir.TOKENIZER_FILE))
         symbols = data.as_sequence(symbols)
-        self.train_bytes, self.validation = data.split(symbols)
+        self.train_symbols, self.validation = data.split(symbols)
         if self.config.task is None:
             self._check_corpus_fits(symbols, corpus.origin, encoder)
-        self.unigram = data.unigram_bits(self.train_bytes, self.validation, self.model.vocab)
+        self.unigram = data.unigram_bits(self.train_symbols, self.validation, self.model.vocab)
 
     def _check_corpus_fits(self, symbols: torch.Tensor, origin: str, encoder) -> None:
         """The model must have a token id for every symbol, and a training window (context plus
@@ -370,7 +369,7 @@ class _Session:
                                      f"--set model.vocab={top + 1} or more")
             raise data.DataError(f"the corpus has byte values up to {top}, but model.vocab is "
                                  f"{vocab}: --set model.vocab=256 (one id per byte value)")
-        shortest = min(len(self.train_bytes), len(self.validation))
+        shortest = min(len(self.train_symbols), len(self.validation))
         if shortest <= context:
             raise data.DataError(f"train.context is {context} {unit}s, but the corpus's shorter split has only "
                                  f"{shortest}: --set train.context={max(2, shortest // 2)} or a larger corpus (--data)")
@@ -518,7 +517,7 @@ class _Session:
         with contextlib.nullcontext() if world == 1 or updates else model.no_sync():
             with self.autocast:
                 if self.problem is None:
-                    tokens_batch = _batch(self.train_bytes, self.settings.context, batch, self.rng)[shard]
+                    tokens_batch = _batch(self.train_symbols, self.settings.context, batch, self.rng)[shard]
                     tokens_batch = tokens_batch.to(self.device)
                     logits, _ = model(tokens_batch)
                     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

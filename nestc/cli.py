@@ -259,7 +259,10 @@ def _parse_task_options(task: str | None, task_options: tuple[str, ...]) -> dict
 @_task
 @_task_options
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
-              help="Train on these text files, globs or directories instead of the embedded corpus (repeatable).")
+              help="Train on these text files, globs or directories instead of the embedded corpus (repeatable); "
+                   "or on one token file (FILE.bin or FILE.u16.bin: uint16 ids, FILE.u32.bin: uint32), or on "
+                   "one Hugging Face dataset, streamed: hf:NAME_OR_PATH[:[CONFIG/]SPLIT[:COLUMN]] "
+                   "(default split train, column text; needs nestc[data]).")
 @click.option("--nproc", type=click.IntRange(min=1),
               help="Data-parallel processes (torch.distributed, gloo); the batch is split among them "
                    "(default: the spec's train.processes).")
@@ -307,14 +310,8 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
     if (torch_compile or graph) and backend != "compiled":
         raise click.UsageError(f"--{'compile' if torch_compile else 'graph'} needs --backend compiled: the reference "
                                "backend is the token-by-token oracle")
-    corpus = None
-    if data_paths:
-        if task:
-            raise click.UsageError("--data and --task are alternatives: give one")
-        try:
-            corpus = data.load_paths(list(data_paths))
-        except data.DataError as error:
-            raise click.UsageError(str(error)) from None
+    if data_paths and task:
+        raise click.UsageError("--data and --task are alternatives: give one")
     from nestc.lang.sema import analyze_source, read_source
 
     try:
@@ -337,6 +334,14 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
         sys.exit(EXIT_DIAGNOSTICS)
     if result.program.model is None:
         raise click.UsageError(f"`{spec}` has no `model` section: nothing to train")
+    corpus = None
+    if data_paths:
+        settings = result.program.train
+        try:  # a streamed dataset is read as far as the run's steps reach
+            corpus = data.load(list(data_paths), data.bytes_for(steps or settings.steps, settings.batch,
+                                                                settings.context))
+        except data.DataError as error:
+            raise click.UsageError(str(error)) from None
     nproc = result.program.train.processes
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if result.program.train.batch % nproc:
@@ -551,15 +556,15 @@ def _load_run(run_directory: str, state_in: str | None):
 def _codec(run_directory: str):
     """How a run's text becomes the symbols its model reads, and back, and their name: bytes, or
     the token ids of the tokenizer it trained with (saved in the run directory)."""
-    from nestc.runtime.data import DataError
+    from nestc.runtime.data import DataError, token_numbers
     from nestc.runtime.rundir import run_tokenizer
 
     try:
         tokenizer = run_tokenizer(run_directory)
     except DataError as error:
         raise click.ClickException(f"the tokenizer saved in `{run_directory}`: {error}") from None
-    if tokenizer is None:
-        return bytes, bytes, "byte"
+    if tokenizer is None:  # ids above 255 come from a token file's run: written as numbers
+        return bytes, lambda symbols: symbols if isinstance(symbols, bytes) else token_numbers(symbols), "byte"
     return (lambda text: tokenizer.encode(text.decode("utf-8", "replace")).ids,
             lambda ids: tokenizer.decode(list(ids)).encode("utf-8"), "token")
 
@@ -597,13 +602,19 @@ _state_out = click.option("--state-out", type=click.Path(dir_okay=False), help="
 @click.option("--prompt", default="", help="Text to read before writing.")
 @click.option("--length", type=click.IntRange(min=1), default=200, show_default=True,
               help="Symbols to write: bytes, or tokens for a run trained with --tokenizer.")
-@click.option("--temperature", type=click.FloatRange(min=0.01), default=0.8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.01), default=0.8, show_default=True,
+              help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it.")
+@click.option("--top-k", type=click.IntRange(min=1), metavar="K", help="Draw only from the K most likely symbols.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), metavar="P",
+              help="Draw only from the smallest set of most likely symbols whose probability reaches P "
+                   "(nucleus sampling; after --top-k when both are given).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws: the same seed, the same text.")
 @_state_in
 @_state_out
 @_threads_option("while it writes")
-def generate(run_directory, prompt, length, temperature, seed, state_in, state_out, threads) -> None:
-    """Write text with a trained run's model; its memories keep learning while it reads and writes."""
+def generate(run_directory, prompt, length, temperature, top_k, top_p, seed, state_in, state_out, threads) -> None:
+    """Write text with a trained run's model; its memories keep learning while it reads and writes.
+    `--top-k 1` is greedy decoding."""
     from nestc.runtime.train import intra_op_threads, sample
 
     model, state = _load_run(run_directory, state_in)
@@ -611,7 +622,7 @@ def generate(run_directory, prompt, length, temperature, seed, state_in, state_o
     # no prompt: a newline (for a tokenizer that makes no token of it, token id 0)
     symbols = encode(prompt.encode("utf-8") or b"\n") or [0]
     with intra_op_threads(_thread_count(threads)):
-        written, state = sample(model, symbols, length, temperature, seed, state)
+        written, state = sample(model, symbols, length, temperature, seed, state, top_k=top_k, top_p=top_p)
     click.echo(decode(written).decode("utf-8", "replace"))
     _save_state(state, state_out)
 

@@ -49,16 +49,17 @@ class RunResult:
     tokens_per_second: float = 0.0  # training throughput, evaluations excluded
 
 
-def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: int = 4) -> float:
-    """Bits per byte on fixed, evenly spaced windows of the held-out split."""
+def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) -> float:
+    """Bits per symbol on fixed, evenly spaced windows of the held-out split (bytes, token ids, or
+    a sequence tensor)."""
+    validation = data.as_sequence(validation)
     count = batches * batch
     stride = max(1, (len(validation) - context - 1) // count)
-    windows = [validation[i * stride:i * stride + context] for i in range(count)]
+    starts = [i * stride for i in range(count)]
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, count, batch):
-            chunk = torch.tensor([list(w) for w in windows[start:start + batch]], dtype=torch.long,
-                                 device=model.embedding.weight.device)
+            chunk = data.windows(validation, starts[start:start + batch], context).to(model.embedding.weight.device)
             logits, _ = model(chunk)
             total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
                                      reduction="sum").item()
@@ -66,30 +67,58 @@ def evaluate(model, validation: bytes, context: int, batches: int = 4, batch: in
     return total / tokens / math.log(2)
 
 
-def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None):
-    """Read the prompt (bytes or token ids), then write `length` symbols, the memories learning all
-    the while. Returns the symbols written (as bytes when they fit) and the state after them."""
+def sample(model, prompt, length: int, temperature: float = 0.8, seed: int = 0, state=None,
+           top_k: int | None = None, top_p: float | None = None):
+    """Read the prompt (bytes, token ids, or a sequence tensor), then write `length` symbols, the
+    memories learning all the while: each drawn from the next-symbol distribution at
+    `temperature`, cut to its `top_k` most likely symbols and then to its nucleus of mass `top_p`
+    (`truncate`). Returns the symbols written (as bytes when they fit) and the state after them."""
+    if not temperature > 0:
+        raise ValueError(f"the temperature must be above 0, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top-k keeps the k most likely symbols: k must be at least 1, not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top-p keeps a mass p of the distribution: 0 < p <= 1, not {top_p}")
     generator = torch.Generator().manual_seed(seed)
     device = model.embedding.weight.device
     with torch.no_grad():
-        logits, state = model(torch.tensor([list(prompt)], dtype=torch.long, device=device), state)
+        logits, state = model(data.as_sequence(prompt).long()[None].to(device), state)
         out = []
         for _ in range(length):
-            probabilities = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
-            byte = int(torch.multinomial(probabilities, 1, generator=generator))
-            out.append(byte)
-            logits, state = model(torch.tensor([[byte]], device=device), state)
+            probabilities = truncate(torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1), top_k, top_p)
+            symbol = int(torch.multinomial(probabilities, 1, generator=generator))
+            out.append(symbol)
+            logits, state = model(torch.tensor([[symbol]], device=device), state)
     return (bytes(out) if max(out, default=0) < 256 else out), state
 
 
+def truncate(probabilities: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """A distribution cut to its `top_k` most likely symbols, then (renormalised) to the smallest
+    set of most likely symbols whose mass reaches `top_p`, and renormalised. Equal probabilities
+    rank by symbol id, lowest first, as argmax picks: top-k 1 is greedy decoding."""
+    order = torch.argsort(probabilities, descending=True, stable=True)
+    ranked = probabilities[order]
+    if top_k is not None:
+        ranked[top_k:] = 0
+    if top_p is not None:
+        # A symbol stays while the more likely ones hold less than p of the (top-k) mass.
+        before = torch.cumsum(ranked, 0) - ranked
+        ranked[before >= top_p * ranked.sum()] = 0
+    kept = torch.zeros_like(probabilities)
+    kept[order] = ranked
+    return kept / kept.sum()
+
+
 def read(model, text, state=None, window: int = 256):
-    """Bits per symbol of `text` (bytes, or token ids) read as one stream (in calls of `window`
-    symbols, the state carried), and the state after it: what the memories learned from the text."""
+    """Bits per symbol of `text` (bytes, token ids, or a sequence tensor) read as one stream (in
+    calls of `window` symbols, the state carried), and the state after it: what the memories
+    learned from the text."""
     total, count = 0.0, 0
+    text = data.as_sequence(text)
     with torch.no_grad():
         previous = None
         for start in range(0, len(text), window):
-            chunk = torch.tensor([list(text[start:start + window])], dtype=torch.long)
+            chunk = text[start:start + window].long()[None]
             logits, state = model(chunk, state)
             if previous is not None:  # the last prediction of the previous call meets its target
                 total += F.cross_entropy(previous, chunk[:, 0], reduction="sum").item()
@@ -126,9 +155,8 @@ def task_scores(model, task, seed: int, batches: int = 4, size: int = 16) -> tup
     return right / max(total, 1), nats / max(total, 1) / math.log(2)
 
 
-def _batch(train: bytes, context: int, batch: int, rng: random.Random) -> torch.Tensor:
-    starts = [rng.randrange(0, len(train) - context) for _ in range(batch)]
-    return torch.tensor([list(train[s:s + context]) for s in starts], dtype=torch.long)
+def _batch(train: torch.Tensor, context: int, batch: int, rng: random.Random) -> torch.Tensor:
+    return data.windows(train, [rng.randrange(0, len(train) - context) for _ in range(batch)], context)
 
 
 class Progress:
@@ -216,10 +244,10 @@ def _quiet(*_args) -> None:
     """The log of a process that is not the first one."""
 
 
-def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *, corpus: bytes | None = None,
-          log=print, on_eval=None) -> RunResult:
-    """Train `program` on `corpus` (bytes; default: the embedded corpus) or `config.task`; returns
-    where everything was written and the scores.
+def train(program: ir.Program, spec_text: str, config: RunConfig = RunConfig(), *,
+          corpus: data.Corpus | bytes | None = None, log=print, on_eval=None) -> RunResult:
+    """Train `program` on `corpus` (text as bytes, or what `--data` names, data.load; default: the
+    embedded corpus) or `config.task`; returns where everything was written and the scores.
 
     `on_eval(step, held_out_bits)` is called after each evaluation; an exception it raises (a
     sweep's pruning) ends the run there, without a checkpoint."""
@@ -260,7 +288,7 @@ class _Session:
     """One run: `__init__` sets it up (directory, model, optimizer, data, resume), `run_steps`
     trains, `report` saves and summarises what was trained."""
 
-    def __init__(self, program: ir.Program, spec_text: str, config: RunConfig, corpus: bytes | None, log):
+    def __init__(self, program: ir.Program, spec_text: str, config: RunConfig, corpus, log):
         self.program, self.config, self.settings = program, config, program.train
         self.steps = config.steps or self.settings.steps
         self.world, self.rank = distributed.start(self.settings.batch, config.device)
@@ -288,7 +316,7 @@ class _Session:
         self.score = self.held_out = float("nan")
         self.training_seconds = 0.0
 
-    def _set_up(self, spec_text: str, corpus: bytes | None) -> None:
+    def _set_up(self, spec_text: str, corpus) -> None:
         """What each process sets up on its own: the directory (the first process), the model,
         the optimizer and the data."""
         config = self.config
@@ -340,33 +368,43 @@ class _Session:
             model = reference.build(self.program)
         return model.to(self.device)
 
-    def _read_corpus(self, corpus: bytes | None) -> None:
-        """The training and held-out splits, as bytes or (with a tokenizer) token ids."""
-        text = corpus if corpus is not None else data.default_corpus()
-        self.unit, self.decode = "byte", bytes
-        tokenizer = self.config.tokenizer
-        if tokenizer is not None:
-            ids, encoder = data.tokenize(text, tokenizer)
-            if max(ids) >= self.model.vocab:
-                raise data.DataError(f"--tokenizer {tokenizer}: token ids reach {max(ids)}, but the model's vocab "
-                                     f"is {self.model.vocab}: --set model.vocab={encoder.get_vocab_size()}")
-            text, self.unit = ids, "token"
+    def _read_corpus(self, corpus: data.Corpus | bytes | None) -> None:
+        """The training and held-out splits, one sequence of bytes or token ids (a tokenizer's
+        or a token file's)."""
+        if not isinstance(corpus, data.Corpus):
+            corpus = data.Corpus(data.default_corpus() if corpus is None else corpus, "the corpus")
+        self.unit, self.decode = ("token", data.token_numbers) if corpus.tokenized else ("byte", bytes)
+        symbols, tokenizer, encoder = corpus.symbols, self.config.tokenizer, None
+        if tokenizer is not None and corpus.tokenized:  # the ids are the tokenizer's already: it decodes them
+            encoder = data.load_tokenizer(tokenizer)
+        elif tokenizer is not None:
+            symbols, encoder = data.tokenize(symbols, tokenizer)
+            self.unit = "token"
+        if encoder is not None:
             self.decode = lambda ids: encoder.decode(list(ids)).encode("utf-8")  # noqa: E731
             if self.lead:  # the run's own copy: generate, eval and memorize read and write with it
                 encoder.save(os.path.join(self.directory, rundir.TOKENIZER_FILE))
-        self.train_bytes, self.validation = data.split(text)
+        symbols = data.as_sequence(symbols)
+        self.train_symbols, self.validation = data.split(symbols)
         if self.config.task is None:
-            self._check_corpus_fits(text)
-        self.unigram = data.unigram_bits(self.train_bytes, self.validation, self.model.vocab)
+            self._check_corpus_fits(symbols, corpus.origin, encoder)
+        self.unigram = data.unigram_bits(self.train_symbols, self.validation, self.model.vocab)
 
-    def _check_corpus_fits(self, text) -> None:
+    def _check_corpus_fits(self, symbols: torch.Tensor, origin: str, encoder) -> None:
         """The model must have a token id for every symbol, and a training window (context plus
         its next token) must fit in each split."""
-        unit, context = self.unit, self.settings.context
-        if self.unit == "byte" and max(text) >= self.model.vocab:
-            raise data.DataError(f"the corpus has byte values up to {max(text)}, but model.vocab is "
-                                 f"{self.model.vocab}: --set model.vocab=256 (one id per byte value)")
-        shortest = min(len(self.train_bytes), len(self.validation))
+        unit, context, vocab = self.unit, self.settings.context, self.model.vocab
+        top = data.largest(symbols)
+        if top >= vocab:
+            if encoder is not None:
+                raise data.DataError(f"--tokenizer {self.config.tokenizer}: token ids reach {top}, but the model's "
+                                     f"vocab is {vocab}: --set model.vocab={max(encoder.get_vocab_size(), top + 1)}")
+            if unit == "token":
+                raise data.DataError(f"{origin}: token ids reach {top}, but the model's vocab is {vocab}: "
+                                     f"--set model.vocab={top + 1} or more")
+            raise data.DataError(f"the corpus has byte values up to {top}, but model.vocab is "
+                                 f"{vocab}: --set model.vocab=256 (one id per byte value)")
+        shortest = min(len(self.train_symbols), len(self.validation))
         if shortest <= context:
             raise data.DataError(f"train.context is {context} {unit}s, but the corpus's shorter split has only "
                                  f"{shortest}: --set train.context={max(2, shortest // 2)} or a larger corpus (--data)")
@@ -542,7 +580,7 @@ class _Session:
         with contextlib.nullcontext() if world == 1 or updates else model.no_sync():
             with self.autocast:
                 if self.problem is None:
-                    tokens_batch = _batch(self.train_bytes, self.settings.context, batch, self.rng)[shard]
+                    tokens_batch = _batch(self.train_symbols, self.settings.context, batch, self.rng)[shard]
                     tokens_batch = tokens_batch.to(self.device)
                     logits, _ = model(tokens_batch)
                     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -613,8 +651,9 @@ class _Session:
             self.log(f"saved in {directory}/")
             return result
         unit = self.unit
-        prompt = self.decode(self.validation[:64])
-        written, _ = sample(self.model, self.validation[:64], self.config.sample_bytes, seed=self.settings.seed)
+        prompt = self.validation[:64].tolist()
+        written, _ = sample(self.model, prompt, self.config.sample_bytes, seed=self.settings.seed)
+        prompt = self.decode(prompt)
         written = self.decode(written)
         with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
             handle.write(f"# {self.name}\n\nsteps {step}, final eval {score:.3f} bits/{unit} (unigram baseline "

@@ -130,7 +130,7 @@ def emit_and_compare(spec, text: str, tokens, split: int, **build) -> str:
     the same seed; returns the module's source."""
     spec.write_text(text)
     out = spec.parent / "out"
-    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(out), "--batch", str(tokens.shape[0])])
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(out)])
     assert result.exit_code == 0, result.output
     torch.manual_seed(0)  # the CLI's --seed 0 initialisation
     with warnings.catch_warnings():

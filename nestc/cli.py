@@ -358,7 +358,7 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
 
 
 @cli.command(name="compile")
-@click.argument("spec", metavar="SPEC|RUN_DIR", type=click.Path())
+@click.argument("spec", metavar="SPEC|RUN_DIR", type=click.Path(), required=False)
 @click.option("--emit", type=click.Choice(["ast", "ir", "graph", "plan", "fx", "py"]), default=None,
               help="The stage to print: the syntax tree, the checked IR, the level graph, the compiled backend's "
                    "plan (each memory's kernel and the segment length), the traced segment step after the passes "
@@ -384,6 +384,8 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, run
 
     if run_option is not None:
         raise click.UsageError(f"the run directory is the argument: `nestc compile {run_option} -o DIR`")
+    if spec is None:  # optional only so that a misplaced --run gets the line above
+        raise click.UsageError("Missing argument 'SPEC|RUN_DIR'.")
     standalone = bool(output) or emit == "py"
     if batch is not None and standalone:
         raise click.UsageError("--batch picks the batch of the graph --emit fx prints; the standalone module "

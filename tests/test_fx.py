@@ -154,16 +154,19 @@ def emit_and_compare(spec, text: str, tokens, split: int, **build) -> str:
 
 
 def test_the_standalone_module_needs_only_torch_and_continues_the_stream(tmp_path):
-    tokens = torch.randint(0, 32, (2, 192), generator=torch.Generator().manual_seed(3))
-    source = emit_and_compare(tmp_path / "gated.nest", GATED, tokens, 128)
+    # One sequence (the graph is traced for two), calls of 100 and 50 tokens: segments of 64, 36,
+    # then 28 to finish the second one, and 22.
+    tokens = torch.randint(0, 32, (1, 150), generator=torch.Generator().manual_seed(3))
+    source = emit_and_compare(tmp_path / "gated.nest", GATED, tokens, 100)
     assert re.search(r"# File: .*gated\.nest:2 in level mixer", source)
 
 
 def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):
     small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
-    tokens = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
-    # Test-time learning: the continuum levels step at every 16 and 64 tokens, across the calls.
-    source = emit_and_compare(tmp_path / "hope.nest", small, tokens, 48)
+    tokens = torch.randint(0, 256, (3, 96), generator=torch.Generator().manual_seed(3))
+    # Test-time learning: the continuum levels step at every 16 and 64 tokens, across the calls,
+    # the first of which ends inside a segment (45 = 2 * 16 + 13).
+    source = emit_and_compare(tmp_path / "hope.nest", small, tokens, 45)
     assert "'name': 'cms_fast'" in source
 
 

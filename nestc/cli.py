@@ -391,7 +391,7 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, run
         raise click.UsageError("--batch picks the batch of the graph --emit fx prints; the standalone module "
                                "(-o, --emit py) runs any batch size")
     if os.path.isdir(spec):
-        _export_run(spec, emit, output, passes, print_after, seed, fuse)
+        _export_run(spec, emit, output, passes, print_after, batch or 1, seed, fuse)
         return
     fuse = fuse is not False
     result = _analyze(spec)
@@ -490,10 +490,14 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, run
 
 
 def _export_run(run_directory: str, emit: str | None, output: str | None, passes: str | None, print_after,
-                seed: int | None, fuse: bool | None) -> None:
+                batch: int, seed: int | None, fuse: bool | None) -> None:
     """`nestc compile RUN_DIR -o DIR`: the run's trained model as a standalone module."""
-    if emit not in (None, "fx", "py"):
-        raise click.UsageError(f"`{run_directory}` is a run directory: --emit {emit} reads a spec "
+    from nestc.passes import PASSES
+
+    spec_stage = f"--emit {emit}" if emit not in (None, "fx", "py") else \
+        next((f"--print-after {name}" for name in print_after if name in PASSES), None)
+    if spec_stage:
+        raise click.UsageError(f"`{run_directory}` is a run directory: {spec_stage} reads a spec "
                                f"(the run's is `{os.path.join(run_directory, 'spec.nest')}`)")
     if not (output or emit):
         raise click.UsageError(f"`{run_directory}` is a run directory: export its trained model with -o DIR "
@@ -505,7 +509,7 @@ def _export_run(run_directory: str, emit: str | None, output: str | None, passes
 
     model, _ = _load_run(run_directory, None)
     found = latest(run_directory)  # the checkpoint whose weights the model holds, named in the module
-    _emit_traced(model, os.path.join(run_directory, "spec.nest"), emit, output, passes, print_after, 1,
+    _emit_traced(model, os.path.join(run_directory, "spec.nest"), emit, output, passes, print_after, batch,
                  f"the weights `nestc run` trained, {os.path.relpath(found.directory, run_directory)}")
 
 

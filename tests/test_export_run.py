@@ -172,6 +172,7 @@ def test_paths_that_are_not_usable_runs_are_clear_errors(titans_run, tmp_path):
         (["-o", out, "--run", str(titans_run)], f"the run directory is the argument: `nestc compile {titans_run}"),
         ([str(titans_run)], "export its trained model with -o DIR"),
         ([str(titans_run), "--emit", "ir"], "is a run directory: --emit ir reads a spec"),
+        ([str(titans_run), "-o", out, "--print-after", "plan"], "is a run directory: --print-after plan reads a spec"),
         ([str(titans_run), "-o", out, "--seed", "3"], "--seed shapes a spec's model"),
         ([str(titans_run), "-o", out, "--batch", "3"], "the standalone module (-o, --emit py) runs any batch size"),
     ]

@@ -443,7 +443,8 @@ class Model(torch.nn.Module):
 
 def standalone(model, graph: SegmentGraph, spec: str, variant: str, weights_from: str) -> tuple[str, dict]:
     """The source of a torch-only module running `graph` (traced symbolic: any batch, any length),
-    and what `weights.pt` must hold; `weights_from` says whose weights they are."""
+    and what `weights.pt` must hold. `spec` is what `nestc compile` was given (a spec or a run
+    directory); `weights_from` says whose weights they are."""
     from nestc import __version__
 
     if graph.batch is not None or graph.length is not None:
@@ -457,7 +458,7 @@ def standalone(model, graph: SegmentGraph, spec: str, variant: str, weights_from
                         for name, b in constants.items()) or "        pass"
     forward, imports = _forward_method(module)
     source = STANDALONE_TEMPLATE.substitute(
-        title=f"{os.path.basename(spec)} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
+        title=f"{os.path.basename(os.path.normpath(spec))} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
         spec=spec, version=__version__, variant=variant, weights=weights_from,
         passes=", ".join(graph.applied) or "none", length=model.segment, vocab=model.vocab, buffers=buffers,
         forward=forward, imports=imports, continuum=pprint.pformat(continuum, width=100, sort_dicts=False), cycle=model.task_cycle,

@@ -509,7 +509,7 @@ def _export_run(run_directory: str, emit: str | None, output: str | None, passes
 
     model, _ = _load_run(run_directory, None)
     found = latest(run_directory)  # the checkpoint whose weights the model holds, named in the module
-    _emit_traced(model, os.path.join(run_directory, "spec.nest"), emit, output, passes, print_after, batch,
+    _emit_traced(model, run_directory, emit, output, passes, print_after, batch,
                  f"the weights `nestc run` trained, {os.path.relpath(found.directory, run_directory)}")
 
 

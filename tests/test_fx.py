@@ -204,3 +204,19 @@ def test_each_layers_continuum_level_steps_with_its_own_gates():
     assert [entry["lr"] for entry in table] == ["layers.0.levels.cms.lr_gate", "layers.1.levels.cms.lr_gate"]
     layers = [{graph.layout[slot][0] for slot in entry["weights"]} for entry in table]
     assert layers == [{0}, {1}]
+
+
+@pytest.mark.parametrize("dimension, what", [(0, "batch size at 2"), (1, "segment length at 64")])
+def test_a_symbolic_trace_whose_code_fixes_a_size_is_refused(dimension, what, monkeypatch):
+    """Code that reads a symbolic size as a number (here `int(...)`) makes a graph for that size
+    only; it is refused rather than run at other sizes."""
+    model = build(GATED.replace("layers 2", "layers 1"))
+    step = model._segment_from_tensors
+
+    def reading_a_size(layout, chunk, position, tensors):
+        chunk = chunk.narrow(dimension, 0, int(chunk.shape[dimension]))
+        return step(layout, chunk, position, tensors)
+
+    monkeypatch.setattr(model, "_segment_from_tensors", reading_a_size)
+    with pytest.raises(compiled.BackendError, match=f"fixes the {what}: its graph cannot serve other sizes"):
+        fx.trace_segment(model, 2, model.segment, symbolic=True)

@@ -2,9 +2,10 @@
 standalone Python.
 
 `trace_segment` traces `CompiledModel._segment_from_tensors` (embedding, every layer's levels on
-one segment, logits; the whole state in and out as tensors) at one batch size and segment length
-into an `fx.GraphModule` of ATen operations whose inputs are the parameters, the segment's tokens,
-its position and the state. Each node made while a level ran carries that level's name and its
+one segment, logits; the whole state in and out as tensors) at one batch size and segment length,
+or with both symbolic (`symbolic=True`: one graph for every batch size and every segment length up
+to the model's), into an `fx.GraphModule` of ATen operations whose inputs are the parameters, the
+segment's tokens, its position and the state. Each node made while a level ran carries that level's name and its
 definition's `file:line` (`node.meta["nest_level"]`, `["nest_source"]`), printed as a comment with
 the spec's line above the operations it made, so any op of the generated code leads back to it.
 
@@ -75,8 +76,8 @@ class SegmentGraph:
     """A traced segment step: call it as `graph(params, chunk, position, state_tensors)`."""
     module: fx.GraphModule
     layout: tuple  # where each state tensor belongs (the compiled backend's state layout)
-    batch: int
-    length: int
+    batch: int | None  # None: symbolic, any batch size
+    length: int | None  # None: symbolic, any segment length up to the model's segment
     applied: list[str] = field(default_factory=list)  # passes run so far, in order
 
     def __call__(self, params, chunk, position, tensors):
@@ -86,8 +87,10 @@ class SegmentGraph:
         return sum(1 for n in self.module.graph.nodes if n.op == "call_function" and (not targets or n.target in targets))
 
 
-def trace_segment(model, batch: int, length: int) -> SegmentGraph:
-    """Trace `model`'s segment step for `batch` sequences and segments of `length` tokens."""
+def trace_segment(model, batch: int, length: int, symbolic: bool = False) -> SegmentGraph:
+    """Trace `model`'s segment step for `batch` sequences and segments of `length` tokens; with
+    `symbolic`, `batch` and `length` are only the example sizes of a trace whose batch and
+    segment length are symbols, read from the inputs when the graph runs."""
     from nestc.backends.compiled import _complete_state
 
     obstacle = model._segment_obstacle()
@@ -109,15 +112,51 @@ def trace_segment(model, batch: int, length: int) -> SegmentGraph:
     # Traced with grad on and inputs requiring it, so the graph is the training step; at
     # inference the same operations simply record nothing.
     state_inputs = [t.detach().requires_grad_() if t.is_floating_point() else t.detach() for t in tensors]
+    inputs = ([p.requires_grad_() for p in params], chunk, position, state_inputs)
+    if symbolic:
+        inputs, shape_env = _symbolic_inputs(*inputs)
     with fx_traceback.preserve_node_meta(), torch.enable_grad():
-        module = make_fx(segment, pre_dispatch=True)([p.requires_grad_() for p in params], chunk, position,
-                                                     state_inputs)
+        module = make_fx(segment, tracing_mode="fake" if symbolic else "real", pre_dispatch=True)(*inputs)
+    if symbolic:
+        _refuse_specialized(shape_env, inputs[1], model.segment)
     for node in module.graph.nodes:
         custom = node.meta.pop("custom", None) or {}
         if "nest_source" in custom:
             _locate(node, custom["nest_level"], custom["nest_source"])
     module.recompile()
-    return SegmentGraph(module, layout, batch, length)
+    return SegmentGraph(module, layout, None if symbolic else batch, None if symbolic else length)
+
+
+def _symbolic_inputs(params, chunk, position, state):
+    """Fake copies of the step's inputs whose batch (the tokens' and every state tensor's first
+    dimension) and segment length (the tokens' second) are symbols; the parameters keep their
+    sizes. Without duck sizing, a batch that happens to equal a head count stays its own symbol."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv(duck_shape=False)
+    mode = FakeTensorMode(shape_env=shape_env)
+
+    def fake(tensor: Tensor, symbolic_dims: tuple[int, ...]) -> Tensor:
+        sizes = [DimDynamic.DYNAMIC if d in symbolic_dims else DimDynamic.STATIC for d in range(tensor.dim())]
+        return mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    return ([fake(p, ()) for p in params], fake(chunk, (0, 1)), fake(position, ()),
+            [fake(t, (0,)) for t in state]), shape_env
+
+
+def _refuse_specialized(shape_env, chunk: Tensor, segment: int) -> None:
+    """A symbolic trace whose code fixed the batch or the segment length (a branch on its value)
+    made a graph for that size only: refuse it rather than run it at other sizes. A length of 1
+    is fixed by the trace itself (sizes 0 and 1 are never symbols), and right where it is the
+    model's segment."""
+    for dimension, what in ((0, "batch size"), (1, "segment length")):
+        size = chunk.shape[dimension]
+        expression = shape_env.replace(size.node.expr) if isinstance(size, torch.SymInt) else size
+        fixed = not isinstance(size, torch.SymInt) or getattr(expression, "is_number", False)
+        if fixed and not (dimension == 1 and segment == 1):
+            raise BackendError(f"the segment step's code fixes the {what} at {int(expression)}: its graph "
+                               "cannot serve other sizes")
 
 
 def _locate(node: fx.Node, level: str, source: str) -> None:
@@ -157,6 +196,8 @@ def fold_constants(graph: SegmentGraph) -> int:
         args = fx.node.map_arg(node.args, lambda a: known[a] if a in known else a.meta["val"])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: known[a] if a in known else a.meta["val"])
         if shape_only:
+            if not all(isinstance(size, int) for size in args[0].shape):
+                continue  # a symbolic size (batch, segment length) is known only when the graph runs
             args = (_concrete_like(args[0]),) + tuple(args[1:])
         with torch.no_grad():
             value = node.target(*args, **kwargs)
@@ -184,7 +225,7 @@ def fold_constants(graph: SegmentGraph) -> int:
 
 def _concrete_like(value):
     """A real tensor with a fake value's shape, dtype and device (only its metadata is read)."""
-    return torch.empty(tuple(int(s) for s in value.shape), dtype=value.dtype, device=value.device)
+    return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 
 def _attribute(module: nn.Module, target: str):
@@ -272,13 +313,16 @@ def _spec_comments(code: str) -> str:
 STANDALONE_TEMPLATE = string.Template('''"""$title
 
 Generated by `nestc compile $spec -o ...` (nestc $version; variant $variant). It depends only on
-torch: `Model` loads `weights.pt` beside this file and runs the traced segment step (passes:
-$passes) over each $length-token segment, the memories' state carried from one to the next and
-from one call to the next. Each block of operations is under the spec line of the level it
-computes. Continuum levels (CONTINUUM) learn between segments from the model's own next-token
-loss, summed over their chunk and applied when the chunk's last target arrives. The initial
-state (memories and fast weights at position 0) is stored as constants: training this module
-trains the step's parameters, not the meta-learned initial states.
+torch: `Model` loads `weights.pt` beside this file ($weights) and runs the traced segment step
+(passes: $passes) over the stream's segments, the memories' state carried from one to the next
+and from one call to the next. The step's batch size and segment length are symbols, so a call
+may hold any number of sequences of any length: segments end at the multiples of $length
+positions, as nestc's compiled backend cuts them, and a call ending between two runs a shorter
+segment (the next call completes it). Each block of operations is under the spec line of the
+level it computes. Continuum levels (CONTINUUM) learn between segments from the model's own
+next-token loss, summed over their chunk and applied when the chunk's last target arrives. The
+initial state (memories and fast weights at position 0) is stored as constants: training this
+module trains the step's parameters, not the meta-learned initial states.
 """
 
 import contextlib
@@ -286,9 +330,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-
-BATCH = $batch  # the batch size it was traced for
-SEGMENT = $length  # tokens per step; a call's length must be a multiple
+$imports
+SEGMENT = $length  # tokens per step; segments end at the multiples of SEGMENT positions
 VOCAB = $vocab
 # Per continuum level: its period, optimizer, gates (a number, or the name of a learned
 # parameter), whether its updates are cut from the outer graph, and its state slots per layer.
@@ -300,7 +343,7 @@ CYCLE = $cycle  # every continuum level has stepped at multiples of this positio
 $continuum_update
 
 class SegmentStep(torch.nn.Module):
-    """One segment: (parameters..., tokens [BATCH, SEGMENT], position, state...) -> [logits, state...]."""
+    """One segment: (parameters..., tokens [batch, at most SEGMENT], position, state...) -> [logits, state...]."""
 
     def __init__(self):
         super().__init__()
@@ -310,7 +353,8 @@ $forward
 
 
 class Model(torch.nn.Module):
-    """`model(tokens, state=None) -> (logits, state)`; pass the state back in to continue a stream."""
+    """`model(tokens [batch, length], state=None) -> (logits, state)`; pass the state back in to
+    continue the stream."""
 
     def __init__(self, directory=os.path.dirname(os.path.abspath(__file__))):
         super().__init__()
@@ -319,21 +363,26 @@ class Model(torch.nn.Module):
         self.weights = torch.nn.ParameterList(torch.nn.Parameter(saved["parameters"][n]) for n in self.names)
         self.step = SegmentStep()
         self.step.load_state_dict(saved["constants"])
-        self.initial = saved["state"]
+        self.initial = saved["state"]  # one sequence's; every sequence of a batch starts from it
 
     def forward(self, tokens, state=None):
-        if tokens.dim() != 2 or tokens.shape[0] != BATCH or tokens.shape[1] % SEGMENT:
-            raise ValueError(f"tokens must be [{BATCH}, a multiple of {SEGMENT}], got {tuple(tokens.shape)}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, length], got {tuple(tokens.shape)}")
+        batch, length = tokens.shape
         outer = torch.is_grad_enabled()
         if state is None:
-            state = {"position": 0, "tensors": list(self.initial), "last_logits": None,
-                     "pending": [None] * len(CONTINUUM)}
+            state = {"position": 0, "tensors": [t.repeat(batch, *[1] * (t.dim() - 1)) for t in self.initial],
+                     "last_logits": None, "pending": [None] * len(CONTINUUM)}
+        elif state["tensors"] and state["tensors"][0].shape[0] != batch:
+            raise ValueError(f"the state holds {state['tensors'][0].shape[0]} sequences, the tokens {batch}")
         state = dict(state, tensors=list(state["tensors"]), pending=list(state["pending"]))
         logits = []
+        start = 0
         # Continuum levels differentiate the task loss even at inference, so they run with grad on.
         with torch.enable_grad() if CONTINUUM else contextlib.nullcontext():
-            for start in range(0, tokens.shape[1], SEGMENT):
-                chunk = tokens[:, start:start + SEGMENT]
+            while start < length:
+                size = min(length - start, SEGMENT - state["position"] % SEGMENT)
+                chunk = tokens[:, start:start + size]
                 if CONTINUUM:
                     self._learn(state, chunk[:, 0], outer)
                     self._fast_weights_as_leaves(state["tensors"])
@@ -341,12 +390,14 @@ class Model(torch.nn.Module):
                 logits.append(outputs[0])
                 state["tensors"] = list(outputs[1:])
                 if CONTINUUM:
-                    loss = F.cross_entropy(outputs[0][:, :-1].reshape(-1, VOCAB), chunk[:, 1:].reshape(-1),
-                                           reduction="sum")
-                    state["pending"] = [loss if p is None else p + loss for p in state["pending"]]
+                    if size > 1:  # the predictions whose targets are in this segment too
+                        loss = F.cross_entropy(outputs[0][:, :-1].reshape(-1, VOCAB), chunk[:, 1:].reshape(-1),
+                                               reduction="sum")
+                        state["pending"] = [loss if p is None else p + loss for p in state["pending"]]
                     state["last_logits"] = outputs[0][:, -1]
-                state["position"] += SEGMENT
-        logits = torch.cat(logits, dim=1)
+                state["position"] += size
+                start += size
+        logits = torch.cat(logits, dim=1) if logits else self.weights[0].new_zeros(batch, 0, VOCAB)
         return (logits, state) if outer else (logits.detach(), state)
 
     @staticmethod
@@ -390,11 +441,14 @@ class Model(torch.nn.Module):
 ''')
 
 
-def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str, dict]:
-    """The source of a torch-only module running `graph`, and what `weights.pt` must hold."""
+def standalone(model, graph: SegmentGraph, spec: str, variant: str, weights_from: str) -> tuple[str, dict]:
+    """The source of a torch-only module running `graph` (traced symbolic: any batch, any length),
+    and what `weights.pt` must hold. `spec` is what `nestc compile` was given (a spec or a run
+    directory); `weights_from` says whose weights they are."""
     from nestc import __version__
-    from nestc.backends.compiled import _complete_state
 
+    if graph.batch is not None or graph.length is not None:
+        raise BackendError("the standalone module needs the graph traced with a symbolic batch and length")
     continuum = _continuum_table(model, graph)
     module = graph.module
     module.graph._codegen = fx.graph.CodeGen()  # flat arguments and results: no pytree specs to carry
@@ -402,21 +456,35 @@ def standalone(model, graph: SegmentGraph, spec: str, variant: str) -> tuple[str
     constants = {name: buffer for name, buffer in module.named_buffers()}
     buffers = "\n".join(f"        self.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}))"
                         for name, b in constants.items()) or "        pass"
-    forward = _forward_method(module)
-    state = model.initial_state(graph.batch)
-    _complete_state(model, state, graph.batch)
-    _, tensors = flatten_levels(state.levels)
+    forward, imports = _forward_method(module)
     source = STANDALONE_TEMPLATE.substitute(
-        title=f"{os.path.basename(spec)} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
-        spec=spec, version=__version__, variant=variant, passes=", ".join(graph.applied) or "none",
-        length=graph.length, batch=graph.batch, vocab=model.vocab, buffers=buffers, forward=forward,
-        continuum=pprint.pformat(continuum, width=100, sort_dicts=False),
-        cycle=model.task_cycle,
+        title=f"{os.path.basename(os.path.normpath(spec))} as standalone PyTorch: the compiled backend's segment step, traced by torch.fx",
+        spec=spec, version=__version__, variant=variant, weights=weights_from,
+        passes=", ".join(graph.applied) or "none", length=model.segment, vocab=model.vocab, buffers=buffers,
+        forward=forward, imports=imports, continuum=pprint.pformat(continuum, width=100, sort_dicts=False), cycle=model.task_cycle,
         continuum_update="\n\n".join(inspect.getsource(f) for f in (continuum_gradients, continuum_step)))
     weights = {"parameters": {n: p.detach().clone() for n, p in model.named_parameters()},
                "constants": {n: b.clone() for n, b in constants.items()},
-               "state": [t.detach().clone() for t in tensors]}
+               "state": _one_sequence_state(model)}
     return source, weights
+
+
+def _one_sequence_state(model) -> list[Tensor]:
+    """The flat initial state of one sequence, which the module repeats for each sequence of a
+    batch: refused when a batch's initial state is not that (a tensor without a batch dimension,
+    or sequences starting apart)."""
+    from nestc.backends.compiled import _complete_state
+
+    states = []
+    for batch in (1, 2):
+        state = model.initial_state(batch)
+        _complete_state(model, state, batch)
+        states.append([t.detach().clone() for t in flatten_levels(state.levels)[1]])
+    for one, two in zip(*states, strict=True):
+        if two.shape[:1] != (2,) or one.shape != (1, *two.shape[1:]) or not torch.equal(one.expand_as(two), two):
+            raise BackendError("the initial state is not one per sequence, the same for each: the standalone "
+                               "module could not start a batch of any size from it")
+    return states[0]
 
 
 def _continuum_table(model, graph: SegmentGraph) -> list[dict]:
@@ -445,15 +513,19 @@ def _continuum_table(model, graph: SegmentGraph) -> list[dict]:
     return table
 
 
-def _forward_method(module: fx.GraphModule) -> str:
-    """fx's generated `forward`, with the spec locations as comments, indented as a method."""
-    code = module.graph.python_code(root_module="self", verbose=True).src
-    return textwrap.indent(_spec_comments(code).strip("\n"), "    ")
+def _forward_method(module: fx.GraphModule) -> tuple[str, str]:
+    """fx's generated `forward`, with the spec locations as comments, indented as a method; and
+    the imports of the names it uses beyond `torch` (`device`, `inf`: what fx prints them as)."""
+    code = module.graph.python_code(root_module="self", verbose=True)
+    imports = sorted({fx.graph._custom_builtins[name].import_str for name in code.globals
+                      if name in fx.graph._custom_builtins and name != "torch" and re.search(rf"\b{name}\b", code.src)})
+    return textwrap.indent(_spec_comments(code.src).strip("\n"), "    "), "".join(f"{line}\n" for line in imports)
 
 
-def write_standalone(model, graph: SegmentGraph, spec: str, variant: str, directory: str) -> list[str]:
+def write_standalone(model, graph: SegmentGraph, spec: str, variant: str, weights_from: str,
+                     directory: str) -> list[str]:
     """`model.py` and `weights.pt` in `directory`; returns their paths."""
-    source, weights = standalone(model, graph, spec, variant)
+    source, weights = standalone(model, graph, spec, variant, weights_from)
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, "model.py"), os.path.join(directory, "weights.pt")]
     with open(paths[0], "w", encoding="utf-8") as handle:

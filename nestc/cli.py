@@ -391,27 +391,42 @@ def run(spec, steps, assignments, backend, resume, overwrite, checkpoint_every, 
 
 
 @cli.command(name="compile")
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", metavar="SPEC|RUN_DIR", type=click.Path(), required=False)
 @click.option("--emit", type=click.Choice(["ast", "ir", "graph", "plan", "fx", "py"]), default=None,
               help="The stage to print: the syntax tree, the checked IR, the level graph, the compiled backend's "
                    "plan (each memory's kernel and the segment length), the traced segment step after the passes "
                    "(fx), or the standalone module (py). Default: plan, or nothing with -o.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
-              help="Write a standalone model (model.py and weights.pt, needing only torch) to this directory.")
+              help="Write a standalone model (model.py and weights.pt, needing only torch; any batch size, any "
+                   "length) to this directory: a spec's with seeded weights, a run directory's with its trained ones.")
 @click.option("--passes", help="The graph passes to run, in order, comma-separated; empty for none (default: "
                                 "drop_dead,fold_constants,fuse_projections).")
 @click.option("--print-after", "print_after", multiple=True, metavar="PASS",
               help="Print what an IR pass decided (plan), or the fx graph after a graph pass (repeatable).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="The batch size the fx graph and the standalone model are traced for.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the standalone model's initial weights.")
-@click.option("--no-fuse", "fuse", flag_value=False, default=True,
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="The batch size of the graph --emit fx prints (default 1); the standalone module takes any.")
+@click.option("--seed", type=int, default=None, help="Seed of a spec's standalone model's initial weights (default 0).")
+@click.option("--no-fuse", "fuse", flag_value=False, default=None,
               help="Plan without horizontal fusion: every memory level runs as its own call.")
+@click.option("--run", "run_option", hidden=True, help="Refused: the run directory is the argument.")
 @_color
-def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, color) -> None:
-    """Show what a spec compiles to, stage by stage, or write it as standalone PyTorch (-o DIR)."""
+def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, run_option, color) -> None:
+    """Show what a spec compiles to, stage by stage, or write it as standalone PyTorch (-o DIR).
+    Given a run directory (what `nestc run` wrote), -o DIR exports its trained model."""
     import warnings
 
+    if run_option is not None:
+        raise click.UsageError(f"the run directory is the argument: `nestc compile {run_option} -o DIR`")
+    if spec is None:  # optional only so that a misplaced --run gets the line above
+        raise click.UsageError("Missing argument 'SPEC|RUN_DIR'.")
+    standalone = bool(output) or emit == "py"
+    if batch is not None and standalone:
+        raise click.UsageError("--batch picks the batch of the graph --emit fx prints; the standalone module "
+                               "(-o, --emit py) runs any batch size")
+    if os.path.isdir(spec):
+        _export_run(spec, emit, output, passes, print_after, batch or 1, seed, fuse)
+        return
+    fuse = fuse is not False
     result = _analyze(spec)
     _report(result.diagnostics, result.sources, "human", color)
     if not result.ok:
@@ -441,7 +456,22 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, col
         return
     emit = emit or ("plan" if output is None and not print_after else None)
     if output or print_after or emit in ("fx", "py"):
-        _emit_traced(program, spec, emit, output, passes, print_after, batch, seed, fuse)
+        import torch
+
+        from nestc.backends import compiled
+        from nestc.backends.common import BackendError
+
+        if program.model is None:
+            raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
+        torch.manual_seed(0 if seed is None else seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", compiled.CompileWarning)
+            try:
+                model = compiled.build(program, fuse=fuse)
+            except BackendError as error:
+                raise click.ClickException(str(error)) from None
+        weights_from = f"initial weights drawn with seed {0 if seed is None else seed}"
+        _emit_traced(model, spec, emit, output, passes, print_after, batch or 1, weights_from)
         return
     if passes is not None:
         raise click.UsageError("--passes rewrites the traced graph: use it with --emit fx, --emit py or -o")
@@ -492,19 +522,41 @@ def compile_spec(spec, emit, output, passes, print_after, batch, seed, fuse, col
             click.echo(f"note: {warning.message}", err=True)
 
 
-def _emit_traced(program, spec: str, emit: str | None, output: str | None, passes: str | None, print_after,
-                 batch: int, seed: int, fuse: bool) -> None:
-    """The fx stages of `nestc compile`: trace the segment step, run the passes, print or write."""
-    import warnings
+def _export_run(run_directory: str, emit: str | None, output: str | None, passes: str | None, print_after,
+                batch: int, seed: int | None, fuse: bool | None) -> None:
+    """`nestc compile RUN_DIR -o DIR`: the run's trained model as a standalone module."""
+    from nestc.passes import PASSES
 
-    import torch
+    spec_stage = f"--emit {emit}" if emit not in (None, "fx", "py") else \
+        next((f"--print-after {name}" for name in print_after if name in PASSES), None)
+    if spec_stage:
+        raise click.UsageError(f"`{run_directory}` is a run directory: {spec_stage} reads a spec "
+                               f"(the run's is `{os.path.join(run_directory, 'spec.nest')}`)")
+    if not (output or emit):
+        raise click.UsageError(f"`{run_directory}` is a run directory: export its trained model with -o DIR "
+                               "(or print it with --emit py)")
+    if seed is not None or fuse is not None:
+        raise click.UsageError(f"--{'seed' if seed is not None else 'no-fuse'} shapes a spec's model; a run "
+                               "directory's is the one it trained")
+    from nestc.runtime.rundir import latest
+
+    model, _ = _load_run(run_directory, None)
+    found = latest(run_directory)  # the checkpoint whose weights the model holds, named in the module
+    _emit_traced(model, run_directory, emit, output, passes, print_after, batch,
+                 f"the weights `nestc run` trained, {os.path.relpath(found.directory, run_directory)}")
+
+
+def _emit_traced(model, spec: str, emit: str | None, output: str | None, passes: str | None, print_after,
+                 batch: int, weights_from: str) -> None:
+    """The fx stages of `nestc compile`: trace the segment step, run the passes, print or write.
+    The standalone module (--emit py, -o) is traced with a symbolic batch and length; the graph
+    printed alone (--emit fx, --print-after) at `batch` sequences of a whole segment."""
+    import warnings
 
     from nestc.lang import ir
     from nestc.backends import compiled, fx
     from nestc.backends.common import BackendError
 
-    if program.model is None:
-        raise click.UsageError(f"`{spec}` has no `model` section: nothing to compile")
     passes = list(fx.DEFAULT_PASSES) if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
     unknown = [p for p in [*passes, *print_after] if p not in fx.PASSES]
     if unknown:
@@ -512,21 +564,22 @@ def _emit_traced(program, spec: str, emit: str | None, output: str | None, passe
     skipped = [p for p in print_after if p not in passes]
     if skipped:
         raise click.UsageError(f"--print-after {skipped[0]}: that pass is not in --passes")
-    torch.manual_seed(seed)
+    standalone = bool(output) or emit == "py"
+    variant = ir.variant_id(model.program)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", compiled.CompileWarning)
-            model = compiled.build(program, fuse=fuse)
-            graph = fx.trace_segment(model, batch, model.segment)
+            # An example batch of 2: a size of 1 would be fixed in the graph, not a symbol.
+            graph = fx.trace_segment(model, 2 if standalone else batch, model.segment, symbolic=standalone)
         changes = fx.run_passes(graph, passes, print_after, out=click.echo)
         click.echo("passes: " + (", ".join(f"{name} {count}" for name, count in changes.items()) or "none")
                    + f"; {graph.op_count()} operations", err=True)
         if emit == "fx":
             click.echo(fx.readable(graph))
         if emit == "py":
-            click.echo(fx.standalone(model, graph, spec, ir.variant_id(program))[0])
+            click.echo(fx.standalone(model, graph, spec, variant, weights_from)[0])
         if output:
-            for path in fx.write_standalone(model, graph, spec, ir.variant_id(program), output):
+            for path in fx.write_standalone(model, graph, spec, variant, weights_from, output):
                 click.echo(f"wrote {path}", err=True)
     except BackendError as error:
         raise click.ClickException(str(error)) from None

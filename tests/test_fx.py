@@ -130,7 +130,7 @@ def emit_and_compare(spec, text: str, tokens, split: int, **build) -> str:
     the same seed; returns the module's source."""
     spec.write_text(text)
     out = spec.parent / "out"
-    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(out), "--batch", str(tokens.shape[0])])
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(out)])
     assert result.exit_code == 0, result.output
     torch.manual_seed(0)  # the CLI's --seed 0 initialisation
     with warnings.catch_warnings():
@@ -154,16 +154,19 @@ def emit_and_compare(spec, text: str, tokens, split: int, **build) -> str:
 
 
 def test_the_standalone_module_needs_only_torch_and_continues_the_stream(tmp_path):
-    tokens = torch.randint(0, 32, (2, 192), generator=torch.Generator().manual_seed(3))
-    source = emit_and_compare(tmp_path / "gated.nest", GATED, tokens, 128)
+    # One sequence (the graph is traced for two), calls of 100 and 50 tokens: segments of 64, 36,
+    # then 28 to finish the second one, and 22.
+    tokens = torch.randint(0, 32, (1, 150), generator=torch.Generator().manual_seed(3))
+    source = emit_and_compare(tmp_path / "gated.nest", GATED, tokens, 100)
     assert re.search(r"# File: .*gated\.nest:2 in level mixer", source)
 
 
 def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):
     small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
-    tokens = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
-    # Test-time learning: the continuum levels step at every 16 and 64 tokens, across the calls.
-    source = emit_and_compare(tmp_path / "hope.nest", small, tokens, 48)
+    tokens = torch.randint(0, 256, (3, 96), generator=torch.Generator().manual_seed(3))
+    # Test-time learning: the continuum levels step at every 16 and 64 tokens, across the calls,
+    # the first of which ends inside a segment (45 = 2 * 16 + 13).
+    source = emit_and_compare(tmp_path / "hope.nest", small, tokens, 45)
     assert "'name': 'cms_fast'" in source
 
 
@@ -201,3 +204,19 @@ def test_each_layers_continuum_level_steps_with_its_own_gates():
     assert [entry["lr"] for entry in table] == ["layers.0.levels.cms.lr_gate", "layers.1.levels.cms.lr_gate"]
     layers = [{graph.layout[slot][0] for slot in entry["weights"]} for entry in table]
     assert layers == [{0}, {1}]
+
+
+@pytest.mark.parametrize("dimension, what", [(0, "batch size at 2"), (1, "segment length at 64")])
+def test_a_symbolic_trace_whose_code_fixes_a_size_is_refused(dimension, what, monkeypatch):
+    """Code that reads a symbolic size as a number (here `int(...)`) makes a graph for that size
+    only; it is refused rather than run at other sizes."""
+    model = build(GATED.replace("layers 2", "layers 1"))
+    step = model._segment_from_tensors
+
+    def reading_a_size(layout, chunk, position, tensors):
+        chunk = chunk.narrow(dimension, 0, int(chunk.shape[dimension]))
+        return step(layout, chunk, position, tensors)
+
+    monkeypatch.setattr(model, "_segment_from_tensors", reading_a_size)
+    with pytest.raises(compiled.BackendError, match=f"fixes the {what}: its graph cannot serve other sizes"):
+        fx.trace_segment(model, 2, model.segment, symbolic=True)

@@ -330,7 +330,7 @@ def _complete_state(model: CompiledModel, state: ModelState, batch: int) -> None
                     level_state.buffers[stage.buffer_name] = like.new_zeros(batch, stage.args["window"] - 1,
                                                                             stage.width)
             if module.kernel.every and module.kernel.order == "decay_first" and level_state.retain_product is None:
-                level_state.retain_product = like.new_ones(batch, module.heads)
+                level_state.retain_product = like.new_ones(batch, *module.retain_shape)
 
 
 def _as_step_input(tensor: Tensor) -> Tensor:

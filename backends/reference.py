@@ -121,6 +121,8 @@ class MemoryLevel(ReadOut, nn.Module):
             for moment in (level.update.levels if level.update is not None else ())
         })
         self.kernel = MemoryKernel(level, heads, key_dim, value_dim)
+        # the shape of a token's retain gate: [B, H], or [B, H, key_dim] per key channel
+        self.retain_shape = (heads, key_dim) if per_channel(level.retain, level.lets) else (heads,)
         if readable:
             self._build_read_out(level, dim, heads, value_dim)
         else:

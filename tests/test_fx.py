@@ -161,6 +161,15 @@ def test_the_standalone_module_needs_only_torch_and_continues_the_stream(tmp_pat
     assert re.search(r"# File: .*gated\.nest:2 in level mixer", source)
 
 
+def test_a_per_channel_decay_exports(tmp_path):
+    """KDA's retain gate is one value per key channel: the traced step keeps its running product
+    per channel (it once took a per-head product and could not be traced)."""
+    text = GATED.replace("retain = 0.9", "retain = x |> proj(per=channel, bias=true) |> sigmoid") \
+        .replace("every 1", "every 1\n    order decay_first")
+    tokens = torch.randint(0, 32, (2, 40), generator=torch.Generator().manual_seed(4))
+    emit_and_compare(tmp_path / "kda.nest", text, tokens, 23)
+
+
 def test_the_standalone_module_steps_continuum_levels_like_the_backend(at_repo_root, tmp_path):
     small = nestc_text("specs/hope.nest").replace("dim 64", "dim 16").replace("layers 2", "layers 1")
     tokens = torch.randint(0, 256, (3, 96), generator=torch.Generator().manual_seed(3))

@@ -45,8 +45,9 @@ def decay_row(gates: Tensor) -> Tensor:
 
 def finish_segment(kernel, state: LevelState, start: int | Tensor, size: int, retain: Tensor) -> None:
     if kernel.order == "decay_first":
-        previous = state.retain_product if state.retain_product is not None else torch.ones_like(retain[..., 0])
-        state.retain_product = previous * torch.prod(retain, dim=-1)
+        # over the segment's tokens: retain is [B, H, S] or, per key channel, [B, H, S, dk]
+        product = torch.prod(retain, dim=2)
+        state.retain_product = product if state.retain_product is None else state.retain_product * product
     if isinstance(start, Tensor):
         # The torch.compile step sees the position as a tensor: whether the segment closes a chunk
         # is a select, not a Python branch, so every segment shares one graph. The retain product

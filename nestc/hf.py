@@ -24,8 +24,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from nestc.api import BACKENDS, check
 from nestc.lang import ir
 
-# transformers 5 renamed the cache argument and output field `past_key_values` to `cache`.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers 5 renamed the cache argument and output field `past_key_values` to `cache`: the
+# first of these names that this version's output has.
+_CACHE_NAMES = ("cache", "past_key_values")  # transformers 5's name first
+CACHE_FIELD = next(name for name in _CACHE_NAMES if name in CausalLMOutputWithPast.__dataclass_fields__)
 
 
 def _self_contained(spec: str) -> str:

@@ -705,12 +705,15 @@ def test_set_on_an_unknown_level_suggests_an_imported_one(tmp_path):
 
 @pytest.mark.parametrize("value,code,label", [("100", "N0110", "every 100 tokens"), ("-1", "N0106", "got -1"),
                                               ("nothing", "N0101", "not defined")])
-def test_a_bad_value_for_an_imported_level_is_a_diagnostic_at_its_field(value, code, label, tmp_path):
+def test_a_bad_value_for_an_imported_level_is_a_diagnostic_at_its_set(value, code, label, tmp_path):
+    """The error stands on the `--set` ("--set level.cms_slow.every=" is 27 characters: the value
+    at 28), with a note on the field of the imported file it replaced."""
     result = _run("specs/hope.nest", "--set", f"level.cms_slow.every={value}", "--runs", str(tmp_path))
     assert result.exit_code == 1, result.output
     assert f"error[{code}]" in result.output and label in result.output
-    assert f"--> specs/lib/cms.nest:{_line_of('specs/lib/cms.nest', 'every 64')}:11" in result.output
-    assert f"every {value}" in result.output  # the changed line is shown
+    assert "--> --set:1:28" in result.output and f"1 | --set level.cms_slow.every={value}" in result.output
+    line = _line_of("specs/lib/cms.nest", "every 64")
+    assert f"--set replaces `64` in specs/lib/cms.nest:{line}:11" in result.output
     assert "Traceback" not in result.output and not any(tmp_path.iterdir())
 
 

@@ -876,7 +876,7 @@ COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attent
                   "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "delta",
                   "deltaproduct": "delta", "gated_deltaproduct": "delta", "longhorn": "delta", "comba": "delta",
                   "gdn2": "delta", "forgetting_transformer": "module", "stickbreaking": "module", "transformer": "module",
-                  "hybrid": "module", "mesanet": "solve",
+                  "hybrid": "module", "mesanet": "gram",
                   "titans_linear": "sequential"}  # attention: one masked softmax per segment
 
 
@@ -903,6 +903,37 @@ def test_the_spec_constants_reach_the_oracle_comparison():
     kern = MemoryKernel(zoo_level("retnet"), heads=H, key_dim=DK, value_dim=DV)
     other = dict(gates, retain=gates["retain"] * 0.99)
     y, _ = oracles.run(kern, k, v, q * QUERY_SCALE, other)
+    assert (y - expected).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("kernel_backend")
+@pytest.mark.parametrize("case", ["lr=uniform-retain=wide", "lr=top-retain=near1"])
+def test_zoo_mesanet_keeps_fla_mesa_gram(case):
+    """MesaNet's other statistic: the level's H (the state's `gram`) after two calls is the oracle's
+    final h_kk (the generic comparison above checks G^T against its h_kv)."""
+    T, split = LENGTHS["T=67-split-29"]
+    q, k, v = qkv_inputs("mesanet", T)
+    gates = gate_inputs("mesanet", case, T)
+    kern = MemoryKernel(zoo_level("mesanet"), heads=H, key_dim=DK, value_dim=DV)
+    state = None
+    with torch.no_grad():
+        for part in (slice(0, split), slice(split, T)):
+            _, state = oracles.run(kern, k[:, part], v[:, part], q[:, part] * QUERY_SCALE,
+                                   {role: gate[:, part] for role, gate in gates.items()}, state=state,
+                                   start=part.start)
+        _, _, expected = naive_mesa_net_exact(q, k, v, gates, gram=True)
+    assert_close(state.gram, expected, f"zoo mesanet | fla mesa_net.naive_mesa_net_exact | {oracles.backend} | {case} "
+                                       "| T=67-split-29 | final gram")
+
+
+def test_the_ridge_reaches_the_mesanet_comparison():
+    """The ridge the level reads is the one fla gets: another ridge breaks the match."""
+    T = 13
+    q, k, v = qkv_inputs("mesanet", T)
+    gates = gate_inputs("mesanet", "lr=uniform-retain=uniform", T)
+    expected, _ = naive_mesa_net_exact(q, k, v, gates)
+    kern = MemoryKernel(zoo_level("mesanet"), heads=H, key_dim=DK, value_dim=DV)
+    y, _ = oracles.run(kern, k, v, q * QUERY_SCALE, dict(gates, ridge=gates["ridge"].flip(-1)))
     assert (y - expected).abs().max() > 1e-3
 
 

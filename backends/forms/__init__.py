@@ -13,9 +13,9 @@ from torch import Tensor
 from nestc.backends.forms.anchored import anchored_segment
 from nestc.backends.forms.common import finish_segment
 from nestc.backends.forms.delta import delta_segment
+from nestc.backends.forms.gram import gram_segment
 from nestc.backends.forms.layered import layered_segment
 from nestc.backends.forms.scan import scan_segment
-from nestc.backends.forms.solve import solve_segment
 from nestc.backends.forms.trajectory import trajectory_segment
 from nestc.backends.optimizers import lowered
 from nestc.backends.state import LevelState
@@ -31,7 +31,7 @@ def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
 
 
 KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": layered_segment,
-           "trajectory": trajectory_segment, "scan": scan_segment, "solve": solve_segment,
+           "trajectory": trajectory_segment, "scan": scan_segment, "gram": gram_segment,
            "sequential": sequential_segment}
 
 

@@ -172,7 +172,7 @@ class ExactSolve(Optimizer):
     spec = op_spec("optimizer", "solve",
                    doc="W = G (H + diag(ridge))^-1, the exact minimiser of the decayed lr-weighted l2 loss over all "
                        "past pairs plus a ridge term (MesaNet); H, G decayed sums of lr k k^T and lr v k^T")
-    forms = frozenset({"solve"})
+    forms = frozenset({"gram"})
     solves = True
     needs_pairs = True
     states = frozenset({"matrix"})

@@ -443,7 +443,7 @@ class Levels(Part):
         return gates
 
     def _check_exact_solve(self, level: ir.Level, fields) -> None:
-        """Optimizer `solve` reads its memory after each token's exact solve: it has a form only
+        """Optimizer `solve` reads its memory after each token's exact solve: it is defined only
         for an online level (`every 1`, read after) without an output map, with one lr and one
         retain per head (they weight and decay whole pairs k k^T, v k^T), and takes no gradient,
         so `order decay_first` would mean nothing."""
@@ -457,14 +457,14 @@ class Levels(Part):
             problems.append(("read", "`read before`", "the read is after each token's update"))
         if "decay_first" in options(level.order):
             problems.append(("order", "`order decay_first`", "no gradient is taken"))
-        if _option_names(level.output) - {"none"}:
+        if any(not rules.OUTPUTS[name].identity for name in _option_names(level.output)):
             problems.append(("output", "an output map", "the read is the solve itself"))
         for role in ("lr", "retain"):
             if per_channel(getattr(level, role), level.lets):
                 problems.append((role, f"a per-channel {role} gate", "one value per head"))
         for field, what, label in problems:
             span = fields[field].key_span if field in fields else level.span
-            self.error("N0117", f"{what} has no meaning with optimizer `solve`", span, label=label, notes=notes)
+            self.error("N0112", f"optimizer `solve` is not defined with {what}", span, label=label, notes=notes)
 
     def frequency(self, f: ast.Field | None, frozen, frozen_field: ast.Field | None, level: str):
         if frozen and f is not None:

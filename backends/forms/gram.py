@@ -1,5 +1,5 @@
-"""The `solve` form: optimizer `solve` (MesaNet) over a segment, its statistics in closed form and
-one batched exact solve for every token."""
+"""The `gram` form: optimizer `solve` (MesaNet) over a segment, every token's Gram matrix H_t in
+closed form and one batched exact solve for all of them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from nestc.backends.state import LevelState
 from nestc.rules.optimizers import ridge_solve
 
 
-def solve_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor | None:
+def gram_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tensor | None:
     """k, q [B, H, S, dk], v [B, H, S, dv]; lr and retain [B, H, S], ridge [B, H, S] or
     [B, H, S, dk]. With D[t, i] = prod_{j=i+1..t} retain_j and b_t = prod_{j<=t} retain_j,
 

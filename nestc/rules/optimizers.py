@@ -14,11 +14,10 @@ from nestc.rules.base import Rule, registry
 
 @dataclass(frozen=True)
 class OptimizerGate:
-    """A gate that only an optimizer reads: its value where the level gives none, and whether it
-    may be one value per (key) channel."""
+    """A gate that only an optimizer reads (per head or per key channel): its value where the
+    level gives none."""
 
     default: float
-    per_channel: bool
     doc: str
 
 
@@ -177,9 +176,8 @@ class ExactSolve(Optimizer):
     needs_pairs = True
     states = frozenset({"matrix"})
     objectives = frozenset({"l2"})
-    gates = {"ridge": OptimizerGate(default=1.0, per_channel=True,
-                                    doc="the ridge penalty lambda of optimizer `solve` (positive; per head or per "
-                                        "key channel)")}
+    gates = {"ridge": OptimizerGate(default=1.0, doc="the ridge penalty lambda of optimizer `solve` (positive; "
+                                                     "per head or per key channel)")}
 
     def accumulate(self, values, gram, k, v, gates: dict, scale):
         """One token's sufficient statistics: G = retain G + lr v k^T, H = retain H + lr k k^T

@@ -258,7 +258,7 @@ class Levels(Part):
                        help=f"use `optimizer {first}`" + (f" (or `{'`, `'.join(others)}`)" if others else "")
                        + ", or remove the gate")
         objective_gates = self._objective_gates(values, objectives, fields, lets)
-        ridge = self._optimizer_gates(values, optimizers, fields)["ridge"]
+        optimizer_gates = self._optimizer_gates(values, optimizers, fields)
         order = values.get("order", "grad_first")
 
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
@@ -297,7 +297,7 @@ class Levels(Part):
             output_norm=values.get("output_norm"),
             output_gate=values.get("output_gate"),
             substeps=values.get("substeps", 1),
-            ridge=ridge,
+            **optimizer_gates,
             span=span,
         )
         if is_parametric:
@@ -416,29 +416,28 @@ class Levels(Part):
     def _optimizer_gates(self, values: dict, optimizers: set[str], fields) -> dict:
         """The gates only an optimizer reads (rules.OPTIMIZER_GATES): their default where the
         level gives none; an error for one the level's optimizer does not read, or a constant
-        that is not positive (the ridge keeps solve's system positive definite)."""
+        that is not positive (solve's ridge keeps H + diag(ridge) positive definite)."""
         gates = {}
         for role, gate in rules.OPTIMIZER_GATES.items():
             value = values.get(role)
             owner = next(name for name, rule in rules.OPTIMIZERS.items() if role in rule.gates)
-            if any(role in rules.OPTIMIZERS[name].gates for name in optimizers):
-                value = value or ir.Constant(value=gate.default)
-                constants = value.value if isinstance(value, ir.Constant) else ()
-                constants = constants if isinstance(constants, tuple) else (constants,)
-                if any(not isinstance(c, (int, float)) or c <= 0 for c in constants):
-                    self.error("N0117", f"the {role} gate of optimizer `{owner}` must be positive",
-                               fields[role].value.span, label="not positive",
-                               notes=(f"{role}: {gate.doc}; H + diag({role}) must stay invertible",),
-                               help=f"give a positive number, or learn it positive: `{role} = "
-                                    "exp(learned(init=0.0, per=channel))`")
-            elif value is not None and optimizers:
-                self.error("N0117", f"a {role} gate has no effect with optimizer `{' or '.join(sorted(optimizers))}`",
-                           fields[role].key_span, label="unused gate",
-                           notes=(f"{role}: {gate.doc}, read by optimizer `{owner}` only",),
-                           help=f"use `optimizer {owner}`, or remove the gate")
-                value = None
-            else:
-                value = None
+            if not any(role in rules.OPTIMIZERS[name].gates for name in optimizers):
+                if value is not None and optimizers:
+                    self.error("N0117", f"a {role} gate has no effect with optimizer "
+                               f"`{' or '.join(sorted(optimizers))}`", fields[role].key_span, label="unused gate",
+                               notes=(f"{role}: {gate.doc}, read by optimizer `{owner}` only",),
+                               help=f"use `optimizer {owner}`, or remove the gate")
+                gates[role] = None
+                continue
+            value = value or ir.Constant(value=gate.default)
+            constants = value.value if isinstance(value, ir.Constant) else ()
+            if any(not isinstance(c, (int, float)) or c <= 0 for c in
+                   (constants if isinstance(constants, tuple) else (constants,))):
+                self.error("N0117", f"the {role} gate of optimizer `{owner}` must be positive",
+                           fields[role].value.span, label="not positive",
+                           notes=(f"{role}: {gate.doc}",),
+                           help=f"give a positive number, or learn it positive: `{role} = "
+                                "exp(learned(init=0.0, per=channel))`")
             gates[role] = value
         return gates
 

@@ -23,6 +23,8 @@ as single calls, and each memory level through a closed form of its rule (backen
   omega window or Muon (ATLAS): the anchor's gradients (pulled back through the output map by
   hand) give every position's state through per-entry linear recurrences; each token reads its
   own state.
+- `gram`: optimizer `solve` (MesaNet's exact solve): every token's statistic H_t from decay
+  matrices, one batched solve (H_t + diag(ridge_t)) x_t = q_t per segment, and the reads G_t x_t.
 - `sequential`: anything else steps token by token with the reference kernel, and says so.
 
 Continuum-memory levels update between segments (the segment length divides their periods).

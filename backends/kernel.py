@@ -14,6 +14,7 @@ from nestc.backends.optimizers import LevelOptimizer
 from nestc.backends.state import LevelState
 from nestc.lang.queries import delta_extras
 from nestc.passes.optimizers import closed_form
+from nestc.rules.optimizers import solve_read
 
 # --- memory functions ------------------------------------------------------------------------
 
@@ -89,6 +90,8 @@ class MemoryKernel(nn.Module):
             state.moments = self.level_optimizer.initial_moments(weights)
         elif self.optimizer.keeps_momentum:
             state.momentum = [torch.zeros_like(w) for w in weights]
+        if self.optimizer.solves:
+            state.gram = like.new_zeros((batch, self.heads, self.key_dim, self.key_dim))
         return state
 
     # the memory as a function of its weights
@@ -162,6 +165,8 @@ class MemoryKernel(nn.Module):
 
     def _step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None, gates: dict[str, Tensor],
               position: int) -> Tensor | None:
+        if self.optimizer.solves:
+            return self._solve_step(state, k, v, q, gates)
         anchor_before = state.anchor
         output_before = self.evaluate(anchor_before, q) if (q is not None and self.read == "before") else None
         window = None
@@ -181,6 +186,17 @@ class MemoryKernel(nn.Module):
         if q is None:
             return None
         return output_before if self.read == "before" else self.evaluate(state.weights, q)
+
+    def _solve_step(self, state: LevelState, k: Tensor, v: Tensor, q: Tensor | None,
+                    gates: dict[str, Tensor]) -> Tensor | None:
+        """Optimizer `solve` (MesaNet), updated every token and read after: the statistics G
+        (the weight) and H take the token's pair, and the read solves (H + diag(ridge)) x = q."""
+        values, gram = self.optimizer.accumulate(state.weights[0], state.gram, k, v, gates, self._scale)
+        if self.meta == "stop":
+            values, gram = values.detach(), gram.detach()
+        state.weights, state.gram = [values], gram
+        state.anchor = list(state.weights)
+        return None if q is None else solve_read(values, gram, gates["ridge"], q)
 
     def _gradient_step(self, state: LevelState, k, v, window, gates) -> list[Tensor]:
         """The optimizer's step on the objective's gradient at the anchor (autograd), weight by weight."""

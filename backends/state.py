@@ -4,7 +4,7 @@ A LevelState's tensors sit in slots, each named by its field and a key: a list f
 (`weights`, `anchor`, `momentum`), a buffer's name (`buffers`), an optimizer level's name and a
 weight's index (`moments`), an omega window entry's
 (index, part) (`window`: parts k, v, gamma), or None for a single tensor (`retain_product`,
-`keys`, `values`, `forget`, `pending`). `slots`, `get_slot` and `set_slot` are the only code that
+`keys`, `values`, `forget`, `pending`, `gram`). `slots`, `get_slot` and `set_slot` are the only code that
 knows this; everything that flattens a state walks them: the torch.compile and fx segment steps (the
 state as a flat list of tensors, `flatten_levels`), state files (`nestc.runtime.checkpoint`),
 `ModelState.detach` and the standalone module's initial state (`fx.standalone`).
@@ -35,6 +35,8 @@ class LevelState:
     pending: Tensor | None = None  # task levels: loss accumulated since the last update
     retain_product: Tensor | None = None  # decay-first: product of retain gates since the anchor
     buffers: dict[str, Tensor] = field(default_factory=dict)  # short-convolution histories
+    # optimizer `solve`: H, the decayed lr-weighted sum of k k^T [B, H, dk, dk] (the weight is G)
+    gram: Tensor | None = None
 
     def mapped(self, function) -> LevelState:
         """A new state holding `function(tensor)` in each of this one's slots."""
@@ -90,7 +92,7 @@ def holds_graph(state: ModelState) -> bool:
 LIST_FIELDS = ("weights", "anchor", "momentum")  # a slot per list index
 # What a compiled segment step carries in and out: fixed tensors. (An omega window is a list
 # that grows; a pending loss is a graph.)
-STEP_FIELDS = (*LIST_FIELDS, "moments", "retain_product", "keys", "values", "forget", "buffers")
+STEP_FIELDS = (*LIST_FIELDS, "moments", "retain_product", "keys", "values", "forget", "buffers", "gram")
 # What a state file keeps: the pending loss of an unfinished chunk is a graph, not a value (a
 # file rebuilds it by a `Replay`).
 SAVED_FIELDS = (*STEP_FIELDS, "window")

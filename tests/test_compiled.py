@@ -185,6 +185,38 @@ def test_delta_form_equals_the_reference(lr, retain, order, meta, fields):
     assert fast.plans["mem"].kernel == "delta"
 
 
+SOLVE_LEVEL = """
+level mem : matrix {{
+    key = x |> proj |> l2norm
+    value = x |> proj
+    query = x |> proj |> l2norm
+    lr = x |> proj |> sigmoid
+    retain = {retain}
+    objective l2
+    optimizer solve
+    ridge = {ridge}
+    meta {meta}
+    every 1
+}}
+""" + ONE_LAYER_MODEL
+
+
+@pytest.mark.parametrize("retain, ridge, meta", [
+    ("x |> proj |> sigmoid", "exp(learned(init=0.0, per=channel))", "full"),  # MesaNet
+    ("x |> proj |> sigmoid", "x |> proj(per=channel) |> softplus", "first_order"),  # a ridge per token
+    ("0.9", "x |> proj |> softplus", "stop"),
+    ("1.0", "0.5", "full"),
+])
+def test_gram_form_equals_the_reference(retain, ridge, meta):
+    """Optimizer solve in the gram form (planned, not the token loop), with the ridge learned per
+    channel, per token and head or channel, or a constant: the reads, the state (G and H) and
+    every parameter's gradient equal the reference's in float64, over two calls whose segments cut
+    the 64-token segment at 20 and at 64."""
+    text = SOLVE_LEVEL.format(retain=retain, ridge=ridge, meta=meta)
+    fast = assert_equivalent(nestc.check(text), length=70, split=20)
+    assert fast.plans["mem"].kernel == "gram"
+
+
 def test_the_generalised_delta_rule_read_before_says_why_it_steps_token_by_token():
     """No form reads before an every-token update; the other forms do not compute erase or substeps."""
     text = DELTA_LEVEL.format(lr="", retain="", order="grad_first", meta="full", fields="erase = 0.5\n    read before")

@@ -9,8 +9,10 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 from nestc.backends import compiled, reference
+from nestc.backends.state import slots
 from nestc.cli import cli
 from nestc.lang import schema
 from nestc.lang.sema import analyze_file
@@ -50,6 +52,19 @@ def test_the_state_of_a_small_memory_by_hand():
     per_layer = 16 * 128 + 4 * 32 * 32 + 128
     assert found.activation_bytes == 4 * 2 * 64 * (3 * per_layer + 2 * 256)
     assert found.training_bytes == found.parameter_bytes * 4 + found.state_bytes * 2 + found.activation_bytes
+
+
+def test_the_state_of_an_exact_solve_holds_its_gram_matrix_too():
+    """optimizer solve keeps G (the [4, 32, 32] matrix) and H ([4, 32, 32], keys by keys) per layer,
+    as many numbers as the built state holds."""
+    text = "level mixer : matrix { objective l2; optimizer solve }\nmodel {\n    vocab 256\n    dim 128\n" \
+           "    heads 4\n    layers 3\n    block = residual(rmsnorm |> mixer)\n}\n"
+    program = analyze(text).program
+    assert estimate(program).state_bytes == 4 * 3 * 2 * 4 * 32 * 32
+    _, state = reference.build(program)(torch.zeros(1, 1, dtype=torch.long))
+    # the anchor of a level updated every token is its weight itself, which the estimate counts once
+    held = [t for states in state.levels for level in states.values() for name, _, t in slots(level) if name != "anchor"]
+    assert sum(t.numel() for t in held) == 3 * 2 * 4 * 32 * 32
 
 
 def test_every_outer_optimizer_has_a_moment_count():

@@ -203,6 +203,47 @@ def test_optimizer_not_defined_for_the_task_objective():
     only(analyze(spec("level mixer : mlp { objective task; optimizer muon }")), "N0112")
 
 
+SOLVE = "level mixer : matrix {{ objective l2; optimizer solve; {fields} }}"
+
+
+def test_the_exact_solve_on_a_matrix_with_l2_is_clean():
+    result = analyze(spec(SOLVE.format(fields="ridge = exp(learned(init=0.0, per=channel))")))
+    assert result.ok and result.diagnostics == [], render(result)
+    assert result.program.level("mixer").ridge is not None
+
+
+def test_the_exact_solve_gets_the_default_ridge_and_other_optimizers_none():
+    assert analyze(spec(SOLVE.format(fields="every 1"))).program.level("mixer").ridge == ir.Constant(value=1.0)
+    assert analyze(spec("level mixer : matrix { every 1 }")).program.level("mixer").ridge is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("level mixer : vector { objective l2; optimizer solve }", "not defined for a `vector` state"),
+    ("level mixer : matrix { objective dot; optimizer solve }", "not defined for objective `dot`"),
+    (SOLVE.format(fields="every 16"), "with an update period other than `every 1`"),
+    (SOLVE.format(fields="read before"), "with `read before`"),
+    (SOLVE.format(fields="order decay_first"), "with `order decay_first`"),
+    (SOLVE.format(fields="output softmax"), "with an output map"),
+    (SOLVE.format(fields="retain = x |> proj(per=channel) |> sigmoid"), "with a per-channel retain gate"),
+])
+def test_the_exact_solve_is_refused_where_it_is_not_defined(text, message):
+    """optimizer solve: a matrix state, objective l2, every 1, read after, no output map, per-head
+    lr and retain (N0112, which the registry-drawing test in test_rules.py holds legality errors to)."""
+    diagnostic = only(analyze(spec(text)), "N0112")
+    assert message in diagnostic.message and "`solve`" in diagnostic.message
+
+
+@pytest.mark.parametrize("ridge", ["0.0", "-1.0"])
+def test_a_ridge_that_is_not_positive_is_refused(ridge):
+    diagnostic = only(analyze(spec(SOLVE.format(fields=f"ridge = {ridge}"))), "N0117")
+    assert "must be positive" in diagnostic.message and "exp(learned" in diagnostic.help
+
+
+def test_a_ridge_without_the_exact_solve_is_refused():
+    diagnostic = only(analyze(spec("level mixer : matrix { ridge = 2.0 }")), "N0117")
+    assert "no effect with optimizer `gd`" in diagnostic.message and "optimizer solve" in diagnostic.help
+
+
 def test_read_after_with_task_objective():
     diagnostic = only(analyze(spec("level mixer : mlp { objective task; read after }")), "N0113")
     assert diagnostic.span.column == 42  # `after`

@@ -14,6 +14,7 @@ import nestc
 from nestc.backends.state import slots
 from nestc.cli import cli
 from nestc.runtime.checkpoint import CheckpointError, load_state, save_state
+from nesttest import REPO
 
 # Two continuum levels with periods 2 and 3 (a common cycle of 6 tokens) around an online memory,
 # whose state the chunk-end gradients also run back through.
@@ -122,6 +123,23 @@ def test_a_state_saved_mid_chunk_continues_the_stream_exactly(spec, cuts, backen
     with torch.no_grad():
         torch.manual_seed(0)
         assert not torch.allclose(model(text[:, cuts[0]:], lossy)[0], whole_logits[:, cuts[0]:], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", nestc.api.BACKENDS)
+def test_an_exact_solve_state_goes_through_a_file_whole(backend, tmp_path):
+    """specs/mesanet.nest's state holds G as its weight and H as its `gram`: reading in pieces with
+    the state saved and loaded between them is reading them without a file, bit for bit, and the
+    file holds H (a state without it could not continue: the solve reads H)."""
+    model = _model(str(REPO / "specs" / "mesanet.nest"), backend)
+    text = torch.randint(0, model.vocab, (2, 20), generator=torch.Generator().manual_seed(1))
+    pieces = [text[:, :7], text[:, 7:20]]
+    saved_logits, saved = _read(model, pieces, save_between=tmp_path)
+    kept_logits, kept = _read(model, pieces)
+    assert torch.equal(saved_logits, kept_logits)
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(saved), _tensors(kept), strict=True))
+    loaded = load_state(str(tmp_path / "state1.safetensors"), model)
+    grams = [states["mixer"].gram for states in loaded.levels]
+    assert all(g is not None and g.shape == (2, 4, 32, 32) and g.abs().sum() > 0 for g in grams)
 
 
 def test_a_state_read_with_gradients_on_is_refused_naming_the_level(tmp_path):

@@ -101,6 +101,7 @@ def outermost(gate, lets=()) -> tuple[str, dict]:
 
 
 def gate_roles(level: ir.Level) -> dict[str, object]:
+    """The gates whose values the cases choose (optimizer solve's ridge is chosen apart: `ridge_values`)."""
     return {role: getattr(level, role) for role in ("lr", "retain", "momentum", "erase", "write")
             if getattr(level, role) is not None}
 
@@ -215,7 +216,17 @@ def gate_inputs(spec: str, case: str, T: int) -> dict[str, torch.Tensor]:
         assert last in LAST_STAGE[role], f"{spec}: the {role} cases assume {LAST_STAGE[role]}"
         values = retain_values if role == "retain" else GATE_VALUES[last[0]]  # every retain lies in (0, 1)
         gates[role] = values(chosen[role], 100 + seed, shape)
+    if level.ridge is not None:
+        gates["ridge"] = ridge_values(level, T)
     return gates
+
+
+def ridge_values(level: ir.Level, T: int) -> torch.Tensor:
+    """Optimizer solve's ridge [B, T, H, d_k]: the spec's gate is a learned one per head and key channel
+    (positive, through exp), so one random value in [0.5, 2] per head and channel, the same for every
+    sample and token (fla's lamb [H, d_k] is)."""
+    assert per_channel(level.ridge, level.lets) and isinstance(level.ridge, ir.GateExpr) and level.ridge.op == "exp"
+    return uniform(99, H, DK, low=0.5, high=2.0).expand(B, T, H, DK).clone()
 
 
 def qkv_inputs(spec: str, T: int):
@@ -556,6 +567,25 @@ def dplr_as_gdn2(q, k, v, gates, chunked=False):
     return dplr(q, k, gates["write"] * v, alpha * gates["erase"] * k, -k, log_decay(gates), chunked)
 
 
+# MesaNet (optimizer solve): fla's exact oracle solves (H_t + diag(lamb)) x = q_t with torch.linalg.solve
+# and reads h_kv^T x, h_kv = sum beta k v^T (nestc's G^T). It keeps one width d for keys and values,
+# so v gets zero channels up to d_k: a zero value channel is a zero column of h_kv and a zero output
+# channel, which are cut off again. It does not scale q: it gets the q the level reads (q d_k^-0.5).
+
+
+def mesa_values(v: torch.Tensor) -> torch.Tensor:
+    return F.pad(v, (0, DK - DV))
+
+
+def naive_mesa_net_exact(q, k, v, gates, gram=False):
+    """(o, h_kv) on nestc's layout, or with `gram` the oracle's final H (h_kk) as well."""
+    lamb = gates["ridge"][0, 0]  # [H, d_k]: fla's ridge is one value per head and channel, for all tokens
+    assert (gates["ridge"] == lamb).all()
+    o, h_kk, h_kv = fla_naive("mesa_net").naive_mesa_net_exact(q * QUERY_SCALE, k, mesa_values(v), log_decay(gates),
+                                                               lamb, gates["lr"])
+    return (o[..., :DV], h_kv[..., :DV]) + ((h_kk,) if gram else ())
+
+
 # (zoo spec, fla family, oracle function name, the call on nestc's layout)
 ORACLES = [
     ("deltanet", "delta_rule", "delta_rule_recurrence", delta_rule_recurrence),
@@ -603,6 +633,7 @@ ORACLES = [
     ("gdn2", "gdn2", "naive_chunk_gdn2", lambda *a: gdn2(*a, chunked=True)),
     ("gdn2", "generalized_delta_rule/dplr", "dplr_recurrence", dplr_as_gdn2),
     ("gdn2", "generalized_delta_rule/dplr", "dplr_chunkwise", lambda *a: dplr_as_gdn2(*a, chunked=True)),
+    ("mesanet", "mesa_net", "naive_mesa_net_exact", naive_mesa_net_exact),
 ]
 CALLS = {(spec, function): call for spec, _, function, call in ORACLES}
 
@@ -845,7 +876,7 @@ COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attent
                   "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "delta",
                   "deltaproduct": "delta", "gated_deltaproduct": "delta", "longhorn": "delta", "comba": "delta",
                   "gdn2": "delta", "forgetting_transformer": "module", "stickbreaking": "module", "transformer": "module",
-                  "hybrid": "module",
+                  "hybrid": "module", "mesanet": "gram",
                   "titans_linear": "sequential"}  # attention: one masked softmax per segment
 
 
@@ -872,6 +903,37 @@ def test_the_spec_constants_reach_the_oracle_comparison():
     kern = MemoryKernel(zoo_level("retnet"), heads=H, key_dim=DK, value_dim=DV)
     other = dict(gates, retain=gates["retain"] * 0.99)
     y, _ = oracles.run(kern, k, v, q * QUERY_SCALE, other)
+    assert (y - expected).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("kernel_backend")
+@pytest.mark.parametrize("case", ["lr=uniform-retain=wide", "lr=top-retain=near1"])
+def test_zoo_mesanet_keeps_fla_mesa_gram(case):
+    """MesaNet's other statistic: the level's H (the state's `gram`) after two calls is the oracle's
+    final h_kk (the generic comparison above checks G^T against its h_kv)."""
+    T, split = LENGTHS["T=67-split-29"]
+    q, k, v = qkv_inputs("mesanet", T)
+    gates = gate_inputs("mesanet", case, T)
+    kern = MemoryKernel(zoo_level("mesanet"), heads=H, key_dim=DK, value_dim=DV)
+    state = None
+    with torch.no_grad():
+        for part in (slice(0, split), slice(split, T)):
+            _, state = oracles.run(kern, k[:, part], v[:, part], q[:, part] * QUERY_SCALE,
+                                   {role: gate[:, part] for role, gate in gates.items()}, state=state,
+                                   start=part.start)
+        _, _, expected = naive_mesa_net_exact(q, k, v, gates, gram=True)
+    assert_close(state.gram, expected, f"zoo mesanet | fla mesa_net.naive_mesa_net_exact | {oracles.backend} | {case} "
+                                       "| T=67-split-29 | final gram")
+
+
+def test_the_ridge_reaches_the_mesanet_comparison():
+    """The ridge the level reads is the one fla gets: another ridge breaks the match."""
+    T = 13
+    q, k, v = qkv_inputs("mesanet", T)
+    gates = gate_inputs("mesanet", "lr=uniform-retain=uniform", T)
+    expected, _ = naive_mesa_net_exact(q, k, v, gates)
+    kern = MemoryKernel(zoo_level("mesanet"), heads=H, key_dim=DK, value_dim=DV)
+    y, _ = oracles.run(kern, k, v, q * QUERY_SCALE, dict(gates, ridge=gates["ridge"].flip(-1)))
     assert (y - expected).abs().max() > 1e-3
 
 

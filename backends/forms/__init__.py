@@ -13,6 +13,7 @@ from torch import Tensor
 from nestc.backends.forms.anchored import anchored_segment
 from nestc.backends.forms.common import finish_segment
 from nestc.backends.forms.delta import delta_segment
+from nestc.backends.forms.gram import gram_segment
 from nestc.backends.forms.layered import layered_segment
 from nestc.backends.forms.scan import scan_segment
 from nestc.backends.forms.trajectory import trajectory_segment
@@ -30,7 +31,8 @@ def sequential_segment(kernel, state: LevelState, k, v, q, gates, start: int) ->
 
 
 KERNELS = {"anchored": anchored_segment, "delta": delta_segment, "layered": layered_segment,
-           "trajectory": trajectory_segment, "scan": scan_segment, "sequential": sequential_segment}
+           "trajectory": trajectory_segment, "scan": scan_segment, "gram": gram_segment,
+           "sequential": sequential_segment}
 
 
 def run_form(form: str, kernel, state: LevelState, k, v, q, gates, start) -> Tensor | None:

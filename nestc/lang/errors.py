@@ -192,7 +192,12 @@ the closed form "append (k, v)".
     "N0112": ("optimizer not defined for this state", """
 `dgd` (delta gradient descent), `dgd_momentum` and `muon` act on the linear maps of a `matrix`
 or `mlp` state; a `vector` state has none. Levels trained on the task loss (`objective task`) take
-`gd` or `momentum`: dgd needs (key, value) pairs those levels do not have.
+`gd` or `momentum`: dgd needs (key, value) pairs those levels do not have. `solve` (MesaNet's
+exact solve) is defined for a `matrix` state with `objective l2` only, updated `every 1` and read
+after, with no output map, no `order decay_first` (it takes no gradient) and one lr and one retain
+per head (they weight and decay whole pairs).
+
+    level m : matrix { objective l2; optimizer solve; every 16 }    # error: solve takes every token
 """),
     "N0113": ("read after with a rule that has no such form", """
 A level trained on the model's own loss (`objective task`, a continuum-memory level) cannot be

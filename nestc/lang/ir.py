@@ -227,6 +227,9 @@ class Level(Node):
     output_norm: str | Choice | None = None  # none: the read-out as it is
     output_gate: Pipeline | None = None
     substeps: int | SearchValue = 1
+    # optimizer `solve`'s ridge penalty (per head or key channel); None for every other optimizer,
+    # so that the IR (and each variant's id) of other levels is what it was before the field
+    ridge: Gate | None = None
     # `update = ...`: the step written with optimizer levels (SEMANTICS §3); None: -lr * grad
     update: Update | None = None
     span: Span | None = _span_field()

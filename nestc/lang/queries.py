@@ -14,8 +14,9 @@ from nestc.lang import ir
 # is read for the residual (per head or per key channel), `write` the value (per head or per value
 # channel).
 DELTA_GATES = ("erase", "write")
-# A memory level's gates: those of its optimizer, the delta rule's, then those its objective reads.
-GATE_ROLES = ("lr", "retain", "momentum", *DELTA_GATES, *rules.OBJECTIVE_GATES)
+# A memory level's gates: those of its optimizer, the delta rule's, then those its objective reads,
+# then those only one optimizer reads (solve's ridge).
+GATE_ROLES = ("lr", "retain", "momentum", *DELTA_GATES, *rules.OBJECTIVE_GATES, *rules.OPTIMIZER_GATES)
 GENERATED_ROLES = ("key", "value", "query", *GATE_ROLES)
 # What a token gives once per step under `substeps N` (N of them side by side in each head); the
 # retain gate decays the state once per token.

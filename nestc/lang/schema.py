@@ -185,6 +185,8 @@ LEVEL_FIELDS = {
         Param("write", "gate", None, doc="scales the value the delta rule writes (per head or per value channel)"),
         # the gates that only an objective reads (omega's gamma, huber_token's threshold)
         *(Param(role, "gate", None, doc=gate.doc) for role, gate in rules.OBJECTIVE_GATES.items()),
+        # the gates that only an optimizer reads (solve's ridge)
+        *(Param(role, "gate", None, doc=gate.doc) for role, gate in rules.OPTIMIZER_GATES.items()),
         Param("objective", "objective", None),
         Param("optimizer", "optimizer", "gd"),
         Param("order", "enum", "grad_first", choices=("grad_first", "decay_first"),

@@ -196,6 +196,8 @@ class _LayerTally:
                 self.state += maps * len(buffers) + optimizer_maps
             if rules.OBJECTIVES[level.objective.name].windowed:
                 self.state += op_args(level.objective)["window"] * heads * (key_dim + value_dim + key_dim)
+            if rules.OPTIMIZERS[level.optimizer.name].solves:  # H, keys by keys, beside G (the maps)
+                self.state += heads * key_dim * key_dim
 
     @staticmethod
     def _copies(level: ir.Level, anchor: bool) -> int:

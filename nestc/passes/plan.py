@@ -19,7 +19,7 @@ MAX_SEGMENT = 64
 
 @dataclass(frozen=True)
 class LevelPlan:
-    kernel: str  # frozen | anchored | delta | layered | trajectory | scan | sequential | module
+    kernel: str  # frozen | anchored | delta | layered | trajectory | scan | gram | sequential | module
     reason: str = ""
 
 
@@ -95,6 +95,9 @@ def plan_kernel(kernel: MemoryRule, per_channel: bool) -> LevelPlan:
 
 def _form_obstacle(form: str, kernel: MemoryRule, per_channel: bool) -> str:
     """Why `form` cannot compute this rule although its rules list the form, or ""."""
+    if form == "gram":
+        # optimizer `solve`'s only form; the checker holds it to `every 1`, read after, per-head lr and retain
+        return ""
     if form == "scan":
         # It takes every token's gradient at the anchor, fixed inside a segment, from the layered
         # form's backpropagation, then steps the optimizer levels token by token.

@@ -15,11 +15,11 @@ data and must stay torch-free. docs/architecture.md shows how to add an entry.
 
 from nestc.rules.base import FORMS, Rule
 from nestc.rules.objectives import OBJECTIVE_GATES, OBJECTIVES, Objective, ObjectiveGate
-from nestc.rules.optimizers import OPTIMIZERS, Optimizer
+from nestc.rules.optimizers import OPTIMIZER_GATES, OPTIMIZERS, Optimizer, OptimizerGate
 from nestc.rules.outputs import OUTPUTS, OutputMap
 from nestc.rules.states import STATES, State
 
 REGISTRIES = {"state": STATES, "objective": OBJECTIVES, "optimizer": OPTIMIZERS, "output": OUTPUTS}
 
-__all__ = ["FORMS", "OBJECTIVE_GATES", "OBJECTIVES", "OPTIMIZERS", "OUTPUTS", "REGISTRIES", "STATES", "Objective",
-           "ObjectiveGate", "Optimizer", "OutputMap", "Rule", "State"]
+__all__ = ["FORMS", "OBJECTIVE_GATES", "OBJECTIVES", "OPTIMIZER_GATES", "OPTIMIZERS", "OUTPUTS", "REGISTRIES", "STATES",
+           "Objective", "ObjectiveGate", "Optimizer", "OptimizerGate", "OutputMap", "Rule", "State"]

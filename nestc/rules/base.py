@@ -7,7 +7,8 @@ from nestc.lang.operators import OpSpec
 # The compiled backend's segment forms (docs/backends.md). A memory runs in a form only if its
 # state, objective, optimizer and output map all list it; otherwise it steps token by token.
 # `scan` runs only an `update` written with optimizer levels that no built-in equals (nestc/passes/plan.py).
-FORMS = ("anchored", "delta", "layered", "trajectory", "scan")
+# `gram` runs only optimizer `solve` (MesaNet's exact solve: every token's Gram matrix, then one solve).
+FORMS = ("anchored", "delta", "layered", "trajectory", "scan", "gram")
 
 
 class Rule:

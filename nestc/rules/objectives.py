@@ -81,7 +81,7 @@ class L2(Objective):
     spec = op_spec("objective", "l2", doc="l = 1/2 ||M(k) - v||^2 (the delta rule under gd)")
     states = MEMORY_STATES | {"moment"}  # an optimizer level's: l = 1/2 ||m key^T - value I||^2 (NL eq. 48)
     elementwise = True
-    forms = CLOSED_FORMS | {"delta"}
+    forms = CLOSED_FORMS | {"delta", "gram"}
     delta_rule = True
 
     def pair_loss(self, args, prediction, v, gates):

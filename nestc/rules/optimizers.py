@@ -6,8 +6,19 @@ segment forms which closed form of the update applies.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nestc.lang.operators import Param, op_spec
 from nestc.rules.base import Rule, registry
+
+
+@dataclass(frozen=True)
+class OptimizerGate:
+    """A gate that only an optimizer reads (per head or per key channel): its value where the
+    level gives none."""
+
+    default: float
+    doc: str
 
 
 def newton_schulz(update, steps: int):
@@ -43,6 +54,13 @@ class Optimizer(Rule):
     # Its step is what it keeps of the old weight (`retained`) minus lr g: a level's `update`
     # (optimizers written as levels) may replace the -lr g.
     takes_update = False
+    # Solves its objective exactly instead of stepping on its gradient (MesaNet): the state holds
+    # the objective's sufficient statistics and the read solves a linear system (`ExactSolve`).
+    solves = False
+    # The states and objectives it is defined on (None: any that its other needs allow).
+    states: frozenset[str] | None = None
+    objectives: frozenset[str] | None = None
+    gates: dict[str, OptimizerGate] = {}  # the level fields (gates) only this optimizer reads, by role
 
     def step(self, args: dict, weight, grad, map_input, momentum, gates: dict, scale):
         raise NotImplementedError
@@ -140,5 +158,56 @@ class Muon(Optimizer):
         return newton_schulz(momentum, args["steps"])
 
 
+class ExactSolve(Optimizer):
+    """MesaNet (von Oswald et al. 2025; the Mesa layer, 2023): the memory is the exact minimiser of
+    the l2 objective summed over every past pair, each weighted by its lr and decayed by the retain
+    gates since, plus a ridge term 1/2 sum_c ridge_c ||W[:, c]||^2:
+        W_t = G_t (H_t + diag(ridge_t))^-1,  H_t = retain_t H_{t-1} + lr_t k_t k_t^T,
+                                             G_t = retain_t G_{t-1} + lr_t v_t k_t^T.
+    The state keeps G (the weight slot, d_v x d_k) and H (`LevelState.gram`); a read solves
+    (H_t + diag(ridge_t)) x = q_t exactly and returns G_t x. No gradient is taken, so `order` and
+    the anchor play no part, and `meta first_order` equals `full`."""
+
+    spec = op_spec("optimizer", "solve",
+                   doc="W = G (H + diag(ridge))^-1, the exact minimiser of the decayed lr-weighted l2 loss over all "
+                       "past pairs plus a ridge term (MesaNet); H, G decayed sums of lr k k^T and lr v k^T")
+    forms = frozenset({"gram"})
+    solves = True
+    needs_pairs = True
+    states = frozenset({"matrix"})
+    objectives = frozenset({"l2"})
+    gates = {"ridge": OptimizerGate(default=1.0, doc="the ridge penalty lambda of optimizer `solve` (positive; "
+                                                     "per head or per key channel)")}
+
+    def accumulate(self, values, gram, k, v, gates: dict, scale):
+        """One token's sufficient statistics: G = retain G + lr v k^T, H = retain H + lr k k^T
+        (k [B, H, dk], v [B, H, dv], per-head gates)."""
+        import torch
+
+        values = scale(values, gates["retain"]) + scale(torch.einsum("bhv,bhk->bhvk", v, k), gates["lr"])
+        gram = scale(gram, gates["retain"]) + scale(torch.einsum("bhi,bhj->bhij", k, k), gates["lr"])
+        return values, gram
+
+
+def solve_read(values, gram, ridge, query):
+    """optimizer `solve`'s read G (H + diag(ridge))^-1 q: values [..., dv, dk], gram [..., dk, dk],
+    query [..., dk], ridge [...] (per head) or [..., dk] (per channel)."""
+    return (values @ ridge_solve(gram, ridge, query)[..., None])[..., 0]
+
+
+def ridge_solve(gram, ridge, query):
+    """x = (H + diag(ridge))^-1 q by an exact solve (never an iterative one). torch solves no
+    bfloat16 system, so under `--bf16` autocast the solve runs in float32."""
+    import torch
+
+    ridge = ridge[..., None].expand(query.shape) if ridge.dim() < query.dim() else ridge
+    system = gram + torch.diag_embed(ridge)
+    dtype = torch.promote_types(system.dtype, query.dtype)
+    solve_dtype = torch.promote_types(dtype, torch.float32)
+    return torch.linalg.solve(system.to(solve_dtype), query.to(solve_dtype)).to(dtype)
+
+
 OPTIMIZERS: dict[str, Optimizer] = registry(GradientDescent(), Momentum(), DeltaGradientDescent(),
-                                            DeltaGradientMomentum(), Muon())
+                                            DeltaGradientMomentum(), Muon(), ExactSolve())
+OPTIMIZER_GATES: dict[str, OptimizerGate] = {role: gate for optimizer in OPTIMIZERS.values()
+                                             for role, gate in optimizer.gates.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from nestc.lang.operators import Param, op_spec
 from nestc.rules.base import Rule, registry
 
-ALL_FORMS = frozenset({"anchored", "delta", "layered", "trajectory", "scan"})
+ALL_FORMS = frozenset({"anchored", "delta", "layered", "trajectory", "scan", "gram"})
 
 
 # Where the inner gradient is taken: at the mapped weights (the paper's mirror descent) or at

@@ -91,7 +91,7 @@ class State(Rule):
 
 class Matrix(State):
     spec = op_spec("state", "matrix", doc="a d_v x d_k matrix per head: y = M q")
-    forms = frozenset({"anchored", "delta", "layered", "trajectory", "scan"})
+    forms = frozenset({"anchored", "delta", "layered", "trajectory", "scan", "gram"})
     weight_maps = True
     linear = True
 

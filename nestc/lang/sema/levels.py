@@ -258,6 +258,7 @@ class Levels(Part):
                        help=f"use `optimizer {first}`" + (f" (or `{'`, `'.join(others)}`)" if others else "")
                        + ", or remove the gate")
         objective_gates = self._objective_gates(values, objectives, fields, lets)
+        optimizer_gates = self._optimizer_gates(values, optimizers, fields)
         order = values.get("order", "grad_first")
 
         default_source = ir.Pipeline(stages=(self.values.default_op("stage", "proj"),))
@@ -296,10 +297,13 @@ class Levels(Part):
             output_norm=values.get("output_norm"),
             output_gate=values.get("output_gate"),
             substeps=values.get("substeps", 1),
+            **optimizer_gates,
             span=span,
         )
         if is_parametric:
             self._check_delta_extras(level, fields)
+            if any(rules.OPTIMIZERS[o].solves for o in optimizers):
+                self._check_exact_solve(level, fields)
         if "update" in fields:
             level = dataclasses.replace(level, update=values["update"])
             self.optimizers.check_served(level, fields, is_parametric, task)
@@ -409,6 +413,58 @@ class Levels(Part):
             gates[role] = value
         return gates
 
+    def _optimizer_gates(self, values: dict, optimizers: set[str], fields) -> dict:
+        """The gates only an optimizer reads (rules.OPTIMIZER_GATES): their default where the
+        level gives none; an error for one the level's optimizer does not read, or a constant
+        that is not positive (solve's ridge keeps H + diag(ridge) positive definite)."""
+        gates = {}
+        for role, gate in rules.OPTIMIZER_GATES.items():
+            value = values.get(role)
+            owner = next(name for name, rule in rules.OPTIMIZERS.items() if role in rule.gates)
+            if not any(role in rules.OPTIMIZERS[name].gates for name in optimizers):
+                if value is not None and optimizers:
+                    self.error("N0117", f"a {role} gate has no effect with optimizer "
+                               f"`{' or '.join(sorted(optimizers))}`", fields[role].key_span, label="unused gate",
+                               notes=(f"{role}: {gate.doc}, read by optimizer `{owner}` only",),
+                               help=f"use `optimizer {owner}`, or remove the gate")
+                gates[role] = None
+                continue
+            value = value or ir.Constant(value=gate.default)
+            constants = value.value if isinstance(value, ir.Constant) else ()
+            if any(not isinstance(c, (int, float)) or c <= 0 for c in
+                   (constants if isinstance(constants, tuple) else (constants,))):
+                self.error("N0117", f"the {role} gate of optimizer `{owner}` must be positive",
+                           fields[role].value.span, label="not positive",
+                           notes=(f"{role}: {gate.doc}",),
+                           help=f"give a positive number, or learn it positive: `{role} = "
+                                "exp(learned(init=0.0, per=channel))`")
+            gates[role] = value
+        return gates
+
+    def _check_exact_solve(self, level: ir.Level, fields) -> None:
+        """Optimizer `solve` reads its memory after each token's exact solve: it is defined only
+        for an online level (`every 1`, read after) without an output map, with one lr and one
+        retain per head (they weight and decay whole pairs k k^T, v k^T), and takes no gradient,
+        so `order decay_first` would mean nothing."""
+        notes = ("optimizer `solve` (MesaNet) keeps H = sum lr k k^T and G = sum lr v k^T, decayed by retain, "
+                 "and reads y = G (H + diag(ridge))^-1 q after each token's update",)
+        problems = []  # (field, what, label)
+        if level.every.tokens != 1:
+            problems.append(("frozen" if "frozen" in fields else "every", "an update period other than `every 1`",
+                             "the statistics take every token"))
+        if "before" in options(level.read):
+            problems.append(("read", "`read before`", "the read is after each token's update"))
+        if "decay_first" in options(level.order):
+            problems.append(("order", "`order decay_first`", "no gradient is taken"))
+        if any(not rules.OUTPUTS[name].identity for name in _option_names(level.output)):
+            problems.append(("output", "an output map", "the read is the solve itself"))
+        for role in ("lr", "retain"):
+            if per_channel(getattr(level, role), level.lets):
+                problems.append((role, f"a per-channel {role} gate", "one value per head"))
+        for field, what, label in problems:
+            span = fields[field].key_span if field in fields else level.span
+            self.error("N0112", f"optimizer `solve` is not defined with {what}", span, label=label, notes=notes)
+
     def frequency(self, f: ast.Field | None, frozen, frozen_field: ast.Field | None, level: str):
         if frozen and f is not None:
             self.error("N0116", f"level `{level}` is both `frozen` and updated `every ...`", f.key_span,
@@ -452,6 +508,18 @@ class Levels(Part):
             self.error("N0112", f"optimizer `{optimizer}` is not defined for a `{kind}` state", span,
                        label="needs weight matrices",
                        help=f"{on_maps} act on the linear maps of a {with_maps} state; use {elementwise}")
+        if rule.states is not None and kind not in rule.states and rules.STATES[kind].memory:
+            self.error("N0112", f"optimizer `{optimizer}` is not defined for a `{kind}` state", span,
+                       label=f"needs a {' or '.join(sorted(rule.states))} state",
+                       help=f"use a {' or '.join(sorted(rule.states))} state, or another optimizer")
+        # an objective outside the optimizer's set (a continuum one is refused below as needing pairs)
+        others = sorted(o for o in objectives if not rules.OBJECTIVES[o].continuum)
+        unsolved = [o for o in others if rule.objectives is not None and o not in rule.objectives]
+        if unsolved:
+            self.error("N0112", f"optimizer `{optimizer}` is not defined for objective `{unsolved[0]}`", span,
+                       label=f"solves objective {' or '.join(sorted(rule.objectives))} only",
+                       help=f"use `objective {sorted(rule.objectives)[0]}`, or another optimizer",
+                       notes=(f"{optimizer}: {rule.spec.doc}",))
         continuum = [o for o in objectives if rules.OBJECTIVES[o].continuum]
         if continuum and rule.needs_pairs:
             without_pairs = " or ".join(n for n, other in rules.OPTIMIZERS.items() if not other.needs_pairs)

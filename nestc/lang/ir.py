@@ -226,6 +226,8 @@ class Level(Node):
     normalize: bool | Choice | None = None
     output_norm: str | Choice | None = None  # none: the read-out as it is
     output_gate: Pipeline | None = None
+    # the generalised delta rule's write key (SEMANTICS §3); None: the value is written along lr * key
+    write_key: Pipeline | None = None
     substeps: int | SearchValue = 1
     # `update = ...`: the step written with optimizer levels (SEMANTICS §3); None: -lr * grad
     update: Update | None = None

@@ -14,7 +14,6 @@ M_t = M' - (M_read e)(lr * k)^T + (write * v) write_key^T (SEMANTICS §3, `write
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 import nestc
 import oracles
-from nestc.backends import compiled, reference
+from nestc.backends import reference
 from nestc.backends.common import BackendError
 from nestc.lang.formatter import format_module
 from nestc.lang.source import SourceFile
@@ -218,6 +217,21 @@ def test_compiled_equals_the_reference_in_float64(extra):
     assert plan_level(program.level("mixer")).kernel == "delta"
     fast = assert_equivalent(program, length=70, split=29)
     assert fast is not None
+
+
+def test_a_write_key_generated_by_another_level_equals_the_reference():
+    """The write key's pipeline reads a level (a generator stepped first), as a key's may."""
+    program = nestc.check("""
+level g : matrix { objective dot; every 1; read before }
+level mixer : matrix { key = x |> proj |> l2norm; write_key = x |> proj |> g; lr = x |> proj |> sigmoid
+    objective l2; every 1 }
+model { vocab 16
+    dim 8
+    heads 2
+    block = mixer }
+""")
+    assert plan_level(program.level("mixer")).kernel == "delta"
+    assert_equivalent(program, length=20, split=7)
 
 
 def test_the_rwkv7_zoo_spec_runs_in_the_delta_form(at_root):

@@ -863,7 +863,8 @@ def test_zoo_hgrn2_equals_fla_gla(backend, length):
 COMPILED_FORMS = {"deltanet": "delta", "gated_deltanet": "delta", "linear_attention": "anchored",
                   "retnet": "anchored", "mamba2": "anchored", "gla": "trajectory", "kda": "delta",
                   "deltaproduct": "delta", "gated_deltaproduct": "delta", "longhorn": "delta", "comba": "delta",
-                  "gdn2": "delta", "rwkv7": "delta", "forgetting_transformer": "module", "stickbreaking": "module", "transformer": "module",
+                  "gdn2": "delta", "rwkv7": "delta", "forgetting_transformer": "module", "stickbreaking": "module",
+                  "transformer": "module",
                   "hybrid": "module",
                   "titans_linear": "sequential"}  # attention: one masked softmax per segment
 
@@ -938,7 +939,8 @@ def forgetting_attention_in_float64(q, k, v, retain):
 
 
 @pytest.mark.usefixtures("kernel_backend")
-@pytest.mark.parametrize("spec, case, length", rounding_cases("test_fla_forgetting_attn_loses_digits_to_its_prefix_sums"))
+@pytest.mark.parametrize("spec, case, length",
+                         rounding_cases("test_fla_forgetting_attn_loses_digits_to_its_prefix_sums"))
 def test_fla_forgetting_attn_loses_digits_to_its_prefix_sums(spec, case, length):
     """fla's naive_forgetting_attn takes G_i - G_j of float32 prefix sums of log f: with half the
     gates 1e-12 (log -27.6), G reaches about -900 by T = 67, where float32 keeps 6e-5, and the
@@ -973,7 +975,8 @@ def rwkv7_in_float64(q, k, v, gates) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("kernel_backend")
-@pytest.mark.parametrize("spec, case, length", rounding_cases("test_fla_dplr_chunkwise_loses_digits_at_vanishing_decays"))
+@pytest.mark.parametrize("spec, case, length",
+                         rounding_cases("test_fla_dplr_chunkwise_loses_digits_at_vanishing_decays"))
 def test_fla_dplr_chunkwise_loses_digits_at_vanishing_decays(spec, case, length):
     """fla's dplr_chunkwise weighs each pair by exp of differences of float32 cumulative log decays:
     on RWKV-7's level with every decay 1e-12 (log -27.6) and a full erase (a = 1) the chunk oracle

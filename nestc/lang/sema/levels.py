@@ -336,15 +336,15 @@ class Levels(Part):
             self.error("N0117", f"`{extra}` has no meaning for level `{level.name}`", span,
                        label="a field of the online delta rule",
                        notes=("erase, write, write_key, substeps and gd(implicit=true) extend the online delta rule: "
-                              "rules that "
-                              "its `delta` form computes (" + _delta_rules() + "), updated `every 1`; here "
+                              "rules that its `delta` form computes (" + _delta_rules() + "), updated `every 1`; here "
                               + ", ".join(differs),))
 
     def _check_write_key(self, level: ir.Level, fields) -> None:
         """A write key apart from the erase side is derived (SEMANTICS §3) for one explicit step per
         token whose outer gradient flows through the update: not for several steps, the implicit
-        step (whose lr divides by the erase side alone) or a cut outer gradient (the inner gradient
-        -R k^T that `first_order` holds constant has no single key when the sides differ)."""
+        step (its closed form w / (1 + w . e) writes the value along w) or a cut outer gradient (the
+        inner gradient -R k^T that `first_order` holds constant has no single key when the sides
+        differ)."""
         span = fields["write_key"].key_span
         notes = ("with `write_key` the update is M_t = M' - (M' e) (lr * k)^T + u write_key^T (RWKV-7), "
                  "derived for one explicit step per token with `meta full`",)
@@ -354,7 +354,7 @@ class Levels(Part):
         optimizer = level.optimizer
         if isinstance(optimizer, ir.Op) and dict(optimizer.args).get("implicit"):
             self.error("N0117", "`write_key` has no meaning with `gd(implicit=true)`", span,
-                       label="the implicit step solves for lr * key on both sides", notes=notes,
+                       label="the implicit step writes along lr * key", notes=notes,
                        help="use `optimizer gd`, or remove `write_key`")
         cut = sorted(meta for meta in options(level.meta) if meta != "full")
         if cut:

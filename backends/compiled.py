@@ -56,7 +56,7 @@ from nestc.backends.forms.common import apply_sequence
 from nestc.backends.fx import level_provenance as fx_provenance
 from nestc.backends.attention import attend_cached, attend_segment
 from nestc.backends.pipelines import compute_lets
-from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel
+from nestc.backends.reference import CacheLevel, FeedForwardLevel, MemoryLevel, ReferenceModel, with_write_key
 from nestc.backends.sequence import gate_sequence, output_gate, run_pipeline, segment_spans, steps_side_by_side
 from nestc.backends.state import LevelState, ModelState, flatten_levels, tensors_at, unflatten_levels
 from nestc.passes.plan import MAX_SEGMENT, LevelPlan, anchor_reader, is_generator, plan_kernel, plan_program
@@ -464,6 +464,7 @@ def run_module(model, module, plan: LevelPlan, x: Tensor, start: int, state: Lev
                                       copies[role], heads)
              for role, gate in module.all_gates()}
     query = inputs.get("query")
+    with_write_key(gates, inputs)
     if plan.kernel == "frozen":
         if query is None:
             return None

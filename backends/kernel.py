@@ -230,7 +230,9 @@ class MemoryKernel(nn.Module):
         R = write * v_j - M' e and M = M' + R w^T. M' is the state decayed by retain before the
         first step (decay_first), or the undecayed one, decayed in the update (grad_first); later
         steps read the state the previous one left. k [B, H, N * dk], v [B, H, N * dv]; the
-        per-step gates hold N values (or N * channels) per head, retain one per token."""
+        per-step gates hold N values (or N * channels) per head, retain one per token. A write
+        key ([B, H, dk] in the gates, one step: sema's condition) writes the value along itself
+        instead: M = M' - (M' e) w^T + (write * v) write_key^T (RWKV-7)."""
         batch, heads = k.shape[:2]
         steps = self.substeps
 
@@ -241,6 +243,7 @@ class MemoryKernel(nn.Module):
         keys, values, lrs = per_step(k), per_step(v), per_step(gates["lr"])
         erases = per_step(gates["erase"]) if "erase" in gates else None
         writes = per_step(gates["write"]) if "write" in gates else None
+        write_key = gates.get("write_key")
         for j in range(steps):
             key = keys[:, :, j]
             erase_key = key if erases is None else erases[:, :, j] * key
@@ -250,10 +253,15 @@ class MemoryKernel(nn.Module):
                 lr = lr / (1.0 + (lr * key * erase_key).sum(-1, keepdim=True))
             decayed = self._scale(weight, gates["retain"]) if j == 0 else weight
             read_at = decayed if (self.order == "decay_first" or j > 0) else weight
-            residual = target - torch.einsum("bhvk,bhk->bhv", read_at, erase_key)
-            if self.meta != "full":  # as the gradient is under first_order: a constant of the outer level
-                residual, key = residual.detach(), key.detach()
-            weight = decayed + residual[..., :, None] * (lr * key)[..., None, :]
+            erased = torch.einsum("bhvk,bhk->bhv", read_at, erase_key)
+            if write_key is not None:
+                weight = decayed - erased[..., :, None] * (lr * key)[..., None, :] \
+                    + target[..., :, None] * write_key[..., None, :]
+            else:
+                residual = target - erased
+                if self.meta != "full":  # as the gradient is under first_order: a constant of the outer level
+                    residual, key = residual.detach(), key.detach()
+                weight = decayed + residual[..., :, None] * (lr * key)[..., None, :]
         return weight
 
     def _scale(self, weight: Tensor, gate: Tensor) -> Tensor:

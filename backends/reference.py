@@ -84,6 +84,7 @@ class MemoryLevel(ReadOut, nn.Module):
         # A level that only generates other levels' inputs is never read with a query and has no
         # output projection: its read-out is the raw M(input).
         roles = ("key", "value", "query") if readable else ("key", "value")
+        roles += ("write_key",) if level.write_key is not None else ()
         # Under `substeps N` a key or value pipeline gives N of them per head, side by side: it is
         # built N times as wide, with N times the heads, so that per-head stages (l2norm) see each.
         self.copies = {role: concrete(step_copies(level, role)) for role in (*roles, *GATE_ROLES)}
@@ -104,6 +105,9 @@ class MemoryLevel(ReadOut, nn.Module):
         value_dim = widths["value"] // (heads * self.copies["value"])
         if readable and widths["query"] // heads != key_dim:
             raise BackendError(f"level `{level.name}`: queries and keys must have the same width")
+        if "write_key" in roles and widths["write_key"] // heads != key_dim:
+            raise BackendError(f"level `{level.name}`: its write key has width {widths['write_key']}, but its "
+                               f"keys have {heads * key_dim} ({key_dim} per head)")
         self.source_channels = {"key": key_dim, "value": value_dim, "query": key_dim}  # channels per head
         # `let` bindings first: the gates and the inputs made from gates may name them
         self.lets = nn.ModuleDict({name: Gate(value, dim, heads, key_dim, f"let {name}") for name, value in level.lets})
@@ -175,11 +179,19 @@ class MemoryLevel(ReadOut, nn.Module):
         if self.kernel.every == 0:
             y = self.kernel.evaluate(state.weights, query) if query is not None else None
         else:
+            with_write_key(gates, inputs)
             y = self.kernel.step(state, inputs["key"], inputs["value"], query, gates, position)
         if y is None:
             return None
         gate = None if self.output_gate is None else self.output_gate(x, position, state, read_level)
         return self.read_out(y, gate)
+
+
+def with_write_key(gates: dict[str, Tensor], inputs: dict[str, Tensor]) -> None:
+    """The write key (a level's `write_key` pipeline, d_k per head) goes to the kernel with the
+    token's gates, where the forms split and step it as a gate per key channel."""
+    if "write_key" in inputs:
+        gates["write_key"] = inputs["write_key"]
 
 
 class FeedForwardLevel(nn.Module):

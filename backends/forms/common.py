@@ -69,7 +69,8 @@ def ut_solve(weights0: Tensor, keys: Tensor, values: Tensor, lr: Tensor, retain:
     return residual, decay[:, :, 0]
 
 
-def delta_solve(weights0: Tensor, erase: Tensor, write: Tensor, targets: Tensor, retain: Tensor, order: str):
+def delta_solve(weights0: Tensor, erase: Tensor, write: Tensor, targets: Tensor, retain: Tensor, order: str,
+                written: Tensor | None = None):
     """The generalised delta rule over a segment: M_t = M'_t + R_t w_t^T with R_t = u_t - M'_t e_t,
     where M'_t = M_{t-1} diag(retain_t) under decay_first (R_t is read at the decayed state) and
     R_t is read at M_{t-1} under grad_first (then M_t = M_{t-1} diag(retain_t) + R_t w_t^T).
@@ -81,7 +82,12 @@ def delta_solve(weights0: Tensor, erase: Tensor, write: Tensor, targets: Tensor,
     segment start), so the R_t solve one unit lower-triangular system (I + A) R = U - M_0 (c_t * e_t),
     A[t, i] = sum_c e_t[c] w_i[c] E[c, t, i] for i < t, where E and c are the decay from i (or from
     the segment start) to t (decay_first) or to t - 1 (grad_first). This is the UT transform of
-    DeltaNet's chunkwise algorithm, with KDA's per-channel decay inside the sum over channels."""
+    DeltaNet's chunkwise algorithm, with KDA's per-channel decay inside the sum over channels.
+
+    With a write key `written` (W [B, H, S, dk], RWKV-7) the value is written along it instead:
+    M_t = M'_t + R_t w_t^T + u_t W_t^T with R_t = -M'_t e_t, the erased part alone. The targets
+    then enter the same system through their own scores: (I + A) R = -M_0 (c_t * e_t) - A_W U, A_W
+    as A with W for w. With W = w it is the system above for R + U."""
     size = erase.shape[2]
     decay = decay_matrix(retain.transpose(-1, -2))  # [B, H, C, S, S]
     start_decay = torch.cumprod(retain, dim=2)  # [B, H, S, C]
@@ -93,7 +99,8 @@ def delta_solve(weights0: Tensor, erase: Tensor, write: Tensor, targets: Tensor,
     strict = torch.ones(size, size, dtype=erase.dtype, device=erase.device).tril(-1)
     system = decayed_scores(erase, write, error_decay) * strict
     identity = torch.eye(size, dtype=erase.dtype, device=erase.device)
-    right = targets - torch.einsum("bhvk,bhtk->bhtv", weights0, error_start * erase)
+    right = -torch.einsum("bhvk,bhtk->bhtv", weights0, error_start * erase)
+    right = right + (targets if written is None else -(decayed_scores(erase, written, error_decay) * strict) @ targets)
     # torch has no triangular solve in bfloat16 (on CPU or CUDA): under `--bf16` autocast the
     # system is solved in float32, and the result handed on in the dtype the arithmetic gave.
     dtype = torch.promote_types(system.dtype, right.dtype)

@@ -1,6 +1,6 @@
 """The `delta` form: the online generalised delta rule (`every 1`, l2, gd, matrix) solved exactly by
 the UT transform (`common.delta_solve`): lr and retain per head or per key channel, the erase and
-write gates, the implicit step and several steps per token (docs/design/SEMANTICS.md §3)."""
+write gates, a write key, the implicit step and several steps per token (docs/design/SEMANTICS.md §3)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tens
     erase, lr, keys, targets, retain = delta_inputs(kernel, k, v, gates)
     weights0 = state.weights[0]
     write = lr * keys
-    residual, decay = delta_solve(weights0, erase, write, targets, retain, kernel.order)
+    # A write key (RWKV-7; one step per token, meta full: sema's conditions) writes the targets
+    # along itself: the solve gives the erased part R alone, and the targets add their own terms.
+    written = gates.get("write_key")
+    residual, decay = delta_solve(weights0, erase, write, targets, retain, kernel.order, written)
     start_decay = torch.cumprod(retain, dim=2)  # [B, H, S * N, C]
     if kernel.meta != "full":  # the inner gradient -R k^T is a constant of the outer level; lr is not
         residual, write = residual.detach(), lr * keys.detach()
@@ -30,8 +33,12 @@ def delta_segment(kernel, state: LevelState, k, v, q, gates, start: int) -> Tens
         last = slice(steps - 1, None, steps)
         scores = decayed_scores(q, cut(write), cut(decay[:, :, :, last]))
         y = torch.einsum("bhvk,bhtk->bhtv", cut(weights0), cut(start_decay[:, :, last]) * q) + scores @ cut(residual)
+        if written is not None:
+            y = y + decayed_scores(q, written, decay) @ targets
     final_decay = decay[:, :, :, -1, :].transpose(-1, -2)  # [B, H, S * N, C]
     new = weights0 * start_decay[:, :, -1, None, :] + torch.einsum("bhiv,bhik->bhvk", residual, final_decay * write)
+    if written is not None:
+        new = new + torch.einsum("bhiv,bhik->bhvk", targets, final_decay * written)
     state.weights = [new.detach() if kernel.meta == "stop" else new]
     return y
 

@@ -221,8 +221,9 @@ optimizer `momentum` or `muon`; a `gamma` gate without objective `omega`, a `thr
 without objective `huber_token`, or a per-channel `threshold` (it is one value per head); an
 output norm or gate on the memory of a `mac` block, or those or `retain` on its attention;
 `normalize` on a level that is not a matrix memory with objective `dot` updated in the sequence; `erase`,
-`write`, `substeps` or `gd(implicit=true)` on a level that is not the online delta rule (a
-`matrix` state, objective `l2`, optimizer `gd`, `every 1`, no output map); on an optimizer level
+`write`, `write_key`, `substeps` or `gd(implicit=true)` on a level that is not the online delta rule (a
+`matrix` state, objective `l2`, optimizer `gd`, `every 1`, no output map), or `write_key` with
+`substeps`, `gd(implicit=true)` or a `meta` other than `full`; on an optimizer level
 (docs/language.md §5.10) any field but `value`, `key`, `objective`, `lr`, `retain` (and, for a
 memory of rows, `query` and `init`), a per-channel gate, or `every` in tokens; `update` with an
 optimizer other than `gd` or `dgd`, with the delta rule's fields or with a per-channel `lr`.

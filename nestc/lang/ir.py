@@ -226,6 +226,8 @@ class Level(Node):
     normalize: bool | Choice | None = None
     output_norm: str | Choice | None = None  # none: the read-out as it is
     output_gate: Pipeline | None = None
+    # the generalised delta rule's write key (SEMANTICS §3); None: the value is written along lr * key
+    write_key: Pipeline | None = None
     substeps: int | SearchValue = 1
     # optimizer `solve`'s ridge penalty (per head or key channel); None for every other optimizer,
     # so that the IR (and each variant's id) of other levels is what it was before the field

@@ -17,7 +17,7 @@ DELTA_GATES = ("erase", "write")
 # A memory level's gates: those of its optimizer, the delta rule's, then those its objective reads,
 # then those only one optimizer reads (solve's ridge).
 GATE_ROLES = ("lr", "retain", "momentum", *DELTA_GATES, *rules.OBJECTIVE_GATES, *rules.OPTIMIZER_GATES)
-GENERATED_ROLES = ("key", "value", "query", *GATE_ROLES)
+GENERATED_ROLES = ("key", "value", "query", "write_key", *GATE_ROLES)
 # What a token gives once per step under `substeps N` (N of them side by side in each head); the
 # retain gate decays the state once per token.
 STEP_ROLES = frozenset({"key", "value", "lr", "erase", "write"})
@@ -34,8 +34,9 @@ def gate_side(role: str) -> str:
 
 
 def delta_extras(level: ir.Level) -> list[str]:
-    """The generalised delta rule's fields this level gives: erase, write, substeps, gd(implicit)."""
-    extras = [role for role in DELTA_GATES if getattr(level, role) is not None]
+    """The generalised delta rule's fields this level gives: erase, write, write_key, substeps,
+    gd(implicit)."""
+    extras = [role for role in (*DELTA_GATES, "write_key") if getattr(level, role) is not None]
     if level.substeps != 1:
         extras.append("substeps")
     optimizer = level.optimizer

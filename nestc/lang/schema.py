@@ -183,6 +183,10 @@ LEVEL_FIELDS = {
         # the generalised delta rule's (SEMANTICS §3): R = write * v - M' (erase * k)
         Param("erase", "gate", None, doc="scales the key at which the delta rule reads the memory for its residual"),
         Param("write", "gate", None, doc="scales the value the delta rule writes (per head or per value channel)"),
+        # RWKV-7's (SEMANTICS §3): M_t = M' - (M' e) (lr * k)^T + u write_key^T, the write's own key
+        Param("write_key", "source", None,
+              doc="the key the delta rule writes the value along, apart from the erase side lr * key (RWKV-7's "
+                  "k~): a pipeline from x, d_k per head"),
         # the gates that only an objective reads (omega's gamma, huber_token's threshold)
         *(Param(role, "gate", None, doc=gate.doc) for role, gate in rules.OBJECTIVE_GATES.items()),
         # the gates that only an optimizer reads (solve's ridge)

@@ -165,6 +165,8 @@ class _LayerTally:
         widths = {role: self._source(getattr(level, role), dim, dim * copies[role], heads) for role in roles}
         key_dim, value_dim = widths["key"] // (heads * copies["key"]), widths["value"] // (heads * copies["value"])
         channels = {"key": key_dim, "value": value_dim}
+        if level.write_key is not None:  # the delta rule's write key: a pipeline of d_k per head
+            self._pipeline(level.write_key, dim, dim, heads)
         for role in GATE_ROLES:
             self._gate(getattr(level, role), dim, heads * copies[role], channels[gate_side(role)])
         for _, value in level.lets:  # a binding: one value per head (or per key channel) and token

@@ -68,6 +68,8 @@ def fusion_signature(program: ir.Program, level: ir.Level, form: str) -> tuple |
         return None  # a level's bindings have no stacked form yet
     if level.normalize:
         return None  # its reads are divided after the form (forms.run_form), which a stacked call skips
+    if level.write_key is not None:
+        return None  # a stacked call (backends/fused.py) runs the key and value pipelines only
     if level.read != "before":
         # Levels stepped together are a level and the generators it steps first, which are read
         # before their update (the compiled backend runs read-after generators token by token).

@@ -296,6 +296,7 @@ class Levels(Part):
             normalize=normalize or None,
             output_norm=values.get("output_norm"),
             output_gate=values.get("output_gate"),
+            write_key=values.get("write_key"),
             substeps=values.get("substeps", 1),
             **optimizer_gates,
             span=span,
@@ -316,11 +317,14 @@ class Levels(Part):
         return level
 
     def _check_delta_extras(self, level: ir.Level, fields) -> None:
-        """The erase and write gates, `substeps` and gd's implicit step are parts of the online
-        delta rule (SEMANTICS §3); on any other rule they would mean nothing, so they are refused."""
+        """The erase and write gates, the write key, `substeps` and gd's implicit step are parts of
+        the online delta rule (SEMANTICS §3); on any other rule they would mean nothing, so they are
+        refused."""
         extras = delta_extras(level)
         if not extras:
             return
+        if "write_key" in extras:
+            self._check_write_key(level, fields)
         # The delta rule is the rules that the `delta` segment form computes (nestc/rules/ `forms`).
         parts = (("state", rules.STATES, level.state), ("objective", rules.OBJECTIVES, level.objective),
                  ("optimizer", rules.OPTIMIZERS, level.optimizer), ("output", rules.OUTPUTS, level.output))
@@ -335,9 +339,32 @@ class Levels(Part):
             span = field.value.span if extra.startswith("gd(") else field.key_span
             self.error("N0117", f"`{extra}` has no meaning for level `{level.name}`", span,
                        label="a field of the online delta rule",
-                       notes=("erase, write, substeps and gd(implicit=true) extend the online delta rule: rules that "
-                              "its `delta` form computes (" + _delta_rules() + "), updated `every 1`; here "
+                       notes=("erase, write, write_key, substeps and gd(implicit=true) extend the online delta rule: "
+                              "rules that its `delta` form computes (" + _delta_rules() + "), updated `every 1`; here "
                               + ", ".join(differs),))
+
+    def _check_write_key(self, level: ir.Level, fields) -> None:
+        """A write key apart from the erase side is derived (SEMANTICS §3) for one explicit step per
+        token whose outer gradient flows through the update: not for several steps, the implicit
+        step (its closed form w / (1 + w . e) writes the value along w) or a cut outer gradient (the
+        inner gradient -R k^T that `first_order` holds constant has no single key when the sides
+        differ)."""
+        span = fields["write_key"].key_span
+        notes = ("with `write_key` the update is M_t = M' - (M' e) (lr * k)^T + u write_key^T (RWKV-7), "
+                 "derived for one explicit step per token with `meta full`",)
+        if level.substeps != 1:
+            self.error("N0117", "`write_key` has no meaning with `substeps`", span,
+                       label="one write key per token", notes=notes, help="remove `substeps` or `write_key`")
+        optimizer = level.optimizer
+        if isinstance(optimizer, ir.Op) and dict(optimizer.args).get("implicit"):
+            self.error("N0117", "`write_key` has no meaning with `gd(implicit=true)`", span,
+                       label="the implicit step writes along lr * key", notes=notes,
+                       help="use `optimizer gd`, or remove `write_key`")
+        cut = sorted(meta for meta in options(level.meta) if meta != "full")
+        if cut:
+            self.error("N0117", f"`write_key` has no meaning with `meta {cut[0]}`", span,
+                       label="the update is no inner gradient step", notes=notes,
+                       help="remove `meta` (the default, `full`, lets outer gradients through the update)")
 
     @staticmethod
     def _binding_used(name: str, fields: dict[str, ast.Field], bindings: dict[str, ast.Field]) -> bool:

@@ -409,4 +409,5 @@ class OptimizerLevels(Part):
         if extras:
             self.error("N0117", f"`update` has no meaning with {', '.join(extras)}", span,
                        label="the generalised delta rule has its own step",
-                       notes=("erase, write, substeps and gd(implicit=true) are parts of the online delta rule",))
+                       notes=("erase, write, write_key, substeps and gd(implicit=true) are parts of the online delta "
+                              "rule",))

@@ -89,6 +89,10 @@ def run_nestc(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.
 
 
 # A small Titans: a 2-layer MLP memory with momentum and forgetting, chunks of 4 tokens.
+# `nestc run` settings that shrink a zoo spec to a run of seconds.
+TINY_RUN = ("--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
+            "--set", "train.context=32")
+
 SMALL_TITANS = """
 level lmm : mlp(depth=2, expand=2) {
     key = x |> proj |> conv(4) |> silu |> l2norm

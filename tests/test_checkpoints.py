@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 import nestc.runtime.train
 from nestc.cli import cli
 from nestc.runtime import rundir
+from nesttest import TINY_RUN
 
-TINY = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
-        "--set", "train.context=32"]
 SPEC = "specs/deltanet.nest"
 
 
@@ -30,7 +29,7 @@ def _at_root(monkeypatch, request):
 
 
 def _run(*args):
-    return CliRunner().invoke(cli, ["run", SPEC, *TINY, *args])
+    return CliRunner().invoke(cli, ["run", SPEC, *TINY_RUN, *args])
 
 
 def _only(runs):
@@ -57,7 +56,7 @@ def _assert_same_weights(a, b) -> None:
 def uninterrupted(tmp_path_factory):
     """Six steps in one go: what every interrupted and resumed run must equal, bit for bit."""
     runs = tmp_path_factory.mktemp("whole")
-    result = CliRunner().invoke(cli, ["run", SPEC, *TINY, "--steps", "6", "--runs", str(runs)])
+    result = CliRunner().invoke(cli, ["run", SPEC, *TINY_RUN, "--steps", "6", "--runs", str(runs)])
     assert result.exit_code == 0, result.output
     return _only(runs)
 
@@ -210,10 +209,10 @@ def _kill_and_resume(spec_args: list[str], runs, rng: random.Random, kills: int,
 @pytest.mark.slow
 def test_twenty_sigkills_at_random_moments_each_leave_a_resumable_run_and_resume_is_exact(tmp_path):
     steps = 500  # more than the kills leave time for, so that every kill finds the run still training
-    whole = subprocess.run([sys.executable, "-m", "nestc", "run", SPEC, *TINY, "--steps", str(steps),
+    whole = subprocess.run([sys.executable, "-m", "nestc", "run", SPEC, *TINY_RUN, "--steps", str(steps),
                             "--runs", str(tmp_path / "whole")], capture_output=True, text=True, timeout=3600)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    counts = _kill_and_resume([SPEC, *TINY], tmp_path / "killed", random.Random(12), kills=20, steps=steps)
+    counts = _kill_and_resume([SPEC, *TINY_RUN], tmp_path / "killed", random.Random(12), kills=20, steps=steps)
     assert counts["landed"] >= 10 and counts["inside a write"] >= 2 and counts["resumable"] == 20, counts
     killed, reference = _only(tmp_path / "killed"), _only(tmp_path / "whole")
     assert _steps_logged(killed) == list(range(1, steps + 1))

@@ -15,9 +15,8 @@ from click.testing import CliRunner
 
 from nestc.cli import cli
 from nestc.runtime import data
+from nesttest import TINY_RUN
 
-TINY = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
-        "--set", "train.context=32"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +63,7 @@ def test_a_run_on_a_token_file_trains_on_its_ids_split_as_bytes_are(tmp_path):
     ids = _spread_ids(4000, vocab)
     path = tmp_path / "ids.u32.bin"
     _write_ids(path, ids, torch.uint32)
-    result = _run("--data", str(path), "--steps", "2", "--runs", str(tmp_path / "runs"), *TINY,
+    result = _run("--data", str(path), "--steps", "2", "--runs", str(tmp_path / "runs"), *TINY_RUN,
                   "--set", f"model.vocab={vocab}")
     assert result.exit_code == 0, result.output
     train, held_out = ids[:3600], ids[3600:]
@@ -100,7 +99,7 @@ def test_bad_token_files_are_clear_errors(tmp_path):
         ([str(tmp_path / "absent.bin")], "cannot read it: No such file or directory"),
     ]
     for paths, message in cases:
-        result = _run(*[a for p in paths for a in ("--data", p)], *runs, *TINY)
+        result = _run(*[a for p in paths for a in ("--data", p)], *runs, *TINY_RUN)
         assert result.exit_code == 2, (paths, result.output)
         assert message in result.output and "Traceback" not in result.output, (paths, result.output)
 
@@ -142,7 +141,7 @@ def test_a_saved_dataset_and_a_named_split_and_column_load(datasets, tmp_path):
 def test_a_run_trains_on_a_streamed_dataset(datasets, tmp_path):
     path = tmp_path / "docs.jsonl"
     _documents(path, 200)
-    result = _run("--data", f"hf:{path}", "--steps", "2", "--runs", str(tmp_path / "runs"), *TINY)
+    result = _run("--data", f"hf:{path}", "--steps", "2", "--runs", str(tmp_path / "runs"), *TINY_RUN)
     assert result.exit_code == 0, result.output
     assert "bits/byte" in result.output
 
@@ -160,7 +159,7 @@ def test_datasets_that_cannot_be_read_are_clear_errors(datasets, tmp_path, monke
         (f"hf:{path}:train:text:extra", "write a dataset as hf:NAME_OR_PATH[:SPLIT[:COLUMN]]"),
     ]
     for source, message in cases:
-        result = _run("--data", source, "--runs", str(tmp_path / "runs"), *TINY)
+        result = _run("--data", source, "--runs", str(tmp_path / "runs"), *TINY_RUN)
         assert result.exit_code == 2, (source, result.output)
         assert message in result.output and "Traceback" not in result.output, (source, result.output)
 

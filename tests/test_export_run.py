@@ -19,9 +19,9 @@ import nestc
 from nestc.backends import compiled
 from nestc.cli import cli
 from nestc.runtime.rundir import latest, load_run
+from nesttest import TINY_RUN
 
-TINY = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
-        "--set", "train.context=32", "--steps", "2"]
+TINY = [*TINY_RUN, "--steps", "2"]
 
 # Run in a process where nestc cannot be imported (not on the path, and its name blocked against
 # an installed copy): load the exported module, read each case's tokens in its calls, the state

@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 import nestc.runtime.train
 from nestc.cli import cli
+from nesttest import TINY_RUN
 
-TINY = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
-        "--set", "train.context=32"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +37,7 @@ def _weights(run_directory):
 
 @pytest.mark.parametrize("spec", ["specs/deltanet.nest", "specs/transformer.nest", "specs/titans.nest"])
 def test_a_few_steps_write_everything(spec, tmp_path):
-    result = _run(spec, "--steps", "3", "--runs", str(tmp_path), *TINY)
+    result = _run(spec, "--steps", "3", "--runs", str(tmp_path), *TINY_RUN)
     assert result.exit_code == 0, result.output
     (directory,) = list(tmp_path.iterdir())
     assert {"spec.nest", "metrics.jsonl", "checkpoints", "report.md", "curves.png"} <= set(os.listdir(directory))
@@ -70,7 +69,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(optimizer, tm
     assert 'import "lib/transformer.nest"  # ffn\n' in text
     spec.write_text(text.replace('import "lib/transformer.nest"  # ffn\n',
                                  "level ffn : mlp(expand=4, residual=false) {\n    every 2 steps\n}\n"))
-    settings = [*TINY, "--set", f"train.optimizer={optimizer}"]
+    settings = [*TINY_RUN, "--set", f"train.optimizer={optimizer}"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     first = _run(str(spec), "--steps", "5", "--runs", str(whole), *settings)
     assert first.exit_code == 0, first.output
@@ -130,13 +129,13 @@ def test_no_command_unpickles_a_planted_file(trained, tmp_path):
     (saved,) = list((run / "checkpoints").iterdir())
     torch.save({"step": _CreatesAFile(marker)}, saved / "trainer.safetensors")
     _forge_manifest(saved)  # an attacker can rewrite the manifest too
-    resumed = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(planted), "--resume", *TINY)
+    resumed = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(planted), "--resume", *TINY_RUN)
     assert resumed.exit_code == 1 and "is not a trainer state" in resumed.output, resumed.output
     old_format = tmp_path / "old" / run.name
     old_format.mkdir(parents=True)
     (old_format / "spec.nest").write_text((run / "spec.nest").read_text())
     torch.save({"step": _CreatesAFile(marker)}, old_format / "trainer.pt")
-    refused = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(old_format.parent), "--resume", *TINY)
+    refused = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(old_format.parent), "--resume", *TINY_RUN)
     assert refused.exit_code == 1 and "once a pickle, which nestc no longer reads" in refused.output, refused.output
     state = tmp_path / "state.safetensors"
     torch.save(_CreatesAFile(marker), state)
@@ -201,7 +200,7 @@ def test_an_error_in_a_section_a_set_changed_names_the_set(tmp_path):
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    assert _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), *TINY).exit_code == 0
+    assert _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), *TINY_RUN).exit_code == 0
     (directory,) = list(tmp_path.iterdir())
     before = _weights(directory)
 
@@ -212,20 +211,20 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monk
 
     with monkeypatch.context() as patched:
         patched.setattr("safetensors.torch.save_file", dies_midway)
-        result = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(tmp_path), "--resume", *TINY)
+        result = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(tmp_path), "--resume", *TINY_RUN)
     assert result.exit_code == 1 and "disk full" in result.output
     from nestc.runtime.rundir import latest
 
     assert latest(str(directory)).step == 2
     assert all(torch.equal(tensor, before[name]) for name, tensor in _weights(directory).items())
-    resumed = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(tmp_path), "--resume", *TINY)
+    resumed = _run("specs/deltanet.nest", "--steps", "4", "--runs", str(tmp_path), "--resume", *TINY_RUN)
     assert resumed.exit_code == 0 and "resuming" in resumed.output and latest(str(directory)).step == 4
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--steps", "2", "--runs", str(runs), *TINY])
+    result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--steps", "2", "--runs", str(runs), *TINY_RUN])
     assert result.exit_code == 0, result.output
     (directory,) = list(runs.iterdir())
     return directory
@@ -313,12 +312,12 @@ def test_data_paths_train_on_those_files_and_bad_paths_are_usage_errors(tmp_path
     (corpus / "a.txt").write_text("alpha beta gamma delta " * 100)
     (corpus / "b.txt").write_text("one two three four five " * 100)
     runs = tmp_path / "runs"
-    result = _run("specs/deltanet.nest", "--data", str(corpus), "--steps", "2", "--runs", str(runs), *TINY)
+    result = _run("specs/deltanet.nest", "--data", str(corpus), "--steps", "2", "--runs", str(runs), *TINY_RUN)
     assert result.exit_code == 0, result.output
-    missing = _run("specs/deltanet.nest", "--data", str(tmp_path / "nope*.txt"), "--runs", str(runs), *TINY)
+    missing = _run("specs/deltanet.nest", "--data", str(tmp_path / "nope*.txt"), "--runs", str(runs), *TINY_RUN)
     assert missing.exit_code == 2 and "no such file" in missing.output
     (tmp_path / "tiny.txt").write_text("too short")
-    short = _run("specs/deltanet.nest", "--data", str(tmp_path / "tiny.txt"), "--runs", str(runs), *TINY)
+    short = _run("specs/deltanet.nest", "--data", str(tmp_path / "tiny.txt"), "--runs", str(runs), *TINY_RUN)
     assert short.exit_code == 2 and "at least 1 KB" in short.output
 
 
@@ -337,7 +336,7 @@ def test_two_data_parallel_processes_take_the_single_process_step(spec, parallel
         (tmp_path / "continuum.nest").write_text(CONTINUUM)
         args = [spec, "--steps", "2", "--set", "train.batch=4"]
     else:
-        args = [spec, "--steps", "2", *TINY, "--set", "train.batch=4"]
+        args = [spec, "--steps", "2", *TINY_RUN, "--set", "train.batch=4"]
     single = _run(*args, "--runs", str(tmp_path / "single"))
     assert single.exit_code == 0, single.output
     parallel = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--runs", str(tmp_path / "parallel"),
@@ -371,7 +370,7 @@ def test_two_simulated_nodes_resume_from_the_first_nodes_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    args = ["specs/deltanet.nest", *TINY, "--set", "train.batch=4"]
+    args = ["specs/deltanet.nest", *TINY_RUN, "--set", "train.batch=4"]
     assert _run(*args, "--steps", "2", "--runs", str(tmp_path / "node0")).exit_code == 0
     port = _free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
@@ -395,7 +394,7 @@ def test_an_error_on_one_process_is_the_same_clear_error_on_every_process(tmp_pa
     import subprocess
     import sys
 
-    args = ["specs/deltanet.nest", *TINY, "--set", "train.batch=4", "--steps", "2", "--runs", str(tmp_path)]
+    args = ["specs/deltanet.nest", *TINY_RUN, "--set", "train.batch=4", "--steps", "2", "--runs", str(tmp_path)]
     assert _run(*args).exit_code == 0
     result = subprocess.run([sys.executable, "-m", "nestc", "run", *args, "--nproc", "2"], capture_output=True,
                             text=True, timeout=1800)  # a bound on a hang only
@@ -409,7 +408,7 @@ def test_a_batch_that_does_not_split_among_the_processes_is_a_usage_error(tmp_pa
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "nestc", "run", "specs/deltanet.nest", "--steps", "1", *TINY,
+    result = subprocess.run([sys.executable, "-m", "nestc", "run", "specs/deltanet.nest", "--steps", "1", *TINY_RUN,
                              "--set", "train.batch=3", "--nproc", "2", "--runs", str(tmp_path)],
                             capture_output=True, text=True, timeout=1800)  # a bound on a hang only
     assert result.returncode != 0
@@ -434,13 +433,13 @@ def test_a_tokenizer_file_trains_on_token_ids(tmp_path):
     path = tmp_path / "tokenizer.json"
     vocab = _tokenizer_file(path)
     result = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs", str(tmp_path / "runs"),
-                  *TINY, "--set", f"model.vocab={vocab}", "--seed", "3")
+                  *TINY_RUN, "--set", f"model.vocab={vocab}", "--seed", "3")
     assert result.exit_code == 0, result.output
     assert "bits/token" in result.output
     too_small = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs",
-                     str(tmp_path / "runs"), *TINY, "--set", "model.vocab=16")
+                     str(tmp_path / "runs"), *TINY_RUN, "--set", "model.vocab=16")
     assert too_small.exit_code == 2 and f"--set model.vocab={vocab}" in too_small.output
-    not_a_file = _run("specs/deltanet.nest", "--tokenizer", "README.md", "--runs", str(tmp_path / "runs"), *TINY)
+    not_a_file = _run("specs/deltanet.nest", "--tokenizer", "README.md", "--runs", str(tmp_path / "runs"), *TINY_RUN)
     assert not_a_file.exit_code == 2 and "not a tokenizer file" in not_a_file.output
 
 
@@ -488,7 +487,7 @@ def test_bf16_autocasts_the_training_steps_on_a_cpu_too(backend, tmp_path):
     losses = {}
     for flag in ([], ["--bf16"]):
         runs = tmp_path / (flag[0][2:] if flag else "float32")
-        result = _run("specs/deltanet.nest", "--steps", "1", "--backend", backend, "--runs", str(runs), *TINY, *flag)
+        result = _run("specs/deltanet.nest", "--steps", "1", "--backend", backend, "--runs", str(runs), *TINY_RUN, *flag)
         assert result.exit_code == 0, result.output
         assert ("bfloat16 autocast" in result.output) == bool(flag)
         losses[bool(flag)] = _first_loss(runs)
@@ -505,7 +504,7 @@ def test_bf16_trains_the_compiled_forms_that_solve_triangular_systems(tmp_path):
 
 
 def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
-    result = _run("specs/deltanet.nest", "--steps", "3", "--runs", str(tmp_path), *TINY,
+    result = _run("specs/deltanet.nest", "--steps", "3", "--runs", str(tmp_path), *TINY_RUN,
                   "--set", "train.optimizer=sgd(lr=1e30)", "--set", "train.clip=0")
     assert result.exit_code == 1
     assert "training diverged" in result.output and "Traceback" not in result.output
@@ -513,11 +512,11 @@ def test_a_diverging_run_stops_with_a_clear_message(tmp_path):
 
 def test_task_options_set_the_recall_problem_and_bad_ones_are_usage_errors(tmp_path):
     ok = _run("specs/deltanet.nest", "--task", "mqar", "--task-option", "pairs=4", "--task-option", "keys=16",
-              "--steps", "1", "--runs", str(tmp_path), *TINY)
+              "--steps", "1", "--runs", str(tmp_path), *TINY_RUN)
     assert ok.exit_code == 0, ok.output
-    unknown = _run("specs/deltanet.nest", "--task", "mqar", "--task-option", "pears=4", "--runs", str(tmp_path), *TINY)
+    unknown = _run("specs/deltanet.nest", "--task", "mqar", "--task-option", "pears=4", "--runs", str(tmp_path), *TINY_RUN)
     assert unknown.exit_code == 2 and "no option pears" in unknown.output
-    orphan = _run("specs/deltanet.nest", "--task-option", "pairs=4", "--runs", str(tmp_path), *TINY)
+    orphan = _run("specs/deltanet.nest", "--task-option", "pairs=4", "--runs", str(tmp_path), *TINY_RUN)
     assert orphan.exit_code == 2 and "after a --task" in orphan.output
 
 
@@ -614,7 +613,7 @@ def test_threads_set_torch_threads_while_the_run_trains_and_give_them_back(tmp_p
             monkeypatch.setenv("OMP_NUM_THREADS", environment)
         torch.set_num_threads(2)
         seen.clear()
-        result = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), "--overwrite", *TINY, *flags)
+        result = _run("specs/deltanet.nest", "--steps", "2", "--runs", str(tmp_path), "--overwrite", *TINY_RUN, *flags)
         assert result.exit_code == 0, result.output
         assert seen == [expected, expected], (flags, environment)
         assert torch.get_num_threads() == 2  # the caller's count, given back
@@ -623,7 +622,7 @@ def test_threads_set_torch_threads_while_the_run_trains_and_give_them_back(tmp_p
 def test_threads_reach_every_data_parallel_process(tmp_path, monkeypatch):
     launched = []
     monkeypatch.setattr("nestc.runtime.distributed.launch", lambda processes, arguments: launched.append(arguments) or 0)
-    result = _run("specs/deltanet.nest", "--nproc", "2", "--threads", "1", "--runs", str(tmp_path), *TINY)
+    result = _run("specs/deltanet.nest", "--nproc", "2", "--threads", "1", "--runs", str(tmp_path), *TINY_RUN)
     assert result.exit_code == 0, result.output
     (arguments,) = launched
     assert arguments[arguments.index("--threads") + 1] == "1"
@@ -686,7 +685,7 @@ def test_set_changes_a_level_defined_in_an_imported_file():
 
 
 def test_a_run_with_set_on_an_imported_level_saves_the_changed_level(tmp_path):
-    result = _run("specs/cms.nest", "--steps", "1", "--runs", str(tmp_path), *TINY, "--set", "level.cms_slow.every=8")
+    result = _run("specs/cms.nest", "--steps", "1", "--runs", str(tmp_path), *TINY_RUN, "--set", "level.cms_slow.every=8")
     assert result.exit_code == 0, result.output
     (directory,) = list(tmp_path.iterdir())
     saved = (directory / "spec.nest").read_text()
@@ -732,7 +731,7 @@ def test_a_run_trained_with_a_tokenizer_generates_and_evaluates_with_it(tmp_path
     path = tmp_path / "tokenizer.json"
     vocab = _tokenizer_file(path)
     runs = tmp_path / "runs"
-    trained = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs", str(runs), *TINY,
+    trained = _run("specs/deltanet.nest", "--tokenizer", str(path), "--steps", "2", "--runs", str(runs), *TINY_RUN,
                    "--set", f"model.vocab={vocab}", "--seed", "3")
     assert trained.exit_code == 0, trained.output
     (run,) = [str(p) for p in runs.iterdir()]

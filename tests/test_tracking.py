@@ -16,9 +16,8 @@ from rich.console import Console
 from nestc.cli import cli
 from nestc.runtime import tracking
 from nestc.runtime.train import Progress
+from nesttest import TINY_RUN
 
-TINY = ["--set", "model.dim=16", "--set", "model.heads=2", "--set", "model.layers=1", "--set", "train.batch=2",
-        "--set", "train.context=32"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +37,7 @@ def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_holds_the_metrics_jsonl_values(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install 'nestc[tensorboard]'")
     result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--steps", "4", "--eval-every", "2",
-                                      "--runs", str(tmp_path), "--track", "tensorboard", *TINY])
+                                      "--runs", str(tmp_path), "--track", "tensorboard", *TINY_RUN])
     assert result.exit_code == 0, result.output
     (directory,) = list(tmp_path.iterdir())
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +56,7 @@ def test_tensorboard_dir_puts_the_event_files_there(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install 'nestc[tensorboard]'")
     logs = tmp_path / "logs"
     result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--steps", "1", "--runs", str(tmp_path / "runs"),
-                                      "--track", "tensorboard", "--tensorboard-dir", str(logs), *TINY])
+                                      "--track", "tensorboard", "--tensorboard-dir", str(logs), *TINY_RUN])
     assert result.exit_code == 0, result.output
     assert [step for step, _ in _scalars(logs)["train/loss"]] == [1]
     (directory,) = list((tmp_path / "runs").iterdir())
@@ -69,7 +68,7 @@ def test_a_tracker_whose_library_is_missing_names_the_package(kind, tmp_path, mo
     monkeypatch.setitem(sys.modules, kind, None)  # importing it now fails, installed or not
     with pytest.raises(tracking.TrackingError, match=f"--track {kind} needs the `{kind}` package.*pip install {kind}"):
         tracking.open_trackers([kind], str(tmp_path), "run", {})
-    result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--runs", str(tmp_path), "--track", kind, *TINY])
+    result = CliRunner().invoke(cli, ["run", "specs/deltanet.nest", "--runs", str(tmp_path), "--track", kind, *TINY_RUN])
     assert result.exit_code == 2
     assert f"needs the `{kind}` package, which is not installed" in result.output
     assert "Traceback" not in result.output and not list(tmp_path.iterdir())  # refused before anything was made

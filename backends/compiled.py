@@ -237,7 +237,7 @@ class CompiledModel(ReferenceModel):
             self._compiled_kernel_step = torch.compile(_kernel_from_tensors, backend=self.compile_backend,
                                                        fullgraph=True, dynamic=False)
         if kernel.order == "decay_first" and state.retain_product is None:
-            state.retain_product = torch.ones_like(gates["retain"][..., 0])
+            state.retain_product = torch.ones_like(gates["retain"][:, :, 0])  # [B, H] or per key channel [B, H, dk]
         layout, tensors = flatten_levels([{"": state}])
         roles = tuple(sorted(gates))
         y, tensors = self._compiled_kernel_step(

@@ -123,7 +123,7 @@ class _Oracle(torch.nn.Module):
     weight on the next token), but only on examples no longer than `up_to` tokens before the
     question (or, without a question, rows no longer than `up_to`); beyond, its guess at every
     position is ACCEPT or REJECT by a coin flip (`beyond="random"`), or a token that is never the
-    answer (`beyond="wrong"`). It counts the rows it is shown, by length."""
+    answer (`beyond="wrong"`). It counts the rows it is shown, by the length of their batch."""
 
     def __init__(self, up_to: int, beyond: str):
         super().__init__()
@@ -169,13 +169,17 @@ def test_held_out_scores_are_over_at_least_a_thousand_tokens_per_range(name):
     task = tasks.make(name, length)
     model = _Oracle(up_to=0, beyond="wrong")
     scores = task_scores(model, task, seed=1)
+    shown = {longer: sum(rows for size, rows in model.rows.items() if (size > length) == longer)
+             for longer in (False, True)}
     assert scores.in_distribution_tokens >= 1000
-    if name == "mqar":  # every example fills the context: nothing longer to score
-        assert scores.longer is None and scores.longer_tokens == 0 and set(model.rows) == {length}
+    if name == "mqar":  # held out as trained: nothing longer to score
+        assert scores.longer is None and scores.longer_tokens == 0 and max(model.rows) <= length
     else:
-        assert scores.longer_tokens >= 1000 and set(model.rows) == {length, 2 * length}
+        assert scores.longer_tokens >= 1000 and max(model.rows) <= 2 * length
+    if name == "niah":  # every example fills its context
+        assert set(model.rows) == {length, 2 * length}
     if name in LANGUAGES:  # one answer per string: the model was shown as many rows as tokens were scored
-        assert model.rows == {length: scores.in_distribution_tokens, 2 * length: scores.longer_tokens}
+        assert shown == {False: scores.in_distribution_tokens, True: scores.longer_tokens}
 
 
 def test_generation_is_deterministic_under_a_seed_and_stays_below_256():

@@ -50,25 +50,30 @@ class Task:
         """What the examples of `example(rng, longer)` are, for the run's report."""
         return f"examples of length {self.test_length if longer else self.length}"
 
-    def batch(self, rng: random.Random, size: int, longer: bool = False) -> Batch:
+    def fitted(self, rng: random.Random, longer: bool) -> tuple[list[int], list[int]]:
+        """An example cut to the length of its batches: the tokens that fit, the targets that do."""
         length = self.test_length if longer else self.length
-        rows, masks = [], []
-        for _ in range(size):
-            tokens, targets = self.example(rng, longer)
-            tokens = (tokens + [PAD] * length)[:length]
-            mask = [False] * length
-            for index in targets:
-                if index < length - 1:
-                    mask[index] = True
-            rows.append(tokens)
-            masks.append(mask)
-        return Batch(torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool))
+        tokens, targets = self.example(rng, longer)
+        return tokens[:length], [index for index in targets if index < length - 1]
+
+    def batch(self, rng: random.Random, size: int, longer: bool = False) -> Batch:
+        return pad([self.fitted(rng, longer) for _ in range(size)], self.test_length if longer else self.length)
+
+
+def pad(examples: list[tuple[list[int], list[int]]], length: int) -> Batch:
+    """Fitted examples as one batch of `length` tokens, PAD after each example's own."""
+    rows = [tokens + [PAD] * (length - len(tokens)) for tokens, _ in examples]
+    masks = [[False] * length for _ in examples]
+    for mask, (_, targets) in zip(masks, examples):
+        for index in targets:
+            mask[index] = True
+    return Batch(torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool))
 
 
 class AssociativeRecall(Task):
     """Multi-query associative recall (Zoology): key-value pairs, then keys to be answered with
-    their values. Keys and values come from disjoint ranges of the vocabulary. Every example
-    fills the context, so the held-out examples have the training length."""
+    their values. Keys and values come from disjoint ranges of the vocabulary. The held-out
+    examples are drawn as the training ones are: recall is not tested at longer lengths."""
 
     name = "mqar"
 

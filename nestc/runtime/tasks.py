@@ -189,8 +189,8 @@ class Language(Task):
 
 
 class Parity(Language):
-    """Bit strings with an even number of ones. Every near miss is one bit flipped, inserted or
-    deleted; no local check decides parity, so no hard edit is needed."""
+    """Bit strings with an even number of ones. Every near miss is a bit flipped, or a 1 inserted
+    or deleted; no local check decides parity, so no hard edit is needed."""
 
     name = "parity"
     alphabet = "01"

@@ -35,7 +35,7 @@ def run(extra: list[str], steps: int, seed: int, lr: float, runs: str) -> tuple[
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{completed.stderr}")
-    found = re.search(r"held-out accuracy ([0-9.]+) at length", completed.stdout + completed.stderr)
+    found = re.search(r"held-out accuracy ([0-9.]+) on examples", completed.stdout + completed.stderr)
     if found is None:
         sys.exit(f"no final accuracy in the output of {' '.join(command)}")
     return float(found.group(1)), time.perf_counter() - started

@@ -211,7 +211,8 @@ def fmt(files, check_only, to_stdout, error_format, color) -> None:
 
 _task = click.option("--task", type=click.Choice(["mqar", "parity", "aa_star", "abab_star", "anbn", "anbncn",
                                                    "shuffle2", "niah"]),
-                     help="Train on a generated task instead of the corpus; accuracy on longer held-out sequences.")
+                     help="Train on a generated task instead of the corpus; held-out accuracy at the training "
+                          "lengths and, apart, on longer examples where the task has them (docs/runs.md).")
 _task_options = click.option("--task-option", "task_options", multiple=True, metavar="KEY=N",
                              help="A task setting, e.g. --task-option pairs=16 (mqar: pairs, keys, values).")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import io
 import json
 import multiprocessing
 import os
@@ -542,6 +543,24 @@ def test_several_spaces_are_swept_each_in_its_own_study(tmp_path):
     assert sorted(os.listdir(runs)) == ["sweep-other-mqar", "sweep-tiny-mqar"]
     for name in ("sweep-other-mqar", "sweep-tiny-mqar"):
         assert {"study.db", "leaderboard.csv", "best.nest"} <= set(os.listdir(runs / name))
+
+
+def test_a_sweep_on_a_language_reports_its_accuracy_at_the_training_lengths_and_beyond_apart(tmp_path):
+    config = config_for(tmp_path, tiny_space(tmp_path, steps=1), trials=1)
+    config.run = dataclasses.replace(config.run, task="parity", task_options={})
+    (entry,) = study.run(config, log=lambda line: None)
+    assert entry.outcome == "complete" and 0.0 <= entry.accuracy <= 1.0 and 0.0 <= entry.longer_accuracy <= 1.0
+    (trial,) = [d for d in os.listdir(os.path.join(config.directory, "trials"))]
+    with open(os.path.join(config.directory, "trials", trial, "metrics.jsonl")) as handle:
+        last = json.loads(handle.read().splitlines()[-1])
+    assert (entry.accuracy, entry.longer_accuracy) == (last["in_distribution_accuracy"], last["longer_accuracy"])
+    assert entry.bits == last["held_out_bits"]  # the objective: bits over both length ranges
+    with open(study.write_results(config, [entry])["csv"]) as handle:
+        header, row = handle.read().splitlines()
+    assert header.startswith("rank,trial,outcome,variant,held_out_bits,accuracy,longer_accuracy,")
+    table = io.StringIO()
+    study.format_table([entry], task=True, stream=table)
+    assert "longer" in table.getvalue() and f"{entry.longer_accuracy:.3f}" in table.getvalue()
 
 
 def test_the_pareto_plots_tick_labels_are_distinct_and_do_not_overlap():

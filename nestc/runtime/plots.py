@@ -25,14 +25,16 @@ def training_curves(directory: str, baseline: float | None = None, unit: str = "
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.plot([r["step"] for r in records], [r["loss"] / math.log(2) for r in records], label=f"train (bits/{unit})",
               linewidth=1)
-    for key, label in (("eval_bits_per_byte", f"held-out (bits/{unit})"), ("held_out_accuracy", "held-out accuracy")):
+    for key, label in (("eval_bits_per_byte", f"held-out (bits/{unit})"),
+                       ("in_distribution_accuracy", "held-out accuracy, training lengths"),
+                       ("longer_accuracy", "held-out accuracy, longer than training")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
     if baseline is not None:
         axis.axhline(baseline, color="gray", linestyle="--", linewidth=1, label=f"unigram baseline {baseline:.2f}")
     axis.set_xlabel("step")
-    accuracy = any("held_out_accuracy" in r for r in records)
+    accuracy = any("in_distribution_accuracy" in r for r in records)
     axis.set_ylabel(f"bits per {unit}" + (", accuracy" if accuracy else ""))
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axis.grid(alpha=0.3)

@@ -41,12 +41,13 @@ class TrainingDiverged(Exception):
 class RunResult:
     directory: str
     steps: int
-    final_score: float  # held-out bits per byte on a corpus, held-out accuracy on a task
+    final_score: float  # held-out bits per byte on a corpus; on a task, held-out accuracy at the training lengths
     unigram_bits: float  # per byte, or per token with a tokenizer
     interrupted: bool = False
     held_out_bits: float = float("nan")  # per byte on a corpus, per scored token on a task
     parameters: int = 0
     tokens_per_second: float = 0.0  # training throughput, evaluations excluded
+    longer_accuracy: float | None = None  # on a task's examples longer than training, where it has them
 
 
 def evaluate(model, validation, context: int, batches: int = 4, batch: int = 4) -> float:
@@ -137,22 +138,49 @@ def task_loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][batch.scored[:, :-1]], targets)
 
 
-def task_scores(model, task, seed: int, batches: int = 4, size: int = 16) -> tuple[float, float]:
-    """Exact-match accuracy of the scored tokens on the held-out (longer) split, and their
-    cross-entropy in bits per scored token (which ranks models long before accuracy moves)."""
+HELD_OUT_SCORED = 1_000  # scored tokens per held-out range: an accuracy near 50% is then +-1.6 points (one sd)
+
+
+@dataclass
+class TaskScores:
+    """A model's held-out scores on a task, the training lengths and the longer ones apart."""
+    in_distribution: float  # exact-match accuracy on examples of the training lengths
+    longer: float | None  # on examples longer than any training one; None where the task has none
+    bits: float  # cross-entropy per scored token over both (ranks models long before accuracy moves)
+    in_distribution_tokens: int  # how many tokens each accuracy is over
+    longer_tokens: int
+
+
+def task_scores(model, task, seed: int, size: int = 64, scored: int = HELD_OUT_SCORED) -> TaskScores:
+    """Held-out scores of examples drawn until each length range (the training lengths, and the
+    longer ones where the task has them) has at least `scored` scored tokens. The examples go in
+    batches of `size` of similar lengths, each batch as long as its longest example: the model is
+    causal, so the padding a full-length batch would add after an example cannot change its
+    scores, and leaving it out saves a third of the work on a language."""
     rng = random.Random(10_000 + seed)
-    right = total = 0
-    nats = 0.0
+    device = next(model.parameters()).device
+    accuracies, counts, nats = [], [], 0.0
     with torch.no_grad():
-        for _ in range(batches):
-            batch = task.batch(rng, size, held_out=True)
-            tokens = batch.tokens.to(model.embedding.weight.device)
-            mask = batch.scored[:, :-1].to(tokens.device)
-            logits, _ = model(tokens)
-            right += (logits[:, :-1].argmax(-1)[mask] == tokens[:, 1:][mask]).sum().item()
-            total += mask.sum().item()
-            nats += F.cross_entropy(logits[:, :-1][mask].float(), tokens[:, 1:][mask], reduction="sum").item()
-    return right / max(total, 1), nats / max(total, 1) / math.log(2)
+        for longer in (False, True) if task.tests_longer else (False,):
+            examples, total = [], 0
+            while total < scored:
+                examples.append(task.fitted(rng, longer))
+                total += len(examples[-1][1])
+            examples.sort(key=lambda example: len(example[0]))
+            right = 0
+            for start in range(0, len(examples), size):
+                chunk = examples[start:start + size]
+                batch = tasks.pad(chunk, max(len(tokens) for tokens, _ in chunk))
+                tokens = batch.tokens.to(device)
+                mask = batch.scored[:, :-1].to(device)
+                logits, _ = model(tokens)
+                right += (logits[:, :-1].argmax(-1)[mask] == tokens[:, 1:][mask]).sum().item()
+                nats += F.cross_entropy(logits[:, :-1][mask].float(), tokens[:, 1:][mask], reduction="sum").item()
+            accuracies.append(right / total)
+            counts.append(total)
+    return TaskScores(in_distribution=accuracies[0], longer=accuracies[1] if task.tests_longer else None,
+                      bits=nats / sum(counts) / math.log(2), in_distribution_tokens=counts[0],
+                      longer_tokens=counts[1] if task.tests_longer else 0)
 
 
 def _batch(train: torch.Tensor, context: int, batch: int, rng: random.Random) -> torch.Tensor:
@@ -314,6 +342,7 @@ class _Session:
         self._announce()
         self.tokens, self.interrupted, self.step, self.step_cut_short = 0, False, self.start, False
         self.score = self.held_out = float("nan")
+        self.task_result = None  # a task's last TaskScores
         self.training_seconds = 0.0
 
     def _set_up(self, spec_text: str, corpus) -> None:
@@ -513,8 +542,9 @@ class _Session:
             self.log(f"{what} for {self.steps} steps of {batch}x{context} {unit}s; unigram baseline "
                      f"{self.unigram:.3f} bits/{unit}" + (f"; {self.world} processes" if self.world > 1 else ""))
         else:
+            longer = f", and apart on {self.problem.lengths(True)}" if self.problem.tests_longer else ""
             self.log(f"{what} on task `{self.config.task}` for {self.steps} steps of {batch}x{context} tokens; "
-                     f"accuracy measured at length {self.problem.test_length}")
+                     f"accuracy measured on {self.problem.lengths(False)}{longer}")
 
     def run_steps(self, on_eval) -> None:
         """Train from the start step to the last, logging each step and checkpointing on the
@@ -607,16 +637,31 @@ class _Session:
             self.score = self.held_out = evaluate(self.model, self.validation, self.settings.context)
             record["eval_bits_per_byte"] = self.score
             return f"  eval {self.score:.3f} bits/{self.unit}"
-        self.score, self.held_out = task_scores(self.model, self.problem, self.settings.seed)
-        record["held_out_accuracy"] = self.score
-        record["held_out_bits"] = self.held_out
-        return f"  held-out accuracy {self.score:.3f}"
+        self.task_result = scores = task_scores(self.model, self.problem, self.settings.seed)
+        self.score, self.held_out = scores.in_distribution, scores.bits
+        record.update(self._final_scores())
+        return f"  held-out accuracy {scores.in_distribution:.3f}" + (
+            f", longer {scores.longer:.3f}" if scores.longer is not None else "")
 
     def _final_scores(self) -> dict:
         """The scores the trackers file beside the hyperparameters, under metrics.jsonl's names."""
         if self.problem is None:
             return {"eval_bits_per_byte": self.score}
-        return {"held_out_accuracy": self.score, "held_out_bits": self.held_out}
+        scores = self.task_result
+        if scores is None:  # interrupted before the first evaluation
+            return {"in_distribution_accuracy": math.nan, "held_out_bits": math.nan}
+        longer = {} if scores.longer is None else {"longer_accuracy": scores.longer}
+        return {"in_distribution_accuracy": scores.in_distribution, **longer, "held_out_bits": scores.bits}
+
+    def _task_summary(self) -> str:
+        """The task's held-out accuracies, each with the lengths and the number of tokens it is over."""
+        problem, scores = self.problem, self.task_result
+        summary = f"held-out accuracy {scores.in_distribution:.3f} on {problem.lengths(False)} (as trained), " \
+                  f"over {scores.in_distribution_tokens:,} scored tokens"
+        if scores.longer is not None:
+            summary += f"; {scores.longer:.3f} on {problem.lengths(True)} (longer than training), " \
+                       f"over {scores.longer_tokens:,}"
+        return summary + f"; {scores.bits:.3f} bits per scored token"
 
     def report(self) -> RunResult:
         """Save the final checkpoint and the curves, write report.md (with a sample on a corpus),
@@ -626,7 +671,8 @@ class _Session:
         directory, step, score, unigram = self.directory, self.step, self.score, self.unigram
         result = RunResult(directory, step, score, unigram, self.interrupted, held_out_bits=self.held_out,
                            parameters=self.parameters,
-                           tokens_per_second=self.tokens / self.training_seconds if self.training_seconds else 0.0)
+                           tokens_per_second=self.tokens / self.training_seconds if self.training_seconds else 0.0,
+                           longer_accuracy=self.task_result.longer if self.task_result else None)
         if not self.lead:
             return result
         if self.step_cut_short:  # the state is part-way through a step: keep the last whole one
@@ -643,11 +689,10 @@ class _Session:
             self.log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
             return result
         if self.problem is not None:
-            problem = self.problem
+            summary = self._task_summary()
             with open(os.path.join(directory, "report.md"), "w", encoding="utf-8") as handle:
-                handle.write(f"# {self.name} on {self.config.task}\n\nsteps {step}, held-out accuracy {score:.3f} "
-                             f"(length {problem.test_length}, trained at {problem.length})\n")
-            self.log(f"held-out accuracy {score:.3f} at length {problem.test_length} (trained at {problem.length})")
+                handle.write(f"# {self.name} on {self.config.task}\n\nsteps {step}, {summary}\n")
+            self.log(summary)
             self.log(f"saved in {directory}/")
             return result
         unit = self.unit

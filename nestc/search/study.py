@@ -106,11 +106,12 @@ class Entry:
     outcome: str
     variant: str | None
     bits: float | None
-    accuracy: float | None
+    accuracy: float | None  # on a task, held-out accuracy at the training lengths
     parameters: int | None
     tokens_per_second: float | None
     choices: dict
     error: str | None = None
+    longer_accuracy: float | None = None  # on a task's held-out examples longer than training
 
 
 def _optuna():
@@ -489,10 +490,13 @@ class _Objective:
             raise KeyboardInterrupt
         trial.set_user_attr("held_out_bits", run.held_out_bits)
         trial.set_user_attr("accuracy", run.final_score if self.config.run.task else None)
+        trial.set_user_attr("longer_accuracy", run.longer_accuracy)
         trial.set_user_attr("parameters", run.parameters)
         trial.set_user_attr("tokens_per_second", run.tokens_per_second)
         trial.set_user_attr("outcome", "complete")
         accuracy = f", accuracy {run.final_score:.3f}" if self.config.run.task else ""
+        if run.longer_accuracy is not None:
+            accuracy += f" (longer than training {run.longer_accuracy:.3f})"
         self.log(f"{prefix}: held-out {run.held_out_bits:.3f} bits{accuracy}, {run.parameters:,} params, "
                  f"{run.tokens_per_second:,.0f} tok/s")
         return run.held_out_bits
@@ -506,7 +510,7 @@ class _Objective:
         if holder.state == optuna.trial.TrialState.RUNNING:
             self.log(f"{prefix}: variant {variant} is being trained in trial {holder.number}; skipped")
             raise optuna.TrialPruned(f"variant {variant} is being trained in trial {holder.number}")
-        for key in ("held_out_bits", "accuracy", "parameters", "tokens_per_second", "error"):
+        for key in ("held_out_bits", "accuracy", "longer_accuracy", "parameters", "tokens_per_second", "error"):
             if key in holder.user_attrs:
                 trial.set_user_attr(key, holder.user_attrs[key])
         outcome = holder.user_attrs["outcome"]
@@ -578,7 +582,8 @@ def leaderboard(config: SweepConfig) -> list[Entry]:
                              bits=attributes.get("held_out_bits"), accuracy=attributes.get("accuracy"),
                              parameters=attributes.get("parameters"),
                              tokens_per_second=attributes.get("tokens_per_second"),
-                             choices=attributes.get("choices", {}), error=attributes.get("error")))
+                             choices=attributes.get("choices", {}), error=attributes.get("error"),
+                             longer_accuracy=attributes.get("longer_accuracy")))
     rank = {"complete": 0, "pruned": 1, "diverged": 2, "invalid": 3}
     entries.sort(key=lambda e: (rank[e.outcome], e.bits if e.bits is not None else math.inf, e.trial))
     return entries
@@ -593,11 +598,11 @@ def write_results(config: SweepConfig, entries: list[Entry]) -> dict[str, str]:
     path = os.path.join(config.directory, "leaderboard.csv")
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "trial", "outcome", "variant", "held_out_bits", "accuracy", "parameters",
-                         "tokens_per_second", *labels, "error"])
+        writer.writerow(["rank", "trial", "outcome", "variant", "held_out_bits", "accuracy", "longer_accuracy",
+                         "parameters", "tokens_per_second", *labels, "error"])
         for rank, entry in enumerate(entries, 1):
             writer.writerow([rank, entry.trial, entry.outcome, entry.variant, entry.bits, entry.accuracy,
-                             entry.parameters, entry.tokens_per_second,
+                             entry.longer_accuracy, entry.parameters, entry.tokens_per_second,
                              *(entry.choices.get(label, "") for label in labels), entry.error or ""])
     written["csv"] = path
     path = os.path.join(config.directory, "leaderboard.json")
@@ -750,8 +755,10 @@ def format_table(entries: list[Entry], task: bool, stream=None) -> None:
     from rich.table import Table
 
     table = Table(title="sweep leaderboard (held-out bits, lower is better)")
+    longer = any(entry.longer_accuracy is not None for entry in entries)  # a task held out at longer lengths
     for column, justify in (("#", "right"), ("trial", "right"), ("variant", "left"), ("outcome", "left"),
                             ("bits", "right"), *((("accuracy", "right"),) if task else ()),
+                            *((("longer", "right"),) if longer else ()),
                             ("params", "right"), ("tok/s", "right"), ("choices", "left")):
         table.add_column(column, justify=justify)
     for rank, entry in enumerate(entries, 1):
@@ -759,6 +766,8 @@ def format_table(entries: list[Entry], task: bool, stream=None) -> None:
                  f"{entry.bits:.4f}" if entry.bits is not None else "-"]
         if task:
             cells.append(f"{entry.accuracy:.3f}" if entry.accuracy is not None else "-")
+        if longer:
+            cells.append(f"{entry.longer_accuracy:.3f}" if entry.longer_accuracy is not None else "-")
         cells += [f"{entry.parameters:,}" if entry.parameters else "-",
                   f"{entry.tokens_per_second:,.0f}" if entry.tokens_per_second else "-",
                   entry.error or ", ".join(f"{k}={v}" for k, v in entry.choices.items())]

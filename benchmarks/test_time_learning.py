@@ -1,20 +1,26 @@
 """Does a model that memorized a document predict its continuation better? (the paper's point)
 
-    python benchmarks/test_time_learning.py RUN_DIRECTORY [--documents 24] [--prefix 192] [--suffix 64]
+    python benchmarks/test_time_learning.py RUN_DIRECTORY... [--documents 24] [--prefix 192] [--suffix 64]
 
 For held-out stretches of the corpus, the continuation (the last --suffix bytes) is scored three
 ways: from a fresh state; from the state saved after memorizing the stretch's own beginning (the
 --prefix bytes before it), written to disk and read back exactly as `nestc memorize` /
 `nestc eval --state-in` do; and from the state after memorizing the beginning of a different
-stretch (a warm state that knows nothing about this document).
+stretch (a warm state that knows nothing about this document). Each run given is one row: the
+three means, and on how many stretches its own beginning helped (against the fresh state, and
+against the other document's).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
+import sys
 import tempfile
+
+import torch
 
 from nestc.runtime import data
 from nestc.runtime.checkpoint import load_state, save_state
@@ -22,39 +28,50 @@ from nestc.runtime.rundir import load_run
 from nestc.runtime.train import read
 
 
+def scores(run: str, stretches: list[bytes], prefix: int, scratch: str) -> tuple[list[float], list[float], list[float]]:
+    """(fresh, own beginning, other document's beginning) bits per byte of each stretch's continuation."""
+    model = load_run(run)
+    path = os.path.join(scratch, "state.safetensors")
+    fresh, own, other = [], [], []
+    for index, stretch in enumerate(stretches):
+        beginning, continuation = stretch[:prefix], stretch[prefix:]
+        unrelated = stretches[(index + len(stretches) // 2) % len(stretches)][:prefix]
+        fresh.append(read(model, continuation)[0])
+        _, state = read(model, beginning, window=prefix)
+        save_state(state, path)
+        own.append(read(model, continuation, load_state(path, model))[0])
+        _, state = read(model, unrelated, window=prefix)
+        other.append(read(model, continuation, state)[0])
+    return fresh, own, other
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
+    parser.add_argument("runs", nargs="+", metavar="RUN")
     parser.add_argument("--documents", type=int, default=24)
     parser.add_argument("--prefix", type=int, default=192)
     parser.add_argument("--suffix", type=int, default=64)
     args = parser.parse_args()
-    model = load_run(args.run)
+    torch.set_num_threads(1)
     _, validation = data.split(data.default_corpus())
     size = args.prefix + args.suffix
     stride = (len(validation) - size) // args.documents
     stretches = [validation[i * stride:i * stride + size] for i in range(args.documents)]
-    cold, own, other = [], [], []
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread")
+    print(f"{args.documents} held-out stretches of the embedded corpus: a {args.prefix}-byte beginning, "
+          f"then a {args.suffix}-byte continuation scored\n")
+    print("| run | fresh state | after its own beginning (saved, reloaded) | after another document's | "
+          "own beginning helped (vs fresh) | (vs another's) |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
-        path = os.path.join(scratch, "state.safetensors")
-        for index, stretch in enumerate(stretches):
-            prefix, suffix = stretch[:args.prefix], stretch[args.prefix:]
-            unrelated = stretches[(index + args.documents // 2) % args.documents][:args.prefix]
-            cold.append(read(model, suffix)[0])
-            _, state = read(model, prefix, window=args.prefix)
-            save_state(state, path)
-            own.append(read(model, suffix, load_state(path, model))[0])
-            _, state = read(model, unrelated, window=args.prefix)
-            other.append(read(model, suffix, state)[0])
-    print(f"run {args.run}: {args.documents} held-out stretches, {args.prefix}-byte prefix, "
-          f"{args.suffix}-byte continuation; command: python benchmarks/test_time_learning.py {args.run}")
-    print("| continuation scored from | bits/byte (mean) |")
-    print("|---|---|")
-    print(f"| a fresh state | {statistics.mean(cold):.3f} |")
-    print(f"| the state after memorizing its own beginning (saved and reloaded) | {statistics.mean(own):.3f} |")
-    print(f"| the state after memorizing another document | {statistics.mean(other):.3f} |")
-    better = sum(o < c for o, c in zip(own, cold))
-    print(f"\nmemorizing helped on {better} of {args.documents} stretches")
+        for run in args.runs:
+            fresh, own, other = scores(run, stretches, args.prefix, scratch)
+            helped = sum(o < f for o, f in zip(own, fresh))
+            helped_other = sum(o < w for o, w in zip(own, other))
+            print(f"| {os.path.basename(os.path.normpath(run))} | {statistics.mean(fresh):.3f} | "
+                  f"{statistics.mean(own):.3f} | {statistics.mean(other):.3f} | {helped} of {len(stretches)} | "
+                  f"{helped_other} of {len(stretches)} |")
 
 
 if __name__ == "__main__":

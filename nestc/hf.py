@@ -30,6 +30,34 @@ _CACHE_NAMES = ("cache", "past_key_values")  # transformers 5's name first
 CACHE_FIELD = next(name for name in _CACHE_NAMES if name in CausalLMOutputWithPast.__dataclass_fields__)
 
 
+def _byte_characters() -> dict[int, str]:
+    """The byte-level alphabet of `tokenizers`' ByteLevel pre-tokenizer (GPT-2's): each byte as
+    one printable character, the printable Latin-1 bytes as themselves, the others as the
+    characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    characters, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            characters[byte] = chr(byte)
+        else:
+            characters[byte] = chr(256 + shifted)
+            shifted += 1
+    return characters
+
+
+def byte_tokenizer():
+    """A `tokenizers.Tokenizer` whose ids are the UTF-8 bytes of the text (a byte-level nestc
+    run's symbols): the byte-level pre-tokenizer, a vocabulary of its 256 characters at their
+    bytes' ids and no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE(vocab={character: byte for byte, character in _byte_characters().items()},
+                                     merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
 def _self_contained(spec: str) -> str:
     """The spec's text with its imports inlined (what a run directory's spec.nest holds)."""
     from nestc.lang.diagnostics import NestError
@@ -166,6 +194,25 @@ class NestForCausalLM(PreTrainedModel, GenerationMixin):
             model = cls(NestConfig(spec=handle.read(), backend=backend))
         model.nest.load_state_dict(trained.state_dict())
         return model.eval()
+
+    @staticmethod
+    def tokenizer_from_run(run_directory: str):
+        """The tokenizer of a nestc run as a transformers `PreTrainedTokenizerFast`, to publish
+        with the model (`save_pretrained` into the same directory, `AutoTokenizer` reads it back):
+        the run's own `tokenizer.json` (a run trained with `--tokenizer`), or else the byte
+        tokenizer of a run that read bytes, whose ids are the bytes of the UTF-8 text."""
+        from transformers import PreTrainedTokenizerFast
+
+        from nestc.runtime.rundir import TOKENIZER_FILE, load_run
+
+        path = os.path.join(run_directory, TOKENIZER_FILE)
+        if os.path.isfile(path):
+            return PreTrainedTokenizerFast(tokenizer_file=path)
+        vocab = load_run(run_directory).vocab
+        if vocab < 256:
+            raise ValueError(f"`{run_directory}` has no {TOKENIZER_FILE} and its vocab ({vocab}) is smaller than the "
+                             "256 bytes: its ids are not bytes, so no tokenizer maps text to them")
+        return PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer())
 
     def init_weights(self):
         """Nothing to do: the nestc backend initializes each level's parameters as its rules say

@@ -215,3 +215,24 @@ def test_from_run_publishes_a_trained_run(tmp_path):
         assert not torch.equal(NestForCausalLM(model.config)(PROMPTS).logits, trained)
         model.save_pretrained(tmp_path / "published")
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "published")(PROMPTS).logits, trained)
+    # the byte run's tokenizer: ids are the UTF-8 bytes, and it round-trips through AutoTokenizer
+    from transformers import AutoTokenizer
+
+    NestForCausalLM.tokenizer_from_run(str(run)).save_pretrained(tmp_path / "published")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "published")
+    text = "héllo wörld\n\t€ 1"
+    assert tokenizer(text)["input_ids"] == list(text.encode("utf-8"))
+    assert tokenizer.decode(list(text.encode("utf-8"))) == text
+
+
+def test_a_tokenizer_runs_own_tokenizer_is_published(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from nestc.runtime.rundir import TOKENIZER_FILE
+
+    own = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "memory": 1, "learns": 2}, unk_token="[UNK]"))
+    own.pre_tokenizer = pre_tokenizers.Whitespace()
+    own.save(str(tmp_path / TOKENIZER_FILE))
+    NestForCausalLM.tokenizer_from_run(str(tmp_path)).save_pretrained(tmp_path / "published")
+    assert AutoTokenizer.from_pretrained(tmp_path / "published")("memory learns")["input_ids"] == [1, 2]

@@ -47,7 +47,9 @@ def final_record(runs: str, spec: str, task: str | None, steps: int, batch: int)
     if last is not None:
         return last
     sets = ["--set", f"train.batch={batch}", "--set", "train.context=256"]
-    command = [sys.executable, "-m", "nestc", "run", spec, "--steps", str(steps), "--runs", runs, *sets]
+    # --overwrite: a run of this variant that did not count (unfinished, or scored by the tasks
+    # before issue 17) is trained again rather than stopping the comparison
+    command = [sys.executable, "-m", "nestc", "run", spec, "--steps", str(steps), "--runs", runs, "--overwrite", *sets]
     if task:
         command += ["--task", task]
     done = subprocess.run(command, capture_output=True, text=True)

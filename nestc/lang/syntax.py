@@ -530,7 +530,7 @@ def _strip_strings_and_comments(text: str) -> str:
 
 
 _TOP_LEVEL_KEYWORDS = ("import", "const", "level", "block")
-# Words other languages use for them; a misspelling of the keyword itself is found by `closest`.
+# Words other languages use for them; a misspelling of the keyword itself is `_misspelt_keyword`'s.
 _MISPLACED_KEYWORDS = {
     "let": "const", "var": "const", "def": "const", "val": "const",
     "layer": "level", "memory": "level", "lvl": "level",
